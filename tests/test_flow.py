@@ -1,0 +1,518 @@
+"""The runtime's guarantees, on the in-memory store, with deterministic time."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+import trioflow
+from trioflow.stores import Store
+from trioflow.stores.memory import MemoryStore
+from trioflow.testing._faults import FaultyStore
+
+
+def make_app(store: Store | None = None, **options: object) -> trioflow.App:
+    return trioflow.App(MemoryStore() if store is None else store, **options)  # type: ignore[arg-type]
+
+
+def recorder(app: trioflow.App, name: str, **options: object) -> list[int]:
+    seen: list[int] = []
+
+    @app.consumer(name, **options)  # type: ignore[call-overload, untyped-decorator]
+    async def handle(event: trioflow.Event) -> None:
+        seen.append(event.seq)
+
+    return seen
+
+
+async def test_every_consumer_sees_every_event_in_order() -> None:
+    app = make_app()
+    seen = [recorder(app, f"c{i}") for i in range(3)]
+    async with trioflow.open_flow(app) as flow:
+        first = await flow.publish("a", {"n": 0})
+        rest = await flow.publish_many([("a", {"n": i}) for i in range(1, 50)])
+        await flow.wait_idle()
+    assert [first, *rest] == list(range(1, 51))
+    for consumer_seen in seen:
+        assert consumer_seen == list(range(1, 51))
+
+
+async def test_event_fields_live_equal_replay() -> None:
+    store = MemoryStore()
+    live: list[trioflow.Event] = []
+    app = make_app(store)
+
+    @app.consumer("live")
+    async def on_live(event: trioflow.Event) -> None:
+        live.append(event)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish("order.created", {"id": 1, "items": (1, 2), "name": "é"}, key="c-7")
+        await flow.wait_idle()
+    replayed = list(await store.read(0, 10))
+    assert live == replayed
+    (event,) = live
+    assert event.data == {"id": 1, "items": [1, 2], "name": "é"}
+    assert event.key == "c-7"
+    assert event.type == "order.created"
+    assert event.created_at.utcoffset() is not None
+
+
+async def test_type_filter_delivers_only_its_types_and_moves_the_cursor() -> None:
+    app = make_app()
+    only_paid = recorder(app, "paid", types={"order.paid"})
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many(
+            [("order.created", 1), ("order.paid", 2), ("order.created", 3), ("order.paid", 4)]
+        )
+        await flow.publish("order.created", 5)
+        await flow.wait_idle()
+        assert flow.statistics().consumers["paid"].cursor == 5
+    assert only_paid == [2, 4]
+
+
+async def test_new_consumer_replays_history_or_starts_at_latest() -> None:
+    store = MemoryStore()
+    first = make_app(store)
+    async with trioflow.open_flow(first) as flow:
+        await flow.publish_many([("a", i) for i in range(5)])
+
+    second = make_app(store)
+    earliest = recorder(second, "earliest")
+    latest = recorder(second, "latest", start="latest")
+    async with trioflow.open_flow(second) as flow:
+        await flow.publish("a", 5)
+        await flow.wait_idle()
+    assert earliest == [1, 2, 3, 4, 5, 6]
+    assert latest == [6]
+
+
+async def test_consumers_resume_from_their_cursors_without_duplicates() -> None:
+    store = MemoryStore()
+    seen: list[int] = []
+    for round_ in range(3):
+        app = make_app(store)
+
+        @app.consumer("c")
+        async def handle(event: trioflow.Event) -> None:
+            seen.append(event.seq)
+
+        async with trioflow.open_flow(app) as flow:
+            await flow.publish_many([("a", round_)] * 10)
+            await flow.wait_idle()
+    assert seen == list(range(1, 31))
+
+
+async def test_failing_handler_is_restarted_and_the_event_redelivered(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    other = recorder(app, "other")
+    attempts: list[int] = []
+
+    @app.consumer("flaky")
+    async def flaky(event: trioflow.Event) -> None:
+        attempts.append(event.seq)
+        if event.seq == 3 and attempts.count(3) < 3:
+            raise RuntimeError("boom")
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", i) for i in range(5)])
+        await flow.wait_idle()
+        stats = flow.statistics().consumers["flaky"]
+    assert attempts == [1, 2, 3, 3, 3, 4, 5]
+    assert other == [1, 2, 3, 4, 5]
+    assert (stats.failures, stats.restarts, stats.processed, stats.cursor) == (2, 2, 5, 5)
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 2
+    assert "'flaky'" in failures[0].getMessage()
+    assert "seq=3" in failures[0].getMessage()
+    assert failures[0].exc_info is not None
+    assert "boom" in str(failures[0].exc_info[1])
+
+
+async def test_restart_backoff_is_exponential_and_capped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = make_app(restart=trioflow.RestartPolicy(initial=1.0, maximum=4.0, multiplier=2.0))
+    times: list[float] = []
+
+    @app.consumer("c")
+    async def failing(event: trioflow.Event) -> None:
+        times.append(trio.current_time())
+        if len(times) < 6:
+            raise RuntimeError("not yet")
+
+    async with trioflow.open_flow(app) as flow:
+        start = trio.current_time()
+        await flow.publish("a")
+        await flow.wait_idle()
+    gaps = [round(b - a, 6) for a, b in zip([start, *times], times, strict=False)][1:]
+    assert gaps == [1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+async def test_backoff_resets_after_success(autojump_clock: trio.testing.MockClock) -> None:
+    app = make_app(restart=trioflow.RestartPolicy(initial=1.0, maximum=100.0))
+    times: dict[int, list[float]] = {}
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        tries = times.setdefault(event.seq, [])
+        tries.append(trio.current_time())
+        if len(tries) < 3:
+            raise RuntimeError("fail twice per event")
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", 1), ("a", 2)])
+        await flow.wait_idle()
+    for tries in times.values():
+        assert [round(b - a, 6) for a, b in itertools.pairwise(tries)] == [1.0, 2.0]
+
+
+async def test_slow_consumer_does_not_hold_back_a_fast_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = make_app()
+    fast = recorder(app, "fast")
+    slow: list[int] = []
+
+    @app.consumer("slow")
+    async def handle_slow(event: trioflow.Event) -> None:
+        await trio.sleep(10)
+        slow.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        for i in range(20):
+            await flow.publish("a", i)
+        await trio.testing.wait_all_tasks_blocked()
+        # Publishing took no (virtual) time: the publisher never waited for "slow".
+        assert trio.current_time() < 10
+        assert fast == list(range(1, 21))
+        assert len(slow) == 0
+        stats = flow.statistics().consumers
+        assert stats["slow"].lag == 20
+        assert stats["slow"].buffered == 19  # one is in its handler
+        await flow.wait_idle()
+    assert slow == list(range(1, 21))
+
+
+async def test_bounded_consumer_holds_at_most_its_buffer_and_misses_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = make_app(page_size=7)
+    fast = recorder(app, "fast")
+    slow: list[int] = []
+    most_buffered = 0
+    detached_seen = False
+
+    @app.consumer("slow", buffer=10)
+    async def handle_slow(event: trioflow.Event) -> None:
+        await trio.sleep(1)
+        slow.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        for i in range(300):
+            await flow.publish_many([("a", 0)] * (1 + i % 3))
+            stats = flow.statistics().consumers["slow"]
+            most_buffered = max(most_buffered, stats.buffered)
+            detached_seen = detached_seen or not stats.attached
+            if i % 10 == 0:
+                await trio.sleep(1)
+        await flow.wait_idle()
+        await trio.testing.wait_all_tasks_blocked()
+        total = flow.statistics().head
+        assert flow.statistics().consumers["slow"].attached
+    assert detached_seen
+    assert most_buffered <= 10
+    assert fast == list(range(1, total + 1))
+    assert slow == list(range(1, total + 1))
+
+
+async def test_idle_bounded_consumer_catches_up_after_a_batch_larger_than_its_buffer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = trioflow.App("memory://")
+    seen: list[int] = []
+
+    @app.consumer("bounded", buffer=4)
+    async def handle(event: trioflow.Event) -> None:
+        seen.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("x", i) for i in range(5)])
+        # Virtual time: the consumer needs none, 60 s means it is stuck.
+        with trio.fail_after(60):
+            await flow.wait_idle()
+    assert seen == [1, 2, 3, 4, 5]
+
+
+async def test_concurrent_publishes_are_group_committed() -> None:
+    store = FaultyStore()
+    app = make_app(store)
+    seqs: list[int] = []
+
+    async def publish_one(flow: trioflow.Flow, i: int) -> None:
+        seqs.append(await flow.publish("a", i))
+
+    async with trioflow.open_flow(app) as flow, trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(publish_one, flow, i)
+    assert sorted(seqs) == list(range(1, 201))
+    assert store.calls["append"] <= 4
+
+
+async def test_max_batch_bounds_one_transaction() -> None:
+    store = FaultyStore()
+    app = make_app(store, max_batch=10)
+
+    async with trioflow.open_flow(app) as flow, trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(flow.publish, "a", i)
+    assert store.calls["append"] >= 10
+
+
+@pytest.mark.parametrize("commit_every", [1, 5])
+async def test_cursor_never_lags_more_than_commit_every(commit_every: int) -> None:
+    store = MemoryStore()
+    app = make_app(store, commit_every=commit_every)
+    lags: list[int] = []
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        durable = (await store.load_cursors())["c"]
+        # Handled but not yet durable, counting this event: what a crash now
+        # would make this consumer handle a second time.
+        lags.append(event.seq - durable)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", 0)] * 100)
+        await flow.wait_idle()
+    assert max(lags) == commit_every
+
+
+async def test_wait_idle_waits_for_durable_cursors(autojump_clock: trio.testing.MockClock) -> None:
+    store = MemoryStore()
+    app = make_app(store, commit_every=1000)
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        await trio.sleep(1)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", 0)] * 5)
+        await flow.wait_idle()
+        assert (await store.load_cursors()) == {"c": 5}
+        assert trio.current_time() >= 5
+
+
+async def test_two_flows_sharing_a_store_see_each_others_events() -> None:
+    store = MemoryStore()
+    publisher, reader = make_app(store), make_app(store)
+    seen = recorder(reader, "c")
+    async with trioflow.open_flow(reader) as reading, trioflow.open_flow(publisher) as writing:
+        for i in range(10):
+            await writing.publish_many([("a", 0)] * (i + 1))
+        await reading.wait_idle()
+    assert seen == list(range(1, 56))
+
+
+async def test_events_from_elsewhere_interleave_in_order() -> None:
+    store = MemoryStore()
+    a, b = make_app(store), make_app(store)
+    seen_a, seen_b = recorder(a, "c"), recorder(b, "c")
+    async with trioflow.open_flow(a) as flow_a, trioflow.open_flow(b) as flow_b:
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(flow_a.publish, "a", i)
+                nursery.start_soon(flow_b.publish, "b", i)
+        await flow_a.wait_idle()
+        await flow_b.wait_idle()
+    assert seen_a == seen_b == list(range(1, 101))
+
+
+async def test_leaving_the_block_lets_in_flight_handlers_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    app = make_app(store, shutdown_grace=10, commit_every=1000)
+    started = trio.Event()
+    finished: list[int] = []
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        started.set()
+        await trio.sleep(5)
+        finished.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", 0)] * 3)
+        await started.wait()
+    assert finished == [1]
+    assert (await store.load_cursors()) == {"c": 1}
+
+
+async def test_grace_period_bounds_a_stuck_handler(autojump_clock: trio.testing.MockClock) -> None:
+    store = MemoryStore()
+    app = make_app(store, shutdown_grace=3)
+    started = trio.Event()
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        if event.seq == 2:
+            started.set()
+            await trio.sleep_forever()
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", 1), ("a", 2)])
+        await started.wait()
+        begin = trio.current_time()
+    assert 3 <= trio.current_time() - begin < 10
+    assert (await store.load_cursors()) == {"c": 1}
+
+
+async def test_outside_cancellation_stops_gracefully(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    app = make_app(store, commit_every=1000)
+    finished: list[int] = []
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        await trio.sleep(2)
+        finished.append(event.seq)
+
+    with trio.move_on_after(5):
+        async with trioflow.open_flow(app) as flow:
+            await flow.publish_many([("a", 0)] * 10)
+            await trio.sleep_forever()
+    assert finished == [1, 2, 3]
+    assert (await store.load_cursors()) == {"c": 3}
+
+
+async def test_serve_hands_back_the_flow_and_stops_on_cancel() -> None:
+    store = MemoryStore()
+    app = make_app(store)
+    seen = recorder(app, "c")
+    async with trio.open_nursery() as nursery:
+        flow = await nursery.start(trioflow.serve, app)
+        await flow.publish("a")
+        await flow.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert seen == [1]
+    with pytest.raises(trioflow.FlowClosedError):
+        await flow.publish("a")
+
+
+async def test_publishing_on_a_closed_flow_fails_and_persists_nothing() -> None:
+    store = MemoryStore()
+    app = make_app(store)
+    async with trioflow.open_flow(app) as flow:
+        pass
+    with pytest.raises(trioflow.FlowClosedError, match="closed"):
+        await flow.publish("a")
+    with pytest.raises(trioflow.FlowClosedError):
+        await flow.publish_many([("a", 1)])
+    assert await store.head() == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"when": object()}, "not JSON-serialisable"),
+        ({"x": math.nan}, "not JSON-serialisable"),
+        ({1: "int key"}, "keys that are not str"),
+        ({"nested": [{2: "x"}]}, "keys that are not str"),
+        (b"bytes", "not JSON-serialisable"),
+        ({"text": "nul \x00 inside"}, "NUL"),
+        (["ok", {"nul\x00key": 1}], "NUL"),
+    ],
+)
+async def test_bad_data_is_refused_and_nothing_persisted(data: object, match: str) -> None:
+    store = MemoryStore()
+    app = make_app(store)
+    async with trioflow.open_flow(app) as flow:
+        with pytest.raises(trioflow.InvalidEventError, match=match):
+            await flow.publish("a", data)
+        with pytest.raises(trioflow.InvalidEventError, match=match):
+            await flow.publish_many([("a", 1), ("a", data), ("a", 3)])
+    assert await store.head() == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda f: f.publish("", 1), "event type"),
+        (lambda f: f.publish(7, 1), "event type"),
+        (lambda f: f.publish("a", 1, key=5), "event key"),
+        (lambda f: f.publish("a\x00", 1), "event type"),
+        (lambda f: f.publish("a", 1, key="k\x00"), "event key"),
+        (lambda f: f.publish_many(["a"]), r"\(type, data\)"),
+        (lambda f: f.publish_many([("a", 1, "k", "extra")]), r"\(type, data\)"),
+    ],
+)
+async def test_bad_type_key_or_item_is_refused(
+    call: Callable[[trioflow.Flow], object], match: str
+) -> None:
+    store = MemoryStore()
+    async with trioflow.open_flow(make_app(store)) as flow:
+        with pytest.raises(trioflow.InvalidEventError, match=match):
+            await call(flow)  # type: ignore[misc]
+    assert await store.head() == 0
+
+
+async def test_a_literal_backslash_u0000_is_plain_text() -> None:
+    async with trioflow.open_flow(make_app()) as flow:
+        assert await flow.publish("a", "\\u0000 is six characters") == 1
+
+
+async def test_publish_many_of_nothing_returns_nothing() -> None:
+    async with trioflow.open_flow(make_app()) as flow:
+        assert await flow.publish_many([]) == []
+
+
+async def test_a_store_failure_fails_the_publish_and_the_flow_carries_on() -> None:
+    store = FaultyStore()
+    app = make_app(store)
+    seen = recorder(app, "c")
+    async with trioflow.open_flow(app) as flow:
+        store.fail_next("append")
+        with pytest.raises(trioflow.StoreUnavailableError):
+            await flow.publish("a", "lost?")
+        assert await flow.publish("a", "kept") == 1
+        await flow.wait_idle()
+    assert seen == [1]
+
+
+async def test_a_consumer_survives_store_read_failures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    inner = MemoryStore()
+    async with inner.open():
+        first = make_app(inner)
+        async with trioflow.open_flow(first) as flow:
+            await flow.publish_many([("a", 0)] * 10)
+    store = FaultyStore(inner)
+    store.fail_next("read", times=3)
+    app = make_app(store)
+    seen = recorder(app, "c")
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+        assert flow.statistics().consumers["c"].restarts == 3
+    assert seen == list(range(1, 11))
+
+
+async def test_an_app_runs_one_flow_at_a_time() -> None:
+    app = make_app()
+    async with trioflow.open_flow(app):
+        with pytest.raises(trioflow.ConfigurationError, match="already runs"):
+            async with trioflow.open_flow(app):
+                pass  # pragma: no cover
+    async with trioflow.open_flow(app):
+        pass

@@ -1,0 +1,30 @@
+"""The public surface: what `import trioflow` offers, and how it reports itself."""
+
+from __future__ import annotations
+
+import trioflow
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert trioflow.__all__ == sorted(trioflow.__all__)
+    public = {name for name in dir(trioflow) if not name.startswith("_")}
+    # Submodules are reachable but not part of the surface.
+    public -= {"stores", "testing"}
+    assert public == set(trioflow.__all__)
+
+
+def test_public_names_report_the_public_module() -> None:
+    for name in trioflow.__all__:
+        obj = getattr(trioflow, name)
+        assert obj.__module__ == "trioflow", name
+    assert repr(trioflow.Event).endswith("trioflow.Event'>")
+
+
+def test_every_error_derives_from_the_root() -> None:
+    errors = [getattr(trioflow, n) for n in trioflow.__all__ if n.endswith("Error")]
+    assert errors
+    for error in errors:
+        assert issubclass(error, trioflow.TrioflowError)
+    assert issubclass(trioflow.UnknownStoreError, trioflow.ConfigurationError)
+    assert issubclass(trioflow.SchemaVersionError, trioflow.StoreError)
+    assert issubclass(trioflow.StoreUnavailableError, trioflow.StoreError)

@@ -1,0 +1,436 @@
+"""What the SQLite store does beyond the store contract: URLs, files, locking, processes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from trioflow._errors import (
+    ConfigurationError,
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownStoreError,
+)
+from trioflow._events import Event, NewEvent, encode, new_ids
+from trioflow.stores import store_from_url
+from trioflow.stores.sqlite import SQLiteStore
+
+
+def make_events(count: int) -> list[NewEvent]:
+    ids = new_ids(count)
+    return [encode("test.event", {"n": n}, None, ids[n]) for n in range(count)]
+
+
+async def read_everything(store: SQLiteStore) -> list[Event]:
+    events: list[Event] = []
+    while page := await store.read(events[-1].seq if events else 0, 1000):
+        events += page
+    return events
+
+
+# -- URLs and options ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "synchronous", "poll_interval", "busy_timeout"),
+    [
+        ("sqlite:///trioflow.db", "trioflow.db", "full", 0.1, 30.0),
+        ("sqlite:///data/app.db", "data/app.db", "full", 0.1, 30.0),
+        ("sqlite:////var/lib/app.db", "/var/lib/app.db", "full", 0.1, 30.0),
+        ("sqlite:///with%20space%23.db", "with space#.db", "full", 0.1, 30.0),
+        ("sqlite:///app.db?", "app.db", "full", 0.1, 30.0),
+        (
+            "sqlite:///app.db?synchronous=normal&poll_interval=0.05",
+            "app.db",
+            "normal",
+            0.05,
+            30.0,
+        ),
+        ("SQLite:///app.db?synchronous=NORMAL&busy_timeout=0", "app.db", "normal", 0.1, 0.0),
+        ("sqlite:///app.db?busy_timeout=2.5&poll_interval=1", "app.db", "full", 1.0, 2.5),
+    ],
+)
+@pytest.mark.parametrize("parse", [SQLiteStore.from_url, store_from_url])
+def test_url(
+    parse: Callable[[str], object],
+    url: str,
+    path: str,
+    synchronous: str,
+    poll_interval: float,
+    busy_timeout: float,
+) -> None:
+    store = parse(url)
+    assert isinstance(store, SQLiteStore)
+    assert store.path == path
+    assert store.synchronous == synchronous
+    assert store.poll_interval == poll_interval
+    assert store.busy_timeout == busy_timeout
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "three slashes"),
+        ("sqlite:app.db", "three slashes"),
+        ("sqlite://host/app.db", "three slashes"),
+        ("sqlite:///", "names no file"),
+        ("sqlite:///?synchronous=full", "names no file"),
+        ("sqlite:///app.db#part", "percent-encode"),
+        ("sqlite:///:memory:", "MemoryStore"),
+        ("sqlite:///app.db?journal_mode=wal", "unknown option 'journal_mode'.*accepted"),
+        ("sqlite:///app.db?synchronous=off", "synchronous must be full or normal"),
+        ("sqlite:///app.db?synchronous=full&synchronous=normal", "given twice"),
+        ("sqlite:///app.db?poll_interval", "cannot parse the query"),
+        ("sqlite:///app.db?poll_interval=", "must be numbers"),
+        ("sqlite:///app.db?poll_interval=fast", "must be numbers"),
+        ("sqlite:///app.db?poll_interval=0", r"poll_interval must be .* > 0"),
+        ("sqlite:///app.db?poll_interval=nan", "poll_interval must be a finite number"),
+        ("sqlite:///app.db?poll_interval=inf", "poll_interval must be a finite number"),
+        ("sqlite:///app.db?busy_timeout=-1", r"busy_timeout must be .* >= 0"),
+    ],
+)
+@pytest.mark.parametrize("parse", [SQLiteStore.from_url, store_from_url])
+def test_bad_url(parse: Callable[[str], object], url: str, message: str) -> None:
+    with pytest.raises(UnknownStoreError, match=message) as caught:
+        parse(url)
+    assert repr(url) in str(caught.value)
+
+
+def test_from_url_rejects_another_scheme() -> None:
+    with pytest.raises(UnknownStoreError, match="not a sqlite: URL"):
+        SQLiteStore.from_url("memory://")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"path": ""}, "non-empty"),
+        ({"path": ":memory:"}, "MemoryStore"),
+        ({"path": "a.db", "synchronous": "off"}, "'full' or 'normal'"),
+        ({"path": "a.db", "poll_interval": 0}, "poll_interval"),
+        ({"path": "a.db", "poll_interval": True}, "poll_interval"),
+        ({"path": "a.db", "busy_timeout": -0.5}, "busy_timeout"),
+        ({"path": "a.db", "busy_timeout": float("inf")}, "busy_timeout"),
+    ],
+)
+def test_bad_options(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        SQLiteStore(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_relative_url_is_relative_to_the_working_directory(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with (store := SQLiteStore.from_url("sqlite:///relative.db")).open():
+        await store.append(make_events(1))
+    assert (tmp_path / "relative.db").is_file()
+
+
+async def test_absolute_url(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "absolute.db"
+    url = "sqlite:///" + path.as_posix()
+    assert url.startswith("sqlite:////")
+    async with (store := SQLiteStore.from_url(url)).open():
+        await store.append(make_events(1))
+    assert path.is_file()
+
+
+# -- opening -----------------------------------------------------------------
+
+
+async def test_pragmas(tmp_path: pathlib.Path) -> None:
+    for synchronous, level in (("full", 2), ("normal", 1)):
+        path = tmp_path / f"{synchronous}.db"
+        store = SQLiteStore(path, synchronous=synchronous, busy_timeout=1.5)  # type: ignore[arg-type]
+        async with store.open():
+            for connection in (store._writer, store._reader):
+                assert connection is not None
+                assert connection.execute("PRAGMA synchronous").fetchall() == [(level,)]
+                assert connection.execute("PRAGMA busy_timeout").fetchall() == [(1500,)]
+                assert connection.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
+        # WAL mode is a property of the file: another connection sees it too.
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
+            tables = raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+            assert sorted(tables) == [
+                ("trioflow_cursors",),
+                ("trioflow_events",),
+                ("trioflow_schema",),
+            ]
+            assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(1,)]
+        raw.close()
+
+
+def set_schema_version(path: pathlib.Path, version: int) -> None:
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute("UPDATE trioflow_schema SET version = ?", (version,))
+    finally:
+        raw.close()
+
+
+async def test_newer_schema_version(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(2))
+    set_schema_version(path, 2)
+    with pytest.raises(SchemaVersionError, match=r"newer trioflow.*upgrade trioflow"):
+        async with store.open():
+            pytest.fail("opened a store with a newer schema")
+    # A failed open leaves the instance closed and reusable.
+    set_schema_version(path, 1)
+    async with store.open():
+        assert await store.head() == 2
+
+
+async def test_unknown_schema_version(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t.db"
+    async with SQLiteStore(path).open():
+        pass
+    set_schema_version(path, 0)
+    with pytest.raises(SchemaVersionError, match="not written by trioflow"):
+        async with SQLiteStore(path).open():
+            pass
+
+
+async def test_file_that_is_not_a_database(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "notes.db"
+    content = b"these are my notes, not a database\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(StoreUnavailableError, match="not a SQLite database") as caught:
+        async with SQLiteStore(path).open():
+            pass
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == content
+
+
+async def test_missing_directory(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "missing" / "t.db"
+    with pytest.raises(StoreUnavailableError, match="does not exist") as caught:
+        async with SQLiteStore(path).open():
+            pass
+    assert str(path.parent) in str(caught.value)
+    assert not path.parent.exists()
+
+
+async def test_open_twice(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        with pytest.raises(ConfigurationError, match="already open"):
+            async with store.open():
+                pass
+        # The failed second open did not close the first.
+        await store.append(make_events(1))
+    async with store.open():
+        assert await store.head() == 1
+
+
+async def test_use_when_closed(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    with pytest.raises(StoreError, match="not open"):
+        await store.head()
+    async with store.open():
+        pass
+    with pytest.raises(StoreError, match="not open"):
+        await store.append(make_events(1))
+    assert store._writer is None
+    assert store._reader is None
+
+
+async def test_closed_when_the_block_is_cancelled(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    with trio.CancelScope() as scope:
+        async with store.open():
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert store._writer is None
+    # And it can be opened again.
+    async with store.open():
+        assert await store.head() == 0
+
+
+# -- errors and locking --------------------------------------------------------
+
+
+async def test_locked_database(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path, busy_timeout=0.05)
+    async with store.open():
+        raw = sqlite3.connect(path, isolation_level=None)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreUnavailableError, match=r"locked.*busy_timeout") as caught:
+                await store.append(make_events(3))
+            assert str(path) in str(caught.value)
+            with pytest.raises(StoreUnavailableError, match="locked"):
+                await store.commit_cursors({"a": 1})
+            # WAL: reads go on while another connection holds the write lock.
+            assert await store.head() == 0
+            raw.execute("ROLLBACK")
+        finally:
+            raw.close()
+        appended = await store.append(make_events(2))
+        assert list(appended.seqs) == [1, 2]
+        assert await store.load_cursors() == {}
+
+
+async def test_reads_see_only_committed_events(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        raw = sqlite3.connect(path, isolation_level=None)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            raw.execute(
+                "INSERT INTO trioflow_events (seq, id, type, key, data, created_at)"
+                " VALUES (1, ?, 't', NULL, '{}', 0)",
+                (new_ids(1)[0].bytes,),
+            )
+            assert await store.head() == 0
+            assert list(await store.read(0, 10)) == []
+            raw.execute("COMMIT")
+        finally:
+            raw.close()
+        assert await store.head() == 1
+        [event] = await store.read(0, 10)
+        assert event.data == {}
+        assert event.created_at.timestamp() == 0
+
+
+async def test_duplicate_event_id_rolls_back_the_batch(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        first = make_events(2)
+        await store.append(first)
+        with pytest.raises(StoreError, match="UNIQUE") as caught:
+            await store.append([*make_events(3), first[1]])
+        assert not isinstance(caught.value, StoreUnavailableError)
+        assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+        assert await store.head() == 2
+        assert [event.id for event in await read_everything(store)] == [e.id for e in first]
+
+
+async def test_corrupt_event_data(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(1))
+        raw = sqlite3.connect(path, isolation_level=None)
+        try:
+            raw.execute("UPDATE trioflow_events SET data = 'not json'")
+        finally:
+            raw.close()
+        with pytest.raises(StoreError, match="event 1 cannot be decoded"):
+            await store.read(0, 10)
+
+
+async def test_large_arguments_are_clamped(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        await store.append(make_events(3))
+        assert len(await store.read(-(2**70), 2**70)) == 3
+        assert list(await store.read(2**70, 10)) == []
+        assert list(await store.read(0, -1)) == []
+
+
+def test_repr(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore("app.db", synchronous="normal")
+    assert repr(store) == "SQLiteStore('app.db', synchronous='normal')"
+
+
+# -- several processes -----------------------------------------------------------
+
+# One writer process: opens the store, says "ready", waits for "go" on stdin
+# (so both writers start together), appends its events in batches of random
+# size, pausing briefly in between as an application would, then prints the
+# sequence numbers it was given as JSON.
+_WRITER = """
+import json, random, sys
+import trio
+from trioflow._events import encode, new_ids
+from trioflow.stores.sqlite import SQLiteStore
+
+async def main(path, writer, total):
+    rng = random.Random(writer)
+    store = SQLiteStore(path)
+    seqs = []
+    async with store.open():
+        print("ready", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+        written = 0
+        while written < total:
+            size = min(rng.randint(1, 20), total - written)
+            ids = new_ids(size)
+            batch = [
+                encode("test.write", {"writer": writer, "n": written + i}, str(writer), ids[i])
+                for i in range(size)
+            ]
+            appended = await store.append(batch)
+            seqs.extend(appended.seqs)
+            written += size
+            # Room for the other writer: SQLite's lock is not fair, and a
+            # writer that re-locks at once would starve a sleeping waiter.
+            await trio.sleep(rng.random() * 0.002)
+    print(json.dumps(seqs), flush=True)
+
+trio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_append_to_one_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "shared.db"
+    per_writer = 500
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(writer), str(per_writer)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for writer in (0, 1)
+    ]
+    try:
+        for process in writers:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line == "ready\n", process.communicate(timeout=60)[1]
+        for process in writers:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        outputs = [process.communicate(timeout=120) for process in writers]
+    finally:
+        for process in writers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, (_, stderr) in zip(writers, outputs, strict=True):
+        assert process.returncode == 0, stderr
+    reported = [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]
+
+    async def read_back() -> list[Event]:
+        store = SQLiteStore(path)
+        async with store.open():
+            return await read_everything(store)
+
+    events = trio.run(read_back)
+    assert [event.seq for event in events] == list(range(1, 2 * per_writer + 1))
+    assert len({event.id for event in events}) == 2 * per_writer
+    for writer in (0, 1):
+        mine = [event for event in events if event.data["writer"] == writer]
+        assert [event.data["n"] for event in mine] == list(range(per_writer))
+        assert [event.seq for event in mine] == reported[writer]
+        assert {event.key for event in mine} == {str(writer)}

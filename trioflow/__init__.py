@@ -1,0 +1,50 @@
+"""trioflow: durable event fan-out on Trio's structured concurrency.
+
+Events are persisted first, with increasing sequence numbers, then fanned out
+to every consumer, each in strict order at its own pace with a durable
+cursor. After any crash every consumer resumes from its cursor by replay.
+"""
+
+from ._app import App as App
+from ._app import ConsumerSpec as ConsumerSpec
+from ._app import RestartPolicy as RestartPolicy
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import FlowClosedError as FlowClosedError
+from ._errors import InvalidEventError as InvalidEventError
+from ._errors import SchemaVersionError as SchemaVersionError
+from ._errors import StoreError as StoreError
+from ._errors import StoreUnavailableError as StoreUnavailableError
+from ._errors import TrioflowError as TrioflowError
+from ._errors import UnknownStoreError as UnknownStoreError
+from ._events import Event as Event
+from ._flow import ConsumerStatistics as ConsumerStatistics
+from ._flow import Flow as Flow
+from ._flow import FlowStatistics as FlowStatistics
+from ._flow import open_flow as open_flow
+from ._flow import serve as serve
+from ._util import fixup_module_metadata as _fixup_module_metadata
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "ConfigurationError",
+    "ConsumerSpec",
+    "ConsumerStatistics",
+    "Event",
+    "Flow",
+    "FlowClosedError",
+    "FlowStatistics",
+    "InvalidEventError",
+    "RestartPolicy",
+    "SchemaVersionError",
+    "StoreError",
+    "StoreUnavailableError",
+    "TrioflowError",
+    "UnknownStoreError",
+    "open_flow",
+    "serve",
+]
+
+_fixup_module_metadata(__name__, globals())
+del _fixup_module_metadata

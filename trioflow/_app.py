@@ -1,0 +1,278 @@
+"""The App: where the store is chosen and consumers are registered."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Literal, TypeVar, overload
+
+import attrs
+
+from ._errors import ConfigurationError, InvalidEventError
+from ._events import Event, check_type
+from .stores._base import Store
+from .stores._url import default_store_url, store_from_url
+
+#: A consumer's handler: an async function taking one Event.
+Handler = Callable[[Event], Awaitable[object]]
+H = TypeVar("H", bound=Handler)
+
+#: Where a consumer with no stored cursor begins.
+StartFrom = Literal["earliest", "latest"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+@attrs.frozen(kw_only=True)
+class RestartPolicy:
+    """How long a failed consumer waits before it is restarted.
+
+    The n-th consecutive restart waits ``initial * multiplier ** (n - 1)``
+    seconds, never more than ``maximum``. The count resets once the consumer
+    handles an event successfully.
+    """
+
+    initial: float = attrs.field(default=0.1)
+    maximum: float = attrs.field(default=30.0)
+    multiplier: float = attrs.field(default=2.0)
+
+    @initial.validator
+    @maximum.validator
+    def _check_positive(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not (isinstance(value, int | float) and 0 <= value < math.inf):
+            raise ConfigurationError(
+                f"RestartPolicy.{attribute.name} must be a finite number >= 0, got {value!r}"
+            )
+
+    @multiplier.validator
+    def _check_multiplier(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not (isinstance(value, int | float) and 1 <= value < math.inf):
+            raise ConfigurationError(f"RestartPolicy.multiplier must be >= 1, got {value!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before restart number ``attempt`` (counted from 1)."""
+        return float(min(self.maximum, self.initial * self.multiplier ** max(attempt - 1, 0)))
+
+
+@attrs.frozen(kw_only=True)
+class ConsumerSpec:
+    """A registered consumer, as `App.consumer` recorded it.
+
+    Attributes:
+        name: The durable name its cursor is stored under.
+        handler: The async function called once per event, in order.
+        types: The event types it receives, or None for all.
+        start: Where it begins when the store holds no cursor for it yet.
+        buffer: The most events held for it in memory, or None (unbounded).
+        commit_every: Commit its cursor at least every this many handled events.
+    """
+
+    name: str
+    handler: Handler
+    types: frozenset[str] | None
+    start: StartFrom
+    buffer: int | None
+    commit_every: int
+
+
+def _positive_int(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{what} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _positive_float(what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigurationError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class App:
+    """A trioflow application: one store and the consumers that read it.
+
+    Args:
+        store: A store URL (``"sqlite:///events.db"``, ``"memory://"``,
+            ``"postgresql://user@host/db"``) or a `Store` instance. Default:
+            the ``TRIOFLOW_STORE`` environment variable, else
+            ``sqlite:///trioflow.db``.
+        commit_every: Default for consumers: commit the cursor at least every
+            this many handled events. After a crash a consumer handles at most
+            this many events a second time. 1 commits after every event.
+        commit_interval: Commit a consumer's cursor at least this often (seconds)
+            while it is busy; an idle consumer commits at once.
+        poll_interval: Seconds between checks for events appended by other
+            processes, overriding the store's own default.
+        page_size: Events read from the store per query when replaying.
+        max_batch: The most events committed by one store transaction when
+            concurrent ``publish`` calls are grouped.
+        shutdown_grace: Seconds in-flight handlers get to finish when the flow
+            stops, and again for the final cursor flush.
+        restart: How long failed consumers wait before restarting.
+
+    Raises:
+        ConfigurationError: An option is invalid.
+        UnknownStoreError: The store URL is not one trioflow can open.
+    """
+
+    def __init__(
+        self,
+        store: str | Store | None = None,
+        *,
+        commit_every: int = 100,
+        commit_interval: float = 1.0,
+        poll_interval: float | None = None,
+        page_size: int = 1000,
+        max_batch: int = 10_000,
+        shutdown_grace: float = 10.0,
+        restart: RestartPolicy | None = None,
+    ) -> None:
+        if store is None:
+            store = default_store_url()
+        self.store: Store = store if isinstance(store, Store) else store_from_url(store)
+        self.commit_every = _positive_int("commit_every", commit_every)
+        self.commit_interval = _positive_float("commit_interval", commit_interval)
+        if poll_interval is not None:
+            self.store.poll_interval = _positive_float("poll_interval", poll_interval)
+        self.page_size = _positive_int("page_size", page_size)
+        self.max_batch = _positive_int("max_batch", max_batch)
+        self.shutdown_grace = _positive_float("shutdown_grace", shutdown_grace)
+        self.restart = RestartPolicy() if restart is None else restart
+        if not isinstance(self.restart, RestartPolicy):
+            raise ConfigurationError(f"restart must be a RestartPolicy, got {restart!r}")
+        self._consumers: dict[str, ConsumerSpec] = {}
+
+    @property
+    def consumers(self) -> Mapping[str, ConsumerSpec]:
+        """The registered consumers, by name, in registration order."""
+        return dict(self._consumers)
+
+    @overload
+    def consumer(self, name: H, /) -> H: ...
+
+    @overload
+    def consumer(
+        self,
+        name: str | None = None,
+        /,
+        *,
+        types: Iterable[str] | None = None,
+        start: StartFrom = "earliest",
+        buffer: int | None = None,
+        commit_every: int | None = None,
+    ) -> Callable[[H], H]: ...
+
+    def consumer(
+        self,
+        name: str | H | None = None,
+        /,
+        *,
+        types: Iterable[str] | None = None,
+        start: StartFrom = "earliest",
+        buffer: int | None = None,
+        commit_every: int | None = None,
+    ) -> H | Callable[[H], H]:
+        """Register an async function as a durable consumer.
+
+        Use as ``@app.consumer("audit")``, with options, or bare as
+        ``@app.consumer`` (the function's name becomes the consumer's name).
+
+        Args:
+            name: The durable consumer name its cursor is stored under: 1 to 128
+                characters of letters, digits and ``_ . : -``, starting with a
+                letter or digit. Renaming a consumer starts it afresh.
+            types: Deliver only events of these types; the cursor still moves
+                past the others.
+            start: Where a consumer with no stored cursor begins: ``"earliest"``
+                (replay the whole log) or ``"latest"`` (only events published
+                after the flow started).
+            buffer: Hold at most this many events in memory for this consumer;
+                when it falls further behind it catches up from the store
+                instead. None (default): unbounded.
+            commit_every: Override the App's ``commit_every`` for this consumer.
+
+        Returns:
+            The function itself, unchanged.
+
+        Raises:
+            ConfigurationError: The name is invalid or taken, the function is
+                not async, or an option is invalid.
+        """
+        if callable(name):
+            return self._register(
+                name, name=None, types=None, start="earliest", buffer=None, commit_every=None
+            )
+
+        def decorate(handler: H) -> H:
+            return self._register(
+                handler,
+                name=name,
+                types=types,
+                start=start,
+                buffer=buffer,
+                commit_every=commit_every,
+            )
+
+        return decorate
+
+    def _register(
+        self,
+        handler: H,
+        *,
+        name: str | None,
+        types: Iterable[str] | None,
+        start: StartFrom,
+        buffer: int | None,
+        commit_every: int | None,
+    ) -> H:
+        if not _is_async_callable(handler):
+            raise ConfigurationError(
+                f"consumer handler {handler!r} is not an async function; define it with "
+                "`async def handler(event): ...`"
+            )
+        if name is None:
+            name = getattr(handler, "__name__", None)
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigurationError(
+                f"invalid consumer name {name!r}: use 1 to 128 letters, digits, '_', '.', ':' "
+                "or '-', starting with a letter or digit"
+            )
+        if name in self._consumers:
+            raise ConfigurationError(
+                f"a consumer named {name!r} is already registered on this App; "
+                "consumer names must be unique"
+            )
+        if isinstance(types, str):
+            raise ConfigurationError(
+                f"types must be a collection of event types, not the str {types!r}; "
+                f"write types={{{types!r}}}"
+            )
+        try:
+            type_set = None if types is None else frozenset(check_type(t) for t in types)
+        except InvalidEventError as exc:
+            raise ConfigurationError(f"consumer {name!r} types: {exc}") from None
+        if start not in ("earliest", "latest"):
+            raise ConfigurationError(f"start must be 'earliest' or 'latest', got {start!r}")
+        if buffer is not None:
+            _positive_int("buffer", buffer)
+        spec = ConsumerSpec(
+            name=name,
+            handler=handler,
+            types=type_set,
+            start=start,
+            buffer=buffer,
+            commit_every=self.commit_every
+            if commit_every is None
+            else _positive_int("commit_every", commit_every),
+        )
+        self._consumers[name] = spec
+        return handler
+
+
+def _is_async_callable(obj: object) -> bool:
+    while hasattr(obj, "func") and not inspect.isfunction(obj):  # functools.partial
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004 - an instance with an async __call__
+    )

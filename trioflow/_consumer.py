@@ -1,0 +1,229 @@
+"""One consumer's life: recover from its cursor, replay, go live, restart on failure.
+
+Start-up and restart are one code path (`_incarnation`): load the durable
+cursor, replay from the store up to the live stream, then take batches from
+the consumer's memory channel. A batch that starts past the consumer's
+position means it missed events (it was detached, or just restarted): it
+reads them from the store before going on. Events at or below its position
+are skipped. Together these make the seam between replay and live exact: no
+gap, no duplicate.
+
+A handler that raises ends the incarnation: its cancel scope is cancelled,
+its position (the last event handled successfully) is committed, and after a
+backoff a new incarnation starts from the durable cursor, so the failed event
+is delivered again and nothing else in the flow notices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from ._cursors import CursorWriter
+from ._dispatch import Dispatcher
+from ._errors import StoreError
+from ._events import Event
+from ._state import ConsumerState
+from .stores._base import Store
+
+logger = logging.getLogger("trioflow")
+
+#: Seconds between progress messages while a consumer replays a backlog.
+PROGRESS_EVERY = 5.0
+
+
+class HandlerFailed(Exception):
+    """A consumer's handler raised; carries the event it failed on."""
+
+    def __init__(self, event: Event, error: Exception) -> None:
+        super().__init__(event, error)
+        self.event = event
+        self.error = error
+
+
+@attrs.define(eq=False)
+class ConsumerRunner:
+    """What every consumer task of one flow shares."""
+
+    store: Store
+    dispatcher: Dispatcher
+    cursors: CursorWriter
+    page_size: int
+    commit_interval: float
+    restart_delay: Callable[[int], float]
+    stopping: bool = False
+    stop_deadline: float = float("inf")
+
+    async def supervise(
+        self, state: ConsumerState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``state``'s consumer until cancelled, restarting it after failures."""
+        attempt = 0
+        try:
+            while True:
+                processed_before = state.processed
+                with trio.CancelScope() as scope:
+                    state.scope = scope
+                    try:
+                        await self._incarnation(state, task_status)
+                    except HandlerFailed as failed:
+                        state.failures += 1
+                        logger.error(
+                            "consumer %r failed on seq=%d (type %r); restarting from its cursor",
+                            state.spec.name,
+                            failed.event.seq,
+                            failed.event.type,
+                            exc_info=failed.error,
+                        )
+                    except StoreError as exc:
+                        state.failures += 1
+                        logger.error(
+                            "consumer %r stopped on a store error; restarting from its cursor: %s",
+                            state.spec.name,
+                            exc,
+                        )
+                    finally:
+                        state.handler_scope = None
+                        state.in_flight = None
+                    # Everything the incarnation started goes with it.
+                    scope.cancel()
+                if self.stopping:
+                    # The stop sequence commits every position itself.
+                    return
+                task_status = trio.TASK_STATUS_IGNORED
+                await self._save_position(state)
+                attempt = 1 if state.processed > processed_before else attempt + 1
+                delay = self.restart_delay(attempt)
+                state.restarts += 1
+                await trio.sleep(delay)
+        finally:
+            state.finished.set()
+
+    async def _save_position(self, state: ConsumerState) -> None:
+        if state.position > state.committed:
+            try:
+                await self._commit(state)
+            except StoreError as exc:
+                logger.warning(
+                    "consumer %r could not commit its cursor (%s); it will replay from %d",
+                    state.spec.name,
+                    exc,
+                    state.committed,
+                )
+
+    async def _incarnation(self, state: ConsumerState, task_status: trio.TaskStatus[None]) -> None:
+        spec = state.spec
+        cursor = (await self.store.load_cursors()).get(spec.name)
+        if cursor is None:
+            cursor = 0 if spec.start == "earliest" else await self.store.head()
+            await self.store.commit_cursors({spec.name: cursor})
+        state.position = state.committed = cursor
+        state.attached = True
+        task_status.started()
+        await self._catch_up(state)
+        receive = state.receive
+        while True:
+            try:
+                batch = receive.receive_nowait()
+            except trio.WouldBlock:
+                if not state.attached:
+                    await self._catch_up(state)
+                    continue
+                # Idle: make the position durable before waiting.
+                if state.position > state.committed:
+                    await self._commit(state)
+                batch = await receive.receive()
+            state.buffered -= len(batch.events)
+            if batch.upto <= state.position:
+                continue
+            if batch.after > state.position:
+                await self._replay(state, until=batch.after)
+            await self._handle(state, batch.events, batch.upto)
+
+    async def _catch_up(self, state: ConsumerState) -> None:
+        """Replay from the store until level with the live stream, then attach."""
+        target = self.dispatcher.head
+        if state.position >= target:
+            state.attached = True
+            return
+        logger.info(
+            "consumer %r replaying from %d (head %d)", state.spec.name, state.position, target
+        )
+        while True:
+            await self._replay(state, until=self.dispatcher.head, progress=True)
+            # No checkpoint between this check and attaching: the next batch
+            # the dispatcher sends starts exactly at its head.
+            if state.position >= self.dispatcher.head:
+                state.attached = True
+                return
+
+    async def _replay(self, state: ConsumerState, *, until: int, progress: bool = False) -> None:
+        """Handle events from the store after the position, up to ``until``."""
+        started = trio.current_time()
+        reported = started
+        first = state.position
+        while state.position < until:
+            page = await self.store.read(state.position, self.page_size)
+            if not page:
+                return
+            await self._handle(state, page, page[-1].seq)
+            now = trio.current_time()
+            if progress and now - reported >= PROGRESS_EVERY:
+                reported = now
+                done = state.position - first
+                logger.info(
+                    "consumer %r replaying: at %d of %d (%.0f%%, %.0f events/s)",
+                    state.spec.name,
+                    state.position,
+                    until,
+                    100 * done / max(until - first, 1),
+                    done / max(now - started, 1e-9),
+                )
+
+    async def _handle(self, state: ConsumerState, events: Sequence[Event], upto: int) -> None:
+        """Run the handler on each new event, in order; then move to ``upto``.
+
+        Handlers run shielded: an outside cancellation never interrupts one
+        mid-event. Stopping sets a deadline on the shield (the grace period).
+        """
+        spec = state.spec
+        handler = spec.handler
+        types = spec.types
+        commit_every = spec.commit_every
+        with trio.CancelScope(shield=True, deadline=self.stop_deadline) as scope:
+            state.handler_scope = scope
+            for event in events:
+                seq = event.seq
+                if seq <= state.position:
+                    continue
+                if self.stopping:
+                    break
+                if types is None or event.type in types:
+                    state.in_flight = seq
+                    try:
+                        await handler(event)
+                    except Exception as exc:
+                        raise HandlerFailed(event, exc) from exc
+                    state.processed += 1
+                    state.uncommitted += 1
+                state.position = seq
+                if state.uncommitted >= commit_every:
+                    await self._commit(state)
+            else:
+                state.in_flight = None
+                if upto > state.position:
+                    state.position = upto
+                if trio.current_time() - state.committed_at >= self.commit_interval:
+                    await self._commit(state)
+        state.handler_scope = None
+        if self.stopping:
+            # Leave the rest to the stop sequence, which cancels this task.
+            await trio.sleep_forever()
+
+    async def _commit(self, state: ConsumerState) -> None:
+        state.uncommitted = 0
+        state.committed_at = trio.current_time()
+        await self.cursors.commit(state, state.position)

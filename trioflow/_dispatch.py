@@ -1,0 +1,213 @@
+"""The dispatcher: group-commits published events, then fans them out.
+
+One task owns the order of the live stream. It takes every publish request
+waiting, commits them to the store in one transaction (group commit), wakes
+the publishers, and sends the new events, as one `Batch`, to the memory
+channel of every attached consumer. Events appended by other processes or
+flows are read from the store and fanned out the same way, so consumers see
+one stream in sequence order whoever published.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from ._errors import FlowClosedError, StoreError
+from ._events import Event, NewEvent
+from ._state import ConsumerState
+from .stores._base import Store
+
+logger = logging.getLogger("trioflow")
+
+
+@attrs.frozen(slots=True)
+class Batch:
+    """A slice of the live stream, as sent to one consumer.
+
+    ``events`` holds every event with ``after < seq <= upto`` that the
+    consumer subscribes to (those of other types were left out), in order.
+    A consumer whose position is below ``after`` has missed events and reads
+    them from the store first.
+    """
+
+    after: int
+    upto: int
+    events: Sequence[Event]
+
+
+@attrs.define(eq=False, slots=True)
+class _Publish:
+    events: Sequence[NewEvent]
+    done: trio.Event = attrs.Factory(trio.Event)
+    seqs: Sequence[int] = ()
+    error: BaseException | None = None
+
+
+@attrs.define(eq=False)
+class Dispatcher:
+    """Group commit and fan-out. See the module docstring."""
+
+    store: Store
+    consumers: Sequence[ConsumerState]
+    page_size: int
+    max_batch: int
+    #: The last sequence number fanned out to consumers (or known when the
+    #: flow started): every event up to here is in the store.
+    head: int = 0
+    published: int = 0
+    closed: bool = False
+    _pending: collections.deque[_Publish] = attrs.Factory(collections.deque)
+    _wakeup: trio.Event = attrs.Factory(trio.Event)
+    _poll_requested: bool = False
+    _polled: trio.Event = attrs.Factory(trio.Event)
+    _committing: bool = False
+    _settled: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    async def submit(self, events: Sequence[NewEvent]) -> Sequence[int]:
+        """Commit ``events`` in the next group commit; return their sequence numbers."""
+        if self.closed:
+            raise FlowClosedError("the flow is closed; publish inside `async with open_flow(app)`")
+        request = _Publish(events)
+        self._pending.append(request)
+        self._wakeup.set()
+        try:
+            await request.done.wait()
+        except trio.Cancelled:
+            # Still waiting in the queue: withdraw it, so a cancelled publish
+            # that was never sent to the store is certainly not persisted.
+            if request in self._pending:
+                self._pending.remove(request)
+            raise
+        if request.error is not None:
+            raise request.error
+        return request.seqs
+
+    def request_poll(self) -> None:
+        """Ask the dispatcher to read the store for events others appended."""
+        self._poll_requested = True
+        self._wakeup.set()
+
+    async def wait_polled(self) -> None:
+        """Wait until the next requested poll has been done."""
+        await self._polled.wait()
+
+    async def wait_drained(self) -> None:
+        """Wait until every submitted publish request has been answered."""
+        await trio.lowlevel.checkpoint()
+        while self._pending or self._committing:
+            await self._settled.park()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Group-commit and fan out until cancelled."""
+        self.head = await self.store.head()
+        task_status.started()
+        try:
+            while True:
+                if not self._pending and not self._poll_requested:
+                    self._settled.unpark_all()
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                if self._pending:
+                    self._committing = True
+                    try:
+                        await self._commit_pending()
+                    finally:
+                        self._committing = False
+                if self._poll_requested:
+                    self._poll_requested = False
+                    await self._fan_out_from_store(until=math.inf)
+                    self._polled.set()
+                    self._polled = trio.Event()
+        finally:
+            for request in self._pending:
+                request.error = FlowClosedError("the flow stopped before the event was committed")
+                request.done.set()
+            self._pending.clear()
+            self._settled.unpark_all()
+
+    async def _commit_pending(self) -> None:
+        taken: list[_Publish] = []
+        count = 0
+        while self._pending and (
+            not taken or count + len(self._pending[0].events) <= self.max_batch
+        ):
+            request = self._pending.popleft()
+            taken.append(request)
+            count += len(request.events)
+        events = [event for request in taken for event in request.events]
+        try:
+            appended = await self.store.append(events)
+        except StoreError as exc:
+            logger.warning("committing %d published events failed: %s", len(events), exc)
+            for request in taken:
+                request.error = exc
+                request.done.set()
+            return
+        except BaseException:
+            for request in taken:
+                request.error = FlowClosedError(
+                    "the flow stopped while the event was being committed; it may or may not "
+                    "have been persisted"
+                )
+                request.done.set()
+            raise
+        start = 0
+        for request in taken:
+            request.seqs = appended.seqs[start : start + len(request.events)]
+            start += len(request.events)
+            request.done.set()
+        self.published += len(events)
+        if not events:
+            return
+        if appended.after > self.head:
+            # Others appended since our last look: fan theirs out first.
+            await self._fan_out_from_store(until=appended.after)
+        created_at = appended.created_at
+        persisted = [
+            new.persisted(seq, created_at) for new, seq in zip(events, appended.seqs, strict=True)
+        ]
+        self._fan_out(self.head, persisted)
+
+    async def _fan_out_from_store(self, *, until: float) -> None:
+        while self.head < until:
+            try:
+                page = await self.store.read(self.head, self.page_size)
+            except StoreError as exc:
+                # Consumers fill any gap from the store themselves; the next
+                # poll tries again.
+                logger.warning("reading new events from the store failed: %s", exc)
+                return
+            page = [event for event in page if event.seq <= until]
+            if not page:
+                return
+            self._fan_out(self.head, page)
+
+    def _fan_out(self, after: int, events: Sequence[Event]) -> None:
+        upto = events[-1].seq
+        for state in self.consumers:
+            if not state.attached:
+                continue
+            types = state.spec.types
+            selected = events if types is None else [e for e in events if e.type in types]
+            limit = state.spec.buffer
+            if limit is not None and state.buffered + len(selected) > limit:
+                # Too far behind: stop buffering; it catches up from the store.
+                # The empty batch wakes it if it is idle, and its `after`
+                # tells it to read everything up to here from the store.
+                state.attached = False
+                state.send.send_nowait(Batch(upto, upto, ()))
+                logger.info(
+                    "consumer %r is more than %d events behind; it will catch up from the store",
+                    state.spec.name,
+                    limit,
+                )
+                continue
+            state.buffered += len(selected)
+            state.send.send_nowait(Batch(after, upto, selected))
+        self.head = upto

@@ -1,0 +1,179 @@
+"""Events and the values that describe them."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
+
+import attrs
+
+from ._errors import InvalidEventError
+
+#: What an event's ``data`` may hold: anything that round-trips through JSON.
+JSON: TypeAlias = Any
+
+#: Longest event type and key accepted, in characters.
+MAX_TYPE_LENGTH = 255
+MAX_KEY_LENGTH = 1024
+
+
+@attrs.frozen(kw_only=True, slots=True, weakref_slot=False)
+class Event:
+    """One persisted event, as every consumer receives it.
+
+    Attributes:
+        seq: The sequence number the store gave the event. Sequence numbers grow
+            strictly in the order events were committed; they may have holes
+            (a store may skip a number) but never go back.
+        id: A unique identifier, generated when the event was published.
+        type: The event type, for example ``"order.created"``.
+        data: The event's JSON value, decoded (as the store will replay it).
+            Every consumer receives the same object: treat it as read-only.
+        key: An optional key (for example a customer id), or None.
+        created_at: When the event was committed, an aware UTC datetime.
+    """
+
+    seq: int
+    id: uuid.UUID
+    type: str
+    data: JSON
+    key: str | None
+    created_at: datetime.datetime
+
+
+@attrs.frozen(kw_only=True, slots=True, weakref_slot=False)
+class NewEvent:
+    """An event checked and encoded, on its way into a store.
+
+    Attributes:
+        id: The event's unique identifier.
+        type: The event type.
+        key: The key, or None.
+        payload: ``data`` encoded as compact JSON text: what the store keeps.
+        data: ``payload`` decoded again, the exact value replay will produce.
+    """
+
+    id: uuid.UUID
+    type: str
+    key: str | None
+    payload: str
+    data: JSON
+
+    def persisted(self, seq: int, created_at: datetime.datetime) -> Event:
+        """Return the `Event` this becomes once the store gave it ``seq``."""
+        return Event(
+            seq=seq,
+            id=self.id,
+            type=self.type,
+            data=self.data,
+            key=self.key,
+            created_at=created_at,
+        )
+
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_decode = json.JSONDecoder().decode
+
+
+def check_type(event_type: object) -> str:
+    """Return ``event_type`` if it is a valid event type, else raise InvalidEventError."""
+    if (
+        not isinstance(event_type, str)
+        or not event_type
+        or len(event_type) > MAX_TYPE_LENGTH
+        or "\x00" in event_type
+    ):
+        raise InvalidEventError(
+            f"event type must be a non-empty str of at most {MAX_TYPE_LENGTH} characters "
+            f"without NUL, got {event_type!r}"
+        )
+    return event_type
+
+
+def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> NewEvent:
+    """Check one event and encode its data; raise InvalidEventError if it is unfit.
+
+    ``data`` must be JSON-serialisable without loss of meaning: no NaN or
+    infinity, no objects JSON does not know. Tuples become lists and dict keys
+    must be strings, so that what consumers see live is exactly what a replay
+    from the store produces.
+    """
+    check_type(event_type)
+    assert isinstance(event_type, str)
+    if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or "\x00" in key):
+        raise InvalidEventError(
+            f"event key must be None or a str of at most {MAX_KEY_LENGTH} characters "
+            f"without NUL, got {key!r}"
+        )
+    try:
+        payload = _encoder.encode(data)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidEventError(
+            f"data of event {event_type!r} is not JSON-serialisable ({exc}); "
+            "publish only dicts with str keys, lists, str, int, finite float, bool and None"
+        ) from None
+    if "\\u0000" in payload and _has_nul(data):
+        raise InvalidEventError(
+            f"data of event {event_type!r} holds a NUL character (\\u0000), which stores "
+            "such as PostgreSQL cannot keep; remove it or encode the value (base64, say)"
+        )
+    decoded = _decode(payload)
+    if not _same_keys(data, decoded):
+        raise InvalidEventError(
+            f"data of event {event_type!r} has dict keys that are not str; JSON would turn "
+            "them into strings and a replay would differ from live delivery: use str keys"
+        )
+    return NewEvent(id=event_id, type=event_type, key=key, payload=payload, data=decoded)
+
+
+def _has_nul(value: JSON) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _same_keys(original: JSON, decoded: JSON) -> bool:
+    """True when every dict in ``original`` has only str keys (checked against ``decoded``)."""
+    if isinstance(original, dict):
+        if not all(type(k) is str for k in original):
+            return False
+        return all(_same_keys(v, decoded[k]) for k, v in original.items())
+    if isinstance(original, list | tuple):
+        return all(_same_keys(o, d) for o, d in zip(original, decoded, strict=True))
+    return True
+
+
+def new_ids(count: int) -> list[uuid.UUID]:
+    """Return ``count`` random (version 4) UUIDs, drawing the randomness in one call."""
+    raw = os.urandom(16 * count)
+    return [uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, 16 * count, 16)]
+
+
+def encode_many(items: Iterable[Sequence[Any]]) -> list[NewEvent]:
+    """Check and encode ``(type, data)`` or ``(type, data, key)`` items, all or none."""
+    materialised = list(items)
+    ids = new_ids(len(materialised))
+    out: list[NewEvent] = []
+    for index, item in enumerate(materialised):
+        if (
+            isinstance(item, str | bytes)
+            or not isinstance(item, Sequence)
+            or not 1 <= len(item) <= 3
+        ):
+            raise InvalidEventError(
+                f"item {index} of publish_many must be a (type, data) or (type, data, key) "
+                f"tuple, got {item!r}"
+            )
+        event_type = item[0]
+        data = item[1] if len(item) > 1 else None
+        key = item[2] if len(item) > 2 else None
+        out.append(encode(event_type, data, key, ids[index]))
+    return out

@@ -1,0 +1,316 @@
+"""A running flow: open_flow, serve, and the Flow handle they give.
+
+`open_flow` owns one nursery. In it run the dispatcher (group commit and
+fan-out), the cursor writer, a watcher for events appended elsewhere, and one
+supervised task per consumer. Leaving the block stops them in order: no new
+publishes, pending publishes committed, in-flight handlers given a grace
+period, every consumer's position committed, then the tasks cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from ._app import App
+from ._consumer import ConsumerRunner
+from ._cursors import CursorWriter
+from ._dispatch import Dispatcher
+from ._errors import ConfigurationError, FlowClosedError
+from ._events import JSON, encode, encode_many, new_ids
+from ._state import ConsumerState
+
+logger = logging.getLogger("trioflow")
+
+
+@attrs.frozen(kw_only=True)
+class ConsumerStatistics:
+    """A snapshot of one consumer, from `Flow.statistics`.
+
+    Attributes:
+        cursor: Its durably committed cursor (last processed sequence number).
+        position: The last sequence number it has handled (or skipped), which
+            may be ahead of ``cursor`` until the next commit.
+        head: The last sequence number the flow has fanned out.
+        lag: ``head - position``: events it has yet to handle.
+        buffered: Events waiting in its memory channel.
+        attached: False while it catches up from the store (bounded mode).
+        processed: Events its handler finished, since the flow started.
+        failures: Times its handler (or the store under it) failed.
+        restarts: Times it was restarted after a failure.
+    """
+
+    cursor: int
+    position: int
+    head: int
+    lag: int
+    buffered: int
+    attached: bool
+    processed: int
+    failures: int
+    restarts: int
+
+
+@attrs.frozen(kw_only=True)
+class FlowStatistics:
+    """A snapshot of a flow, from `Flow.statistics`.
+
+    Attributes:
+        head: The last sequence number the flow has fanned out.
+        published: Events this flow has published since it started.
+        consumers: Each consumer's statistics, by name.
+    """
+
+    head: int
+    published: int
+    consumers: Mapping[str, ConsumerStatistics]
+
+
+class Flow:
+    """A running flow: publish events, wait for consumers, inspect progress.
+
+    Get one from `open_flow` or `serve`; don't construct it directly.
+    """
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+        self._states = [ConsumerState.new(spec) for spec in app.consumers.values()]
+        self._dispatcher = Dispatcher(
+            store=app.store,
+            consumers=self._states,
+            page_size=app.page_size,
+            max_batch=app.max_batch,
+        )
+        self._cursors = CursorWriter(store=app.store)
+        #: The cancel scope of each of the flow's tasks, by task.
+        self._scopes: dict[object, trio.CancelScope] = {}
+        self._runner = ConsumerRunner(
+            store=app.store,
+            dispatcher=self._dispatcher,
+            cursors=self._cursors,
+            page_size=app.page_size,
+            commit_interval=app.commit_interval,
+            restart_delay=app.restart.delay,
+        )
+
+    @property
+    def app(self) -> App:
+        """The App this flow runs."""
+        return self._app
+
+    async def publish(self, type: str, data: JSON = None, *, key: str | None = None) -> int:
+        """Persist one event, then deliver it to every consumer.
+
+        Returns once the event is committed to the store. Concurrent calls are
+        committed together in one store transaction.
+
+        Args:
+            type: The event type, such as ``"order.created"``.
+            data: Any JSON value: dicts with str keys, lists, str, int, finite
+                float, bool, None.
+            key: An optional key (a customer id, say).
+
+        Returns:
+            The event's sequence number.
+
+        Raises:
+            InvalidEventError: The type, key or data is invalid; nothing was
+                persisted.
+            FlowClosedError: The flow has stopped; nothing was persisted.
+            StoreError: The store failed; the event was not persisted.
+
+        If the call is cancelled after the event was handed to the store, the
+        event may have been persisted (and is then delivered), as with any
+        database write.
+        """
+        self._check_open()
+        (event_id,) = new_ids(1)
+        new = encode(type, data, key, event_id)
+        (seq,) = await self._dispatcher.submit((new,))
+        return seq
+
+    async def publish_many(self, events: Iterable[Sequence[Any]]) -> list[int]:
+        """Persist several events in one transaction (all or none), in order.
+
+        Args:
+            events: ``(type, data)`` or ``(type, data, key)`` items.
+
+        Returns:
+            Their sequence numbers, in the order given.
+
+        Raises:
+            InvalidEventError: An item is invalid; none was persisted.
+            FlowClosedError: The flow has stopped; none was persisted.
+            StoreError: The store failed; none was persisted.
+        """
+        self._check_open()
+        news = encode_many(events)
+        if not news:
+            await trio.lowlevel.checkpoint()
+            return []
+        return list(await self._dispatcher.submit(news))
+
+    async def wait_idle(self) -> None:
+        """Wait until every consumer has processed and committed all that the
+        store held when this was called, including events other processes
+        appended. Waits as long as a consumer keeps failing; wrap it in a
+        timeout (`trio.fail_after`) if that matters.
+        """
+        target = await self._app.store.head()
+        if target > self._dispatcher.head:
+            self._dispatcher.request_poll()
+        while any(state.committed < target for state in self._states):
+            await self._cursors.changed.park()
+
+    def statistics(self) -> FlowStatistics:
+        """Return a snapshot of the flow and of every consumer."""
+        head = self._dispatcher.head
+        return FlowStatistics(
+            head=head,
+            published=self._dispatcher.published,
+            consumers={
+                s.spec.name: ConsumerStatistics(
+                    cursor=s.committed,
+                    position=s.position,
+                    head=head,
+                    lag=max(head - s.position, 0),
+                    buffered=s.buffered,
+                    attached=s.attached,
+                    processed=s.processed,
+                    failures=s.failures,
+                    restarts=s.restarts,
+                )
+                for s in self._states
+            },
+        )
+
+    def _check_open(self) -> None:
+        if self._dispatcher.closed:
+            raise FlowClosedError(
+                "the flow is closed; publish inside `async with trioflow.open_flow(app)`"
+            )
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self._guarded, "dispatcher", self._dispatcher.run, True)
+        await nursery.start(self._guarded, "cursors", self._cursors.run, False)
+        for state in self._states:
+            await nursery.start(self._guarded, state, partial(self._runner.supervise, state), True)
+        if self._states:
+            await nursery.start(self._guarded, "watcher", self._watch, False)
+
+    async def _guarded(
+        self,
+        key: object,
+        run: Callable[..., Awaitable[None]],
+        reports_started: bool,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one of the flow's tasks, shielded from outside cancellation.
+
+        A cancellation from outside reaches the body of `open_flow`, whose
+        exit then stops the tasks in order (`_stop`): the cursor writer must
+        outlive the consumers, the dispatcher must commit what is pending.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            self._scopes[key] = scope
+            if reports_started:
+                await run(task_status=task_status)
+            else:
+                task_status.started()
+                await run()
+
+    async def _watch(self) -> None:
+        """Learn of events appended by other processes or flows on the store."""
+        while True:
+            await self._app.store.wait_for_append(self._dispatcher.head)
+            self._dispatcher.request_poll()
+            await self._dispatcher.wait_polled()
+
+    async def _stop(self) -> None:
+        grace = self._app.shutdown_grace
+        self._dispatcher.closed = True
+        with trio.move_on_after(grace) as drain:
+            await self._dispatcher.wait_drained()
+        if drain.cancelled_caught:
+            logger.warning("publishes still pending after %.1fs; abandoning them", grace)
+        runner = self._runner
+        runner.stopping = True
+        runner.stop_deadline = trio.current_time() + grace
+        for state in self._states:
+            if state.handler_scope is not None:
+                state.handler_scope.deadline = runner.stop_deadline
+            self._scopes.pop(state, _NO_SCOPE).cancel()
+        with trio.move_on_after(grace + 1):
+            for state in self._states:
+                await state.finished.wait()
+        with trio.move_on_after(grace) as flush:
+            await self._cursors.commit_now(self._states)
+        if flush.cancelled_caught:
+            logger.warning("could not flush consumer cursors within %.1fs", grace)
+        for scope in self._scopes.values():
+            scope.cancel()
+
+
+_NO_SCOPE = trio.CancelScope()
+
+
+@contextlib.asynccontextmanager
+async def open_flow(app: App) -> AsyncIterator[Flow]:
+    """Open the store, recover every consumer, and run the flow inside the block.
+
+    On entry the store is opened (schema created or checked) and every
+    consumer has loaded its durable cursor; consumers then replay what they
+    missed and follow the live stream. Leaving the block (normally, by an
+    exception or by cancellation) stops gracefully: pending publishes are
+    committed, in-flight handlers get ``app.shutdown_grace`` seconds to
+    finish, and every consumer's position is committed.
+
+    Raises:
+        StoreUnavailableError: The store cannot be opened.
+        SchemaVersionError: The store was written by a newer trioflow.
+        ConfigurationError: This App already runs a flow.
+    """
+    if not isinstance(app, App):
+        raise ConfigurationError(f"open_flow needs a trioflow.App, got {app!r}")
+    if getattr(app, "_running", False):
+        raise ConfigurationError("this App already runs a flow; stop it before opening another")
+    app._running = True  # type: ignore[attr-defined]
+    try:
+        async with app.store.open(), trio.open_nursery() as nursery:
+            flow = Flow(app)
+            await flow._start(nursery)
+            try:
+                yield flow
+            finally:
+                with trio.CancelScope(shield=True):
+                    await flow._stop()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The flow's own tasks handle their errors, so a lone exception here
+        # came from the body of the block: give it back unwrapped.
+        if len(group.exceptions) == 1:
+            exc = group.exceptions[0]
+            raise exc from exc.__cause__
+        raise
+    finally:
+        app._running = False  # type: ignore[attr-defined]
+
+
+async def serve(app: App, *, task_status: trio.TaskStatus[Flow] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``app``'s flow until cancelled; for long-running services.
+
+    ``await trioflow.serve(app)`` runs forever; ``flow = await
+    nursery.start(trioflow.serve, app)`` hands back the running `Flow` (to
+    publish with) once every consumer has recovered. Cancelling it stops
+    gracefully, as leaving `open_flow` does.
+    """
+    async with open_flow(app) as flow:
+        task_status.started(flow)
+        await trio.sleep_forever()

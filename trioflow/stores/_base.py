@@ -1,0 +1,107 @@
+"""The store contract: the narrow interface every storage backend meets.
+
+A store keeps two things: the event log (events with strictly increasing
+sequence numbers) and the consumers' cursors (the last sequence number each
+durable consumer has processed). The runtime never talks to a database in any
+other way, so a new backend is one class that passes
+`trioflow.testing.StoreContract`.
+
+Contract, for every implementation:
+
+* ``append`` commits a batch atomically (all of it or none of it) and gives its
+  events sequence numbers greater than every event already committed, in the
+  order given. Sequence numbers may have holes but never repeat.
+* Gap-free reads: once ``read(after, ...)`` has returned an event with sequence
+  number ``s``, no event with a sequence number below ``s`` may appear later.
+  A store shared by several writers (processes, machines) must hold back events
+  until every lower sequence number is committed or abandoned.
+* ``head`` is the highest sequence number that ``read`` can return now (0 when
+  the log is empty).
+* Cursor commits are durable when ``commit_cursors`` returns, unless the store
+  documents a weaker setting the user chose.
+* Every method is a trio checkpoint and may be cancelled; a cancelled ``append``
+  either committed the whole batch or nothing.
+* Event ids are unique; a store may refuse a batch that repeats one (the
+  runtime generates random UUIDs, so it never does).
+* Failures surface as `trioflow.StoreError` (or a subclass), never as a
+  driver's own exception type.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import datetime
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from .._events import Event, NewEvent
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Appended:
+    """What a store reports after committing a batch.
+
+    Attributes:
+        after: The store's head just before this batch: every event with a
+            sequence number up to ``after`` was committed before the batch.
+        seqs: The sequence numbers given to the batch's events, in order.
+        created_at: The commit time recorded for every event of the batch.
+    """
+
+    after: int
+    seqs: Sequence[int]
+    created_at: datetime.datetime
+
+
+class Store(abc.ABC):
+    """An event log with durable consumer cursors. See the module docstring."""
+
+    #: Seconds between polls for events appended by other processes, for
+    #: stores that cannot be told (None: the store wakes waiters itself).
+    poll_interval: float | None = None
+
+    @abc.abstractmethod
+    def open(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Connect, create the schema if missing, check its version; close on exit.
+
+        Used as ``async with store.open(): ...``; the store's other methods
+        may only be called inside that block. A store that needs background
+        tasks (a notification listener, say) runs them in a nursery of its own
+        inside this context manager. Opening a store that is already open
+        raises ConfigurationError, except for stores documented as shareable.
+
+        Raises:
+            StoreUnavailableError: The store cannot be reached or opened.
+            SchemaVersionError: The schema was written by a newer trioflow.
+        """
+
+    @abc.abstractmethod
+    async def append(self, events: Sequence[NewEvent]) -> Appended:
+        """Commit ``events`` atomically and return the sequence numbers they got."""
+
+    @abc.abstractmethod
+    async def read(self, after: int, limit: int) -> Sequence[Event]:
+        """Return up to ``limit`` (>= 1) events with ``seq > after``, in sequence order."""
+
+    @abc.abstractmethod
+    async def head(self) -> int:
+        """Return the highest sequence number ``read`` can return now (0 if none)."""
+
+    @abc.abstractmethod
+    async def load_cursors(self) -> dict[str, int]:
+        """Return every consumer's committed cursor, by consumer name."""
+
+    @abc.abstractmethod
+    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+        """Durably set the given consumers' cursors (insert or replace)."""
+
+    @abc.abstractmethod
+    async def wait_for_append(self, after: int) -> None:
+        """Return once the head may have moved past ``after``.
+
+        Used to learn of events appended by other processes or other flows on
+        the same store. May return early (the caller re-reads the head); stores
+        that cannot be notified poll every `poll_interval` seconds.
+        """

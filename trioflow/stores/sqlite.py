@@ -1,0 +1,621 @@
+"""The SQLite store: the embedded default, one file shared by the processes of one machine.
+
+Model: one writer connection and one reader connection on the same file, each
+used by at most one worker thread at a time (a `trio.CapacityLimiter` of 1
+guards each). The database runs in WAL mode, so reads proceed from a committed
+snapshot while a write commits; only writers queue behind each other, within
+this process through the limiter and across processes through SQLite's file
+lock (``busy_timeout`` bounds that wait).
+
+Why reads are gap-free even with several writing processes: ``append`` first
+takes SQLite's write lock (``BEGIN IMMEDIATE``), then numbers its batch from
+``MAX(seq) + 1`` and commits. The lock serialises writers, so batches commit
+in sequence-number order and every snapshot a reader sees holds a prefix of
+the log. For the same reason sequence numbers have no holes.
+
+SQLite cannot tell one process about another's commits, so `wait_for_append`
+polls every `poll_interval` seconds; appends made through this instance wake
+its waiters at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import sqlite3
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Literal
+
+import trio
+
+from .._errors import (
+    ConfigurationError,
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownStoreError,
+)
+from .._events import Event, NewEvent
+from ._base import Appended, Store
+
+#: The schema version this module creates and understands.
+SCHEMA_VERSION = 1
+
+_DEFAULT_POLL_INTERVAL = 0.1
+_DEFAULT_BUSY_TIMEOUT = 30.0
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+# SQLite integers are signed 64-bit; larger Python ints cannot be bound.
+_MAX_INT64 = 2**63 - 1
+# The same decoder the publishing side uses, so replayed data equals live data.
+_decode = json.JSONDecoder().decode
+
+_URL_OPTIONS = "synchronous=full|normal, poll_interval=<seconds > 0>, busy_timeout=<seconds >= 0>"
+_URL_FORMS = "sqlite:///relative/path.db or sqlite:////absolute/path.db"
+
+_CREATE_SCHEMA = (
+    # One row, enforced by the CHECK, so the version can never be ambiguous.
+    """
+    CREATE TABLE trioflow_schema (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        version INTEGER NOT NULL
+    )
+    """,
+    # seq is the rowid: range scans by seq and MAX(seq) are B-tree seeks.
+    """
+    CREATE TABLE trioflow_events (
+        seq INTEGER PRIMARY KEY,
+        id BLOB(16) UNIQUE NOT NULL,
+        type TEXT NOT NULL,
+        key TEXT,
+        data TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE trioflow_cursors (
+        consumer TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )
+    """,
+)
+_HEAD = "SELECT COALESCE(MAX(seq), 0) FROM trioflow_events"
+_INSERT = (
+    "INSERT INTO trioflow_events (seq, id, type, key, data, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_READ = (
+    "SELECT seq, id, type, key, data, created_at FROM trioflow_events"
+    " WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+_LOAD_CURSORS = "SELECT consumer, seq FROM trioflow_cursors"
+_UPSERT_CURSOR = (
+    "INSERT INTO trioflow_cursors (consumer, seq, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
+)
+
+# Primary result codes meaning "cannot reach or use the file right now": the
+# caller may retry later. Everything else is a plain StoreError.
+_UNAVAILABLE_CODES = {
+    sqlite3.SQLITE_BUSY: "another connection holds the lock (this one waits up to "
+    "busy_timeout={busy_timeout:g}s); retry, or raise busy_timeout",
+    sqlite3.SQLITE_LOCKED: "the database is locked; retry",
+    sqlite3.SQLITE_CANTOPEN: "cannot open the file; check that its directory exists and that "
+    "this process may read and write it",
+    sqlite3.SQLITE_NOTADB: "the file is not a SQLite database; point the store at a trioflow "
+    "database or at a path that does not exist yet",
+    sqlite3.SQLITE_READONLY: "the database is read-only; trioflow needs write access to the "
+    "file and its directory (for the -wal and -shm files)",
+    sqlite3.SQLITE_PERM: "permission denied; trioflow needs write access to the file and its "
+    "directory",
+    sqlite3.SQLITE_IOERR: "disk I/O error; check the disk and the file system",
+    sqlite3.SQLITE_FULL: "the disk is full; free some space",
+    sqlite3.SQLITE_PROTOCOL: "the file locking protocol failed; retry",
+}
+
+
+class SQLiteStore(Store):
+    """The event log and cursors in one SQLite file (WAL mode).
+
+    Several processes on one machine may open the same file at once: their
+    appends queue behind SQLite's write lock and every process reads the same
+    log. The file must not live on a network file system (WAL needs shared
+    memory between processes). Sequence numbers start at 1 and have no holes.
+
+    One instance may be open once at a time; open a second instance on the
+    same path to get an independent handle.
+
+    Args:
+        path: The database file. Its directory must exist; the file is
+            created (with the schema) on first open.
+        synchronous: ``"full"`` (the default) makes every commit durable when
+            it returns, even across a power loss. ``"normal"`` is faster but a
+            power loss (not a process crash) may undo the last commits,
+            appended events and cursor commits alike.
+        poll_interval: Seconds between polls for events appended by other
+            processes (see `wait_for_append`).
+        busy_timeout: Seconds to wait for another connection's write lock
+            before giving up with `StoreUnavailableError`.
+
+    Raises:
+        ConfigurationError: An option is invalid.
+    """
+
+    poll_interval: float
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["full", "normal"] = "full",
+        poll_interval: float = _DEFAULT_POLL_INTERVAL,
+        busy_timeout: float = _DEFAULT_BUSY_TIMEOUT,
+    ) -> None:
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path:
+            raise ConfigurationError(
+                f"SQLite store path must be a non-empty str or os.PathLike[str], got {path!r}"
+            )
+        if path == ":memory:":
+            # Each connection would get its own, separate in-memory database.
+            raise ConfigurationError(
+                "SQLite store path ':memory:' is not supported; use MemoryStore (memory://) "
+                "for a store that lives in this process"
+            )
+        if synchronous not in ("full", "normal"):
+            raise ConfigurationError(
+                f"SQLite store synchronous must be 'full' or 'normal', got {synchronous!r}"
+            )
+        self._path = path
+        self._synchronous: Literal["full", "normal"] = synchronous
+        self.poll_interval = _seconds("poll_interval", poll_interval, allow_zero=False)
+        self._busy_timeout = _seconds("busy_timeout", busy_timeout, allow_zero=True)
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._is_open = False
+        self._appended = trio.Event()
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        """Build (but do not open) the store a ``sqlite:`` URL names.
+
+        ``sqlite:///relative/path.db`` names a path relative to the working
+        directory, ``sqlite:////absolute/path.db`` an absolute one. Characters
+        that URLs reserve (``%``, ``?``, ``#``) must be percent-encoded in the
+        path. The query may set ``synchronous`` (``full`` or ``normal``),
+        ``poll_interval`` and ``busy_timeout`` (seconds), for example
+        ``sqlite:///app.db?synchronous=normal&poll_interval=0.05``.
+
+        Raises:
+            UnknownStoreError: The URL is not a valid SQLite store URL.
+        """
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() != "sqlite":
+            raise UnknownStoreError(f"store URL {url!r} is not a sqlite: URL; use {_URL_FORMS}")
+        if parts.netloc or not parts.path.startswith("/"):
+            raise UnknownStoreError(
+                f"SQLite store URL {url!r}: a SQLite URL has no host and starts with three "
+                f"slashes; use {_URL_FORMS}"
+            )
+        if parts.fragment:
+            raise UnknownStoreError(
+                f"SQLite store URL {url!r} has a #fragment; percent-encode '#' in the path as %23"
+            )
+        path = urllib.parse.unquote(parts.path[1:])
+        if not path:
+            raise UnknownStoreError(f"SQLite store URL {url!r} names no file; use {_URL_FORMS}")
+        try:
+            pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise UnknownStoreError(
+                f"SQLite store URL {url!r}: cannot parse the query; accepted: {_URL_OPTIONS}"
+            ) from None
+        options: dict[str, str] = {}
+        for name, value in pairs:
+            if name not in ("synchronous", "poll_interval", "busy_timeout"):
+                raise UnknownStoreError(
+                    f"SQLite store URL {url!r}: unknown option {name!r}; accepted: {_URL_OPTIONS}"
+                )
+            if name in options:
+                raise UnknownStoreError(
+                    f"SQLite store URL {url!r}: option {name!r} is given twice; give it once"
+                )
+            options[name] = value
+        synchronous: Literal["full", "normal"]
+        raw_synchronous = options.get("synchronous", "full").lower()
+        if raw_synchronous == "full":
+            synchronous = "full"
+        elif raw_synchronous == "normal":
+            synchronous = "normal"
+        else:
+            raise UnknownStoreError(
+                f"SQLite store URL {url!r}: synchronous must be full or normal, "
+                f"got {options['synchronous']!r}"
+            )
+        try:
+            poll_interval = float(options.get("poll_interval", _DEFAULT_POLL_INTERVAL))
+            busy_timeout = float(options.get("busy_timeout", _DEFAULT_BUSY_TIMEOUT))
+        except ValueError:
+            raise UnknownStoreError(
+                f"SQLite store URL {url!r}: poll_interval and busy_timeout must be numbers of "
+                f"seconds; accepted: {_URL_OPTIONS}"
+            ) from None
+        try:
+            return cls(
+                path,
+                synchronous=synchronous,
+                poll_interval=poll_interval,
+                busy_timeout=busy_timeout,
+            )
+        except ConfigurationError as exc:
+            raise UnknownStoreError(f"SQLite store URL {url!r}: {exc}") from None
+
+    @property
+    def path(self) -> str:
+        """The database file's path, as given."""
+        return self._path
+
+    @property
+    def synchronous(self) -> Literal["full", "normal"]:
+        """The durability setting: ``"full"`` or ``"normal"``."""
+        return self._synchronous
+
+    @property
+    def busy_timeout(self) -> float:
+        """Seconds to wait for another connection's write lock."""
+        return self._busy_timeout
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r}, synchronous={self._synchronous!r})"
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        """Connect, create the schema if missing, check its version; close on exit.
+
+        Raises:
+            ConfigurationError: This instance is already open.
+            StoreUnavailableError: The directory does not exist, the file is
+                not a SQLite database, or it cannot be opened or locked.
+            SchemaVersionError: The file was written by a newer trioflow.
+        """
+        if self._is_open:
+            raise ConfigurationError(
+                f"{self!r} is already open; open it once, or create a second SQLiteStore on "
+                "the same path for an independent handle"
+            )
+        # Set before the first checkpoint so a concurrent open() sees it.
+        self._is_open = True
+        try:
+            with self._errors("opening the database"):
+                self._writer, self._reader = await trio.to_thread.run_sync(self._connect)
+            yield
+        finally:
+            try:
+                # Shielded: the connections must be closed even when the block
+                # is cancelled; closing is quick and does not wait on locks.
+                with trio.CancelScope(shield=True), self._errors("closing the database"):
+                    await self._close()
+            finally:
+                self._is_open = False
+
+    async def append(self, events: Sequence[NewEvent]) -> Appended:
+        """Commit ``events`` atomically; see `Store.append`.
+
+        The commit runs to completion in a worker thread even if the caller is
+        cancelled meanwhile, so a cancelled append committed the whole batch
+        or (cancelled before it started) nothing.
+
+        Raises:
+            StoreUnavailableError: The write lock was not free within
+                ``busy_timeout``, or the file cannot be used.
+            StoreError: The batch was rolled back for another reason (an event
+                id already in the store, say).
+        """
+        batch = list(events)
+        if not batch:
+            after = await self.head()
+            return Appended(
+                after=after,
+                seqs=range(after + 1, after + 1),
+                created_at=datetime.datetime.now(datetime.UTC),
+            )
+        writer = self._connection(self._writer)
+        with self._errors(f"appending {len(batch)} events"):
+            after, created_at = await trio.to_thread.run_sync(
+                _append, writer, batch, limiter=self._write_limiter
+            )
+        self._appended.set()
+        self._appended = trio.Event()
+        return Appended(
+            after=after, seqs=range(after + 1, after + 1 + len(batch)), created_at=created_at
+        )
+
+    async def read(self, after: int, limit: int) -> Sequence[Event]:
+        """Return up to ``limit`` events with ``seq > after``, in sequence order."""
+        if limit <= 0:
+            # SQLite reads LIMIT -1 as "no limit"; the contract means none.
+            await trio.lowlevel.checkpoint()
+            return []
+        reader = self._connection(self._reader)
+        with self._errors("reading events"):
+            return await trio.to_thread.run_sync(
+                self._read,
+                reader,
+                min(max(after, -1), _MAX_INT64),
+                min(limit, _MAX_INT64),
+                limiter=self._read_limiter,
+            )
+
+    async def head(self) -> int:
+        """Return the highest committed sequence number (0 if the log is empty)."""
+        reader = self._connection(self._reader)
+        with self._errors("reading the head"):
+            return await trio.to_thread.run_sync(_head, reader, limiter=self._read_limiter)
+
+    async def load_cursors(self) -> dict[str, int]:
+        """Return every consumer's committed cursor, by consumer name."""
+        reader = self._connection(self._reader)
+        with self._errors("loading cursors"):
+            return await trio.to_thread.run_sync(_load_cursors, reader, limiter=self._read_limiter)
+
+    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+        """Set the given consumers' cursors in one transaction (insert or replace).
+
+        Durable when this returns with ``synchronous="full"``; with
+        ``"normal"``, a power loss may undo the last commits.
+        """
+        items = list(cursors.items())
+        if not items:
+            await trio.lowlevel.checkpoint()
+            return
+        writer = self._connection(self._writer)
+        with self._errors(f"committing {len(items)} cursors"):
+            await trio.to_thread.run_sync(
+                _commit_cursors, writer, items, limiter=self._write_limiter
+            )
+
+    async def wait_for_append(self, after: int) -> None:
+        """Return once the head is past ``after``.
+
+        Polls the head every `poll_interval` seconds, because other processes'
+        commits cannot be signalled; an append through this instance ends the
+        wait at once.
+        """
+        while True:
+            # Taken before reading the head, so an append that commits while
+            # the head is read still wakes this wait: no lost wake-up.
+            appended = self._appended
+            if await self.head() > after:
+                return
+            with trio.move_on_after(self.poll_interval):
+                await appended.wait()
+
+    # -- internals ---------------------------------------------------------
+
+    def _connection(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
+        if connection is None:
+            raise StoreError(
+                f"SQLite store {self._path!r} is not open; use it inside `async with store.open():`"
+            )
+        return connection
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Translate sqlite3's exceptions into trioflow's, at this one boundary."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            # Extended result codes carry the primary code in the low byte.
+            hint = _UNAVAILABLE_CODES.get(code & 0xFF) if code is not None else None
+            if hint is not None:
+                raise StoreUnavailableError(
+                    f"SQLite store {self._path!r}: {action} failed: {exc}; "
+                    + hint.format(busy_timeout=self._busy_timeout)
+                ) from exc
+            raise StoreError(f"SQLite store {self._path!r}: {action} failed: {exc}") from exc
+
+    async def _close(self) -> None:
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        # Through the limiters, so a call still running in a worker thread
+        # finishes before its connection is closed under it.
+        if reader is not None:
+            await trio.to_thread.run_sync(reader.close, limiter=self._read_limiter)
+        if writer is not None:
+            # Last, because the last connection to close checkpoints the WAL.
+            await trio.to_thread.run_sync(writer.close, limiter=self._write_limiter)
+
+    def _new_connection(self, path: str) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions, this module issues
+        # BEGIN/COMMIT itself. check_same_thread=False: trio's worker threads
+        # vary, the limiters make sure only one uses a connection at a time.
+        connection = sqlite3.connect(
+            path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            # Validated in __init__ to be one of two literals: safe to inline.
+            connection.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _connect(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        """Open both connections and make the schema ready (in a worker thread)."""
+        # Resolved once, so both connections name the same file even if the
+        # working directory changes in between.
+        path = os.path.abspath(self._path)
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            # sqlite3 would only say "unable to open database file".
+            raise StoreUnavailableError(
+                f"SQLite store {self._path!r}: directory {directory!r} does not exist; "
+                "create it first (trioflow creates the file, not its directory)"
+            )
+        writer = self._new_connection(path)
+        try:
+            (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchall()[0]
+            if str(mode).lower() != "wal":
+                raise StoreUnavailableError(
+                    f"SQLite store {self._path!r}: cannot switch the database to WAL mode "
+                    f"(it stays in {mode!r} mode); use a file on a local file system"
+                )
+            self._ensure_schema(writer)
+            reader = self._new_connection(path)
+            try:
+                # A guard: the reader must never write, writes go through the
+                # writer's limiter and transaction discipline.
+                reader.execute("PRAGMA query_only = ON")
+            except BaseException:
+                reader.close()
+                raise
+        except BaseException:
+            writer.close()
+            raise
+        return writer, reader
+
+    def _ensure_schema(self, writer: sqlite3.Connection) -> None:
+        # IMMEDIATE: processes opening a new file at once must not both create
+        # the schema; the second waits, then finds it.
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            exists = writer.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trioflow_schema'"
+            ).fetchall()
+            if exists:
+                rows = writer.execute("SELECT version FROM trioflow_schema").fetchall()
+                version = rows[0][0] if len(rows) == 1 else None
+                if isinstance(version, int) and version > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"SQLite store {self._path!r} has schema version {version}, written by "
+                        f"a newer trioflow (this one knows version {SCHEMA_VERSION}); upgrade "
+                        "trioflow, or point the store at another file"
+                    )
+                if version != SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"SQLite store {self._path!r} has an unknown schema version "
+                        f"({version!r}); it was not written by trioflow: point the store at "
+                        "another file"
+                    )
+            else:
+                for statement in _CREATE_SCHEMA:
+                    writer.execute(statement)
+                writer.execute(
+                    "INSERT INTO trioflow_schema (singleton, version) VALUES (1, ?)",
+                    (SCHEMA_VERSION,),
+                )
+            writer.execute("COMMIT")
+        except BaseException:
+            _rollback(writer)
+            raise
+
+    def _read(self, reader: sqlite3.Connection, after: int, limit: int) -> list[Event]:
+        """Fetch and build the events in the worker thread, off the trio thread."""
+        rows = reader.execute(_READ, (after, limit)).fetchall()
+        events: list[Event] = []
+        add = events.append
+        new_uuid = uuid.UUID
+        # A batch shares one timestamp: build its datetime once.
+        last_micros: int | None = None
+        created_at = _EPOCH
+        seq = after
+        try:
+            for seq, raw_id, event_type, key, data, micros in rows:
+                if micros != last_micros:
+                    created_at = _EPOCH + micros * _MICROSECOND
+                    last_micros = micros
+                add(
+                    Event(
+                        seq=seq,
+                        id=new_uuid(bytes=raw_id),
+                        type=event_type,
+                        data=_decode(data),
+                        key=key,
+                        created_at=created_at,
+                    )
+                )
+        except (ValueError, TypeError) as exc:
+            raise StoreError(
+                f"SQLite store {self._path!r}: event {seq} cannot be decoded ({exc}); "
+                "the file was changed by something other than trioflow"
+            ) from exc
+        return events
+
+
+def _seconds(name: str, value: float, *, allow_zero: bool) -> float:
+    """Return ``value`` as a float if it is a valid number of seconds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(
+            f"SQLite store {name} must be a finite number of seconds {bound}, got {value!r}"
+        )
+    return float(value)
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any, keeping the original error."""
+    if connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+
+
+def _append(writer: sqlite3.Connection, batch: list[NewEvent]) -> tuple[int, datetime.datetime]:
+    """Number and insert one batch in one transaction (in a worker thread)."""
+    # IMMEDIATE takes the write lock before MAX(seq) is read, so no other
+    # writer can commit between numbering and commit.
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        after: int = writer.execute(_HEAD).fetchall()[0][0]
+        # Taken under the lock: created_at follows commit order across writers
+        # (as far as the wall clock does).
+        now = datetime.datetime.now(datetime.UTC)
+        micros = (now - _EPOCH) // _MICROSECOND
+        writer.executemany(
+            _INSERT,
+            [
+                (seq, new.id.bytes, new.type, new.key, new.payload, micros)
+                for seq, new in enumerate(batch, start=after + 1)
+            ],
+        )
+        writer.execute("COMMIT")
+    except BaseException:
+        _rollback(writer)
+        raise
+    return after, now
+
+
+def _head(reader: sqlite3.Connection) -> int:
+    # fetchall, not fetchone: it steps the statement to its end, which ends
+    # the read transaction instead of leaving the snapshot pinned.
+    head: int = reader.execute(_HEAD).fetchall()[0][0]
+    return head
+
+
+def _load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
+    return dict(reader.execute(_LOAD_CURSORS).fetchall())
+
+
+def _commit_cursors(writer: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        micros = (datetime.datetime.now(datetime.UTC) - _EPOCH) // _MICROSECOND
+        writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
+        writer.execute("COMMIT")
+    except BaseException:
+        _rollback(writer)
+        raise

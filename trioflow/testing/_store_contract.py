@@ -1,0 +1,512 @@
+"""The store contract as a test suite: every backend subclasses `StoreContract`.
+
+The tests check what `trioflow.stores.Store` promises and nothing more: they
+allow holes in sequence numbers unless the subclass says it has none, and they
+never depend on timing for correctness (only for giving up on a hung store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import random
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .._events import JSON, Event, NewEvent, encode, new_ids
+from ..stores._base import Appended, Store
+
+# Text a store must keep exactly: any Unicode scalar value except NUL, which
+# PostgreSQL's text and jsonb cannot hold (the contract does not settle NUL).
+_chars = st.characters(codec="utf-8", exclude_characters="\x00")
+_text = st.text(_chars, max_size=20)
+_json: st.SearchStrategy[JSON] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _text,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(_chars, max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_event_items = st.tuples(st.text(_chars, min_size=1, max_size=20), _json, st.none() | _text)
+
+#: The tests that only make sense for a persistent store.
+_PERSISTENCE_TESTS = frozenset({"test_everything_survives_reopening"})
+
+
+class StoreContract:
+    """Tests every `Store` implementation must pass; subclass it once per backend.
+
+    The name does not start with ``Test``, so pytest collects only the
+    subclasses. A subclass implements `open_store` and `open_peer`, and sets
+    the class flags that describe its backend::
+
+        class TestSQLiteStore(StoreContract):
+            seqs_without_holes = True
+
+            @pytest.fixture(autouse=True)
+            def _directory(self, tmp_path: pathlib.Path) -> None:
+                self.directory = tmp_path
+                self.files = itertools.count()
+
+            @contextlib.asynccontextmanager
+            async def open_store(self) -> AsyncIterator[Store]:
+                store = SQLiteStore(self.directory / f"{next(self.files)}.db")
+                async with store.open():
+                    yield store
+
+            @contextlib.asynccontextmanager
+            async def open_peer(self, store: Store) -> AsyncIterator[Store]:
+                assert isinstance(store, SQLiteStore)
+                peer = SQLiteStore(store.path)
+                async with peer.open():
+                    yield peer
+
+    Each test opens its stores itself (``async with self.open_store()``)
+    rather than through a fixture: the property-based test needs a fresh store
+    per example, and pytest-trio runs async fixtures defined on a class with
+    an instance other than the test's. Pass anything a store needs (a
+    temporary directory, a database URL) through a sync autouse fixture that
+    sets attributes on ``self``, as above.
+
+    The tests are marked ``trio``: they need the pytest-trio plugin and
+    Hypothesis (``pip install trioflow[test]``).
+    """
+
+    pytestmark = pytest.mark.trio
+
+    #: True when events and cursors survive closing every handle and opening
+    #: the store again (set False for a store that lives in memory).
+    persistent: ClassVar[bool] = True
+
+    #: True when the store promises sequence numbers 1, 2, 3... without holes
+    #: (the contract allows holes, so only such stores are checked for them).
+    seqs_without_holes: ClassVar[bool] = False
+
+    #: Seconds after which a test gives up waiting for the store (a hang).
+    patience: ClassVar[float] = 10.0
+
+    def open_store(self) -> contextlib.AbstractAsyncContextManager[Store]:
+        """Return an async context manager yielding a fresh, empty, opened store.
+
+        Called once per test, and once per example in property-based tests:
+        every call must give a new, empty log. The store is closed on exit.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement open_store()")
+
+    def open_peer(self, store: Store) -> contextlib.AbstractAsyncContextManager[Store]:
+        """Return an async context manager yielding another handle on ``store``'s log.
+
+        The peer stands for another process or machine using the same
+        underlying log: an independent connection where the backend has
+        connections, or ``store`` itself for a store shared by identity (the
+        memory store). ``store`` may be open or already closed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement open_peer()")
+
+    @pytest.fixture(autouse=True)
+    def _skip_what_the_store_lacks(self, request: pytest.FixtureRequest) -> None:
+        # Skipped here, not inside the test: pytest-trio drops the reason of a
+        # skip raised in a trio test.
+        if request.function.__name__ in _PERSISTENCE_TESTS and not self.persistent:
+            pytest.skip(f"{type(self).__name__}.persistent is False")
+
+    # -- the log ----------------------------------------------------------------
+
+    async def test_empty_store(self) -> None:
+        """A new store has head 0, no events and no cursors."""
+        async with self.open_store() as store:
+            assert await store.head() == 0
+            assert list(await store.read(0, 10)) == []
+            assert await store.load_cursors() == {}
+
+    async def test_append_numbers_batches_after_the_prior_head(self) -> None:
+        """Each batch gets increasing seqs above the head it reports as ``after``."""
+        async with self.open_store() as store:
+            highest = 0
+            all_seqs: list[int] = []
+            for size in (1, 3, 2, 5):
+                head_before = await store.head()
+                appended = await store.append(make_events(size))
+                assert appended.after == head_before
+                seqs = list(appended.seqs)
+                assert len(seqs) == size
+                assert seqs[0] > appended.after
+                assert seqs[0] > highest
+                assert_increasing(seqs)
+                assert await store.head() == seqs[-1]
+                highest = seqs[-1]
+                all_seqs += seqs
+            if self.seqs_without_holes:
+                assert all_seqs == list(range(1, len(all_seqs) + 1))
+
+    async def test_read_returns_a_batch_in_order(self) -> None:
+        """A batch is read back in the order it was given, with the seqs it got."""
+        async with self.open_store() as store:
+            batch = make_events(50)
+            appended = await store.append(batch)
+            events = await store.read(0, 100)
+            assert [event.id for event in events] == [new.id for new in batch]
+            assert [event.seq for event in events] == list(appended.seqs)
+
+    async def test_read_returns_the_appended_fields(self) -> None:
+        """Every field survives the store: unicode, nested JSON, keys, created_at."""
+        items: list[tuple[str, JSON, str | None]] = [
+            ("order.créé", {"nested": {"list": [1, 2.5, None, {"x": []}]}, "é": "ü"}, None),
+            ("t", None, "key-ü"),
+            ("t", True, ""),
+            ("t", 0, None),
+            ("t", -1.5e-7, None),
+            ("t", 2**53 + 1, None),
+            ("t", "", None),
+            ("t", "日本語 ✓ 🎉 \\ \" '\n\t", "🔑"),
+            ("t", [[], {}, [{}], ""], None),
+            ("x" * 255, {"k" * 100: "v" * 10_000}, "k" * 1024),
+        ]
+        ids = new_ids(len(items))
+        batch = [encode(t, data, key, i) for (t, data, key), i in zip(items, ids, strict=True)]
+        async with self.open_store() as store:
+            before = datetime.datetime.now(datetime.UTC)
+            appended = await store.append(batch)
+            after = datetime.datetime.now(datetime.UTC)
+            created_at = appended.created_at
+            assert created_at.utcoffset() == datetime.timedelta(0)
+            # Loose bounds: the store may use its own clock, but a unit error
+            # (milliseconds read as microseconds, say) must show.
+            slack = datetime.timedelta(minutes=5)
+            assert before - slack <= created_at <= after + slack
+            expected = [
+                new.persisted(seq, created_at)
+                for new, seq in zip(batch, appended.seqs, strict=True)
+            ]
+            events = list(await store.read(0, 100))
+            assert events == expected
+            for event in events:
+                assert event.created_at.utcoffset() == datetime.timedelta(0)
+
+    async def test_read_pages(self) -> None:
+        """``read(after, limit)`` pages through the log, across batch boundaries."""
+        async with self.open_store() as store:
+            first = await store.append(make_events(4))
+            second = await store.append(make_events(6))
+            seqs = [*first.seqs, *second.seqs]
+
+            async def page(after: int, limit: int) -> list[int]:
+                events = await store.read(after, limit)
+                assert len(events) <= limit
+                return [event.seq for event in events]
+
+            assert await page(0, 3) == seqs[:3]
+            assert await page(seqs[2], 3) == seqs[3:6]
+            assert await page(seqs[3], 1) == [seqs[4]]
+            assert await page(seqs[8], 3) == [seqs[9]]
+            assert await page(seqs[9], 3) == []
+            assert await page(seqs[9] + 1000, 5) == []
+            assert await page(0, 1) == [seqs[0]]
+            assert await page(0, 1000) == seqs
+            assert await page(0, 0) == []
+            assert await read_all(store, limit=1) == await store.read(0, 1000)
+
+    async def test_empty_append(self) -> None:
+        """Appending no events commits nothing and reports the head as ``after``."""
+        async with self.open_store() as store:
+            empty = await store.append([])
+            assert list(empty.seqs) == []
+            assert empty.after == 0
+            assert empty.created_at.utcoffset() == datetime.timedelta(0)
+            appended = await store.append(make_events(2))
+            empty = await store.append([])
+            assert list(empty.seqs) == []
+            assert empty.after == appended.seqs[-1]
+            assert await store.head() == appended.seqs[-1]
+            assert len(await store.read(0, 10)) == 2
+
+    async def test_cancelled_append_commits_all_or_nothing(self) -> None:
+        """An append cancelled at any point committed its whole batch or none of it."""
+        async with self.open_store() as store:
+            for delay in range(8):
+                batch = make_events(300)
+                head_before = await store.head()
+                returned: Appended | None = None
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(cancel_after_checkpoints, scope, delay)
+                        returned = await store.append(batch)
+                ids = [event.id for event in await read_all(store, after=head_before)]
+                assert ids in ([], [new.id for new in batch]), f"cancelled after {delay}"
+                if returned is not None:
+                    assert ids == [new.id for new in batch]
+
+    async def test_committed_batches_become_visible_whole(self) -> None:
+        """Readers see a batch entirely or not at all, while appends are in flight."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            batch_ends = {0}
+            observed: list[int] = []
+            writing = True
+
+            async def write() -> None:
+                nonlocal writing
+                for _ in range(20):
+                    appended = await peer.append(make_events(25))
+                    batch_ends.add(appended.seqs[-1])
+                writing = False
+
+            with trio.fail_after(self.patience):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write)
+                    while writing:
+                        observed.append(await store.head())
+                        events = await store.read(0, 10_000)
+                        observed.append(events[-1].seq if events else 0)
+                        await trio.lowlevel.checkpoint()
+            assert set(observed) <= batch_ends
+
+    # -- cursors ----------------------------------------------------------------
+
+    async def test_commit_cursors_inserts_and_replaces(self) -> None:
+        """Cursors are inserted, replaced (even backwards), and kept when not named."""
+        async with self.open_store() as store:
+            assert await store.load_cursors() == {}
+            await store.commit_cursors({"a": 1})
+            assert await store.load_cursors() == {"a": 1}
+            await store.commit_cursors({"a": 5, "b": 2, "consumer-ü/1": 0})
+            assert await store.load_cursors() == {"a": 5, "b": 2, "consumer-ü/1": 0}
+            await store.commit_cursors({"c": 3})
+            assert await store.load_cursors() == {"a": 5, "b": 2, "consumer-ü/1": 0, "c": 3}
+            await store.commit_cursors({})
+            await store.commit_cursors({"a": 4})
+            assert await store.load_cursors() == {"a": 4, "b": 2, "consumer-ü/1": 0, "c": 3}
+
+    async def test_load_cursors_returns_a_copy(self) -> None:
+        """Changing the returned dict does not change the store."""
+        async with self.open_store() as store:
+            await store.commit_cursors({"a": 1})
+            cursors = await store.load_cursors()
+            cursors["a"] = 99
+            cursors["b"] = 1
+            assert await store.load_cursors() == {"a": 1}
+
+    async def test_cursors_are_shared_with_a_peer(self) -> None:
+        """A cursor committed through one handle is loaded through another."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            await store.commit_cursors({"a": 7})
+            assert await peer.load_cursors() == {"a": 7}
+            await peer.commit_cursors({"a": 8, "b": 1})
+            assert await store.load_cursors() == {"a": 8, "b": 1}
+
+    async def test_everything_survives_reopening(self) -> None:
+        """Events and cursors are still there after every handle closed."""
+        async with self.open_store() as store:
+            first = await store.append(make_events(3))
+            await store.commit_cursors({"a": first.seqs[1], "b": first.seqs[2]})
+            expected = list(await store.read(0, 10))
+        async with self.open_peer(store) as again:
+            assert await again.load_cursors() == {"a": first.seqs[1], "b": first.seqs[2]}
+            assert list(await again.read(0, 10)) == expected
+            assert await again.head() == first.seqs[-1]
+            second = await again.append(make_events(1))
+            assert second.after == first.seqs[-1]
+            assert second.seqs[0] > first.seqs[-1]
+
+    # -- waiting and concurrency --------------------------------------------------
+
+    async def test_wait_for_append_returns_when_head_is_already_past(self) -> None:
+        """No wait when the head is already past ``after``."""
+        async with self.open_store() as store:
+            appended = await store.append(make_events(2))
+            with trio.fail_after(self.patience):
+                await store.wait_for_append(0)
+                await store.wait_for_append(appended.seqs[0])
+
+    async def test_wait_for_append_wakes_on_a_peer_append(self) -> None:
+        """A waiter learns of an append made through another handle."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            await self._check_wakes(waiter=store, appender=peer)
+
+    async def test_wait_for_append_wakes_on_an_own_append(self) -> None:
+        """A waiter learns of an append made through the same handle."""
+        async with self.open_store() as store:
+            await self._check_wakes(waiter=store, appender=store)
+
+    async def _check_wakes(self, *, waiter: Store, appender: Store) -> None:
+        start = await waiter.append(make_events(1))
+        after = start.seqs[-1]
+        woke_at: list[int] = []
+
+        async def wait() -> None:
+            # The contract allows early returns: loop as callers must.
+            while (head := await waiter.head()) <= after:
+                await waiter.wait_for_append(after)
+            woke_at.append(head)
+
+        with trio.fail_after(self.patience):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                assert woke_at == []
+                appended = await appender.append(make_events(2))
+        assert woke_at == [appended.seqs[-1]]
+
+    async def test_concurrent_appends_from_two_handles(self) -> None:
+        """Two writers interleave without repeated seqs; a tailing reader misses nothing."""
+        rng = random.Random(1234)
+        plans = [[rng.randint(1, 8) for _ in range(15)] for _ in range(2)]
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            results: list[list[tuple[Appended, list[NewEvent]]]] = [[], []]
+            tailed: list[Event] = []
+            writers_done = trio.Event()
+
+            async def write(handle: Store, plan: list[int], out: list[Any]) -> None:
+                for size in plan:
+                    batch = make_events(size)
+                    out.append((await handle.append(batch), batch))
+                    await trio.lowlevel.checkpoint()
+
+            async def tail() -> None:
+                position = 0
+                limits = random.Random(5678)
+                while True:
+                    events = await store.read(position, limits.randint(1, 10))
+                    if events:
+                        tailed.extend(events)
+                        position = events[-1].seq
+                        continue
+                    if writers_done.is_set() and position >= await store.head():
+                        return
+                    # Bounded, because nothing may be appended any more.
+                    with trio.move_on_after(0.01):
+                        await store.wait_for_append(position)
+
+            with trio.fail_after(self.patience):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(tail)
+                    async with trio.open_nursery() as writers:
+                        writers.start_soon(write, store, plans[0], results[0])
+                        writers.start_soon(write, peer, plans[1], results[1])
+                    writers_done.set()
+
+            by_seq: dict[int, NewEvent] = {}
+            for writer_results in results:
+                writer_seqs: list[int] = []
+                for appended, batch in writer_results:
+                    assert len(appended.seqs) == len(batch)
+                    for seq, new in zip(appended.seqs, batch, strict=True):
+                        assert seq not in by_seq, f"seq {seq} given twice"
+                        by_seq[seq] = new
+                    writer_seqs += appended.seqs
+                # A writer's own batches are numbered in the order it appended.
+                assert_increasing(writer_seqs)
+            total = sum(map(sum, plans))
+            assert len(by_seq) == total
+            log = await read_all(store)
+            assert [event.seq for event in log] == sorted(by_seq)
+            assert [event.id for event in log] == [by_seq[seq].id for seq in sorted(by_seq)]
+            # Gap-free reads: the tailing reader saw every event, in order.
+            assert tailed == log
+            if self.seqs_without_holes:
+                assert sorted(by_seq) == list(range(1, total + 1))
+
+    async def test_every_method_is_a_checkpoint(self) -> None:
+        """Each method yields to the scheduler and honours a pending cancellation."""
+        async with self.open_store() as store:
+            await store.append(make_events(1))
+            calls: list[tuple[str, Any]] = [
+                ("head", lambda: store.head()),
+                ("read", lambda: store.read(0, 10)),
+                ("read(limit=0)", lambda: store.read(0, 0)),
+                ("load_cursors", lambda: store.load_cursors()),
+                ("commit_cursors", lambda: store.commit_cursors({"a": 1})),
+                ("commit_cursors({})", lambda: store.commit_cursors({})),
+                ("append", lambda: store.append(make_events(1))),
+                ("append([])", lambda: store.append([])),
+                ("wait_for_append", lambda: store.wait_for_append(0)),
+            ]
+            for name, call in calls:
+                with trio.fail_after(self.patience), trio.testing.assert_checkpoints():
+                    await call()
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await call()
+                assert scope.cancelled_caught, f"{name} did not raise Cancelled"
+
+    @settings(
+        max_examples=25,
+        deadline=None,
+        # The same test runs once per backend subclass, on purpose.
+        suppress_health_check=[HealthCheck.differing_executors],
+    )
+    @given(
+        batches=st.lists(st.lists(_event_items, max_size=12), max_size=6),
+        page_sizes=st.lists(st.integers(min_value=1, max_value=20), min_size=1, max_size=5),
+    )
+    async def test_random_batches_read_back_in_random_pages(
+        self, batches: list[list[tuple[str, JSON, str | None]]], page_sizes: list[int]
+    ) -> None:
+        """Random batches of random events read back exactly, in any page size."""
+        async with self.open_store() as store:
+            expected: list[Event] = []
+            for items in batches:
+                ids = new_ids(len(items))
+                batch = [
+                    encode(t, data, key, i) for (t, data, key), i in zip(items, ids, strict=True)
+                ]
+                appended = await store.append(batch)
+                assert len(appended.seqs) == len(batch)
+                expected += [
+                    new.persisted(seq, appended.created_at)
+                    for new, seq in zip(batch, appended.seqs, strict=True)
+                ]
+            got: list[Event] = []
+            position = 0
+            for turn in range(len(expected) + 1):
+                limit = page_sizes[turn % len(page_sizes)]
+                page = await store.read(position, limit)
+                assert len(page) <= limit
+                if not page:
+                    break
+                got += page
+                position = page[-1].seq
+            assert got == expected
+            assert await store.head() == (expected[-1].seq if expected else 0)
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def make_events(count: int, event_type: str = "test.event") -> list[NewEvent]:
+    """Return ``count`` new events of one type, with data ``{"n": 0}``, ``{"n": 1}``..."""
+    ids = new_ids(count)
+    return [encode(event_type, {"n": n}, None, ids[n]) for n in range(count)]
+
+
+async def read_all(store: Store, *, after: int = 0, limit: int = 1000) -> list[Event]:
+    """Read every event after ``after``, ``limit`` at a time."""
+    events: list[Event] = []
+    while page := await store.read(after, limit):
+        events += page
+        after = page[-1].seq
+    return events
+
+
+def assert_increasing(seqs: Sequence[int]) -> None:
+    """Fail unless ``seqs`` is strictly increasing."""
+    for earlier, later in itertools.pairwise(seqs):
+        assert earlier < later, f"sequence numbers not increasing: {earlier} then {later}"
+
+
+async def cancel_after_checkpoints(scope: trio.CancelScope, count: int) -> None:
+    """Cancel ``scope`` once this task has passed ``count`` checkpoints."""
+    for _ in range(count):
+        await trio.lowlevel.checkpoint()
+    scope.cancel()
