@@ -105,7 +105,7 @@ class ConsumerRunner:
     async def _save_position(self, state: ConsumerState) -> None:
         if state.position > state.committed:
             try:
-                await self._commit(state)
+                await self.cursors.commit(state)
             except StoreError as exc:
                 logger.warning(
                     "consumer %r could not commit its cursor (%s); it will replay from %d",
@@ -120,7 +120,9 @@ class ConsumerRunner:
         if cursor is None:
             cursor = 0 if spec.start == "earliest" else await self.store.head()
             await self.store.commit_cursors({spec.name: cursor})
-        state.position = state.committed = cursor
+        state.position = state.committed = state.requested = cursor
+        state.committed_processed = state.requested_processed = state.processed
+        state.cursor_error = None
         state.attached = True
         task_status.started()
         await self._catch_up(state)
@@ -134,7 +136,7 @@ class ConsumerRunner:
                     continue
                 # Idle: make the position durable before waiting.
                 if state.position > state.committed:
-                    await self._commit(state)
+                    await self.cursors.commit(state)
                 batch = await receive.receive()
             state.buffered -= len(batch.events)
             if batch.upto <= state.position:
@@ -188,11 +190,18 @@ class ConsumerRunner:
 
         Handlers run shielded: an outside cancellation never interrupts one
         mid-event. Stopping sets a deadline on the shield (the grace period).
+
+        Cursor commits are requested every ``commit_every // 2`` handled
+        events without waiting; the consumer waits for one only before it
+        would hold ``commit_every`` handled events that are not durable, which
+        is what bounds redelivery after a crash.
         """
         spec = state.spec
         handler = spec.handler
         types = spec.types
         commit_every = spec.commit_every
+        request_every = max(commit_every // 2, 1)
+        cursors = self.cursors
         with trio.CancelScope(shield=True, deadline=self.stop_deadline) as scope:
             state.handler_scope = scope
             for event in events:
@@ -202,28 +211,30 @@ class ConsumerRunner:
                 if self.stopping:
                     break
                 if types is None or event.type in types:
+                    if state.processed - state.committed_processed >= commit_every:
+                        cursors.request(state, state.position)
+                        await cursors.wait_durable(state, state.position)
                     state.in_flight = seq
                     try:
                         await handler(event)
                     except Exception as exc:
                         raise HandlerFailed(event, exc) from exc
                     state.processed += 1
-                    state.uncommitted += 1
-                state.position = seq
-                if state.uncommitted >= commit_every:
-                    await self._commit(state)
+                    state.position = seq
+                    if state.processed - state.requested_processed >= request_every:
+                        state.committed_at = trio.current_time()
+                        cursors.request(state, seq)
+                else:
+                    state.position = seq
             else:
                 state.in_flight = None
                 if upto > state.position:
                     state.position = upto
-                if trio.current_time() - state.committed_at >= self.commit_interval:
-                    await self._commit(state)
+                now = trio.current_time()
+                if now - state.committed_at >= self.commit_interval:
+                    state.committed_at = now
+                    cursors.request(state, state.position)
         state.handler_scope = None
         if self.stopping:
             # Leave the rest to the stop sequence, which cancels this task.
             await trio.sleep_forever()
-
-    async def _commit(self, state: ConsumerState) -> None:
-        state.uncommitted = 0
-        state.committed_at = trio.current_time()
-        await self.cursors.commit(state, state.position)

@@ -1,4 +1,4 @@
-"""Durable cursor commits, grouped across consumers."""
+"""Durable cursor commits, grouped across consumers and pipelined with handling."""
 
 from __future__ import annotations
 
@@ -9,42 +9,50 @@ from ._state import ConsumerState
 from .stores._base import Store
 
 
-@attrs.define(eq=False, slots=True)
-class _Round:
-    """One store write and everyone waiting on it."""
-
-    done: trio.Event = attrs.Factory(trio.Event)
-    error: BaseException | None = None
-
-
 @attrs.define(eq=False)
 class CursorWriter:
-    """Commits consumers' cursors, coalescing concurrent requests into one write.
+    """Commits consumers' cursors, many consumers in one store write.
 
-    Consumers ask for a commit and wait for it; every request waiting when a
-    write starts is carried by that write, so many consumers committing at
-    once cost one store transaction.
+    A consumer *requests* a commit without waiting and keeps handling events;
+    it waits (`wait_durable`) only when waiting is what keeps its redelivery
+    bound: before it would have more than ``commit_every`` handled events
+    that are not yet durable. Every request pending when a write starts is
+    carried by that write.
     """
 
     store: Store
-    _pending: dict[str, tuple[ConsumerState, int]] = attrs.Factory(dict)
+    _pending: dict[str, tuple[ConsumerState, int, int]] = attrs.Factory(dict)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
-    _round: _Round = attrs.Factory(_Round)
-    #: Woken after every successful write (wait_idle waits on it).
+    #: Woken after every write, successful or not.
     changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
-    async def commit(self, state: ConsumerState, seq: int) -> None:
-        """Durably record ``seq`` as the consumer's cursor.
+    def request(self, state: ConsumerState, seq: int) -> None:
+        """Ask for ``seq`` (the consumer's position) to become its durable cursor."""
+        if seq <= state.requested:
+            return
+        state.requested = seq
+        state.requested_processed = state.processed
+        self._pending[state.spec.name] = (state, seq, state.processed)
+        self._wakeup.set()
+
+    async def wait_durable(self, state: ConsumerState, seq: int) -> None:
+        """Wait until the consumer's durable cursor is at ``seq`` or beyond.
 
         Raises:
-            StoreError: The write failed; the cursor stays where it was.
+            StoreError: The write carrying it failed; the consumer should
+                restart from the cursor the store holds.
         """
-        self._pending[state.spec.name] = (state, seq)
-        this_round = self._round
-        self._wakeup.set()
-        await this_round.done.wait()
-        if this_round.error is not None:
-            raise this_round.error
+        await trio.lowlevel.checkpoint()
+        while state.committed < seq:
+            if state.cursor_error is not None:
+                error, state.cursor_error = state.cursor_error, None
+                raise error
+            await self.changed.park()
+
+    async def commit(self, state: ConsumerState) -> None:
+        """Make the consumer's current position durable, and wait for it."""
+        self.request(state, state.position)
+        await self.wait_durable(state, state.position)
 
     async def commit_now(self, states: list[ConsumerState]) -> None:
         """Write the given consumers' positions directly (the final flush)."""
@@ -61,14 +69,17 @@ class CursorWriter:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             batch, self._pending = self._pending, {}
-            this_round, self._round = self._round, _Round()
             try:
-                await self.store.commit_cursors({name: seq for name, (_, seq) in batch.items()})
+                await self.store.commit_cursors({name: seq for name, (_, seq, _) in batch.items()})
             except Exception as exc:
-                this_round.error = exc
-                this_round.done.set()
-                continue
-            for state, seq in batch.values():
-                state.committed = max(state.committed, seq)
-            this_round.done.set()
+                for state, _, _ in batch.values():
+                    state.cursor_error = exc
+                    # Let the next request carry this position again.
+                    state.requested = state.committed
+                    state.requested_processed = state.committed_processed
+            else:
+                for state, seq, processed in batch.values():
+                    if seq > state.committed:
+                        state.committed = seq
+                        state.committed_processed = processed
             self.changed.unpark_all()

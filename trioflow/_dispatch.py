@@ -168,10 +168,13 @@ class Dispatcher:
         if appended.after > self.head:
             # Others appended since our last look: fan theirs out first.
             await self._fan_out_from_store(until=appended.after)
-        created_at = appended.created_at
-        persisted = [
-            new.persisted(seq, created_at) for new, seq in zip(events, appended.seqs, strict=True)
-        ]
+        persisted = appended.events
+        if persisted is None:
+            created_at = appended.created_at
+            persisted = [
+                new.persisted(seq, created_at)
+                for new, seq in zip(events, appended.seqs, strict=True)
+            ]
         self._fan_out(self.head, persisted)
 
     async def _fan_out_from_store(self, *, until: float) -> None:

@@ -122,7 +122,10 @@ def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> 
             "such as PostgreSQL cannot keep; remove it or encode the value (base64, say)"
         )
     decoded = _decode(payload)
-    if not _same_keys(data, decoded):
+    # Equal means nothing changed on the way through JSON (the common case,
+    # checked in C); only when they differ is it worth finding out whether
+    # the difference is harmless (tuples) or not (non-str keys).
+    if decoded != data and not _same_keys(data, decoded):
         raise InvalidEventError(
             f"data of event {event_type!r} has dict keys that are not str; JSON would turn "
             "them into strings and a replay would differ from live delivery: use str keys"
@@ -163,11 +166,11 @@ def encode_many(items: Iterable[Sequence[Any]]) -> list[NewEvent]:
     ids = new_ids(len(materialised))
     out: list[NewEvent] = []
     for index, item in enumerate(materialised):
-        if (
-            isinstance(item, str | bytes)
-            or not isinstance(item, Sequence)
-            or not 1 <= len(item) <= 3
+        if type(item) is not tuple and (
+            isinstance(item, str | bytes) or not isinstance(item, Sequence)
         ):
+            item = ()  # refused just below
+        if not 1 <= len(item) <= 3:
             raise InvalidEventError(
                 f"item {index} of publish_many must be a (type, data) or (type, data, key) "
                 f"tuple, got {item!r}"

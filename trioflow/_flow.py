@@ -228,10 +228,16 @@ class Flow:
 
     async def _watch(self) -> None:
         """Learn of events appended by other processes or flows on the store."""
+        store, dispatcher = self._app.store, self._dispatcher
         while True:
-            await self._app.store.wait_for_append(self._dispatcher.head)
-            self._dispatcher.request_poll()
-            await self._dispatcher.wait_polled()
+            await store.wait_for_append(dispatcher.head)
+            # The flow's own appends wake the store's waiters too; by now the
+            # dispatcher has usually fanned them out. Ask it to read the store
+            # only for events it has not seen, so it is not held up by empty
+            # reads between group commits.
+            if await store.head() > dispatcher.head:
+                dispatcher.request_poll()
+                await dispatcher.wait_polled()
 
     async def _stop(self) -> None:
         grace = self._app.shutdown_grace

@@ -34,8 +34,13 @@ class ConsumerState:
     buffered: int = 0
     #: False while it is too far behind to be fed live (bounded mode).
     attached: bool = True
-    #: Events handled since the last cursor commit was requested.
-    uncommitted: int = 0
+    #: ``processed`` when the position now durable was reached.
+    committed_processed: int = 0
+    #: The latest position asked of the cursor writer, and ``processed`` then.
+    requested: int = 0
+    requested_processed: int = 0
+    #: A failed cursor write, for the consumer to raise when it next waits.
+    cursor_error: BaseException | None = None
     #: trio.current_time() of the last cursor commit request.
     committed_at: float = 0.0
     processed: int = 0

@@ -48,11 +48,15 @@ class Appended:
             sequence number up to ``after`` was committed before the batch.
         seqs: The sequence numbers given to the batch's events, in order.
         created_at: The commit time recorded for every event of the batch.
+        events: The batch as `Event`s, if the store built them (optional).
     """
 
     after: int
     seqs: Sequence[int]
     created_at: datetime.datetime
+    #: The batch as `Event`s, when the store built them anyway (else None:
+    #: the runtime builds them from the `NewEvent`s and ``seqs``).
+    events: Sequence[Event] | None = None
 
 
 class Store(abc.ABC):

@@ -36,13 +36,17 @@ class MemoryStore(Store):
         await trio.lowlevel.checkpoint()
         after = len(self._events)
         now = datetime.datetime.now(datetime.UTC)
-        self._events.extend(
-            new.persisted(seq, now) for seq, new in enumerate(events, start=after + 1)
-        )
+        batch = [new.persisted(seq, now) for seq, new in enumerate(events, start=after + 1)]
+        self._events.extend(batch)
         if events:
             self._appended.set()
             self._appended = trio.Event()
-        return Appended(after=after, seqs=range(after + 1, after + 1 + len(events)), created_at=now)
+        return Appended(
+            after=after,
+            seqs=range(after + 1, after + 1 + len(events)),
+            created_at=now,
+            events=batch,
+        )
 
     async def read(self, after: int, limit: int) -> Sequence[Event]:
         await trio.lowlevel.checkpoint()

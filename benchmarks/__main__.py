@@ -1,0 +1,185 @@
+"""The command line: ``python -m benchmarks run WORKLOAD [options]``, ``python -m benchmarks list``.
+
+Progress goes to stderr, one line per run of a case; the results table goes
+to stdout; ``--json FILE`` saves every figure with the machine and command.
+Exit status: 0 done, 1 a correctness check failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._harness import (
+    BenchmarkFailed,
+    Options,
+    Workload,
+    positive_float,
+    positive_int,
+    run_cases,
+    select_cases,
+)
+from ._report import Report, machine_info, utc_now
+from ._stores import STORES
+
+#: Every workload, by name: the module whose ``WORKLOAD`` defines it. A module
+#: that needs an optional package (a peer's client) imports it in its cases,
+#: so that listing the workloads never requires it.
+WORKLOADS: dict[str, str] = {
+    "fanout": "benchmarks.fanout",
+}
+
+
+def load_workload(name: str) -> Workload:
+    """Import the workload ``name`` from `WORKLOADS`."""
+    workload = importlib.import_module(WORKLOADS[name]).WORKLOAD
+    if not isinstance(workload, Workload) or workload.name != name:
+        raise TypeError(f"{WORKLOADS[name]}.WORKLOAD is not the Workload named {name!r}")
+    return workload
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        action="append",
+        choices=sorted(STORES),
+        help="store to run the trioflow cases on; repeat for several (default: memory)",
+    )
+    parser.add_argument(
+        "--events",
+        type=positive_int,
+        default=100_000,
+        metavar="N",
+        help="events per run of each case (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--consumers",
+        type=positive_int,
+        default=4,
+        metavar="K",
+        help="consumers per flow (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=3,
+        metavar="R",
+        help="runs of each case; the table shows medians (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--case",
+        action="append",
+        metavar="ID",
+        help="run only this case (repeatable); the reference case always runs",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="fail a run that takes longer than this (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE",
+        help="also write every figure, the machine and the command to FILE",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for ``python -m benchmarks``, with every workload's own options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmarks for trioflow, measured against in-process baselines.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("list", help="list the workloads and stores")
+    run = commands.add_parser("run", help="run a workload and print its results table")
+    workloads = run.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
+    for name in WORKLOADS:
+        workload = load_workload(name)
+        sub = workloads.add_parser(name, help=workload.summary, description=workload.summary)
+        _add_common_arguments(sub)
+        workload.add_arguments(sub)
+    return parser
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: this process's); return the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    if args.command == "list":
+        print("workloads:")
+        for name in WORKLOADS:
+            print(f"  {name:14} {load_workload(name).summary}")
+        print("stores:")
+        for kind in STORES.values():
+            reason = kind.unavailable()
+            print(
+                f"  {kind.name:14} {kind.summary}" + (f" [unavailable: {reason}]" if reason else "")
+            )
+        return 0
+
+    workload = load_workload(args.workload)
+    stores = [STORES[name] for name in dict.fromkeys(args.store or ["memory"])]
+    for kind in stores:
+        reason = kind.unavailable()
+        if reason is not None:
+            parser.error(f"store {kind.name!r} is unavailable: {reason}")
+    options = Options(
+        events=args.events,
+        consumers=args.consumers,
+        repeat=args.repeat,
+        stores=stores,
+        timeout=args.timeout,
+    )
+    try:
+        cases = select_cases(workload.cases(options, args), args.case)
+    except ValueError as exc:
+        parser.error(str(exc))
+    command = shlex.join(["python", "-m", "benchmarks", *arguments])
+    started_at = utc_now()
+    _progress(
+        f"{command}: {len(cases)} cases x {options.repeat} runs, "
+        f"N={options.events:,}, K={options.consumers}"
+    )
+    try:
+        results = run_cases(workload, cases, repeat=options.repeat, progress=_progress)
+    except BenchmarkFailed as exc:
+        _progress(f"BENCHMARK FAILED: {exc}")
+        return 1
+    report = Report(
+        workload=workload.name,
+        command=command,
+        started_at=started_at,
+        options={
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()
+            if key not in ("command", "workload")
+        }
+        | {"store": [kind.name for kind in stores]},
+        metrics=workload.metrics,
+        ratio_metric=workload.ratio_metric,
+        ratio_label=workload.ratio_label,
+        results=results,
+        machine=machine_info(),
+    )
+    print(report.table(), flush=True)
+    if args.json is not None:
+        report.write_json(args.json)
+        _progress(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""What every workload is made of, and how its cases are run and repeated.
+
+A `Workload` turns the command-line options into a list of `Case` values. A
+case is one thing to time: its ``run`` builds fresh state, measures, checks
+that nothing was lost, and returns its figures. `run_cases` runs every case
+``repeat`` times, interleaved (case A, B, C, then A, B, C again) so that
+drift of the machine during the run affects every case alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+
+from ._report import CaseResult, Metric
+from ._stores import StoreKind
+
+
+class BenchmarkFailed(Exception):
+    """A case did not do what it measured: events lost, duplicated, reordered, or late.
+
+    Its figures mean nothing; the run stops with this message.
+    """
+
+
+@attrs.frozen(kw_only=True)
+class Options:
+    """The options every workload takes (``python -m benchmarks run --help``).
+
+    Attributes:
+        events: Events (N) per run of a case.
+        consumers: Consumers (K) per flow.
+        repeat: Runs of each case; the table shows medians.
+        stores: The stores to run the store-backed cases on.
+        timeout: Seconds one run may take before it counts as failed.
+    """
+
+    events: int
+    consumers: int
+    repeat: int
+    stores: Sequence[StoreKind]
+    timeout: float
+
+
+@attrs.frozen(kw_only=True)
+class Case:
+    """One measurement, repeated ``--repeat`` times.
+
+    Attributes:
+        id: Short and stable: what ``--case`` selects and the table shows.
+        description: What it does, in a sentence.
+        store: The store kind it runs on, or None for a baseline.
+        consumers: Consumers (or receiving tasks) it feeds.
+        events: Events published (or objects sent) per run.
+        run: Does one run and returns its figures by metric key; raises
+            `BenchmarkFailed` if the run's correctness check fails.
+        params: Its other settings, recorded in the JSON file.
+        reference: The baseline the ratios are taken against (one per workload).
+    """
+
+    id: str
+    description: str
+    store: str | None
+    consumers: int
+    events: int
+    run: Callable[[], Mapping[str, float]]
+    params: Mapping[str, object] = attrs.field(factory=dict)
+    reference: bool = False
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an int >= 1 (``100_000`` is accepted)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A workload with no options of its own."""
+
+
+@attrs.frozen(kw_only=True)
+class Workload:
+    """A kind of benchmark: ``python -m benchmarks run NAME``.
+
+    Attributes:
+        name: What the command line calls it.
+        summary: One line for ``--help``.
+        metrics: The figures its table shows, in column order.
+        ratio_metric: The figure whose ratio to the reference case is shown.
+        ratio_label: The header of that ratio's column.
+        cases: Builds the cases to run from the common options and the
+            parsed command line (for the workload's own options).
+        add_arguments: Adds the workload's own options to its parser.
+    """
+
+    name: str
+    summary: str
+    metrics: Sequence[Metric]
+    ratio_metric: str
+    ratio_label: str
+    cases: Callable[[Options, argparse.Namespace], Sequence[Case]]
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+
+
+def select_cases(cases: Sequence[Case], wanted: Sequence[str] | None) -> list[Case]:
+    """Keep the cases named in ``wanted`` (all if None), and always the reference.
+
+    Raises:
+        ValueError: A name in ``wanted`` is not one of the cases' ids.
+    """
+    if wanted is None:
+        return list(cases)
+    known = {case.id for case in cases}
+    unknown = sorted(set(wanted) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown case {', '.join(unknown)}; this workload has: {', '.join(sorted(known))}"
+        )
+    return [case for case in cases if case.reference or case.id in wanted]
+
+
+class _GCTimer:
+    """Adds up the time the garbage collector runs, while in the ``with`` block.
+
+    Trio programs allocate heavily; this shows how much of a run was
+    collection pauses (``gc_s`` in the JSON file), which grow with the heap.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: Mapping[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def __enter__(self) -> _GCTimer:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def run_cases(
+    workload: Workload,
+    cases: Sequence[Case],
+    *,
+    repeat: int,
+    progress: Callable[[str], None],
+) -> list[CaseResult]:
+    """Run every case ``repeat`` times, interleaved; report each run to ``progress``.
+
+    Raises:
+        BenchmarkFailed: A run's correctness check failed.
+    """
+    runs: list[list[Mapping[str, float]]] = [[] for _ in cases]
+    # The cases' inputs (events built in advance) live through every run: keep
+    # them out of the collector's way, so that a run pays only for its own heap.
+    gc.collect()
+    gc.freeze()
+    try:
+        total = repeat * len(cases)
+        done = 0
+        for attempt in range(1, repeat + 1):
+            for case, case_runs in zip(cases, runs, strict=True):
+                # Garbage left by the previous run is not this run's cost.
+                gc.collect()
+                with _GCTimer() as collecting:
+                    figures = {**case.run(), "gc_s": collecting.seconds}
+                case_runs.append(figures)
+                done += 1
+                shown = "  ".join(
+                    f"{metric.label} {figures[metric.key]:,.{metric.decimals}f}"
+                    for metric in workload.metrics
+                )
+                progress(
+                    f"[{done}/{total}] {workload.name} {case.id} ({case.store or 'no store'}, "
+                    f"K={case.consumers}, N={case.events:,}) run {attempt}/{repeat}: {shown}"
+                )
+    finally:
+        gc.unfreeze()
+    return [
+        CaseResult(
+            case=case.id,
+            description=case.description,
+            store=case.store,
+            consumers=case.consumers,
+            events=case.events,
+            params=case.params,
+            reference=case.reference,
+            runs=case_runs,
+        )
+        for case, case_runs in zip(cases, runs, strict=True)
+    ]

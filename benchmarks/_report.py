@@ -1,0 +1,247 @@
+"""Results: the table printed on stdout, the JSON file, the machine they came from."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import attrs
+
+#: Bumped when the JSON layout changes incompatibly, so plotting scripts can tell.
+JSON_FORMAT = 1
+
+
+@attrs.frozen(kw_only=True)
+class Metric:
+    """One figure a workload measures on every run of a case.
+
+    Attributes:
+        key: Its name in the JSON file, such as ``"delivered_per_s"``.
+        label: Its column header in the results table.
+        unit: What it counts, such as ``"events/s"``.
+        decimals: Digits after the point in the table.
+    """
+
+    key: str
+    label: str
+    unit: str
+    decimals: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class CaseResult:
+    """Every run of one case, and what was measured on each.
+
+    Attributes:
+        case: The case's short id, as ``--case`` selects it.
+        description: What the case does, in a sentence.
+        store: The store it ran on, or None for a baseline with no store.
+        consumers: Consumers (or receiving tasks) fed by the case.
+        events: Events published (or objects sent) per run.
+        params: The case's other settings, for the JSON file.
+        reference: Whether this is the baseline the ratios are taken against.
+        runs: One mapping of metric key to value per run, in run order.
+    """
+
+    case: str
+    description: str
+    store: str | None
+    consumers: int
+    events: int
+    params: Mapping[str, object]
+    reference: bool
+    runs: Sequence[Mapping[str, float]]
+
+    def figures(self) -> list[str]:
+        """The figures measured on every run, sorted."""
+        if not self.runs:
+            return []
+        return sorted(set(self.runs[0]).intersection(*self.runs[1:]))
+
+    def median(self, key: str) -> float:
+        """The median over the runs of the figure ``key``."""
+        return float(statistics.median(run[key] for run in self.runs))
+
+
+@attrs.frozen(kw_only=True)
+class Report:
+    """What one ``python -m benchmarks run`` measured, ready to print or save.
+
+    Attributes:
+        workload: The workload's name.
+        command: The command line that produced it, as typed.
+        started_at: When the run started, ISO 8601 in UTC.
+        options: Every option the run used (defaults included).
+        metrics: The figures shown in the table, in column order.
+        ratio_metric: The figure whose ratio to the reference case is shown.
+        ratio_label: The ratio column's header.
+        results: One entry per case, in the order the cases ran.
+        machine: Where it ran (see `machine_info`).
+    """
+
+    workload: str
+    command: str
+    started_at: str
+    options: Mapping[str, object]
+    metrics: Sequence[Metric]
+    ratio_metric: str
+    ratio_label: str
+    results: Sequence[CaseResult]
+    machine: Mapping[str, object]
+
+    @property
+    def reference(self) -> CaseResult | None:
+        """The baseline case the ratios are taken against, if it ran."""
+        return next((result for result in self.results if result.reference), None)
+
+    def ratio(self, result: CaseResult, key: str) -> float | None:
+        """The median of ``key`` for ``result`` over that of the reference case."""
+        reference = self.reference
+        if reference is None:
+            return None
+        base = reference.median(key)
+        return result.median(key) / base if base else None
+
+    def table(self) -> str:
+        """The results as a Markdown table: medians, and the ratio to the baseline."""
+        header = ["case", "store", "K", "N", *(m.label for m in self.metrics), self.ratio_label]
+        rows = [header]
+        for result in self.results:
+            ratio = self.ratio(result, self.ratio_metric)
+            rows.append(
+                [
+                    result.case,
+                    result.store or "-",
+                    str(result.consumers),
+                    f"{result.events:,}",
+                    *(f"{result.median(m.key):,.{m.decimals}f}" for m in self.metrics),
+                    "-" if ratio is None else f"{ratio:.2f}",
+                ]
+            )
+        # Markdown wants three characters in every cell of the rule below the header.
+        widths = [max(3, *(len(row[i]) for row in rows)) for i in range(len(header))]
+        # Text columns left-aligned, figures right-aligned (as Markdown's "---:").
+        left = {0, 1}
+        lines = []
+        for index, row in enumerate(rows):
+            cells = [
+                cell.ljust(width) if i in left else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+            if index == 0:
+                rules = [
+                    "-" * width if i in left else "-" * (width - 1) + ":"
+                    for i, width in enumerate(widths)
+                ]
+                lines.append("| " + " | ".join(rules) + " |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, object]:
+        """Every figure of every run, the medians and ratios, and where it ran."""
+        return {
+            "format": JSON_FORMAT,
+            "workload": self.workload,
+            "command": self.command,
+            "started_at": self.started_at,
+            "options": dict(self.options),
+            "machine": dict(self.machine),
+            "metrics": [attrs.asdict(metric) for metric in self.metrics],
+            "ratio_metric": self.ratio_metric,
+            "reference_case": None if self.reference is None else self.reference.case,
+            "results": [
+                {
+                    "case": result.case,
+                    "description": result.description,
+                    "store": result.store,
+                    "consumers": result.consumers,
+                    "events": result.events,
+                    "params": dict(result.params),
+                    "reference": result.reference,
+                    "runs": [dict(run) for run in result.runs],
+                    "median": {key: result.median(key) for key in result.figures()},
+                    "ratio_to_reference": {
+                        key: self.ratio(result, key)
+                        for key in result.figures()
+                        if self.reference is not None and key in self.reference.figures()
+                    },
+                }
+                for result in self.results
+            ],
+        }
+
+    def write_json(self, path: Path) -> None:
+        """Write `to_json` to ``path`` (its directory is created if missing)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC, to the second."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def machine_info() -> dict[str, object]:
+    """Describe this machine and software, so figures can be compared across runs.
+
+    Nothing identifying is recorded: no host name, user or file path.
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    return {
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "trio": _version("trio"),
+        "trioflow": _version("trioflow"),
+        "attrs": _version("attrs"),
+        "sqlite": sqlite3.sqlite_version,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(affinity(0)) if affinity is not None else os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "git_revision": _git_revision(),
+    }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                return value.strip()
+    return platform.processor() or None
+
+
+def _git_revision() -> str | None:
+    """The checkout's commit, with ``+dirty`` if it has uncommitted changes; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return revision + ("+dirty" if dirty else "")

@@ -1,0 +1,486 @@
+"""The fan-out workload: how fast trioflow persists events and delivers them to K consumers.
+
+Cases (``--case`` selects by id; ``raw`` always runs, the ratios need it):
+
+``raw`` (the reference)
+    The in-process ceiling: one task sends N pre-built events, one
+    ``await send.send(event)`` at a time, into K unbounded trio memory
+    channels; K tasks receive them and call the same handler the trioflow
+    consumers use.
+``raw-batch``
+    The same, sending lists of ``--batch-size`` events: what batching buys.
+``publish-many``
+    trioflow: one task calls ``publish_many`` with ``--batch-size`` events at
+    a time; K consumers with no-op handlers commit their cursors every
+    ``--commit-every`` events.
+``publish-many-commit1``
+    The same with ``commit_every=1``: a cursor commit after every event.
+``publish-tasks``
+    ``--publishers`` tasks each call ``publish`` one event at a time (trioflow
+    groups concurrent calls into one store transaction).
+
+Figures: publish ev/s is N over the time from the first publish (send) until
+the last one returned; delivered ev/s is K*N over the time from the first
+publish until every consumer had handled, and committed, all N events
+(``await flow.wait_idle()``). Every run then checks that each consumer
+handled exactly sequence numbers 1..N, in order, and that its committed
+cursor is N; otherwise the benchmark fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from time import perf_counter
+from typing import TypeVar
+
+import attrs
+import trio
+
+import trioflow
+from trioflow.stores import Store
+
+from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int
+from ._report import Metric
+from ._stores import StoreKind
+
+#: The type of every event published.
+EVENT_TYPE = "bench.fanout"
+#: Size of each event's data, encoded as compact JSON.
+DATA_BYTES = 200
+
+Data = dict[str, object]
+#: One run's figures, by metric key.
+Figures = Mapping[str, float]
+T = TypeVar("T")
+
+
+class Tally:
+    """A consumer's no-op handler that also notes what it was given.
+
+    The raw-channel baseline calls the very same handler, so the ratios
+    measure trioflow's machinery, not the handler.
+    """
+
+    __slots__ = ("count", "last", "out_of_order")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = 0
+        self.out_of_order = 0
+
+    async def handle(self, event: trioflow.Event) -> None:
+        """Count ``event`` and check it directly follows the previous one."""
+        seq = event.seq
+        if seq != self.last + 1:
+            self.out_of_order += 1
+        self.last = seq
+        self.count += 1
+
+
+def check_tallies(tallies: Sequence[Tally], events: int, *, what: str) -> None:
+    """Raise `BenchmarkFailed` unless every tally saw exactly seqs 1..``events`` in order."""
+    problems = [
+        f"consumer {index} handled {tally.count:,} events ending at seq {tally.last:,} "
+        f"with {tally.out_of_order:,} out of order"
+        for index, tally in enumerate(tallies)
+        if tally.count != events or tally.last != events or tally.out_of_order
+    ]
+    if problems:
+        raise BenchmarkFailed(
+            f"{what}: expected every consumer to handle seqs 1..{events:,} in order, but "
+            + "; ".join(problems)
+        )
+
+
+def make_data(count: int) -> list[Data]:
+    """``count`` distinct order-like JSON objects of `DATA_BYTES` bytes each."""
+    out: list[Data] = []
+    for index in range(count):
+        data: Data = {
+            "order": index + 1,
+            "customer": f"customer-{index % 9973:05d}",
+            "currency": "EUR",
+            "total_cents": 1999 + index % 5000,
+            "items": [
+                {"sku": f"sku-{index % 1000:05d}", "qty": 1 + index % 3, "price_cents": 1999},
+                {"sku": f"sku-{(index * 7) % 1000:05d}", "qty": 1, "price_cents": 499},
+            ],
+            "note": "",
+        }
+        size = len(json.dumps(data, separators=(",", ":")))
+        data["note"] = "x" * max(DATA_BYTES - size, 0)
+        out.append(data)
+    return out
+
+
+def make_events(data: Sequence[Data]) -> list[trioflow.Event]:
+    """The events the raw-channel baseline sends: seqs 1..N, as trioflow would deliver them."""
+    now = datetime.datetime.now(datetime.UTC)
+    return [
+        trioflow.Event(
+            seq=seq, id=uuid.UUID(int=seq), type=EVENT_TYPE, data=item, key=None, created_at=now
+        )
+        for seq, item in enumerate(data, start=1)
+    ]
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+# --- the raw-channel baselines ---------------------------------------------------------
+
+
+async def _receive_each(
+    receive: trio.MemoryReceiveChannel[trioflow.Event],
+    tally: Tally,
+    count: int,
+    finished: list[float],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    task_status.started()
+    handle = tally.handle
+    for _ in range(count):
+        await handle(await receive.receive())
+    finished.append(perf_counter())
+
+
+async def _receive_batches(
+    receive: trio.MemoryReceiveChannel[Sequence[trioflow.Event]],
+    tally: Tally,
+    count: int,
+    finished: list[float],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    task_status.started()
+    handle = tally.handle
+    received = 0
+    while received < count:
+        batch = await receive.receive()
+        for event in batch:
+            await handle(event)
+        received += len(batch)
+    finished.append(perf_counter())
+
+
+async def _raw_each(events: Sequence[trioflow.Event], tallies: Sequence[Tally]) -> Figures:
+    finished: list[float] = []
+    sends: list[trio.MemorySendChannel[trioflow.Event]] = []
+    async with trio.open_nursery() as nursery:
+        for tally in tallies:
+            send, receive = trio.open_memory_channel[trioflow.Event](math.inf)
+            sends.append(send)
+            await nursery.start(_receive_each, receive, tally, len(events), finished)
+        started = perf_counter()
+        for event in events:
+            for send in sends:
+                await send.send(event)
+        published = perf_counter()
+    check_tallies(tallies, len(events), what="raw channels")
+    return _figures(len(events), len(tallies), started, published, max(finished))
+
+
+async def _raw_batches(
+    batches: Sequence[Sequence[trioflow.Event]], tallies: Sequence[Tally]
+) -> Figures:
+    events = sum(len(batch) for batch in batches)
+    finished: list[float] = []
+    sends: list[trio.MemorySendChannel[Sequence[trioflow.Event]]] = []
+    async with trio.open_nursery() as nursery:
+        for tally in tallies:
+            send, receive = trio.open_memory_channel[Sequence[trioflow.Event]](math.inf)
+            sends.append(send)
+            await nursery.start(_receive_batches, receive, tally, events, finished)
+        started = perf_counter()
+        for batch in batches:
+            for send in sends:
+                await send.send(batch)
+        published = perf_counter()
+    check_tallies(tallies, events, what="raw channels, batched")
+    return _figures(events, len(tallies), started, published, max(finished))
+
+
+# --- trioflow ---------------------------------------------------------------------------
+
+
+async def _publish_each(flow: trioflow.Flow, data: Sequence[Data]) -> None:
+    for item in data:
+        await flow.publish(EVENT_TYPE, item)
+
+
+async def _flow_run(
+    store: Store,
+    variant: _FlowVariant,
+    tallies: Sequence[Tally],
+    what: str,
+) -> Figures:
+    """One run: publish as ``variant`` says, to one consumer per tally."""
+    events = variant.events
+    # Stopping is not measured (only recorded as stop_s); a short grace keeps a
+    # run quick should stopping wait out its grace period.
+    app = trioflow.App(store, commit_every=variant.commit_every, shutdown_grace=1.0)
+    for index, tally in enumerate(tallies):
+        app.consumer(f"consumer-{index}")(tally.handle)
+    async with trioflow.open_flow(app) as flow:
+        started = perf_counter()
+        if variant.batches:
+            for batch in variant.batches:
+                await flow.publish_many(batch)
+        else:
+            async with trio.open_nursery() as nursery:
+                for share in variant.shares:
+                    nursery.start_soon(_publish_each, flow, share)
+        published = perf_counter()
+        await flow.wait_idle()
+        delivered = perf_counter()
+        statistics = flow.statistics()
+    stopped = perf_counter()
+    check_tallies(tallies, events, what=what)
+    cursors = {name: c.cursor for name, c in statistics.consumers.items()}
+    if statistics.published != events or any(cursor != events for cursor in cursors.values()):
+        raise BenchmarkFailed(
+            f"{what}: published {statistics.published:,} of {events:,} events; "
+            f"committed cursors {cursors}, expected {events:,} each"
+        )
+    return {
+        **_figures(events, len(tallies), started, published, delivered),
+        "stop_s": stopped - delivered,
+    }
+
+
+def _run_within(
+    seconds: float,
+    tallies: Sequence[Tally],
+    events: int,
+    what: str,
+    run: Callable[[], Awaitable[Figures]],
+) -> Figures:
+    """``trio.run(run)``, failing the benchmark if it takes longer than ``seconds``.
+
+    Without a deadline, a flow that lost an event would wait for it forever.
+    """
+
+    async def main() -> Figures | None:
+        with trio.move_on_after(seconds):
+            return await run()
+        return None
+
+    figures = trio.run(main)
+    if figures is None:
+        what = f"{what} timed out after {seconds:g}s"
+        check_tallies(tallies, events, what=what)
+        raise BenchmarkFailed(f"{what}, though every consumer handled every event")
+    return figures
+
+
+def _figures(
+    events: int, consumers: int, started: float, published: float, delivered: float
+) -> Figures:
+    return {
+        "publish_s": published - started,
+        "delivered_s": delivered - started,
+        "publish_per_s": events / (published - started),
+        "delivered_per_s": consumers * events / (delivered - started),
+    }
+
+
+# --- the cases --------------------------------------------------------------------------
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="B",
+        default=1000,
+        help="events per publish_many call, and per list in raw-batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--commit-every",
+        type=positive_int,
+        metavar="C",
+        default=100,
+        help="the consumers' commit_every, except in publish-many-commit1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--publishers",
+        type=positive_int,
+        metavar="P",
+        default=64,
+        help="concurrent tasks calling publish() in publish-tasks (default: %(default)s)",
+    )
+
+
+def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
+    batch_size: int = args.batch_size
+    commit_every: int = args.commit_every
+    publishers: int = args.publishers
+    n, k, timeout = options.events, options.consumers, options.timeout
+    data = make_data(n)
+    events = make_events(data)
+    event_batches = _chunks(events, batch_size)
+    items = [(EVENT_TYPE, item) for item in data]
+    item_batches = _chunks(items, batch_size)
+    shares = [data[index::publishers] for index in range(publishers)]
+
+    cases = [
+        Case(
+            id="raw",
+            description=(
+                f"one task sends each of N pre-built events to {k} unbounded trio memory "
+                f"channels (await send.send per event and channel); {k} tasks receive them"
+            ),
+            store=None,
+            consumers=k,
+            events=n,
+            params={"send": "each"},
+            reference=True,
+            run=lambda: _raw_case(events, consumers=k, timeout=timeout),
+        ),
+        Case(
+            id="raw-batch",
+            description=f"as raw, sending lists of {batch_size:,} events",
+            store=None,
+            consumers=k,
+            events=n,
+            params={"send": "batch", "batch_size": batch_size},
+            run=lambda: _raw_batch_case(event_batches, consumers=k, timeout=timeout),
+        ),
+    ]
+    variants = [
+        _FlowVariant(
+            id="publish-many",
+            description=(
+                f"one task calls publish_many with {batch_size:,} events at a time; "
+                f"{k} no-op consumers, commit_every={commit_every}"
+            ),
+            commit_every=commit_every,
+            batches=item_batches,
+        ),
+        _FlowVariant(
+            id="publish-many-commit1",
+            description="as publish-many, with commit_every=1 (a cursor commit after every event)",
+            commit_every=1,
+            batches=item_batches,
+        ),
+        _FlowVariant(
+            id="publish-tasks",
+            description=(
+                f"{publishers} tasks each call publish() one event at a time; "
+                f"{k} no-op consumers, commit_every={commit_every}"
+            ),
+            commit_every=commit_every,
+            shares=shares,
+        ),
+    ]
+    for kind in options.stores:
+        for variant in variants:
+            cases.append(
+                Case(
+                    id=variant.id,
+                    description=variant.description,
+                    store=kind.name,
+                    consumers=k,
+                    events=n,
+                    params=variant.params(),
+                    run=_flow_case(kind, variant, consumers=k, timeout=timeout),
+                )
+            )
+    return cases
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class _FlowVariant:
+    """How a trioflow case publishes: ``publish_many`` batches, or concurrent ``publish``.
+
+    Its inputs are built once, before any run, as the raw baseline's events are:
+    building them is not timed, and the collector leaves them alone.
+    """
+
+    id: str
+    description: str
+    commit_every: int
+    #: For publish_many: the ``(type, data)`` items of each call.
+    batches: Sequence[Sequence[tuple[str, Data]]] = ()
+    #: For publish: the data each publishing task publishes, one call each.
+    shares: Sequence[Sequence[Data]] = ()
+
+    @property
+    def events(self) -> int:
+        return sum(map(len, self.batches)) + sum(map(len, self.shares))
+
+    def params(self) -> dict[str, object]:
+        params: dict[str, object] = {"commit_every": self.commit_every, "data_bytes": DATA_BYTES}
+        if self.batches:
+            params.update(publish="publish_many", batch_size=len(self.batches[0]))
+        if self.shares:
+            params.update(publish="publish", publishers=len(self.shares))
+        return params
+
+
+def _raw_case(events: Sequence[trioflow.Event], *, consumers: int, timeout: float) -> Figures:
+    tallies = [Tally() for _ in range(consumers)]
+    return _run_within(
+        timeout,
+        tallies,
+        len(events),
+        "raw channels",
+        functools.partial(_raw_each, events, tallies),
+    )
+
+
+def _raw_batch_case(
+    batches: Sequence[Sequence[trioflow.Event]], *, consumers: int, timeout: float
+) -> Figures:
+    tallies = [Tally() for _ in range(consumers)]
+    return _run_within(
+        timeout,
+        tallies,
+        sum(map(len, batches)),
+        "raw channels, batched",
+        functools.partial(_raw_batches, batches, tallies),
+    )
+
+
+def _flow_case(
+    kind: StoreKind,
+    variant: _FlowVariant,
+    *,
+    consumers: int,
+    timeout: float,
+) -> Callable[[], Figures]:
+    def run() -> Figures:
+        tallies = [Tally() for _ in range(consumers)]
+        what = f"trioflow {variant.id} on {kind.name}"
+        with kind.fresh() as store:
+            return _run_within(
+                timeout,
+                tallies,
+                variant.events,
+                what,
+                functools.partial(_flow_run, store, variant, tallies, what),
+            )
+
+    return run
+
+
+WORKLOAD = Workload(
+    name="fanout",
+    summary="publish N events, deliver them to K consumers; compared with raw trio channels",
+    metrics=(
+        Metric(key="publish_per_s", label="publish ev/s", unit="events/s"),
+        Metric(key="delivered_per_s", label="delivered ev/s", unit="events/s"),
+    ),
+    ratio_metric="delivered_per_s",
+    ratio_label="delivered vs raw",
+    cases=_cases,
+    add_arguments=_add_arguments,
+)

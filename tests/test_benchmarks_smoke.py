@@ -1,0 +1,88 @@
+"""The benchmark harness runs end to end on tiny inputs, and its correctness check bites.
+
+No timing is asserted: these only guard the code path that
+``python -m benchmarks run fanout`` takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from benchmarks import fanout
+from benchmarks.__main__ import main
+from benchmarks._harness import BenchmarkFailed
+
+FLOW_CASES = ("publish-many", "publish-many-commit1", "publish-tasks")
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_fanout_runs_and_passes_its_check(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if store == "sqlite":
+        pytest.importorskip("trioflow.stores.sqlite")
+    out = tmp_path / "fanout.json"
+    argv = ["run", "fanout", "--store", store, "--events", "200", "--consumers", "2"]
+    argv += ["--repeat", "1", "--publishers", "8", "--batch-size", "64", "--json", str(out)]
+
+    # 1 would mean a correctness check failed: an event lost, repeated or reordered.
+    assert main(argv) == 0
+
+    captured = capsys.readouterr()
+    assert "BENCHMARK FAILED" not in captured.err
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["command"] == "python -m benchmarks " + " ".join(argv)
+    assert report["reference_case"] == "raw"
+    assert {"python", "trio", "cpu_count"} <= set(report["machine"])
+    ran = {(result["case"], result["store"]) for result in report["results"]}
+    assert ran == {("raw", None), ("raw-batch", None)} | {(case, store) for case in FLOW_CASES}
+    for result in report["results"]:
+        assert (result["consumers"], result["events"], len(result["runs"])) == (2, 200, 1)
+        assert result["median"]["delivered_per_s"] > 0
+        assert result["median"]["publish_per_s"] > 0
+        assert f"| {result['case']} " in captured.out
+
+
+def test_case_selection_keeps_the_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fanout.json"
+    argv = ["run", "fanout", "--events", "50", "--repeat", "1", "--case", "publish-tasks"]
+    assert main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [result["case"] for result in report["results"]] == ["raw", "publish-tasks"]
+    assert report["results"][0]["ratio_to_reference"]["delivered_per_s"] == 1.0
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "fanout", "--case", "no-such-case"])
+    assert exit_info.value.code == 2
+    assert "unknown case no-such-case" in capsys.readouterr().err
+
+
+async def test_check_catches_lost_repeated_and_reordered_events() -> None:
+    events = fanout.make_events(fanout.make_data(5))
+    feeds = {
+        "complete": [1, 2, 3, 4, 5],
+        "lost": [1, 2, 4, 5],
+        "repeated": [1, 2, 2, 3, 4, 5],
+        "reordered": [1, 3, 2, 4, 5],
+        "short": [1, 2, 3, 4],
+    }
+    tallies = {name: fanout.Tally() for name in feeds}
+    for name, seqs in feeds.items():
+        for seq in seqs:
+            await tallies[name].handle(events[seq - 1])
+
+    fanout.check_tallies([tallies["complete"]], 5, what="complete")
+    for name in feeds.keys() - {"complete"}:
+        with pytest.raises(BenchmarkFailed, match=r"consumer 1 handled"):
+            fanout.check_tallies([tallies["complete"], tallies[name]], 5, what=name)
+
+
+def test_a_run_that_never_finishes_fails() -> None:
+    with pytest.raises(BenchmarkFailed, match=r"timed out after 0.05s.*consumer 0 handled 0"):
+        fanout._run_within(0.05, [fanout.Tally()], 1, "stuck", trio.sleep_forever)
