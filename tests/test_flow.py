@@ -531,3 +531,26 @@ async def test_an_app_runs_one_flow_at_a_time() -> None:
                 pass  # pragma: no cover
     async with trioflow.open_flow(app):
         pass
+
+
+async def test_a_long_replay_reports_its_progress(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioflow")
+    store = MemoryStore()
+    async with trioflow.open_flow(make_app(store)) as flow:
+        await flow.publish_many([("a", 0)] * 2000)
+    app = make_app(store, page_size=10)
+
+    @app.consumer("late")
+    async def handle(event: trioflow.Event) -> None:
+        await trio.sleep(0.01)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+    messages = [r.getMessage() for r in caplog.records if "'late'" in r.getMessage()]
+    assert messages[0] == "consumer 'late' replaying from 0 (head 2000)"
+    progress = [m for m in messages if "replaying: at" in m]
+    # 20 virtual seconds of replay, a report every 5.
+    assert 3 <= len(progress) <= 4, messages
+    assert "of 2000" in progress[0]
