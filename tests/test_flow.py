@@ -447,6 +447,7 @@ async def test_publishing_on_a_closed_flow_fails_and_persists_nothing() -> None:
         (b"bytes", "not JSON-serialisable"),
         ({"text": "nul \x00 inside"}, "NUL"),
         (["ok", {"nul\x00key": 1}], "NUL"),
+        ({"text": "lone \ud800 surrogate"}, "lone surrogate"),
     ],
 )
 async def test_bad_data_is_refused_and_nothing_persisted(data: object, match: str) -> None:
@@ -468,6 +469,8 @@ async def test_bad_data_is_refused_and_nothing_persisted(data: object, match: st
         (lambda f: f.publish("a", 1, key=5), "event key"),
         (lambda f: f.publish("a\x00", 1), "event type"),
         (lambda f: f.publish("a", 1, key="k\x00"), "event key"),
+        (lambda f: f.publish("a\udc00", 1), "event type"),
+        (lambda f: f.publish("a", 1, key="\ud800"), "event key"),
         (lambda f: f.publish_many(["a"]), r"\(type, data\)"),
         (lambda f: f.publish_many([("a", 1, "k", "extra")]), r"\(type, data\)"),
     ],

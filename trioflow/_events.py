@@ -86,10 +86,11 @@ def check_type(event_type: object) -> str:
         or not event_type
         or len(event_type) > MAX_TYPE_LENGTH
         or "\x00" in event_type
+        or not _is_unicode(event_type)
     ):
         raise InvalidEventError(
             f"event type must be a non-empty str of at most {MAX_TYPE_LENGTH} characters "
-            f"without NUL, got {event_type!r}"
+            f"of valid Unicode without NUL, got {event_type!r}"
         )
     return event_type
 
@@ -104,10 +105,15 @@ def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> 
     """
     check_type(event_type)
     assert isinstance(event_type, str)
-    if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or "\x00" in key):
+    if key is not None and (
+        not isinstance(key, str)
+        or len(key) > MAX_KEY_LENGTH
+        or "\x00" in key
+        or not _is_unicode(key)
+    ):
         raise InvalidEventError(
             f"event key must be None or a str of at most {MAX_KEY_LENGTH} characters "
-            f"without NUL, got {key!r}"
+            f"of valid Unicode without NUL, got {key!r}"
         )
     try:
         payload = _encoder.encode(data)
@@ -121,6 +127,11 @@ def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> 
             f"data of event {event_type!r} holds a NUL character (\\u0000), which stores "
             "such as PostgreSQL cannot keep; remove it or encode the value (base64, say)"
         )
+    if not _is_unicode(payload):
+        raise InvalidEventError(
+            f"data of event {event_type!r} holds a lone surrogate, which is not valid "
+            "Unicode and no store can keep; decode text with errors='replace' or encode it"
+        )
     decoded = _decode(payload)
     # Equal means nothing changed on the way through JSON (the common case,
     # checked in C); only when they differ is it worth finding out whether
@@ -131,6 +142,17 @@ def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> 
             "them into strings and a replay would differ from live delivery: use str keys"
         )
     return NewEvent(id=event_id, type=event_type, key=key, payload=payload, data=decoded)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text holding lone surrogates (not encodable as UTF-8)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _has_nul(value: JSON) -> bool:

@@ -22,7 +22,7 @@ from ._app import App
 from ._consumer import ConsumerRunner
 from ._cursors import CursorWriter
 from ._dispatch import Dispatcher
-from ._errors import ConfigurationError, FlowClosedError
+from ._errors import ConfigurationError, FlowClosedError, StoreError
 from ._events import JSON, encode, encode_many, new_ids
 from ._state import ConsumerState
 
@@ -229,13 +229,23 @@ class Flow:
     async def _watch(self) -> None:
         """Learn of events appended by other processes or flows on the store."""
         store, dispatcher = self._app.store, self._dispatcher
+        failures = 0
         while True:
-            await store.wait_for_append(dispatcher.head)
-            # The flow's own appends wake the store's waiters too; by now the
-            # dispatcher has usually fanned them out. Ask it to read the store
-            # only for events it has not seen, so it is not held up by empty
-            # reads between group commits.
-            if await store.head() > dispatcher.head:
+            try:
+                await store.wait_for_append(dispatcher.head)
+                # The flow's own appends wake the store's waiters too; by now
+                # the dispatcher has usually fanned them out. Ask it to read
+                # the store only for events it has not seen, so it is not
+                # held up by empty reads between group commits.
+                behind = await store.head() > dispatcher.head
+            except StoreError as exc:
+                failures += 1
+                delay = self._app.restart.delay(failures)
+                logger.warning("watching the store failed (%s); retrying in %.1fs", exc, delay)
+                await trio.sleep(delay)
+                continue
+            failures = 0
+            if behind:
                 dispatcher.request_poll()
                 await dispatcher.wait_polled()
 
@@ -257,7 +267,14 @@ class Flow:
             for state in self._states:
                 await state.finished.wait()
         with trio.move_on_after(grace) as flush:
-            await self._cursors.commit_now(self._states)
+            try:
+                await self._cursors.commit_now(self._states)
+            except StoreError as exc:
+                logger.warning(
+                    "could not flush consumer cursors (%s); they resume from their last "
+                    "committed cursors",
+                    exc,
+                )
         if flush.cancelled_caught:
             logger.warning("could not flush consumer cursors within %.1fs", grace)
         for scope in self._scopes.values():

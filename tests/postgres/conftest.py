@@ -1,0 +1,146 @@
+"""Fixtures for the PostgreSQL store's tests: a server, and a fresh schema per test.
+
+The server is the one named by $TRIOFLOW_TEST_POSTGRES_URL (default
+``postgresql://postgres@127.0.0.1:5432/test``); the role needs to create and
+drop schemas (and, for one test, roles). When the server cannot be reached the
+tests that need it are skipped, or fail when $CI is ``true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from trioflow import StoreError
+from trioflow.stores._pg_driver import Driver, DriverConfig, open_driver
+from trioflow.stores.postgres import PostgresStore
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+HOW_TO_RUN = (
+    "to run the PostgreSQL tests, start a server and point TRIOFLOW_TEST_POSTGRES_URL at a "
+    "database the role may create schemas in (default " + DEFAULT_URL + "), for example: "
+    "createdb test && TRIOFLOW_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test "
+    "pytest tests/postgres"
+)
+
+
+def server_url() -> str:
+    """The test server's URL, from the environment or the default."""
+    return os.environ.get("TRIOFLOW_TEST_POSTGRES_URL") or DEFAULT_URL
+
+
+def with_options(url: str, **options: object) -> str:
+    """Return ``url`` with query options added (or replaced)."""
+    parts = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    query.update({name: str(value) for name, value in options.items()})
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+@contextlib.asynccontextmanager
+async def open_admin(url: str) -> AsyncIterator[Driver]:
+    """A plain driver on the test database, for set-up and inspection."""
+    config = DriverConfig(dsn=url, display=url, min_size=1, max_size=4, connect_timeout=5.0)
+    async with open_driver(config) as driver:
+        yield driver
+
+
+async def _probe(url: str) -> str | None:
+    try:
+        with trio.fail_after(15):
+            async with open_admin(url) as driver:
+                await driver.fetchval("SELECT 1")
+    except StoreError as exc:
+        return str(exc)
+    except trio.TooSlowError:
+        return "no answer within 15 s"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """The test server's URL; skips (fails under CI=true) when it is unreachable."""
+    url = server_url()
+    problem = trio.run(_probe, url)
+    if problem is not None:
+        message = f"PostgreSQL test server unavailable: {problem}; {HOW_TO_RUN}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true, so this fails instead of skipping)")
+        pytest.skip(message)
+    return url
+
+
+async def _drop_schemas(url: str, schemas: list[str]) -> None:
+    async with open_admin(url) as driver:
+        for schema in schemas:
+            await driver.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def new_schema(pg_url: str) -> Iterator[Callable[[], str]]:
+    """A factory of unique schema names; every schema it named is dropped afterwards."""
+    prefix = f"tf_test_{uuid.uuid4().hex[:12]}"
+    counter = itertools.count()
+    made: list[str] = []
+
+    def make() -> str:
+        schema = f"{prefix}_{next(counter)}"
+        made.append(schema)
+        return schema
+
+    yield make
+    trio.run(_drop_schemas, pg_url, made)
+
+
+@pytest.fixture
+def schema(new_schema: Callable[[], str]) -> str:
+    """One fresh schema name (the schema itself is created by the store)."""
+    return new_schema()
+
+
+@pytest.fixture
+def make_url(pg_url: str) -> Callable[..., str]:
+    """A function giving the test server's URL with store options added."""
+
+    def make(**options: object) -> str:
+        return with_options(pg_url, **options)
+
+    return make
+
+
+@pytest.fixture
+def store_url(make_url: Callable[..., str], schema: str) -> str:
+    """A store URL on a fresh schema, with quick fallback polling."""
+    return make_url(schema=schema, poll_interval=0.2)
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[PostgresStore]:
+    """An open store on a fresh schema."""
+    opened = PostgresStore.from_url(store_url)
+    async with opened.open():
+        yield opened
+
+
+@pytest.fixture
+async def admin(pg_url: str) -> AsyncIterator[Driver]:
+    """A plain driver on the test database."""
+    async with open_admin(pg_url) as driver:
+        yield driver
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    """Mark every test in this directory ``postgres``, to select or deselect them."""
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.path).startswith(here + os.sep):
+            item.add_marker(pytest.mark.postgres)

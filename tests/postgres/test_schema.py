@@ -1,0 +1,247 @@
+"""Opening the store: schema creation and migration, versions, bad servers and roles."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from trioflow import (
+    ConfigurationError,
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailableError,
+)
+from trioflow.stores._pg_driver import Driver
+from trioflow.stores.postgres import SCHEMA_VERSION, PostgresStore
+from trioflow.testing._store_contract import make_events
+
+
+async def version_rows(admin: Driver, schema: str) -> list[tuple[int, object]]:
+    rows = await admin.fetch(f'SELECT version, migrated_at FROM "{schema}".schema_version')
+    return [(row[0], row[1]) for row in rows]
+
+
+async def test_first_open_creates_the_schema(store_url: str, schema: str, admin: Driver) -> None:
+    store = PostgresStore.from_url(store_url)
+    async with store.open():
+        assert await store.head() == 0
+    tables = await admin.fetch(
+        "SELECT c.relname, c.relpersistence::text FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY 1",
+        schema,
+    )
+    assert [(row[0], row[1]) for row in tables] == [
+        ("cursors", "p"),
+        ("cursors_unlogged", "u"),
+        ("events", "p"),
+        ("schema_version", "p"),
+    ]
+    assert [version for version, _ in await version_rows(admin, schema)] == [SCHEMA_VERSION]
+
+
+async def test_opening_again_changes_nothing(store_url: str, schema: str, admin: Driver) -> None:
+    store = PostgresStore.from_url(store_url)
+    async with store.open():
+        await store.append(make_events(3))
+    before = await version_rows(admin, schema)
+    for _ in range(2):
+        async with store.open():
+            assert await store.head() == 3
+    assert await version_rows(admin, schema) == before
+
+
+async def test_concurrent_first_opens_do_not_race(
+    make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    url = make_url(schema=schema, pool_min_size=1, pool_max_size=2)
+    opened: list[int] = []
+
+    async def open_one() -> None:
+        store = PostgresStore.from_url(url)
+        async with store.open():
+            opened.append(await store.head())
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(open_one)
+    assert opened == [0] * 6
+    assert [version for version, _ in await version_rows(admin, schema)] == [SCHEMA_VERSION]
+
+
+async def test_a_newer_schema_is_refused(store_url: str, schema: str, admin: Driver) -> None:
+    async with PostgresStore.from_url(store_url).open():
+        pass
+    await admin.execute(f'UPDATE "{schema}".schema_version SET version = $1', SCHEMA_VERSION + 1)
+    with pytest.raises(SchemaVersionError, match="upgrade trioflow"):
+        async with PostgresStore.from_url(store_url).open():
+            pass  # pragma: no cover
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_unreachable_server() -> None:
+    port = free_port()
+    store = PostgresStore.from_url(f"postgresql://postgres@127.0.0.1:{port}/test")
+    with pytest.raises(StoreUnavailableError, match=rf"cannot connect to PostgreSQL.*:{port}"):
+        async with store.open():
+            pass  # pragma: no cover
+
+
+async def test_connect_timeout() -> None:
+    # A listening socket that never answers: the connection attempt hangs.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        store = PostgresStore.from_url(
+            f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.3"
+        )
+        with trio.fail_after(5), pytest.raises(StoreUnavailableError, match="did not answer"):
+            async with store.open():
+                pass  # pragma: no cover
+
+
+async def test_missing_database(make_url: Callable[..., str]) -> None:
+    url = make_url().replace("/test", f"/no_such_db_{uuid.uuid4().hex[:8]}", 1)
+    if "no_such_db" not in url:
+        pytest.skip("the test URL's database is not called test")
+    with pytest.raises(StoreUnavailableError, match=r"does not exist.*create the database"):
+        async with PostgresStore.from_url(url).open():
+            pass  # pragma: no cover
+
+
+async def test_unknown_role(pg_url: str) -> None:
+    url = pg_url.replace("postgres@", f"no_such_role_{uuid.uuid4().hex[:8]}@", 1)
+    if "no_such_role" not in url:
+        pytest.skip("the test URL's user is not postgres")
+    with pytest.raises(StoreUnavailableError, match="refused the login"):
+        async with PostgresStore.from_url(url).open():
+            pass  # pragma: no cover
+
+
+@pytest.fixture
+async def weak_role(admin: Driver) -> object:
+    """A login role without the right to create schemas (dropped afterwards)."""
+    if not await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("needs a superuser on the test server to create a role")
+    role = f"tf_weak_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    yield role
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+    )
+    await admin.execute(f'DROP OWNED BY "{role}"')
+    await admin.execute(f'DROP ROLE "{role}"')
+
+
+async def test_no_permission_to_create_the_schema(
+    make_url: Callable[..., str], schema: str, weak_role: str
+) -> None:
+    url = make_url(schema=schema).replace("postgres@", f"{weak_role}@", 1)
+    if weak_role not in url:
+        pytest.skip("the test URL's user is not postgres")
+    with pytest.raises(StoreError, match=r"cannot create or migrate.*permission denied") as info:
+        async with PostgresStore.from_url(url).open():
+            pass  # pragma: no cover
+    assert not isinstance(info.value, StoreUnavailableError)
+
+
+async def test_a_schema_made_by_an_administrator_is_used(
+    make_url: Callable[..., str], schema: str, weak_role: str, admin: Driver
+) -> None:
+    url = make_url(schema=schema).replace("postgres@", f"{weak_role}@", 1)
+    if weak_role not in url:
+        pytest.skip("the test URL's user is not postgres")
+    await admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{weak_role}"')
+    store = PostgresStore.from_url(url)
+    async with store.open():
+        appended = await store.append(make_events(2))
+        assert list(appended.seqs) == [1, 2]
+
+
+async def test_tables_that_are_not_ours_are_not_adopted(
+    store_url: str, schema: str, admin: Driver
+) -> None:
+    await admin.execute(f'CREATE SCHEMA "{schema}"')
+    await admin.execute(f'CREATE TABLE "{schema}".events (x int)')
+    with pytest.raises(StoreError, match=r"cannot create or migrate.*already exists"):
+        async with PostgresStore.from_url(store_url).open():
+            pass  # pragma: no cover
+    # Nothing was left half-made.
+    assert await admin.fetchval("SELECT to_regclass($1)", f'"{schema}".schema_version') is None
+
+
+async def test_open_twice_at_once_is_refused(store: PostgresStore) -> None:
+    with pytest.raises(ConfigurationError, match="already open"):
+        async with store.open():
+            pass  # pragma: no cover
+    assert await store.head() == 0
+
+
+async def test_methods_outside_open_fail_clearly(store_url: str) -> None:
+    store = PostgresStore.from_url(store_url)
+    with pytest.raises(StoreError, match="not open"):
+        await store.head()
+    async with store.open():
+        pass
+    with pytest.raises(StoreError, match="not open"):
+        await store.append(make_events(1))
+
+
+async def test_the_blocks_own_exception_comes_out_unchanged(store_url: str) -> None:
+    store = PostgresStore.from_url(store_url)
+    error = LookupError("mine")
+    with pytest.raises(LookupError) as info:
+        async with store.open():
+            raise error
+    assert info.value is error
+    # And the instance can be opened again afterwards.
+    async with store.open():
+        assert await store.head() == 0
+
+
+async def test_cancelling_the_block_closes_promptly(store_url: str) -> None:
+    store = PostgresStore.from_url(store_url)
+    start = trio.current_time()
+    with trio.move_on_after(0.5) as scope:
+        async with store.open():
+            await store.wait_for_append(0)
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert trio.current_time() - start < 2.5
+
+
+async def test_appends_work_for_a_role_defaulting_to_serializable(
+    make_url: Callable[..., str], schema: str, weak_role: str, admin: Driver
+) -> None:
+    url = make_url(schema=schema).replace("postgres@", f"{weak_role}@", 1)
+    if weak_role not in url:
+        pytest.skip("the test URL's user is not postgres")
+    await admin.execute(
+        f'ALTER ROLE "{weak_role}" SET default_transaction_isolation = serializable'
+    )
+    await admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{weak_role}"')
+    stores = [PostgresStore.from_url(url) for _ in range(3)]
+    async with stores[0].open(), stores[1].open(), stores[2].open():
+        heads: list[tuple[int, int]] = []
+
+        async def write(store: PostgresStore) -> None:
+            for _ in range(10):
+                appended = await store.append(make_events(3))
+                heads.append((appended.after, appended.seqs[0]))
+
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                nursery.start_soon(write, store)
+        # The head read under the lock is fresh: each batch follows the last.
+        assert sorted(heads) == [(3 * n, 3 * n + 1) for n in range(30)]

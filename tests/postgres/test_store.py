@@ -1,0 +1,224 @@
+"""The PostgreSQL store's own behaviour: wake-ups, cursor durability modes, data fidelity."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from trioflow import StoreUnavailableError
+from trioflow._events import encode
+from trioflow.stores._pg_driver import Driver
+from trioflow.stores.postgres import PostgresStore
+from trioflow.testing._store_contract import make_events
+
+# Long enough that a test passing within it proves NOTIFY, not polling, woke it.
+NO_POLLING = 60
+
+
+async def wait_woken(store: PostgresStore, after: int) -> int:
+    """Wait as a consumer does; return the head that ended the wait."""
+    while (head := await store.head()) <= after:
+        await store.wait_for_append(after)
+    return head
+
+
+async def test_notify_wakes_a_waiter_in_another_store(
+    make_url: Callable[..., str], schema: str
+) -> None:
+    url = make_url(schema=schema, poll_interval=NO_POLLING)
+    waiter, writer = PostgresStore.from_url(url), PostgresStore.from_url(url)
+    async with waiter.open(), writer.open():
+        woke: list[int] = []
+
+        async def wait() -> None:
+            woke.append(await wait_woken(waiter, 0))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.1)
+                assert woke == []
+                appended = await writer.append(make_events(3))
+        assert woke == [appended.seqs[-1]]
+
+
+async def test_one_notification_per_batch(store: PostgresStore, admin: Driver) -> None:
+    got: list[int] = []
+    three = trio.Event()
+    listening = trio.Event()
+
+    def on_notify() -> None:
+        got.append(1)
+        if len(got) == 3:
+            three.set()
+
+    async with trio.open_nursery() as nursery:
+
+        async def listen() -> None:
+            await admin.listen(
+                f"{store.schema}_appended",
+                on_notify,
+                on_listening=listening.set,
+                ping_interval=5,
+            )
+
+        nursery.start_soon(listen)
+        await listening.wait()
+        for size in (1, 500, 7):
+            await store.append(make_events(size))
+        await store.append([])
+        with trio.fail_after(5):
+            await three.wait()
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    assert got == [1, 1, 1]
+
+
+async def test_listen_reconnects_after_losing_its_connection(
+    make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    tag = f"trioflow-test-{uuid.uuid4().hex[:12]}"
+    url = make_url(schema=schema, poll_interval=NO_POLLING, application_name=tag)
+    waiter, writer = PostgresStore.from_url(url), PostgresStore.from_url(url)
+    listen_query = "application_name = $1 AND query LIKE 'LISTEN%'"
+    async with waiter.open(), writer.open():
+        killed = await admin.fetch(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {listen_query}",
+            tag,
+        )
+        assert len(killed) == 2
+        with trio.fail_after(10):
+            # Polling the server's view: there is nothing to wait on locally.
+            while (  # noqa: ASYNC110
+                await admin.fetchval(
+                    f"SELECT count(*) FROM pg_stat_activity WHERE {listen_query}", tag
+                )
+                < 2
+            ):
+                await trio.sleep(0.05)
+        head = await waiter.head()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_woken, waiter, head)
+                await trio.testing.wait_all_tasks_blocked()
+                await writer.append(make_events(1))
+
+
+async def test_fallback_polling_sees_appends_made_without_notify(
+    make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    store = PostgresStore.from_url(make_url(schema=schema, poll_interval=0.1))
+    async with store.open():
+        await store.append(make_events(1))
+        # An insert that bypasses the append function sends no notification.
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_woken, store, 1)
+                await trio.testing.wait_all_tasks_blocked()
+                await admin.execute(
+                    f'INSERT INTO "{schema}".events (seq, id, type, data, created_at) '
+                    "VALUES (2, gen_random_uuid(), 't', 'null', now())"
+                )
+
+
+@pytest.mark.parametrize("durability", ["sync", "async", "unlogged"])
+async def test_cursor_modes_commit_and_load(
+    make_url: Callable[..., str], schema: str, durability: str
+) -> None:
+    store = PostgresStore.from_url(make_url(schema=schema, cursor_durability=durability))
+    async with store.open():
+        await store.commit_cursors({"a": 1, "b": 2})
+        await store.commit_cursors({"a": 3})
+        await store.commit_cursors({"b": 1})
+        assert await store.load_cursors() == {"a": 3, "b": 1}
+    async with store.open():
+        assert await store.load_cursors() == {"a": 3, "b": 1}
+
+
+async def test_unlogged_cursors_fall_back_to_their_checkpoint(
+    make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    store = PostgresStore.from_url(
+        make_url(schema=schema, cursor_durability="unlogged", cursor_checkpoint_interval=0.3)
+    )
+    async with store.open():
+        await store.commit_cursors({"a": 5, "b": 1})  # first commit: checkpoint written
+        await store.commit_cursors({"a": 9})  # within the interval: unlogged only
+        assert await store.load_cursors() == {"a": 9, "b": 1}
+        # What a server crash does to an unlogged table.
+        await admin.execute(f'TRUNCATE "{schema}".cursors_unlogged')
+        assert await store.load_cursors() == {"a": 5, "b": 1}
+        await store.commit_cursors({"a": 10})
+        await trio.sleep(0.35)
+        await store.commit_cursors({"a": 12})  # interval passed: checkpoint again
+        await store.commit_cursors({"a": 13})
+        await admin.execute(f'TRUNCATE "{schema}".cursors_unlogged')
+        assert await store.load_cursors() == {"a": 12, "b": 1}
+
+
+async def test_switching_cursor_modes_keeps_the_latest_cursor(
+    make_url: Callable[..., str], schema: str
+) -> None:
+    unlogged = PostgresStore.from_url(make_url(schema=schema, cursor_durability="unlogged"))
+    durable = PostgresStore.from_url(make_url(schema=schema, cursor_durability="sync"))
+    async with unlogged.open():
+        await unlogged.commit_cursors({"a": 5})
+        await unlogged.commit_cursors({"a": 7})
+    async with durable.open():
+        assert await durable.load_cursors() == {"a": 7}
+        # Moving a cursor back (a deliberate replay) wins over the stale copy.
+        await durable.commit_cursors({"a": 2})
+        assert await durable.load_cursors() == {"a": 2}
+
+
+async def test_data_comes_back_exactly(store: PostgresStore) -> None:
+    items = [
+        {"b": 1, "a": 2, "c": {"z": 0, "y": 1}},
+        1e23,
+        -1.2345678901234567e300,
+        5e-324,
+        -0.0,
+        2**64 + 1,
+        [1.0, 1, "1"],
+    ]
+    batch = [encode("t", data, None, uuid.uuid4()) for data in items]
+    await store.append(batch)
+    events = await store.read(0, 100)
+    for event, data in zip(events, items, strict=True):
+        assert event.data == data
+        assert repr(event.data) == repr(data)  # types and key order too
+
+
+async def test_created_at_grows_with_seq(make_url: Callable[..., str], schema: str) -> None:
+    url = make_url(schema=schema)
+    stores = [PostgresStore.from_url(url) for _ in range(3)]
+    async with stores[0].open(), stores[1].open(), stores[2].open():
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+
+                async def write(store: PostgresStore = store) -> None:
+                    for _ in range(10):
+                        await store.append(make_events(5))
+
+                nursery.start_soon(write)
+        events = await stores[0].read(0, 1000)
+    assert len(events) == 150
+    stamps = [event.created_at for event in events]
+    assert stamps == sorted(stamps)
+
+
+async def test_wait_for_append_rides_out_an_unavailable_server(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unavailable() -> int:
+        raise StoreUnavailableError("server restarting")
+
+    monkeypatch.setattr(store, "head", unavailable)
+    store.poll_interval = 0.05
+    with trio.fail_after(5):
+        await store.wait_for_append(0)  # returns after a poll interval, no error

@@ -1,0 +1,533 @@
+"""The PostgreSQL driver bridge: asyncpg, run from trio through trio-asyncio.
+
+Layers, each depending only on the one below: `trioflow.stores.postgres`
+(the Store) -> this module -> asyncpg on a trio-asyncio event loop. This is the
+only module of trioflow that imports asyncpg or trio_asyncio, and the only place
+where their exceptions are seen: `map_exceptions` turns them into
+`trioflow.StoreError` and its subclasses at one boundary.
+
+Every coroutine that touches the database runs as one asyncio task on the
+store's own trio-asyncio loop, started and awaited by `Driver._call`. Cancelling
+the trio task cancels that asyncio task; asyncpg then sends PostgreSQL a cancel
+request, and before the trio task sees `trio.Cancelled` the connection is rolled
+back (which waits for the cancel request to be acknowledged) or, if that takes
+longer than ``cleanup_timeout``, closed. So a cancelled call returns promptly
+and never leaves a connection inside an open transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import Any, TypeAlias, TypeVar, cast
+
+import asyncpg
+import attrs
+import trio
+import trio_asyncio  # type: ignore[import-untyped]
+
+from .._errors import StoreError, StoreUnavailableError
+
+__all__ = [
+    "Driver",
+    "DriverConfig",
+    "Record",
+    "Transaction",
+    "map_exceptions",
+    "open_driver",
+    "simplify_group",
+]
+
+#: A result row: indexable by position and by column name.
+Record: TypeAlias = asyncpg.Record
+
+_T = TypeVar("_T")
+
+
+@attrs.frozen(kw_only=True)
+class DriverConfig:
+    """How to reach PostgreSQL and how to size and bound the connection pool.
+
+    Attributes:
+        dsn: A libpq-style ``postgresql://`` URL that asyncpg understands (no
+            trioflow options left in it).
+        display: The same URL without its password, for error messages.
+        min_size: Connections opened eagerly when the pool starts.
+        max_size: Most connections the pool holds at once (the LISTEN
+            connection is extra).
+        connect_timeout: Seconds to wait for a new connection.
+        command_timeout: Seconds any one statement may run, or None for no limit.
+        cleanup_timeout: Seconds a rollback, cancellation or release may take
+            before the connection is closed instead: the bound on how long a
+            cancelled call can take to return.
+        statement_cache_size: Prepared statements kept per connection (0 turns
+            the cache off, as transaction-mode poolers such as PgBouncer need).
+        server_settings: Session settings sent when connecting.
+        read_committed: Make READ COMMITTED the default isolation of every
+            pooled connection, whatever the role's or database's default.
+    """
+
+    dsn: str
+    display: str
+    min_size: int = 1
+    max_size: int = 10
+    connect_timeout: float = 10.0
+    command_timeout: float | None = None
+    cleanup_timeout: float = 5.0
+    statement_cache_size: int = 100
+    server_settings: Mapping[str, str] = attrs.field(factory=dict)
+    read_committed: bool = False
+
+
+@contextlib.contextmanager
+def map_exceptions(display: str) -> Iterator[None]:
+    """Translate asyncpg's and the socket layer's exceptions into trioflow's.
+
+    `trio.Cancelled` and other BaseExceptions pass through untouched.
+
+    Args:
+        display: The server's URL without password, named in messages.
+    """
+    try:
+        yield
+    except StoreError:
+        raise
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise StoreUnavailableError(
+            f"PostgreSQL at {display}: {exc}; create the database (for example with "
+            "createdb) or fix the database name in the store URL"
+        ) from exc
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        raise StoreUnavailableError(
+            f"PostgreSQL at {display} refused the login: {exc}; check the user and password "
+            "in the store URL (or its passfile) and the server's pg_hba.conf"
+        ) from exc
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise StoreError(
+            f"PostgreSQL at {display}: permission denied: {exc}; grant the role the missing "
+            "privilege, or have a role that holds it open the store once to create the schema"
+        ) from exc
+    except asyncpg.TooManyConnectionsError as exc:
+        raise StoreUnavailableError(
+            f"PostgreSQL at {display} has no connection slots left: {exc}; lower the pool "
+            "size (pool_max_size) or raise the server's max_connections"
+        ) from exc
+    except asyncpg.QueryCanceledError as exc:
+        raise StoreError(
+            f"PostgreSQL at {display} cancelled a statement: {exc}; a statement_timeout or "
+            "an administrator (pg_cancel_backend) stopped it: retry, or raise the limit"
+        ) from exc
+    except (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError) as exc:
+        raise StoreUnavailableError(
+            f"lost the connection to PostgreSQL at {display}: {exc}; retry once the server is back"
+        ) from exc
+    except asyncpg.DataError as exc:
+        raise StoreError(
+            f"PostgreSQL at {display} cannot store a value: {exc}; text must be valid "
+            "UTF-8 without NUL characters (also no \\u0000 escapes in JSON data)"
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        raise StoreError(
+            f"PostgreSQL at {display} failed: {type(exc).__name__} (SQLSTATE {exc.sqlstate}): {exc}"
+        ) from exc
+    except asyncpg.InterfaceError as exc:
+        if "closed" in str(exc) or "not connected" in str(exc):
+            raise StoreUnavailableError(
+                f"the connection to PostgreSQL at {display} is closed ({exc}); "
+                "retry once the server is back"
+            ) from exc
+        raise StoreError(f"the PostgreSQL driver failed talking to {display}: {exc}") from exc
+    except TimeoutError as exc:
+        raise StoreUnavailableError(
+            f"PostgreSQL at {display} did not answer in time; check that the server is "
+            "up and reachable, or raise connect_timeout/command_timeout in the store URL"
+        ) from exc
+    except OSError as exc:
+        raise StoreUnavailableError(
+            f"cannot connect to PostgreSQL at {display}: {exc}; start the server, or fix "
+            "the host and port in the store URL"
+        ) from exc
+    except (asyncpg.InternalClientError, ValueError) as exc:
+        raise StoreError(f"the PostgreSQL driver failed talking to {display}: {exc}") from exc
+
+
+_Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
+
+
+@attrs.define(eq=False)
+class Driver:
+    """Statements on a pool of asyncpg connections, callable from trio.
+
+    Each method takes a pooled connection, runs one statement in its own
+    implicit transaction, and puts the connection back. Use `transaction` to
+    run several statements atomically. Built by `open_driver`.
+
+    The pool lives on the trio side: taking and returning a connection are
+    plain trio operations, and only the statements themselves cross into
+    asyncio. (asyncpg's own pool runs every acquire and release as asyncio
+    tasks plus a reset query, which through trio-asyncio doubled the cost of
+    a small statement.) Each connection keeps asyncpg's prepared-statement
+    cache. A connection whose statement failed or was cancelled is rolled back
+    before reuse (which also waits for a cancel request to be acknowledged),
+    or closed if that does not finish within ``cleanup_timeout``.
+    """
+
+    _loop: Any
+    _config: DriverConfig
+    _slots: trio.Semaphore
+    _idle: list[_Connection] = attrs.Factory(list)
+    _busy: set[_Connection] = attrs.Factory(set)
+
+    @property
+    def config(self) -> DriverConfig:
+        """The configuration this driver was opened with."""
+        return self._config
+
+    async def execute(self, query: str, *args: object) -> str:
+        """Run a statement; return its status tag (for example ``"INSERT 0 5"``)."""
+        async with self._connection() as connection:
+            return await self._call(connection.execute(query, *args))
+
+    async def fetch(self, query: str, *args: object) -> list[Record]:
+        """Run a query and return all of its rows."""
+        async with self._connection() as connection:
+            return await self._call(connection.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: object) -> Record | None:
+        """Run a query and return its first row, or None when it has none."""
+        async with self._connection() as connection:
+            return await self._call(connection.fetchrow(query, *args))
+
+    async def fetchval(self, query: str, *args: object) -> Any:
+        """Run a query and return the first column of its first row (None if no row)."""
+        async with self._connection() as connection:
+            return await self._call(connection.fetchval(query, *args))
+
+    async def executemany(self, query: str, args: Iterable[Sequence[object]]) -> None:
+        """Run a statement once per argument tuple, pipelined, in one transaction."""
+        rows = list(args)
+        async with self._connection() as connection:
+            await self._call(connection.executemany(query, rows))
+
+    async def copy_records(
+        self,
+        table: str,
+        *,
+        schema: str,
+        columns: Sequence[str],
+        records: Iterable[Sequence[object]],
+    ) -> str:
+        """Bulk-insert rows with COPY (binary) in one transaction; return the status tag."""
+        rows = list(records)
+        async with self._connection() as connection:
+            return await self._call(
+                connection.copy_records_to_table(
+                    table, records=rows, columns=columns, schema_name=schema
+                )
+            )
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Hold one pooled connection inside a transaction for the block.
+
+        Commits when the block ends normally. On an exception or cancellation
+        it rolls back (shielded, for at most ``cleanup_timeout``; a connection
+        that cannot roll back in time is closed, which makes PostgreSQL abort
+        the transaction) and re-raises. The commit itself is shielded from
+        cancellation for at most ``cleanup_timeout``, so that once the block
+        has finished the outcome is known: if the commit did not finish in
+        that time, StoreUnavailableError says the outcome is unknown.
+
+        Yields:
+            The transaction; use it from one task at a time.
+        """
+        async with self._connection() as connection:
+            await self._call(connection.execute("BEGIN"))
+            yield Transaction(driver=self, connection=connection)
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self._config.cleanup_timeout
+                await self._call(connection.execute("COMMIT"))
+            if scope.cancelled_caught:
+                raise StoreUnavailableError(
+                    f"PostgreSQL at {self._config.display} did not confirm a COMMIT within "
+                    f"{self._config.cleanup_timeout}s: whether the transaction committed is "
+                    "unknown; check the server, then retry what is safe to retry"
+                )
+
+    async def listen(
+        self,
+        channel: str,
+        on_notify: Callable[[], None],
+        *,
+        on_listening: Callable[[], None],
+        ping_interval: float,
+    ) -> None:
+        """LISTEN on ``channel`` on a dedicated connection until it fails.
+
+        Calls ``on_listening()`` once the LISTEN is in place and ``on_notify()``
+        for every notification (both synchronously, in the trio thread). Sends a
+        ping every ``ping_interval`` seconds so that a silently dead connection
+        is noticed. Never returns normally.
+
+        Raises:
+            StoreUnavailableError: The connection was lost or could not be made.
+        """
+        config = self._config
+        connection = await self._connect(listen=True)
+        lost = trio.Event()
+
+        def on_termination(_connection: object) -> None:
+            lost.set()
+
+        def on_notification(
+            _connection: object, _pid: int, _channel: str, _payload: object
+        ) -> None:
+            on_notify()
+
+        try:
+            connection.add_termination_listener(on_termination)
+            await self._call(connection.add_listener(channel, on_notification))
+            on_listening()
+            while True:
+                with trio.move_on_after(ping_interval):
+                    await lost.wait()
+                    raise StoreUnavailableError(
+                        f"the LISTEN connection to PostgreSQL at {config.display} was closed"
+                    )
+                with trio.fail_after(config.connect_timeout):
+                    await self._call(connection.execute("SELECT 1"))
+        except trio.TooSlowError:
+            raise StoreUnavailableError(
+                f"the LISTEN connection to PostgreSQL at {config.display} stopped answering"
+            ) from None
+        finally:
+            await self._close_shielded(connection)
+
+    async def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run an asyncio coroutine on the driver's loop; translate its errors."""
+        with map_exceptions(self._config.display):
+            try:
+                return cast(_T, await self._loop.run_aio_coroutine(coro))
+            except asyncio.CancelledError:
+                # Cancelled on the asyncio side without a trio cancellation:
+                # only the loop shutting down does that.
+                raise StoreUnavailableError(
+                    "the PostgreSQL store was closed while a call was running; "
+                    "use the store only inside its `async with store.open()` block"
+                ) from None
+
+    async def _connect(self, *, listen: bool = False) -> _Connection:
+        connection: _Connection = await self._call(_connect(self._config, listen=listen))
+        return connection
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Connection]:
+        """Lend a pooled connection for the block; settle or close it if the block fails."""
+        async with self._slots:
+            connection = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if not candidate.is_closed():
+                    connection = candidate
+                    break
+            if connection is None:
+                connection = await self._connect()
+            self._busy.add(connection)
+            try:
+                yield connection
+            except BaseException:
+                await self._settle(connection)
+                raise
+            finally:
+                self._busy.discard(connection)
+            self._idle.append(connection)
+
+    async def _settle(self, connection: _Connection) -> None:
+        """Make a connection whose block failed reusable (rolled back), or close it."""
+        if not connection.is_closed():
+            with trio.CancelScope(shield=True) as scope:
+                # ROLLBACK first waits for any pending cancel request to be
+                # acknowledged, then ends whatever transaction is open.
+                scope.deadline = trio.current_time() + self._config.cleanup_timeout
+                try:
+                    await self._call(
+                        connection.execute("ROLLBACK", timeout=self._config.cleanup_timeout)
+                    )
+                except Exception:
+                    connection.terminate()
+            if scope.cancelled_caught:
+                connection.terminate()
+        if not connection.is_closed():
+            self._idle.append(connection)
+
+    async def _close_shielded(self, connection: _Connection) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self._config.cleanup_timeout
+            with contextlib.suppress(Exception):
+                await self._call(connection.close(timeout=self._config.cleanup_timeout))
+        if not connection.is_closed():
+            connection.terminate()
+
+    async def _open(self) -> None:
+        """Open ``min_size`` connections, so that a bad server fails now."""
+        for _ in range(self._config.min_size):
+            self._idle.append(await self._connect())
+
+    async def _close(self) -> None:
+        """Close every connection: politely when idle, at once when still lent."""
+        for connection in list(self._busy):
+            connection.terminate()
+        idle, self._idle = self._idle, []
+        async with trio.open_nursery() as nursery:
+            for connection in idle:
+                nursery.start_soon(self._close_shielded, connection)
+
+
+async def _connect(config: DriverConfig, *, listen: bool) -> _Connection:
+    connection = await asyncpg.connect(
+        config.dsn,
+        timeout=config.connect_timeout,
+        command_timeout=config.command_timeout,
+        # The LISTEN connection runs no statements worth preparing.
+        statement_cache_size=0 if listen else config.statement_cache_size,
+        server_settings=dict(config.server_settings),
+    )
+    if config.read_committed and not listen:
+        try:
+            # Checked rather than sent as a startup parameter, which poolers
+            # such as PgBouncer refuse; almost every server already has it.
+            level = await connection.fetchval(
+                "SELECT current_setting('default_transaction_isolation')"
+            )
+            if level != "read committed":
+                await connection.execute("SET default_transaction_isolation TO 'read committed'")
+        except BaseException:
+            connection.terminate()
+            raise
+    return connection
+
+
+@attrs.define(eq=False)
+class Transaction:
+    """Statements on the one connection of a `Driver.transaction` block.
+
+    Valid only inside that block, and for one task at a time: the connection
+    goes back to the pool when the block ends.
+    """
+
+    _driver: Driver
+    _connection: _Connection
+
+    async def execute(self, query: str, *args: object) -> str:
+        """Run a statement; return its status tag."""
+        return await self._driver._call(self._connection.execute(query, *args))
+
+    async def fetch(self, query: str, *args: object) -> list[Record]:
+        """Run a query and return all of its rows."""
+        return await self._driver._call(self._connection.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: object) -> Record | None:
+        """Run a query and return its first row, or None."""
+        return await self._driver._call(self._connection.fetchrow(query, *args))
+
+    async def fetchval(self, query: str, *args: object) -> Any:
+        """Run a query and return the first column of its first row."""
+        return await self._driver._call(self._connection.fetchval(query, *args))
+
+    async def copy_records(
+        self,
+        table: str,
+        *,
+        schema: str,
+        columns: Sequence[str],
+        records: Iterable[Sequence[object]],
+    ) -> str:
+        """Bulk-insert rows with COPY (binary); return the status tag."""
+        rows = list(records)
+        return await self._driver._call(
+            self._connection.copy_records_to_table(
+                table, records=rows, columns=columns, schema_name=schema
+            )
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_driver(config: DriverConfig) -> AsyncIterator[Driver]:
+    """Start a trio-asyncio loop and a connection pool; close both on exit.
+
+    The store always runs its own loop, even when the caller is already inside
+    a ``trio_asyncio.open_loop()`` block: its asyncio tasks then end with the
+    store, whatever the caller's loop does. The caller's notion of the current
+    loop is left as it was, so asyncio code the caller runs inside the block
+    keeps using the caller's loop, not one that closes with the store.
+
+    Raises:
+        StoreUnavailableError: The server cannot be reached or refused the login.
+    """
+    outer_loop = trio_asyncio.current_loop.get()
+    body_error: BaseException | None = None
+    error: BaseException | None = None
+    try:
+        async with trio_asyncio.open_loop() as loop:
+            token = trio_asyncio.current_loop.set(outer_loop)
+            try:
+                driver = Driver(loop=loop, config=config, slots=trio.Semaphore(config.max_size))
+                try:
+                    await driver._open()
+                    try:
+                        yield driver
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
+                finally:
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.deadline = trio.current_time() + config.cleanup_timeout
+                        await driver._close()
+            finally:
+                trio_asyncio.current_loop.reset(token)
+    except BaseExceptionGroup as group:
+        # trio-asyncio's loop runs the block inside nurseries, which wrap
+        # whatever crosses them in exception groups; callers expect the
+        # block's own exception, or the one StoreError that made opening fail.
+        error = simplify_group(group, body_error)
+        if error is group:
+            raise
+    if error is not None:
+        # Raised outside the except clause, so it is not chained to the group.
+        raise error
+
+
+def simplify_group(
+    group: BaseExceptionGroup[BaseException], body_error: BaseException | None
+) -> BaseException:
+    """Pick the exception to raise for a group that crossed a context manager.
+
+    Args:
+        group: What came out of the nurseries.
+        body_error: The exception the ``async with`` block raised, if any.
+
+    Returns:
+        ``body_error`` if the group holds it, else the group's only leaf
+        exception, else the group itself.
+    """
+    leaves = _leaves(group)
+    if body_error is not None and any(leaf is body_error for leaf in leaves):
+        return body_error
+    if len(leaves) == 1:
+        return leaves[0]
+    return group
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]
