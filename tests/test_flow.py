@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 import trio
@@ -557,3 +557,35 @@ async def test_a_long_replay_reports_its_progress(
     # 20 virtual seconds of replay, a report every 5.
     assert 3 <= len(progress) <= 4, messages
     assert "of 2000" in progress[0]
+
+
+class LaggingStore(MemoryStore):
+    """Its first reads see nothing, as a lagging replica would."""
+
+    def __init__(self, blind_reads: int) -> None:
+        super().__init__()
+        self.blind_reads = blind_reads
+
+    async def read(self, after: int, limit: int) -> Sequence[trioflow.Event]:
+        if self.blind_reads > 0 and after < len(self._events):
+            self.blind_reads -= 1
+            await trio.lowlevel.checkpoint()
+            return []
+        return await super().read(after, limit)
+
+
+async def test_a_store_that_hides_committed_events_is_retried_never_skipped(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LaggingStore(blind_reads=0)
+    async with trioflow.open_flow(make_app(store)) as flow:
+        await flow.publish_many([("a", 0)] * 10)
+    store.blind_reads = 3
+    app = make_app(store)
+    seen = recorder(app, "c")
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish("a", 1)
+        await flow.wait_idle()
+        assert flow.statistics().consumers["c"].restarts == 3
+    assert seen == list(range(1, 12))
+    assert "returned no events after 0" in caplog.text

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trioflow
+from trioflow.stores import Store
 from trioflow.stores.memory import MemoryStore
 
 TYPES = ("a", "b", "c")
@@ -75,9 +76,19 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(batches=batches, consumers=consumers, reopen_after=reopen)
 
 
-def run_scenario(scenario: Scenario) -> tuple[list[str], dict[int, list[tuple[str, int]]], int]:
-    """Run it; return the published types in seq order and each consumer's log."""
-    store = MemoryStore()
+def run_scenario(
+    scenario: Scenario,
+    store: Store | None = None,
+    *,
+    time_scale: float = 1.0,
+    mock_clock: bool = True,
+) -> tuple[list[str], dict[int, list[tuple[str, int]]], int]:
+    """Run it; return the published types in seq order and each consumer's log.
+
+    Delays and pauses are multiplied by ``time_scale``; with ``mock_clock``
+    they cost no real time. Stores doing real I/O need the real clock.
+    """
+    store = MemoryStore() if store is None else store
     logs: dict[int, list[tuple[str, int]]] = {i: [] for i in range(len(scenario.consumers))}
     published: list[str] = []
     failed_so_far: dict[int, dict[int, int]] = {i: {} for i in range(len(scenario.consumers))}
@@ -87,7 +98,7 @@ def run_scenario(scenario: Scenario) -> tuple[list[str], dict[int, list[tuple[st
         app = trioflow.App(
             store,
             page_size=4,
-            restart=trioflow.RestartPolicy(initial=0.5, maximum=4.0),
+            restart=trioflow.RestartPolicy(initial=0.5 * time_scale, maximum=4.0 * time_scale),
         )
         for index, plan in enumerate(scenario.consumers):
             log = logs[index]
@@ -100,7 +111,7 @@ def run_scenario(scenario: Scenario) -> tuple[list[str], dict[int, list[tuple[st
                 failed: dict[int, int] = failed,
             ) -> None:
                 log.append(("start", event.seq))
-                await trio.sleep(plan.delays[len(log) % len(plan.delays)])
+                await trio.sleep(plan.delays[len(log) % len(plan.delays)] * time_scale)
                 if failed.get(event.seq, 0) < plan.failures.get(event.seq, 0):
                     failed[event.seq] = failed.get(event.seq, 0) + 1
                     log.append(("fail", event.seq))
@@ -132,25 +143,25 @@ def run_scenario(scenario: Scenario) -> tuple[list[str], dict[int, list[tuple[st
                     ):
                         if plan.buffer is not None:
                             most_over_buffer = max(most_over_buffer, stats.buffered - plan.buffer)
-                    await trio.sleep(pause)
+                    await trio.sleep(pause * time_scale)
                     if index in scenario.reopen_after:
                         break
                 if not batches:
-                    with trio.fail_after(10_000):
+                    with trio.fail_after(10_000 if mock_clock else 120):
                         await flow.wait_idle()
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
+    trio.run(main, clock=clock)
     return published, logs, most_over_buffer
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(scenarios())
-def test_every_consumer_handles_every_event_once_in_order(scenario: Scenario) -> None:
-    published, logs, most_over_buffer = run_scenario(scenario)
+def check_scenario(
+    scenario: Scenario,
+    published: list[str],
+    logs: dict[int, list[tuple[str, int]]],
+    most_over_buffer: int,
+) -> None:
+    """Assert order, no loss, no overlap and exact redelivery for every consumer."""
     assert most_over_buffer <= 0, "a bounded consumer buffered more than its buffer"
     for index, plan in enumerate(scenario.consumers):
         log = logs[index]
@@ -178,3 +189,13 @@ def test_every_consumer_handles_every_event_once_in_order(scenario: Scenario) ->
             if seq in expected
             for _ in range(plan.failures[seq])
         ]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(scenarios())
+def test_every_consumer_handles_every_event_once_in_order(scenario: Scenario) -> None:
+    check_scenario(scenario, *run_scenario(scenario))

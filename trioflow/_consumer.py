@@ -170,7 +170,13 @@ class ConsumerRunner:
         while state.position < until:
             page = await self.store.read(state.position, self.page_size)
             if not page:
-                return
+                # The flow has seen events up to `until` committed, so the
+                # store breaks its contract (or lost data). Never skip them:
+                # fail, and let the restart backoff try again.
+                raise StoreError(
+                    f"the store returned no events after {state.position}, though events up "
+                    f"to {until} were committed; check that the store is not a lagging replica"
+                )
             await self._handle(state, page, page[-1].seq)
             now = trio.current_time()
             if progress and now - reported >= PROGRESS_EVERY:
