@@ -11,6 +11,7 @@ from ._app import RestartPolicy as RestartPolicy
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import FlowClosedError as FlowClosedError
 from ._errors import InvalidEventError as InvalidEventError
+from ._errors import OutcomeUnknownError as OutcomeUnknownError
 from ._errors import SchemaVersionError as SchemaVersionError
 from ._errors import StoreError as StoreError
 from ._errors import StoreUnavailableError as StoreUnavailableError
@@ -36,6 +37,7 @@ __all__ = [
     "FlowClosedError",
     "FlowStatistics",
     "InvalidEventError",
+    "OutcomeUnknownError",
     "RestartPolicy",
     "SchemaVersionError",
     "StoreError",

@@ -35,7 +35,7 @@ class RestartPolicy:
     """
 
     initial: float = attrs.field(default=0.1)
-    maximum: float = attrs.field(default=30.0)
+    maximum: float = attrs.field(default=5.0)
     multiplier: float = attrs.field(default=2.0)
 
     @initial.validator

@@ -79,6 +79,7 @@ class CursorWriter:
                     state.requested_processed = state.committed_processed
             else:
                 for state, seq, processed in batch.values():
+                    state.cursor_error = None
                     if seq > state.committed:
                         state.committed = seq
                         state.committed_processed = processed

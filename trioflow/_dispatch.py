@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from ._errors import FlowClosedError, StoreError
+from ._errors import FlowClosedError, OutcomeUnknownError, StoreError
 from ._events import Event, NewEvent
 from ._state import ConsumerState
 from .stores._base import Store
@@ -151,7 +151,7 @@ class Dispatcher:
             return
         except BaseException:
             for request in taken:
-                request.error = FlowClosedError(
+                request.error = OutcomeUnknownError(
                     "the flow stopped while the event was being committed; it may or may not "
                     "have been persisted"
                 )

@@ -10,12 +10,17 @@ catch them all at once::
     ├── FlowClosedError         publishing on a flow that has stopped or is stopping
     └── StoreError              the store failed or refused an operation
         ├── StoreUnavailableError   cannot reach or open the store; retrying may help
-        └── SchemaVersionError      the store holds a schema this version does not know
+        ├── SchemaVersionError      the store holds a schema this version does not know
+        └── OutcomeUnknownError     a publish was sent but never answered
 
 An `InvalidEventError` or `FlowClosedError` from ``publish`` means nothing was
 persisted. A `StoreError` from ``publish`` means the batch holding the event was
-not committed (it was rolled back, or the store could not be reached): nothing
-was persisted and the call may be retried.
+not committed (it was refused or rolled back, or never reached the store):
+nothing was persisted and the call may be retried. The one exception is
+`OutcomeUnknownError`: the batch reached the store but no answer came back (the
+connection was lost and the store could not be asked again in time, or the
+flow was stopped meanwhile). Then either all of the batch was committed, and
+every consumer receives it, or none of it; retrying may persist it twice.
 """
 
 from __future__ import annotations
@@ -61,4 +66,13 @@ class SchemaVersionError(StoreError):
 
     Usually the store was written by a newer trioflow: upgrade trioflow, or point
     the App at another store.
+    """
+
+
+class OutcomeUnknownError(StoreError):
+    """A publish reached the store but its answer was lost: it may have committed.
+
+    Either the whole batch was committed (and every consumer receives it) or
+    none of it. The message names an event id to look for before publishing
+    again; retrying blindly may persist the events twice.
     """

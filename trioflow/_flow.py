@@ -124,6 +124,8 @@ class Flow:
                 persisted.
             FlowClosedError: The flow has stopped; nothing was persisted.
             StoreError: The store failed; the event was not persisted.
+            OutcomeUnknownError: The store got the event but its answer was
+                lost; it was persisted or not (see the message).
 
         If the call is cancelled after the event was handed to the store, the
         event may have been persisted (and is then delivered), as with any
@@ -148,6 +150,8 @@ class Flow:
             InvalidEventError: An item is invalid; none was persisted.
             FlowClosedError: The flow has stopped; none was persisted.
             StoreError: The store failed; none was persisted.
+            OutcomeUnknownError: The store got the batch but its answer was
+                lost; all of it was persisted or none (see the message).
         """
         self._check_open()
         news = encode_many(events)

@@ -1,28 +1,26 @@
 """A process that only consumes events other processes publish.
 
-Run as ``python consumer_child.py DB LOGS EXPECT``. Two consumers, ``plain``
+Run as ``python consumer_child.py URL LOGS EXPECT``. Two consumers, ``plain``
 and ``bounded`` (``buffer=64``: it detaches and catches up from the store when
 behind), append ``"<seq> <pub> <n>\\n"`` per event to ``LOGS/<consumer>.log``.
-Prints ``ready`` once the flow is open, and exits 0 once both have handled
-EXPECT events.
+It learns of the other processes' appends as the store URL says: by polling
+(SQLite, ``?poll_interval=``), or through LISTEN/NOTIFY (PostgreSQL). Prints
+``ready`` once the flow is open, and exits 0 once both have handled EXPECT
+events.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import urllib.parse
 
 import trio
 
 import trioflow
 
 
-async def main(db: str, logs: str, expect: int) -> None:
-    # Polls the file for other processes' appends every 20 ms. A poll fans
-    # out up to a page (1,000 events) as one batch: far more than the bounded
-    # consumer's buffer, so it detaches and catches up from the store.
-    app = trioflow.App(store=f"sqlite:///{urllib.parse.quote(db)}", poll_interval=0.02)
+async def main(url: str, logs: str, expect: int) -> None:
+    app = trioflow.App(store=url)
     done = {name: trio.Event() for name in ("plain", "bounded")}
 
     def add_consumer(name: str, buffer: int | None) -> None:
@@ -54,5 +52,5 @@ async def main(db: str, logs: str, expect: int) -> None:
 
 
 if __name__ == "__main__":
-    db, logs, expect = sys.argv[1:4]
-    trio.run(main, db, logs, int(expect))
+    url, logs, expect = sys.argv[1:4]
+    trio.run(main, url, logs, int(expect))

@@ -1,12 +1,13 @@
 """A flow that a crash test SIGKILLs at random moments, then runs to completion.
 
-Run as ``python crash_child.py DB LOGS TOTAL SEED PACE [--finish]``. Three
-consumers append one line per handled event (``"<seq>\\n"``) to
-``LOGS/<consumer>.log``, with a ``restart`` line whenever this script starts.
-The script publishes events carrying a running counter ``n`` until the store
-holds TOTAL of them, continuing after a crash from the last counter in the
-store, and records every publish that returned in ``LOGS/published.log``
-(``"<seq> <n>\\n"``). It prints ``ready`` once the flow is open.
+Run as ``python crash_child.py URL LOGS TOTAL SEED PACE [--finish]``, where URL
+is a store URL (``sqlite:///...``, ``postgresql://...?schema=...``). Three consumers append
+one line per handled event (``"<seq>\\n"``) to ``LOGS/<consumer>.log``, with a
+``restart`` line whenever this script starts. The script publishes events
+carrying a running counter ``n`` until the store holds TOTAL of them,
+continuing after a crash from the last counter in the store, and records every
+publish that returned in ``LOGS/published.log`` (``"<seq> <n>\\n"``). It
+prints ``ready`` once the flow is open.
 
 Without ``--finish`` it then idles until killed; with it, it waits until every
 consumer is idle and exits 0.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 import sys
-import urllib.parse
 
 import trio
 
@@ -75,9 +75,9 @@ async def publish(
             await trio.sleep(rng.uniform(0, 2 * pace))
 
 
-async def main(db: str, logs: str, total: int, seed: int, pace: float, finish: bool) -> None:
+async def main(url: str, logs: str, total: int, seed: int, pace: float, finish: bool) -> None:
     rng = random.Random(seed)
-    app = trioflow.App(store=f"sqlite:///{urllib.parse.quote(db)}")
+    app = trioflow.App(store=url)
     for name in CONSUMERS:
         fd = open_log(os.path.join(logs, f"{name}.log"))
         os.write(fd, b"restart\n")
@@ -99,5 +99,5 @@ async def main(db: str, logs: str, total: int, seed: int, pace: float, finish: b
 
 
 if __name__ == "__main__":
-    db, logs, total, seed, pace = sys.argv[1:6]
-    trio.run(main, db, logs, int(total), int(seed), float(pace), "--finish" in sys.argv[6:])
+    url, logs, total, seed, pace = sys.argv[1:6]
+    trio.run(main, url, logs, int(total), int(seed), float(pace), "--finish" in sys.argv[6:])

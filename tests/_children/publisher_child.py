@@ -1,25 +1,31 @@
 """A process that only publishes: no consumers.
 
-Run as ``python publisher_child.py DB NAME COUNT SEED``. Publishes COUNT events
-of type ``mp`` with data ``{"pub": NAME, "n": i}`` (i = 0 .. COUNT-1, in
-order), in batches of random size with some single publishes, then exits 0.
+Run as ``python publisher_child.py URL NAME COUNT SEED GO``. Opens the
+flow, prints ``ready``, waits until the file GO exists (so that several
+publishers start together and their appends interleave), then publishes COUNT
+events of type ``mp`` with data ``{"pub": NAME, "n": i}`` (i = 0 .. COUNT-1, in
+order), in batches of random size with some single publishes, and exits 0.
 """
 
 from __future__ import annotations
 
 import random
 import sys
-import urllib.parse
 
 import trio
 
 import trioflow
 
 
-async def main(db: str, name: str, count: int, seed: int) -> None:
+async def main(url: str, name: str, count: int, seed: int, go: str) -> None:
     rng = random.Random(seed)
-    app = trioflow.App(store=f"sqlite:///{urllib.parse.quote(db)}")
+    app = trioflow.App(store=url)
     async with trioflow.open_flow(app) as flow:
+        print("ready", flush=True)
+        with trio.fail_after(60):
+            # Another process's signal: nothing to wait on but the file.
+            while not await trio.Path(go).exists():  # noqa: ASYNC110
+                await trio.sleep(0.005)
         n = 0
         while n < count:
             if rng.random() < 0.2:
@@ -35,5 +41,5 @@ async def main(db: str, name: str, count: int, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    db, name, count, seed = sys.argv[1:5]
-    trio.run(main, db, name, int(count), int(seed))
+    url, name, count, seed, go = sys.argv[1:6]
+    trio.run(main, url, name, int(count), int(seed), go)

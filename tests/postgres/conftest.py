@@ -4,6 +4,10 @@ The server is the one named by $TRIOFLOW_TEST_POSTGRES_URL (default
 ``postgresql://postgres@127.0.0.1:5432/test``); the role needs to create and
 drop schemas (and, for one test, roles). When the server cannot be reached the
 tests that need it are skipped, or fail when $CI is ``true``.
+
+Tests that stop and start the server use a throwaway cluster of their own
+(`pg_cluster`, see ``_cluster.py``), made from the machine's PostgreSQL
+binaries; without them those tests are skipped, or fail when $CI is ``true``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.postgres._cluster import Cluster, ClusterUnavailable
 from trioflow import StoreError
 from trioflow.stores._pg_driver import Driver, DriverConfig, open_driver
 from trioflow.stores.postgres import PostgresStore
@@ -136,6 +141,35 @@ async def admin(pg_url: str) -> AsyncIterator[Driver]:
     """A plain driver on the test database."""
     async with open_admin(pg_url) as driver:
         yield driver
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster for the whole session, started; deleted at the end.
+
+    Skips (fails under CI=true) when the machine has no PostgreSQL server
+    binaries or no unprivileged user to run them as.
+    """
+    try:
+        cluster = Cluster.create()
+    except ClusterUnavailable as exc:
+        message = f"cannot make a throwaway PostgreSQL cluster: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true, so this fails instead of skipping)")
+        pytest.skip(message)
+    try:
+        cluster.start_blocking()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def cluster(pg_cluster: Cluster) -> Cluster:
+    """The throwaway cluster, running (a test before may have left it stopped)."""
+    if not pg_cluster.running:
+        pg_cluster.start_blocking()
+    return pg_cluster
 
 
 def pytest_collection_modifyitems(items: list[Any]) -> None:

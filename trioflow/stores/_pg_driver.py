@@ -40,6 +40,7 @@ from .._errors import StoreError, StoreUnavailableError
 __all__ = [
     "Driver",
     "DriverConfig",
+    "InDoubtError",
     "Record",
     "Transaction",
     "map_exceptions",
@@ -160,6 +161,36 @@ def map_exceptions(display: str) -> Iterator[None]:
         raise StoreError(f"the PostgreSQL driver failed talking to {display}: {exc}") from exc
 
 
+class InDoubtError(StoreUnavailableError):
+    """The connection failed after a write was sent: it may or may not have committed.
+
+    Raised by `Driver.fetchrow_write` and by the COMMIT of `Driver.transaction`,
+    where PostgreSQL may have committed (and the commit survives a server
+    crash) although its answer never arrived. The store resolves it by
+    looking for what it wrote once it can reach the server again.
+    """
+
+
+class _NeverSent(Exception):
+    """A statement failed before it was sent: `Driver._run` tries another connection."""
+
+
+def _never_sent(error: StoreError) -> bool:
+    """Whether ``error`` came from a connection that could not send anything.
+
+    asyncpg checks its connection before it writes a statement: a connection
+    already closed, or one that received a FATAL error while idle and is
+    waiting for the close that follows ("another operation is in progress"),
+    fails at once.
+    """
+    cause = error.__cause__
+    if isinstance(cause, asyncpg.InternalClientError):
+        return "another operation" in str(cause)
+    if isinstance(cause, asyncpg.InterfaceError):
+        return str(cause) == "connection is closed"
+    return False
+
+
 _Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
 
 
@@ -194,29 +225,38 @@ class Driver:
 
     async def execute(self, query: str, *args: object) -> str:
         """Run a statement; return its status tag (for example ``"INSERT 0 5"``)."""
-        async with self._connection() as connection:
-            return await self._call(connection.execute(query, *args))
+        return await self._run(lambda connection: connection.execute(query, *args))
 
     async def fetch(self, query: str, *args: object) -> list[Record]:
         """Run a query and return all of its rows."""
-        async with self._connection() as connection:
-            return await self._call(connection.fetch(query, *args))
+        return await self._run(lambda connection: connection.fetch(query, *args))
 
     async def fetchrow(self, query: str, *args: object) -> Record | None:
         """Run a query and return its first row, or None when it has none."""
-        async with self._connection() as connection:
-            return await self._call(connection.fetchrow(query, *args))
+        return await self._run(lambda connection: connection.fetchrow(query, *args))
 
     async def fetchval(self, query: str, *args: object) -> Any:
         """Run a query and return the first column of its first row (None if no row)."""
-        async with self._connection() as connection:
-            return await self._call(connection.fetchval(query, *args))
+        return await self._run(lambda connection: connection.fetchval(query, *args))
+
+    async def fetchrow_write(self, query: str, *args: object) -> Record | None:
+        """`fetchrow` for a statement that writes, telling an unsent one from one in doubt.
+
+        Raises:
+            StoreUnavailableError: No connection could be made: nothing was sent.
+            InDoubtError: The connection failed once the statement was sent; its
+                implicit transaction may have committed.
+            StoreError: PostgreSQL refused or failed the statement: it was
+                rolled back.
+        """
+        return await self._run(
+            lambda connection: connection.fetchrow(query, *args), in_doubt_when_lost=True
+        )
 
     async def executemany(self, query: str, args: Iterable[Sequence[object]]) -> None:
         """Run a statement once per argument tuple, pipelined, in one transaction."""
         rows = list(args)
-        async with self._connection() as connection:
-            await self._call(connection.executemany(query, rows))
+        await self._run(lambda connection: connection.executemany(query, rows))
 
     async def copy_records(
         self,
@@ -228,12 +268,47 @@ class Driver:
     ) -> str:
         """Bulk-insert rows with COPY (binary) in one transaction; return the status tag."""
         rows = list(records)
-        async with self._connection() as connection:
-            return await self._call(
-                connection.copy_records_to_table(
-                    table, records=rows, columns=columns, schema_name=schema
-                )
+        return await self._run(
+            lambda connection: connection.copy_records_to_table(
+                table, records=rows, columns=columns, schema_name=schema
             )
+        )
+
+    async def _run(
+        self,
+        statement: Callable[[_Connection], Coroutine[Any, Any, _T]],
+        *,
+        in_doubt_when_lost: bool = False,
+    ) -> _T:
+        """Run one statement on a pooled connection, in its own implicit transaction.
+
+        A pooled connection that the server ended while it sat idle (a server
+        shutdown sends a FATAL error, then closes) can look open until the close
+        arrives; a statement on it fails before anything is sent. Such a
+        connection is dropped and the statement runs on another, as on a
+        connection found closed: at most once per pooled connection, then on a
+        new one.
+
+        With ``in_doubt_when_lost``, losing the connection once the statement
+        was sent raises `InDoubtError`.
+        """
+        tries = self._config.max_size + 1
+        while True:
+            tries -= 1
+            try:
+                async with self._connection() as connection:
+                    try:
+                        return await self._call(statement(connection))
+                    except StoreError as exc:
+                        if _never_sent(exc):
+                            if tries > 0:
+                                raise _NeverSent from exc
+                        elif in_doubt_when_lost and type(exc) is StoreUnavailableError:
+                            raise InDoubtError(str(exc)) from exc
+                        raise
+            except _NeverSent:
+                # The connection is closed by now (rolling it back failed).
+                continue
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -245,7 +320,8 @@ class Driver:
         the transaction) and re-raises. The commit itself is shielded from
         cancellation for at most ``cleanup_timeout``, so that once the block
         has finished the outcome is known: if the commit did not finish in
-        that time, StoreUnavailableError says the outcome is unknown.
+        that time, or the connection failed during it, `InDoubtError` says
+        the outcome is unknown.
 
         Yields:
             The transaction; use it from one task at a time.
@@ -255,9 +331,16 @@ class Driver:
             yield Transaction(driver=self, connection=connection)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self._config.cleanup_timeout
-                await self._call(connection.execute("COMMIT"))
+                try:
+                    await self._call(connection.execute("COMMIT"))
+                except InDoubtError:
+                    raise
+                except StoreUnavailableError as exc:
+                    raise InDoubtError(
+                        f"{exc} (during COMMIT: whether the transaction committed is unknown)"
+                    ) from exc
             if scope.cancelled_caught:
-                raise StoreUnavailableError(
+                raise InDoubtError(
                     f"PostgreSQL at {self._config.display} did not confirm a COMMIT within "
                     f"{self._config.cleanup_timeout}s: whether the transaction committed is "
                     "unknown; check the server, then retry what is safe to retry"

@@ -13,6 +13,15 @@ of their sequence numbers: a reader that has seen ``s`` has already been able
 to see every event below ``s``. A rolled-back append may leave a hole in the
 numbering; readers never wait for holes, they just read ``seq > after``.
 docs/postgres.md explains the mechanism, its cost and the other choices.
+
+An append whose connection fails after the statement was sent may have
+committed although no answer came back (a server crash right after the commit,
+a network failure). The store then finds out before it answers: once it can
+reach the server again (for up to ``connect_timeout`` seconds) it waits for
+the append lock, so that no append is still running, and looks the batch up by
+its first event id. Found, the append succeeded and returns its real sequence
+numbers; not found, it failed and nothing was persisted. Only when the server
+stays out of reach does the error say that the outcome is unknown.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import trio
 
 from .._errors import (
     ConfigurationError,
+    OutcomeUnknownError,
     SchemaVersionError,
     StoreError,
     StoreUnavailableError,
@@ -40,7 +50,15 @@ from .._errors import (
 )
 from .._events import Event, NewEvent
 from ._base import Appended, Store
-from ._pg_driver import Driver, DriverConfig, Record, Transaction, open_driver, simplify_group
+from ._pg_driver import (
+    Driver,
+    DriverConfig,
+    InDoubtError,
+    Record,
+    Transaction,
+    open_driver,
+    simplify_group,
+)
 
 __all__ = ["CursorDurability", "PostgresStore"]
 
@@ -172,6 +190,20 @@ class _Queries:
     @property
     def head(self) -> str:
         return f"SELECT coalesce(max(seq), 0) FROM {self.q}.events"
+
+    @property
+    def lock_append(self) -> str:
+        return f"SELECT pg_advisory_xact_lock({_LOCK_CLASS_APPEND}, {self.lock_key})"
+
+    @property
+    def find_batch(self) -> str:
+        # The batch's first seq and time, and the head before it: appends
+        # commit in seq order, so every event below it was committed first.
+        return (
+            "SELECT e.seq, e.created_at, "
+            f"(SELECT coalesce(max(b.seq), 0) FROM {self.q}.events AS b WHERE b.seq < e.seq) "
+            f"FROM {self.q}.events AS e WHERE e.id = $1"
+        )
 
     @property
     def load_cursors(self) -> str:
@@ -522,15 +554,89 @@ class PostgresStore(Store):
             [event.payload for event in events],
         )
         row: Record | None
-        if self._before_commit is None:
-            row = await driver.fetchrow(self._sql.append, *args)
+        try:
+            if self._before_commit is None:
+                row = await driver.fetchrow_write(self._sql.append, *args)
+            else:
+                async with driver.transaction() as transaction:
+                    row = await transaction.fetchrow(self._sql.append, *args)
+                    await self._before_commit()
+        except InDoubtError as exc:
+            appended = await self._settle_in_doubt(driver, events, exc)
         else:
-            async with driver.transaction() as transaction:
-                row = await transaction.fetchrow(self._sql.append, *args)
-                await self._before_commit()
-        assert row is not None
-        after, first, created_at = row[0], row[1], row[2]
+            assert row is not None
+            after, first, created_at = row[0], row[1], row[2]
+            appended = Appended(
+                after=after, seqs=range(first, first + len(events)), created_at=created_at
+            )
         self._wake()
+        return appended
+
+    async def _settle_in_doubt(
+        self, driver: Driver, events: Sequence[NewEvent], error: InDoubtError
+    ) -> Appended:
+        """Find out whether an append whose answer was lost committed.
+
+        Tries for up to ``connect_timeout`` seconds, with backoff, to take the
+        append lock (so that the lost append, if its server session still
+        runs, has ended) and look up the batch's first event.
+
+        Raises:
+            StoreUnavailableError: The batch was not committed (the message
+                says so).
+            OutcomeUnknownError: The server could not be asked in time.
+        """
+        first_id = events[0].id
+        display = self._config.display
+        window = self._config.connect_timeout
+        logger.warning(
+            "trioflow: lost the connection to %s during an append of %d event(s) (%s); "
+            "checking whether it committed",
+            display,
+            len(events),
+            error,
+        )
+        backoff = _MIN_BACKOFF
+        last: StoreError = error
+        found: Record | None = None
+        looked = False
+        with trio.move_on_after(window):
+            while True:
+                try:
+                    async with driver.transaction() as tx:
+                        await tx.execute(self._sql.lock_append)
+                        # A new statement, so a new snapshot: taken after the lock.
+                        found = await tx.fetchrow(self._sql.find_batch, first_id)
+                        looked = True
+                    break
+                except StoreError as exc:
+                    if looked:
+                        # Only ending the read-only transaction failed: the answer stands.
+                        break
+                    last = exc
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        if not looked:
+            since = "" if last is error else f"; then: {last}"
+            raise OutcomeUnknownError(
+                f"lost the connection to PostgreSQL at {display} while appending "
+                f"{len(events)} event(s), and could not reach it again within {window}s "
+                f"to check: whether they were committed is unknown. If they were, every "
+                f"consumer receives them; look for event id {first_id} before publishing "
+                f"them again ({error}{since})"
+            ) from error
+        if found is None:
+            raise StoreUnavailableError(
+                f"lost the connection to PostgreSQL at {display} while appending "
+                f"{len(events)} event(s); checked after reconnecting: they were not "
+                f"committed, nothing was persisted, and retrying is safe ({error})"
+            ) from error
+        first, created_at, after = found[0], found[1], found[2]
+        logger.warning(
+            "trioflow: the append of %d event(s) whose answer was lost had committed (seq %d)",
+            len(events),
+            first,
+        )
         return Appended(after=after, seqs=range(first, first + len(events)), created_at=created_at)
 
     async def read(self, after: int, limit: int) -> Sequence[Event]:

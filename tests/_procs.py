@@ -1,0 +1,266 @@
+"""Helpers for tests that run flows in real processes and check what they logged.
+
+The children (``tests/_children``) are started with ``sys.executable``. Their
+consumers log one line per handled event, written with a single ``os.write``
+on an ``O_APPEND`` descriptor, so a SIGKILL can end a log but never tear a
+line. Two formats:
+
+* crash logs (`read_runs`): ``"<seq>"`` per event, and a ``restart`` line
+  whenever the child starts, so a log splits into the runs of the child;
+* row logs (`read_rows`): ``"<seq> <publisher> <counter>"`` per event.
+
+The store, read directly, is the ground truth the logs are checked against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+CHILDREN = Path(__file__).parent / "_children"
+
+
+def sqlite_url(db: Path, **options: object) -> str:
+    """The store URL of the SQLite file ``db``, with query options."""
+    query = "&".join(f"{name}={value}" for name, value in options.items())
+    return f"sqlite:///{urllib.parse.quote(str(db))}" + (f"?{query}" if query else "")
+
+
+#: (seq, publisher, counter): one event of a row log, or of the store.
+Row = tuple[int, str, int]
+
+
+class Child:
+    """A child process with its stdout piped and its stderr in a file."""
+
+    def __init__(self, process: trio.Process, stderr: Path) -> None:
+        self.process = process
+        self.stderr = stderr
+        self._buffer = b""
+
+    def describe(self) -> str:
+        stderr = self.stderr.read_text(errors="replace")[-4000:]
+        return (
+            f"child {self.process.args!r} exit status {self.process.returncode}, stderr:\n{stderr}"
+        )
+
+    async def expect_line(self, expected: str, *, limit: float) -> None:
+        """Read stdout up to the next line and check that it is ``expected``."""
+        assert self.process.stdout is not None
+        with trio.move_on_after(limit):
+            while b"\n" not in self._buffer:
+                chunk = await self.process.stdout.receive_some()
+                if not chunk:
+                    break
+                self._buffer += chunk
+        line, newline, self._buffer = self._buffer.partition(b"\n")
+        if not newline:
+            pytest.fail(f"no {expected!r} line within {limit}s (got {line!r}); " + self.describe())
+        assert line.decode() == expected, self.describe()
+
+    async def finish(self, *, limit: float) -> str:
+        """Wait for the child to exit 0; return what it printed."""
+        assert self.process.stdout is not None
+        with trio.move_on_after(limit):
+            while chunk := await self.process.stdout.receive_some():
+                self._buffer += chunk
+            await self.process.wait()
+        if self.process.returncode != 0:
+            pytest.fail(f"child did not exit 0 within {limit}s; " + self.describe())
+        return self._buffer.decode()
+
+    async def kill(self, *, limit: float) -> None:
+        """SIGKILL the child, which must still be running, and reap it."""
+        if self.process.poll() is not None:
+            pytest.fail("child exited before it was killed; " + self.describe())
+        self.process.kill()
+        with trio.move_on_after(limit):
+            await self.process.wait()
+        assert self.process.returncode == -signal.SIGKILL, self.describe()
+
+
+@contextlib.asynccontextmanager
+async def running(script: str, *args: object, stderr: Path) -> AsyncIterator[Child]:
+    """Run a child script with ``sys.executable``; kill it if still running on exit."""
+    fd = os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, str(CHILDREN / script), *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=fd,
+        )
+    finally:
+        os.close(fd)
+    try:
+        yield Child(process, stderr)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.poll() is None:
+                process.kill()
+            await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
+def read_runs(path: Path) -> list[list[int]]:
+    """Split a crash log into the seqs each run of the child handled."""
+    runs: list[list[int]] = []
+    for line in path.read_text().splitlines():
+        if line == "restart":
+            runs.append([])
+        else:
+            assert runs, f"{path}: an event logged before the first restart marker"
+            runs[-1].append(int(line))
+    return runs
+
+
+def split_runs(handled: Iterable[int]) -> list[list[int]]:
+    """Split one process's handled seqs into runs, wherever a seq is not above the last.
+
+    A consumer restarted inside a running flow goes back to its cursor; a
+    restart that goes on right after its last event leaves no trace, and
+    needs none: the run simply continues.
+    """
+    runs: list[list[int]] = []
+    for seq in handled:
+        if not runs or seq <= runs[-1][-1]:
+            runs.append([])
+        runs[-1].append(seq)
+    return runs
+
+
+def check_counters(
+    events: Sequence[tuple[int, str, int]],
+    published_log: Path,
+    context: str,
+    *,
+    holes: bool = False,
+) -> None:
+    """Every counter in the store once, in publish order; every returned publish stored.
+
+    With ``holes`` the sequence numbers need only increase (PostgreSQL: a
+    rolled-back append leaves a hole); otherwise they are 1, 2, 3, ...
+    """
+    seqs = [seq for seq, _, _ in events]
+    counters = [n for _, _, n in events]
+    if holes:
+        assert all(a < b for a, b in itertools.pairwise(seqs)), f"seqs not increasing; {context}"
+    else:
+        assert seqs == list(range(1, len(seqs) + 1)), f"holes in the seqs; {context}"
+    assert counters == list(range(len(counters))), (
+        f"counters missing, duplicated or out of order in the store: "
+        f"{[(s, n) for i, (s, n) in enumerate(zip(seqs, counters, strict=True)) if i != n][:20]}"
+        f"; {context}"
+    )
+    returned = [tuple(map(int, line.split())) for line in published_log.read_text().splitlines()]
+    assert len({seq for seq, _ in returned}) == len(returned), f"a seq returned twice; {context}"
+    stored = {seq: n for seq, _, n in events}
+    lost = [(seq, n) for seq, n in returned if stored.get(seq) != n]
+    assert not lost, f"publish returned (seq, counter) {lost[:20]} but the store differs; {context}"
+
+
+def check_runs(
+    runs: Sequence[Sequence[int]], expected: Sequence[int], where: str
+) -> list[list[int]]:
+    """Check a consumer's runs against the seqs of its types in the store.
+
+    Within a run the consumer handles the next events of its types in order,
+    without gaps, and a run starts no later than right after the last event
+    handled before.
+
+    Returns:
+        For each run, the seqs it handled that an earlier run had handled.
+    """
+    index = {seq: i for i, seq in enumerate(expected)}
+    handled: set[int] = set()
+    again_by_run: list[list[int]] = []
+    top = -1  # the index in `expected` of the highest seq handled so far
+    for number, run in enumerate(runs):
+        unknown = [seq for seq in run if seq not in index]
+        assert not unknown, (
+            f"run {number} handled {unknown[:10]}: not in the store or not its type; {where}"
+        )
+        for before, after in itertools.pairwise(run):
+            assert after > before, f"run {number} went back from {before} to {after}; {where}"
+        positions = [index[seq] for seq in run]
+        if positions:
+            gap = positions != list(range(positions[0], positions[0] + len(positions)))
+            assert not gap, f"run {number} skipped events: {run}; {where}"
+            assert positions[0] <= top + 1, (
+                f"run {number} started at {run[0]}, skipping {expected[top + 1]}; {where}"
+            )
+        again_by_run.append([seq for seq in run if seq in handled])
+        handled.update(run)
+        top = max([top, *positions])
+    return again_by_run
+
+
+def check_consumer_log(
+    runs: Sequence[Sequence[int]],
+    expected: Sequence[int],
+    cursor: int,
+    commit_every: int,
+    where: str,
+) -> None:
+    """`check_runs`, plus the redelivery bound of a consumer with ``commit_every``.
+
+    Each run re-handles at most ``commit_every`` events already handled; at
+    most ``commit_every`` handled events lie past the durable cursor, while
+    every event up to it was handled.
+    """
+    for number, again in enumerate(check_runs(runs, expected, where)):
+        assert len(again) <= commit_every, (
+            f"after restart {number} {len(again)} events were handled again "
+            f"({again[0]}..{again[-1]}); {where}"
+        )
+    handled = {seq for run in runs for seq in run}
+    past_cursor = sorted(seq for seq in handled if seq > cursor)
+    assert len(past_cursor) <= commit_every, (
+        f"{len(past_cursor)} handled events lie past the durable cursor {cursor}; {where}"
+    )
+    missed = [seq for seq in expected if seq <= cursor and seq not in handled]
+    assert not missed, f"cursor {cursor} is past unhandled events {missed[:10]}; {where}"
+
+
+def read_rows(path: Path) -> list[Row]:
+    """A row log: (seq, publisher, counter) per handled event."""
+    rows: list[Row] = []
+    for line in path.read_text().splitlines():
+        seq, publisher, n = line.split()
+        rows.append((int(seq), publisher, int(n)))
+    return rows
+
+
+def first_difference(seen: Sequence[Row], expected: Sequence[Row]) -> int:
+    for index, (a, b) in enumerate(zip(seen, expected, strict=False)):
+        if a != b:
+            return index
+    return min(len(seen), len(expected))
+
+
+def check_consumer_rows(
+    logs: Path, consumers: Iterable[str], events: Sequence[Row], context: str
+) -> None:
+    """Each consumer's row log is exactly the store's events: each once, in seq order."""
+    events = list(events)
+    for name in consumers:
+        seen = read_rows(logs / f"{name}.log")
+        if seen != events:
+            at = first_difference(seen, events)
+            seqs = [seq for seq, _, _ in seen]
+            pytest.fail(
+                f"consumer {name!r} saw {len(seen)} events, the store holds {len(events)}; "
+                f"first difference at index {at}: saw {seen[at : at + 3]}, "
+                f"stored {events[at : at + 3]}; went back: "
+                f"{[(a, b) for a, b in itertools.pairwise(seqs) if b <= a][:10]}; {context}"
+            )

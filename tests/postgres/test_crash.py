@@ -1,0 +1,201 @@
+"""Crash recovery and many processes, with real processes on PostgreSQL.
+
+The same checks as tests/test_crash.py and tests/test_multiprocess.py make on
+SQLite, on the test server (a fresh schema per test): flows in child processes
+(``tests/_children``) are SIGKILLed at random moments and restarted;
+three publisher processes and a consumer process share one schema. The store,
+read directly, is the ground truth the children's logs are checked against
+(see ``tests/_procs.py``).
+
+Unlike SQLite, PostgreSQL finishes a statement whose client was killed: an
+append in flight at the kill may still commit a moment later. Before reading
+the store after a kill, the test waits until the killed child's server
+sessions (tagged with an ``application_name`` per run) are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests._procs import (
+    Row,
+    check_consumer_log,
+    check_consumer_rows,
+    check_counters,
+    read_runs,
+    running,
+)
+from trioflow.stores._pg_driver import Driver
+
+pytestmark = pytest.mark.slow
+
+#: Consumer name -> (commit_every, types or None), as pg_crash_child.py registers them.
+CONSUMERS: dict[str, tuple[int, frozenset[str] | None]] = {
+    "every": (1, None),
+    "default": (100, None),
+    "filtered": (7, frozenset({"t.a"})),
+}
+
+#: ``TRIOFLOW_CRASH_SEED=<n>`` reruns the crash test with one seed only.
+SEEDS = [int(os.environ["TRIOFLOW_CRASH_SEED"])] if "TRIOFLOW_CRASH_SEED" in os.environ else [1, 2]
+TOTAL = 2000
+KILLS = 6
+#: Mean seconds between a child's publish calls, so a run publishes a part only.
+PACE = 0.02
+
+
+async def read_store(
+    admin: Driver, schema: str
+) -> tuple[list[tuple[int, str, int]], dict[str, int]]:
+    """Return every event as (seq, type, counter), in seq order, and the (logged) cursors."""
+    rows = await admin.fetch(f'SELECT seq, type, data FROM "{schema}".events ORDER BY seq')
+    events = [(row[0], row[1], int(json.loads(row[2])["n"])) for row in rows]
+    cursors = {
+        row[0]: row[1] for row in await admin.fetch(f'SELECT consumer, seq FROM "{schema}".cursors')
+    }
+    return events, cursors
+
+
+async def wait_sessions_gone(admin: Driver, tag: str) -> None:
+    """Wait until the server has no session of ``tag`` left (its last statement is over)."""
+    with trio.fail_after(30):
+        # Polling the server's view: there is nothing to wait on locally.
+        while await admin.fetchval(  # noqa: ASYNC110
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", tag
+        ):
+            await trio.sleep(0.02)
+
+
+async def check_state(
+    admin: Driver, schema: str, logs: Path, context: str, *, total: int | None = None
+) -> None:
+    events, cursors = await read_store(admin, schema)
+    check_counters(events, logs / "published.log", context, holes=True)
+    head = events[-1][0] if events else 0
+    for name, (commit_every, types) in CONSUMERS.items():
+        expected = [seq for seq, event_type, _ in events if types is None or event_type in types]
+        runs = read_runs(logs / f"{name}.log")
+        cursor = cursors.get(name, 0)
+        assert cursor <= head, f"consumer {name!r}: cursor {cursor} past the head {head}; {context}"
+        where = f"consumer {name!r} (commit_every={commit_every}); {context}"
+        check_consumer_log(runs, expected, cursor, commit_every, where)
+        if total is not None:
+            handled = {seq for run in runs for seq in run}
+            assert handled == set(expected), (
+                f"consumer {name!r} never handled {sorted(set(expected) - handled)[:20]}; {context}"
+            )
+    if total is not None:
+        assert len(events) == total, f"{len(events)} events in the store, not {total}; {context}"
+        assert cursors == dict.fromkeys(CONSUMERS, head), (
+            f"cursors {cursors} after wait_idle, head {head}; {context}"
+        )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_sigkill_loses_nothing_and_redelivers_at_most_commit_every(
+    tmp_path: Path, seed: int, make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    rng = random.Random(seed)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    context = (
+        f"seed {seed} (rerun: TRIOFLOW_CRASH_SEED={seed}); logs in {tmp_path}, schema {schema}"
+    )
+    prefix = f"tf-crash-{uuid.uuid4().hex[:12]}"
+    for run in range(KILLS):
+        tag = f"{prefix}-{run}"
+        url = make_url(schema=schema, poll_interval=0.2, application_name=tag)
+        stderr = tmp_path / f"run{run}.stderr"
+        async with running(
+            "crash_child.py", url, logs, TOTAL, rng.randrange(2**32), PACE, stderr=stderr
+        ) as child:
+            if run == 0 or rng.random() < 0.5:
+                await child.expect_line("ready", limit=30)
+                await trio.sleep(rng.uniform(0.0, 1.0))
+            else:
+                # Maybe while it starts up, opens the store or replays.
+                await trio.sleep(rng.uniform(0.0, 1.5))
+            await child.kill(limit=30)
+        await wait_sessions_gone(admin, tag)
+        await check_state(admin, schema, logs, f"after kill {run}; {context}")
+    async with running(
+        "crash_child.py",
+        make_url(schema=schema, poll_interval=0.2),
+        logs,
+        TOTAL,
+        rng.randrange(2**32),
+        PACE,
+        "--finish",
+        stderr=tmp_path / "final.stderr",
+    ) as child:
+        output = await child.finish(limit=120)
+    assert output.split() == ["ready", "idle"], context
+    await check_state(admin, schema, logs, f"after the final run; {context}", total=TOTAL)
+
+
+async def test_three_publisher_processes_and_a_consumer_process(
+    tmp_path: Path, make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    count = 700
+    publishers = ("p1", "p2", "p3")
+    # Notifications wake the consumer process; polling is only the fallback.
+    url = make_url(schema=schema, poll_interval=1.0)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    context = f"logs in {tmp_path}, schema {schema}"
+    async with running(
+        "consumer_child.py",
+        url,
+        logs,
+        len(publishers) * count,
+        stderr=tmp_path / "consumer.stderr",
+    ) as consumer:
+        # The consumer process creates the schema; the publishers open it after.
+        await consumer.expect_line("ready", limit=30)
+        go = tmp_path / "go"
+        async with contextlib.AsyncExitStack() as stack:
+            children = [
+                await stack.enter_async_context(
+                    running(
+                        "publisher_child.py",
+                        url,
+                        name,
+                        count,
+                        seed,
+                        go,
+                        stderr=tmp_path / f"{name}.stderr",
+                    )
+                )
+                for seed, name in enumerate(publishers)
+            ]
+            for child in children:
+                await child.expect_line("ready", limit=30)
+            # All at once, so that their appends contend.
+            go.touch()
+            for child in children:
+                await child.finish(limit=60)
+        await consumer.finish(limit=60)
+    rows = await admin.fetch(f'SELECT seq, data FROM "{schema}".events ORDER BY seq')
+    events: list[Row] = [
+        (row[0], json.loads(row[1])["pub"], json.loads(row[1])["n"]) for row in rows
+    ]
+    assert len(events) == len(publishers) * count, context
+    seqs = [seq for seq, _, _ in events]
+    assert seqs == sorted(set(seqs)), context
+    for name in publishers:
+        counters = [n for _, pub, n in events if pub == name]
+        assert counters == list(range(count)), f"{name}'s events out of order; {context}"
+    # The publishers' appends interleaved: this was a test of concurrent writers.
+    switches = sum(1 for a, b in itertools.pairwise(events) if a[1] != b[1])
+    assert switches >= len(publishers), f"the publishers' events never interleaved; {context}"
+    check_consumer_rows(logs, ("plain", "bounded"), events, context)
