@@ -60,6 +60,9 @@ class Case:
             `BenchmarkFailed` if the run's correctness check fails.
         params: Its other settings, recorded in the JSON file.
         reference: The baseline the ratios are taken against (one per workload).
+        baseline: The id of a case on the same store whose figures this
+            case's are also divided by (the workload's ``baseline_label``
+            column), or None.
     """
 
     id: str
@@ -70,6 +73,7 @@ class Case:
     run: Callable[[], Mapping[str, float]]
     params: Mapping[str, object] = attrs.field(factory=dict)
     reference: bool = False
+    baseline: str | None = None
 
 
 def positive_int(text: str) -> int:
@@ -102,6 +106,8 @@ class Workload:
         metrics: The figures its table shows, in column order.
         ratio_metric: The figure whose ratio to the reference case is shown.
         ratio_label: The header of that ratio's column.
+        baseline_label: The header of the column dividing ``ratio_metric``
+            by that of each case's ``baseline`` case; shown when a case has one.
         cases: Builds the cases to run from the common options and the
             parsed command line (for the workload's own options).
         add_arguments: Adds the workload's own options to its parser.
@@ -114,10 +120,11 @@ class Workload:
     ratio_label: str
     cases: Callable[[Options, argparse.Namespace], Sequence[Case]]
     add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    baseline_label: str = "vs baseline"
 
 
 def select_cases(cases: Sequence[Case], wanted: Sequence[str] | None) -> list[Case]:
-    """Keep the cases named in ``wanted`` (all if None), and always the reference.
+    """Keep the cases named in ``wanted`` (all if None), the reference, and their baselines.
 
     Raises:
         ValueError: A name in ``wanted`` is not one of the cases' ids.
@@ -130,7 +137,8 @@ def select_cases(cases: Sequence[Case], wanted: Sequence[str] | None) -> list[Ca
         raise ValueError(
             f"unknown case {', '.join(unknown)}; this workload has: {', '.join(sorted(known))}"
         )
-    return [case for case in cases if case.reference or case.id in wanted]
+    baselines = {case.baseline for case in cases if case.id in wanted}
+    return [case for case in cases if case.reference or case.id in wanted or case.id in baselines]
 
 
 class _GCTimer:
@@ -183,7 +191,9 @@ def run_cases(
                 # Garbage left by the previous run is not this run's cost.
                 gc.collect()
                 with _GCTimer() as collecting:
-                    figures = {**case.run(), "gc_s": collecting.seconds}
+                    measured = case.run()
+                # A case run in a subprocess reports its own gc_s.
+                figures = {"gc_s": collecting.seconds, **measured}
                 case_runs.append(figures)
                 done += 1
                 shown = "  ".join(
@@ -205,6 +215,7 @@ def run_cases(
             events=case.events,
             params=case.params,
             reference=case.reference,
+            baseline=case.baseline,
             runs=case_runs,
         )
         for case, case_runs in zip(cases, runs, strict=True)

@@ -49,6 +49,8 @@ class CaseResult:
         events: Events published (or objects sent) per run.
         params: The case's other settings, for the JSON file.
         reference: Whether this is the baseline the ratios are taken against.
+        baseline: The id of the case on the same store it is also compared
+            with, or None.
         runs: One mapping of metric key to value per run, in run order.
     """
 
@@ -60,6 +62,7 @@ class CaseResult:
     params: Mapping[str, object]
     reference: bool
     runs: Sequence[Mapping[str, float]]
+    baseline: str | None = None
 
     def figures(self) -> list[str]:
         """The figures measured on every run, sorted."""
@@ -84,6 +87,8 @@ class Report:
         metrics: The figures shown in the table, in column order.
         ratio_metric: The figure whose ratio to the reference case is shown.
         ratio_label: The ratio column's header.
+        baseline_label: The header of the column comparing cases with their
+            ``baseline`` case (shown when some case has one).
         results: One entry per case, in the order the cases ran.
         machine: Where it ran (see `machine_info`).
     """
@@ -97,6 +102,9 @@ class Report:
     ratio_label: str
     results: Sequence[CaseResult]
     machine: Mapping[str, object]
+    baseline_label: str = "vs baseline"
+    #: Stores asked for but skipped (their server was unreachable), with why.
+    skipped: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def reference(self) -> CaseResult | None:
@@ -111,12 +119,38 @@ class Report:
         base = reference.median(key)
         return result.median(key) / base if base else None
 
+    def baseline_of(self, result: CaseResult) -> CaseResult | None:
+        """The case ``result`` is compared with (its ``baseline``, on its store), if it ran."""
+        if result.baseline is None:
+            return None
+        return next(
+            (
+                other
+                for other in self.results
+                if other.case == result.baseline and other.store == result.store
+            ),
+            None,
+        )
+
+    def baseline_ratio(self, result: CaseResult, key: str) -> float | None:
+        """The median of ``key`` for ``result`` over that of its baseline case."""
+        baseline = self.baseline_of(result)
+        if baseline is None:
+            return None
+        base = baseline.median(key)
+        return result.median(key) / base if base else None
+
     def table(self) -> str:
-        """The results as a Markdown table: medians, and the ratio to the baseline."""
+        """The results as a Markdown table: medians, and the ratios to the baselines."""
+        with_baselines = any(result.baseline is not None for result in self.results)
         header = ["case", "store", "K", "N", *(m.label for m in self.metrics), self.ratio_label]
+        if with_baselines:
+            header.append(self.baseline_label)
         rows = [header]
         for result in self.results:
-            ratio = self.ratio(result, self.ratio_metric)
+            ratios = [self.ratio(result, self.ratio_metric)]
+            if with_baselines:
+                ratios.append(self.baseline_ratio(result, self.ratio_metric))
             rows.append(
                 [
                     result.case,
@@ -124,7 +158,7 @@ class Report:
                     str(result.consumers),
                     f"{result.events:,}",
                     *(f"{result.median(m.key):,.{m.decimals}f}" for m in self.metrics),
-                    "-" if ratio is None else f"{ratio:.2f}",
+                    *("-" if ratio is None else f"{ratio:.2f}" for ratio in ratios),
                 ]
             )
         # Markdown wants three characters in every cell of the rule below the header.
@@ -158,6 +192,7 @@ class Report:
             "metrics": [attrs.asdict(metric) for metric in self.metrics],
             "ratio_metric": self.ratio_metric,
             "reference_case": None if self.reference is None else self.reference.case,
+            "skipped_stores": dict(self.skipped),
             "results": [
                 {
                     "case": result.case,
@@ -173,6 +208,13 @@ class Report:
                         key: self.ratio(result, key)
                         for key in result.figures()
                         if self.reference is not None and key in self.reference.figures()
+                    },
+                    "baseline_case": result.baseline,
+                    "ratio_to_baseline": {
+                        key: self.baseline_ratio(result, key)
+                        for key in result.figures()
+                        if (baseline := self.baseline_of(result)) is not None
+                        and key in baseline.figures()
                     },
                 }
                 for result in self.results
@@ -202,6 +244,8 @@ def machine_info() -> dict[str, object]:
         "trio": _version("trio"),
         "trioflow": _version("trioflow"),
         "attrs": _version("attrs"),
+        "asyncpg": _version("asyncpg"),
+        "trio_asyncio": _version("trio-asyncio"),
         "sqlite": sqlite3.sqlite_version,
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(affinity(0)) if affinity is not None else os.cpu_count(),

@@ -34,8 +34,12 @@ import datetime
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from time import perf_counter
 from typing import TypeVar
 
@@ -45,16 +49,20 @@ import trio
 import trioflow
 from trioflow.stores import Store
 
+# Re-exported: the events' shape is part of this workload's definition.
+from ._data import DATA_BYTES as DATA_BYTES
+from ._data import EVENT_TYPE as EVENT_TYPE
+from ._data import Data as Data
+from ._data import make_data as make_data
 from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int
 from ._report import Metric
-from ._stores import StoreKind
+from ._stores import POSTGRES_URL_VARIABLE, StoreKind, fresh_postgres_schema
 
-#: The type of every event published.
-EVENT_TYPE = "bench.fanout"
-#: Size of each event's data, encoded as compact JSON.
-DATA_BYTES = 200
+#: Rows per query of the hand-written program's readers (trioflow's default page_size).
+PAGE_SIZE = 1000
+#: The directory holding the ``benchmarks`` package: where its subprocesses start.
+_ROOT = Path(__file__).resolve().parent.parent
 
-Data = dict[str, object]
 #: One run's figures, by metric key.
 Figures = Mapping[str, float]
 T = TypeVar("T")
@@ -96,27 +104,6 @@ def check_tallies(tallies: Sequence[Tally], events: int, *, what: str) -> None:
             f"{what}: expected every consumer to handle seqs 1..{events:,} in order, but "
             + "; ".join(problems)
         )
-
-
-def make_data(count: int) -> list[Data]:
-    """``count`` distinct order-like JSON objects of `DATA_BYTES` bytes each."""
-    out: list[Data] = []
-    for index in range(count):
-        data: Data = {
-            "order": index + 1,
-            "customer": f"customer-{index % 9973:05d}",
-            "currency": "EUR",
-            "total_cents": 1999 + index % 5000,
-            "items": [
-                {"sku": f"sku-{index % 1000:05d}", "qty": 1 + index % 3, "price_cents": 1999},
-                {"sku": f"sku-{(index * 7) % 1000:05d}", "qty": 1, "price_cents": 499},
-            ],
-            "note": "",
-        }
-        size = len(json.dumps(data, separators=(",", ":")))
-        data["note"] = "x" * max(DATA_BYTES - size, 0)
-        out.append(data)
-    return out
 
 
 def make_events(data: Sequence[Data]) -> list[trioflow.Event]:
@@ -364,12 +351,7 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             ),
             commit_every=commit_every,
             batches=item_batches,
-        ),
-        _FlowVariant(
-            id="publish-many-commit1",
-            description="as publish-many, with commit_every=1 (a cursor commit after every event)",
-            commit_every=1,
-            batches=item_batches,
+            baseline="asyncpg",
         ),
         _FlowVariant(
             id="publish-tasks",
@@ -379,21 +361,36 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             ),
             commit_every=commit_every,
             shares=shares,
+            baseline="asyncpg",
+        ),
+        _FlowVariant(
+            id="publish-many-commit1",
+            description="as publish-many, with commit_every=1 (a cursor commit after every event)",
+            commit_every=1,
+            batches=item_batches,
+            baseline="asyncpg-commit1",
         ),
     ]
     for kind in options.stores:
-        for variant in variants:
-            cases.append(
-                Case(
-                    id=variant.id,
-                    description=variant.description,
-                    store=kind.name,
-                    consumers=k,
-                    events=n,
-                    params=variant.params(),
-                    run=_flow_case(kind, variant, consumers=k, timeout=timeout),
-                )
+        store_cases = [
+            Case(
+                id=variant.id,
+                description=variant.description,
+                store=kind.name,
+                consumers=k,
+                events=n,
+                params=variant.params(),
+                run=_flow_case(kind, variant, consumers=k, timeout=timeout),
+                baseline=variant.baseline if kind.family == "postgres" else None,
             )
+            for variant in variants
+        ]
+        if kind.family == "postgres":
+            # Each hand-written run just before the trioflow cases compared
+            # with it, so that both see the machine in the same state.
+            store_cases.insert(0, _asyncpg_case(kind, options, batch_size, commit_every))
+            store_cases.insert(3, _asyncpg_case(kind, options, batch_size, 1))
+        cases.extend(store_cases)
     return cases
 
 
@@ -412,6 +409,8 @@ class _FlowVariant:
     batches: Sequence[Sequence[tuple[str, Data]]] = ()
     #: For publish: the data each publishing task publishes, one call each.
     shares: Sequence[Sequence[Data]] = ()
+    #: On PostgreSQL: the id of the hand-written case it is compared with.
+    baseline: str | None = None
 
     @property
     def events(self) -> int:
@@ -472,15 +471,90 @@ def _flow_case(
     return run
 
 
+# --- the hand-written asyncpg program (PostgreSQL stores only) ------------------------
+
+
+def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, commit_every: int) -> Case:
+    """The hand-written program (`benchmarks.asyncpg_fanout`) on ``kind``'s server.
+
+    It runs in a subprocess, so that asyncio and trio never share a process,
+    with the cursor durability of the store it is compared with.
+    """
+    case_id = "asyncpg" if commit_every != 1 else "asyncpg-commit1"
+    durability = kind.options.get("cursor_durability", "sync")
+    n, k, timeout = options.events, options.consumers, options.timeout
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.asyncpg_fanout",
+        f"--events={n}",
+        f"--readers={k}",
+        f"--batch-size={batch_size}",
+        f"--page-size={PAGE_SIZE}",
+        f"--commit-every={commit_every}",
+        f"--cursor-durability={durability}",
+    ]
+    what = f"hand-written asyncpg program ({case_id}) on {kind.name}"
+
+    def run() -> Figures:
+        with fresh_postgres_schema() as (url, schema):
+            try:
+                done = subprocess.run(
+                    [*command, f"--schema={schema}"],
+                    cwd=_ROOT,
+                    # Passed in the environment, not on the command line, where
+                    # any password in it would show in the process list.
+                    env={**os.environ, POSTGRES_URL_VARIABLE: url},
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise BenchmarkFailed(f"{what} timed out after {timeout:g}s") from None
+        if done.returncode != 0:
+            detail = "\n".join(done.stderr.strip().splitlines()[-20:])
+            raise BenchmarkFailed(f"{what} failed (exit status {done.returncode}): {detail}")
+        figures = json.loads(done.stdout)
+        return {key: float(value) for key, value in figures.items() if key != "problems"}
+
+    return Case(
+        id=case_id,
+        description=(
+            f"hand-written asyncio+asyncpg program in a subprocess: COPY batches of "
+            f"{batch_size:,}; {k} readers paging by seq {PAGE_SIZE:,} rows at a time, "
+            f"json.loads and a no-op handler per event, cursor upsert every {commit_every} "
+            f"event{'s' if commit_every != 1 else ''} (cursor_durability={durability})"
+        ),
+        store=kind.name,
+        consumers=k,
+        events=n,
+        params={
+            "program": "benchmarks.asyncpg_fanout",
+            "commit_every": commit_every,
+            "batch_size": batch_size,
+            "page_size": PAGE_SIZE,
+            "cursor_durability": durability,
+            "data_bytes": DATA_BYTES,
+        },
+        run=run,
+        baseline=case_id,
+    )
+
+
 WORKLOAD = Workload(
     name="fanout",
-    summary="publish N events, deliver them to K consumers; compared with raw trio channels",
+    summary=(
+        "publish N events, deliver them to K consumers; compared with raw trio channels "
+        "and, on PostgreSQL, a hand-written asyncpg program"
+    ),
     metrics=(
         Metric(key="publish_per_s", label="publish ev/s", unit="events/s"),
         Metric(key="delivered_per_s", label="delivered ev/s", unit="events/s"),
     ),
     ratio_metric="delivered_per_s",
     ratio_label="delivered vs raw",
+    baseline_label="vs hand-written",
     cases=_cases,
     add_arguments=_add_arguments,
 )

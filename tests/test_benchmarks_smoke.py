@@ -7,6 +7,7 @@ No timing is asserted: these only guard the code path that
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ import trio
 from benchmarks import fanout
 from benchmarks.__main__ import main
 from benchmarks._harness import BenchmarkFailed
+from benchmarks._stores import POSTGRES_URL_VARIABLE, STORES
 
 FLOW_CASES = ("publish-many", "publish-many-commit1", "publish-tasks")
+POSTGRES_STORES = ("postgres", "postgres-async", "postgres-unlogged")
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
@@ -86,3 +89,75 @@ async def test_check_catches_lost_repeated_and_reordered_events() -> None:
 def test_a_run_that_never_finishes_fails() -> None:
     with pytest.raises(BenchmarkFailed, match=r"timed out after 0.05s.*consumer 0 handled 0"):
         fanout._run_within(0.05, [fanout.Tally()], 1, "stuck", trio.sleep_forever)
+
+
+@pytest.fixture
+def bench_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the benchmarks at the PostgreSQL test server; skip (fail if CI=true) without one."""
+    if not os.environ.get(POSTGRES_URL_VARIABLE) and os.environ.get("TRIOFLOW_TEST_POSTGRES_URL"):
+        monkeypatch.setenv(POSTGRES_URL_VARIABLE, os.environ["TRIOFLOW_TEST_POSTGRES_URL"])
+    problem = STORES["postgres"].unavailable()
+    if problem is not None:
+        message = f"PostgreSQL benchmark server unavailable: {problem}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true, so this fails instead of skipping)")
+        pytest.skip(message)
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("bench_postgres")
+def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fanout.json"
+    argv = ["run", "fanout", "--events", "200", "--consumers", "2", "--repeat", "1"]
+    argv += ["--publishers", "8", "--batch-size", "64", "--commit-every", "10"]
+    for store in POSTGRES_STORES:
+        argv += ["--store", store]
+
+    assert main([*argv, "--json", str(out)]) == 0
+
+    captured = capsys.readouterr()
+    assert "BENCHMARK FAILED" not in captured.err
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["machine"]["postgresql"]
+    results = {(result["case"], result["store"]): result for result in report["results"]}
+    for store in POSTGRES_STORES:
+        for case, baseline in [
+            ("asyncpg", "asyncpg"),
+            ("asyncpg-commit1", "asyncpg-commit1"),
+            ("publish-many", "asyncpg"),
+            ("publish-tasks", "asyncpg"),
+            ("publish-many-commit1", "asyncpg-commit1"),
+        ]:
+            result = results[case, store]
+            assert result["baseline_case"] == baseline
+            assert result["ratio_to_baseline"]["delivered_per_s"] > 0
+            assert (result["consumers"], result["events"], len(result["runs"])) == (2, 200, 1)
+        durability = STORES[store].options["cursor_durability"]
+        assert results["asyncpg", store]["params"]["cursor_durability"] == durability
+        assert results["asyncpg", store]["params"]["commit_every"] == 10
+        assert results["asyncpg-commit1", store]["params"]["commit_every"] == 1
+    assert "| vs hand-written |" in captured.out
+    assert "| asyncpg-commit1      | postgres-unlogged |" in captured.out
+
+
+def test_an_unreachable_postgres_server_is_skipped_with_a_line_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("trioflow.stores.postgres")
+    # Port 1 on the loopback interface: nothing listens there, the refusal is immediate.
+    monkeypatch.setenv(POSTGRES_URL_VARIABLE, "postgresql://postgres@127.0.0.1:1/test")
+    out = tmp_path / "fanout.json"
+    argv = ["run", "fanout", "--store", "memory", "--store", "postgres", "--events", "50"]
+    argv += ["--repeat", "1", "--case", "publish-many", "--json", str(out)]
+
+    assert main(argv) == 0
+
+    captured = capsys.readouterr()
+    assert "skipping store 'postgres': cannot connect to PostgreSQL" in captured.err
+    assert POSTGRES_URL_VARIABLE in captured.err
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert set(report["skipped_stores"]) == {"postgres"}
+    assert {result["store"] for result in report["results"]} == {None, "memory"}
+    assert "vs hand-written" not in captured.out

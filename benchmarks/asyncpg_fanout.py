@@ -1,0 +1,339 @@
+"""The hand-written asyncpg program that trioflow's PostgreSQL fan-out is compared with.
+
+Plain asyncio and asyncpg (``asyncio.run``; no trio, no trio-asyncio, no
+trioflow), doing by hand what trioflow's fan-out does on PostgreSQL. The
+harness runs it in a subprocess, so that asyncio and trio never share a
+process; it can also be run alone::
+
+    python -m benchmarks.asyncpg_fanout --schema tf_bench_try --events 100000
+
+The server is the one $TRIOFLOW_BENCH_POSTGRES_URL names (default
+``postgresql://postgres@127.0.0.1:5432/test``), or ``--url``.
+
+It creates the schema, runs once, prints its figures as one JSON object on
+stdout, and drops the schema. Exit status 1 (with the reason on stderr) when
+its correctness check fails.
+
+What it does, all in one process on the default asyncio event loop:
+
+- Set-up (not timed): a schema with an ``events`` table shaped like
+  trioflow's (``seq bigserial`` primary key, ``id uuid`` unique, ``type``,
+  ``key``, ``data json``, ``created_at timestamptz DEFAULT now()``) and a
+  ``cursors`` table (consumer, seq, updated_at); one connection for the
+  writer and one per reader, each keeping asyncpg's prepared statements.
+- The writer: for each batch of ``--batch-size`` events, builds one record
+  per event (``uuid.uuid4()``, the type, no key, ``json.dumps`` of the data,
+  compact) and inserts the batch with one binary COPY
+  (``copy_records_to_table``), its own transaction; after each COPY it
+  wakes the readers (an ``asyncio.Event``, in-process: no NOTIFY).
+- K readers, concurrently with the writer, each on its own connection: read
+  ``SELECT seq, id, type, key, data, created_at ... WHERE seq > $1 ORDER BY
+  seq LIMIT $2`` pages of ``--page-size`` rows; for every row
+  ``json.loads`` its data and ``await`` a no-op async handler with the seq
+  and the decoded data (it checks that the seq follows the previous one, as
+  trioflow's benchmark handler does); every ``--commit-every`` events, and
+  after the last, ``await`` an upsert of its cursor (``INSERT ... ON
+  CONFLICT (consumer) DO UPDATE``, one statement, its own transaction). A
+  short page means the reader is level with the writer: it waits to be woken
+  (or 50 ms) before the next query. It stops once it has committed N.
+- ``--cursor-durability`` mirrors trioflow's store option: ``sync`` commits
+  the upserts normally; ``async`` runs the readers' sessions with
+  ``synchronous_commit = off``; ``unlogged`` makes ``cursors`` an UNLOGGED
+  table (trioflow also keeps a logged checkpoint every 5 s; this does not).
+
+Figures: publish ev/s is N over the time from the first COPY until the last
+one returned; delivered ev/s is K*N over the time from the first COPY until
+every reader had committed N. The check: every reader saw exactly seqs
+1..N in order, and every cursor row holds N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import asyncpg
+
+from ._data import EVENT_TYPE, Data, make_data
+
+#: The environment variable naming the server (as for the harness), and its default.
+URL_VARIABLE = "TRIOFLOW_BENCH_POSTGRES_URL"
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
+#: Seconds a reader level with the writer waits for a wake-up before it looks anyway.
+POLL_INTERVAL = 0.05
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_loads = json.loads
+
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
+
+
+class Tally:
+    """The readers' no-op handler, which only notes what it was given."""
+
+    __slots__ = ("count", "last", "out_of_order")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = 0
+        self.out_of_order = 0
+
+    async def handle(self, seq: int, data: object) -> None:
+        """Count the event and check it directly follows the previous one."""
+        if seq != self.last + 1:
+            self.out_of_order += 1
+        self.last = seq
+        self.count += 1
+
+
+class Wakeup:
+    """Wakes the readers after each COPY: take `event` before a query, wait on it after."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def set(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+def _schema_sql(schema: str, *, unlogged: bool) -> str:
+    q = f'"{schema}"'
+    return f"""
+CREATE SCHEMA {q};
+CREATE TABLE {q}.events (
+    seq bigserial PRIMARY KEY,
+    id uuid NOT NULL UNIQUE,
+    type text NOT NULL,
+    key text,
+    data json NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE {"UNLOGGED " if unlogged else ""}TABLE {q}.cursors (
+    consumer text PRIMARY KEY,
+    seq bigint NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+"""
+
+
+async def write(
+    connection: Connection,
+    schema: str,
+    data: Sequence[Data],
+    batch_size: int,
+    wakeup: Wakeup,
+) -> float:
+    """COPY ``data`` in batches; return perf_counter() when the last COPY returned."""
+    columns = ("id", "type", "key", "data")
+    for start in range(0, len(data), batch_size):
+        records = [
+            (uuid.uuid4(), EVENT_TYPE, None, _dumps(item))
+            for item in data[start : start + batch_size]
+        ]
+        await connection.copy_records_to_table(
+            "events", records=records, columns=columns, schema_name=schema
+        )
+        wakeup.set()
+    return time.perf_counter()
+
+
+async def read(
+    connection: Connection,
+    schema: str,
+    name: str,
+    tally: Tally,
+    *,
+    events: int,
+    page_size: int,
+    commit_every: int,
+    wakeup: Wakeup,
+) -> float:
+    """Read, decode, handle and commit up to seq ``events``; return perf_counter() then."""
+    q = f'"{schema}"'
+    select = (
+        f"SELECT seq, id, type, key, data, created_at FROM {q}.events "
+        "WHERE seq > $1 ORDER BY seq LIMIT $2"
+    )
+    upsert = (
+        f"INSERT INTO {q}.cursors (consumer, seq, updated_at) VALUES ($1, $2, now()) "
+        "ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
+    )
+    handle = tally.handle
+    position = 0
+    uncommitted = 0
+    while position < events:
+        woken = wakeup.event
+        rows = await connection.fetch(select, position, page_size)
+        for row in rows:
+            seq = row[0]
+            await handle(seq, _loads(row[4]))
+            position = seq
+            uncommitted += 1
+            if uncommitted >= commit_every:
+                await connection.execute(upsert, name, position)
+                uncommitted = 0
+        if len(rows) < page_size and position < events:
+            # Level with the writer: the next COPY wakes us (the event was
+            # taken before the query, so a COPY during it is not missed).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), POLL_INTERVAL)
+    if uncommitted:
+        await connection.execute(upsert, name, position)
+    return time.perf_counter()
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    """Set up, run once, check, drop the schema; return the figures."""
+    schema: str = args.schema
+    events: int = args.events
+    readers: int = args.readers
+    data = make_data(events)
+    # As the harness does for its own cases: the inputs live through the run,
+    # keep them out of the collector's way.
+    gc.collect()
+    gc.freeze()
+    settings = {"application_name": "trioflow-bench-asyncpg"}
+    reader_settings = dict(settings)
+    if args.cursor_durability == "async":
+        reader_settings["synchronous_commit"] = "off"
+    admin = await asyncpg.connect(args.url, server_settings=settings)
+    try:
+        await admin.execute(_schema_sql(schema, unlogged=args.cursor_durability == "unlogged"))
+        writer = await asyncpg.connect(args.url, server_settings=settings)
+        connections = [
+            await asyncpg.connect(args.url, server_settings=reader_settings) for _ in range(readers)
+        ]
+        try:
+            tallies = [Tally() for _ in range(readers)]
+            wakeup = Wakeup()
+            collecting = _GCTimer()
+            with collecting:
+                started = time.perf_counter()
+                published, *finished = await asyncio.gather(
+                    write(writer, schema, data, args.batch_size, wakeup),
+                    *(
+                        read(
+                            connection,
+                            schema,
+                            f"reader-{index}",
+                            tally,
+                            events=events,
+                            page_size=args.page_size,
+                            commit_every=args.commit_every,
+                            wakeup=wakeup,
+                        )
+                        for index, (connection, tally) in enumerate(
+                            zip(connections, tallies, strict=True)
+                        )
+                    ),
+                )
+            delivered = max(finished)
+        finally:
+            for connection in [writer, *connections]:
+                await connection.close()
+        rows = await admin.fetch(f'SELECT consumer, seq FROM "{schema}".cursors')
+        cursors: dict[str, int] = {row[0]: row[1] for row in rows}
+    finally:
+        try:
+            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await admin.close()
+    problems = [
+        f"reader {index} handled {tally.count:,} events ending at seq {tally.last:,} "
+        f"with {tally.out_of_order:,} out of order"
+        for index, tally in enumerate(tallies)
+        if tally.count != events or tally.last != events or tally.out_of_order
+    ]
+    problems += [
+        f"reader {index}'s committed cursor is {cursors.get(f'reader-{index}')}, not {events:,}"
+        for index in range(readers)
+        if cursors.get(f"reader-{index}") != events
+    ]
+    return {
+        "publish_s": published - started,
+        "delivered_s": delivered - started,
+        "publish_per_s": events / (published - started),
+        "delivered_per_s": readers * events / (delivered - started),
+        "gc_s": collecting.seconds,
+        "problems": problems,
+    }
+
+
+class _GCTimer:
+    """Adds up the time the garbage collector runs, while in the ``with`` block."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def __enter__(self) -> _GCTimer:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.asyncpg_fanout``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.asyncpg_fanout",
+        description="The hand-written asyncpg fan-out program (one run; JSON on stdout).",
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get(URL_VARIABLE) or DEFAULT_URL,
+        help=f"a plain libpq URL of the server (default: ${URL_VARIABLE}, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--schema", required=True, help="a schema name to create, use and drop (must not exist)"
+    )
+    parser.add_argument("--events", type=_positive_int, default=100_000, metavar="N")
+    parser.add_argument("--readers", type=_positive_int, default=4, metavar="K")
+    parser.add_argument("--batch-size", type=_positive_int, default=1000, metavar="B")
+    parser.add_argument("--page-size", type=_positive_int, default=1000, metavar="P")
+    parser.add_argument("--commit-every", type=_positive_int, default=100, metavar="C")
+    parser.add_argument(
+        "--cursor-durability", choices=("sync", "async", "unlogged"), default="sync"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run once; print the figures as JSON; return 1 if the check failed."""
+    args = build_parser().parse_args(argv)
+    figures = asyncio.run(run(args))
+    print(json.dumps(figures), flush=True)
+    problems = figures["problems"]
+    assert isinstance(problems, list)
+    if problems:
+        print("; ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
