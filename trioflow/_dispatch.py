@@ -70,9 +70,10 @@ class Dispatcher:
     _settled: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
     async def submit(self, events: Sequence[NewEvent]) -> Sequence[int]:
-        """Commit ``events`` in the next group commit; return their sequence numbers."""
-        if self.closed:
-            raise FlowClosedError("the flow is closed; publish inside `async with open_flow(app)`")
+        """Commit ``events`` in the next group commit; return their sequence numbers.
+
+        The caller checks `closed` first (`Flow` does, before encoding).
+        """
         request = _Publish(events)
         self._pending.append(request)
         self._wakeup.set()
