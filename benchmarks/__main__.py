@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import attrs
 
 from ._harness import (
     BenchmarkFailed,
+    Case,
     Options,
     Workload,
     positive_float,
     positive_int,
+    positive_ints,
     run_cases,
     select_cases,
 )
+from ._plot import PlotUnavailable, plot_report, require_pyplot
+from ._progress import ProgressBar
 from ._report import Report, machine_info, utc_now
 from ._stores import STORES, postgres_server_version
 
@@ -58,10 +66,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--consumers",
-        type=positive_int,
-        default=4,
-        metavar="K",
-        help="consumers per flow (default: %(default)s)",
+        type=positive_ints,
+        default=[4],
+        metavar="K[,K...]",
+        help="consumers per flow; a list such as 1,4,16 runs every case at each (default: 4)",
     )
     parser.add_argument(
         "--repeat",
@@ -89,6 +97,12 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also write every figure, the machine and the command to FILE",
     )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="also draw the figures as PNG files in DIR (needs the bench extra: matplotlib)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("list", help="list the workloads and stores")
+    plot = commands.add_parser("plot", help="draw a results file (--json) as PNG files")
+    plot.add_argument("file", type=Path, metavar="FILE.json", help="a file written by run --json")
+    plot.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where to write the PNG files (default: beside FILE.json)",
+    )
     run = commands.add_parser("run", help="run a workload and print its results table")
     workloads = run.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
     for name in WORKLOADS:
@@ -111,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _build_cases(
+    workload: Workload, options: Options, sweep: Sequence[int], args: argparse.Namespace
+) -> list[Case]:
+    """The workload's cases for every consumer count in ``sweep``, in that order.
+
+    Raises:
+        ValueError: ``--case`` names a case the workload does not have.
+    """
+    cases: list[Case] = []
+    for consumers in sweep:
+        each = attrs.evolve(options, consumers=consumers)
+        cases.extend(select_cases(workload.cases(each, args), args.case))
+    return cases
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return 0
 
+    if args.command == "plot":
+        try:
+            report = json.loads(args.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            parser.error(f"cannot read {args.file}: {exc}")
+        return _plot(report, args.out or args.file.parent)
+
+    if args.plot is not None:
+        # Fail before measuring, not after.
+        try:
+            require_pyplot()
+        except PlotUnavailable as exc:
+            parser.error(str(exc))
     workload = load_workload(args.workload)
     stores = []
     skipped: dict[str, str] = {}
@@ -146,28 +196,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(f"skipping store {kind.name!r}: {reason}")
         else:
             parser.error(f"store {kind.name!r} is unavailable: {reason}")
+    sweep: list[int] = list(dict.fromkeys(args.consumers))
+    bar = ProgressBar(total=0)
     options = Options(
         events=args.events,
-        consumers=args.consumers,
+        consumers=sweep[0],
         repeat=args.repeat,
         stores=stores,
         timeout=args.timeout,
+        progress=bar.note,
     )
     try:
-        cases = select_cases(workload.cases(options, args), args.case)
+        cases = _build_cases(workload, options, sweep, args)
     except ValueError as exc:
         parser.error(str(exc))
     command = shlex.join(["python", "-m", "benchmarks", *arguments])
     started_at = utc_now()
-    _progress(
+    bar.total = len(cases) * options.repeat
+    bar.note(
         f"{command}: {len(cases)} cases x {options.repeat} runs, "
-        f"N={options.events:,}, K={options.consumers}"
+        f"N={options.events:,}, K={','.join(map(str, sweep))}"
     )
     try:
-        results = run_cases(workload, cases, repeat=options.repeat, progress=_progress)
+        results = run_cases(workload, cases, repeat=options.repeat, progress=bar)
     except BenchmarkFailed as exc:
-        _progress(f"BENCHMARK FAILED: {exc}")
+        bar.note(f"BENCHMARK FAILED: {exc}")
         return 1
+    finally:
+        bar.close()
     report = Report(
         workload=workload.name,
         command=command,
@@ -195,6 +251,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         report.write_json(args.json)
         _progress(f"wrote {args.json}")
+    if args.plot is not None:
+        return _plot(report.to_json(), args.plot)
+    return 0
+
+
+def _plot(report: dict[str, Any], directory: Path) -> int:
+    try:
+        paths = plot_report(report, directory)
+    except PlotUnavailable as exc:
+        _progress(str(exc))
+        return 2
+    for path in paths:
+        _progress(f"wrote {path}")
     return 0
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
+from ._progress import ProgressBar
 from ._report import CaseResult, Metric
 from ._stores import StoreKind
 
@@ -37,6 +39,8 @@ class Options:
         repeat: Runs of each case; the table shows medians.
         stores: The stores to run the store-backed cases on.
         timeout: Seconds one run may take before it counts as failed.
+        progress: Prints a line of progress on stderr (above the progress
+            bar, if one is drawn): for cases that do long work in one run.
     """
 
     events: int
@@ -44,6 +48,7 @@ class Options:
     repeat: int
     stores: Sequence[StoreKind]
     timeout: float
+    progress: Callable[[str], None] = attrs.field(default=lambda line: print(line, file=sys.stderr))
 
 
 @attrs.frozen(kw_only=True)
@@ -82,6 +87,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse ``type``: a comma-separated list of ints >= 1, such as ``1,4,16``."""
+    return [positive_int(part) for part in text.split(",")]
 
 
 def positive_float(text: str) -> float:
@@ -171,7 +181,7 @@ def run_cases(
     cases: Sequence[Case],
     *,
     repeat: int,
-    progress: Callable[[str], None],
+    progress: ProgressBar,
 ) -> list[CaseResult]:
     """Run every case ``repeat`` times, interleaved; report each run to ``progress``.
 
@@ -188,6 +198,8 @@ def run_cases(
         done = 0
         for attempt in range(1, repeat + 1):
             for case, case_runs in zip(cases, runs, strict=True):
+                where = f"{case.store or 'no store'}, K={case.consumers}, N={case.events:,}"
+                progress.start(f"{workload.name} {case.id} ({where}) run {attempt}/{repeat}")
                 # Garbage left by the previous run is not this run's cost.
                 gc.collect()
                 with _GCTimer() as collecting:
@@ -200,9 +212,9 @@ def run_cases(
                     f"{metric.label} {figures[metric.key]:,.{metric.decimals}f}"
                     for metric in workload.metrics
                 )
-                progress(
-                    f"[{done}/{total}] {workload.name} {case.id} ({case.store or 'no store'}, "
-                    f"K={case.consumers}, N={case.events:,}) run {attempt}/{repeat}: {shown}"
+                progress.advance(
+                    f"[{done}/{total}] {workload.name} {case.id} ({where}) "
+                    f"run {attempt}/{repeat}: {shown}"
                 )
     finally:
         gc.unfreeze()

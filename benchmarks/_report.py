@@ -111,9 +111,21 @@ class Report:
         """The baseline case the ratios are taken against, if it ran."""
         return next((result for result in self.results if result.reference), None)
 
+    def reference_for(self, result: CaseResult) -> CaseResult | None:
+        """The reference case with as many consumers as ``result`` (a ``--consumers`` sweep
+        runs one per count), else the first one."""
+        return next(
+            (
+                other
+                for other in self.results
+                if other.reference and other.consumers == result.consumers
+            ),
+            self.reference,
+        )
+
     def ratio(self, result: CaseResult, key: str) -> float | None:
-        """The median of ``key`` for ``result`` over that of the reference case."""
-        reference = self.reference
+        """The median of ``key`` for ``result`` over that of its reference case."""
+        reference = self.reference_for(result)
         if reference is None:
             return None
         base = reference.median(key)
@@ -127,7 +139,9 @@ class Report:
             (
                 other
                 for other in self.results
-                if other.case == result.baseline and other.store == result.store
+                if other.case == result.baseline
+                and other.store == result.store
+                and other.consumers == result.consumers
             ),
             None,
         )
@@ -207,7 +221,8 @@ class Report:
                     "ratio_to_reference": {
                         key: self.ratio(result, key)
                         for key in result.figures()
-                        if self.reference is not None and key in self.reference.figures()
+                        if (reference := self.reference_for(result)) is not None
+                        and key in reference.figures()
                     },
                     "baseline_case": result.baseline,
                     "ratio_to_baseline": {

@@ -1,9 +1,10 @@
 """The PostgreSQL driver bridge: asyncpg, run from trio through trio-asyncio.
 
 Layers, each depending only on the one below: `trioflow.stores.postgres`
-(the Store) -> this module -> asyncpg on a trio-asyncio event loop. This is the
-only module of trioflow that imports asyncpg or trio_asyncio, and the only place
-where their exceptions are seen: `map_exceptions` turns them into
+(the Store) -> this module -> asyncpg on a trio-asyncio event loop (made lean by
+`trioflow.stores._aio_loop`). This and that module are the only ones of trioflow
+that import asyncpg or trio_asyncio, and this is the only place where their
+exceptions are seen: `map_exceptions` turns them into
 `trioflow.StoreError` and its subclasses at one boundary.
 
 Every coroutine that touches the database runs as one asyncio task on the
@@ -36,6 +37,7 @@ import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
 from .._errors import StoreError, StoreUnavailableError
+from ._aio_loop import open_lean_loop
 
 __all__ = [
     "Driver",
@@ -560,7 +562,7 @@ async def open_driver(config: DriverConfig) -> AsyncIterator[Driver]:
     body_error: BaseException | None = None
     error: BaseException | None = None
     try:
-        async with trio_asyncio.open_loop() as loop:
+        async with open_lean_loop() as loop:
             token = trio_asyncio.current_loop.set(outer_loop)
             try:
                 driver = Driver(loop=loop, config=config, slots=trio.Semaphore(config.max_size))

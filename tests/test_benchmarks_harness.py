@@ -1,0 +1,124 @@
+"""The harness around every workload: consumer sweeps, plots and the progress bar.
+
+No timing is asserted; these guard what ``python -m benchmarks`` prints and writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks._progress import ProgressBar, format_duration
+
+
+def _run(tmp_path: Path, *extra: str) -> dict[str, object]:
+    out = tmp_path / "fanout.json"
+    argv = ["run", "fanout", "--events", "60", "--repeat", "2", "--case", "publish-many"]
+    argv += ["--batch-size", "16", "--json", str(out), *extra]
+    assert main(argv) == 0
+    report: dict[str, object] = json.loads(out.read_text(encoding="utf-8"))
+    return report
+
+
+def test_a_consumer_sweep_runs_every_case_at_each_count_against_its_own_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = _run(tmp_path, "--consumers", "1,3")
+
+    results = report["results"]
+    assert isinstance(results, list)
+    ran = [(result["case"], result["consumers"]) for result in results]
+    assert ran == [("raw", 1), ("publish-many", 1), ("raw", 3), ("publish-many", 3)]
+    for result in results:
+        if result["case"] == "raw":
+            # Each count's reference is divided by itself, not by the other count's.
+            assert result["ratio_to_reference"]["delivered_per_s"] == 1.0
+        assert len(result["runs"]) == 2
+    table = capsys.readouterr().out
+    assert "| publish-many | memory |   1 |" in table
+    assert "| publish-many | memory |   3 |" in table
+
+
+def test_bad_consumer_counts_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for value in ("0", "4,x", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", "fanout", "--consumers", value])
+        assert exit_info.value.code == 2
+    assert "--consumers" in capsys.readouterr().err
+
+
+def test_plots_are_drawn_after_a_run_and_again_from_the_json_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tmp_path, "--consumers", "1,2", "--plot", str(tmp_path / "plots"))
+
+    names = {
+        "fanout-delivered-per-s.png",
+        "fanout-delivered-per-s-by-consumers.png",
+        "fanout-publish-per-s.png",
+        "fanout-publish-per-s-by-consumers.png",
+    }
+    drawn = {path.name for path in (tmp_path / "plots").iterdir()}
+    assert drawn == names
+    for name in names:
+        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG")
+
+    assert main(["plot", str(tmp_path / "fanout.json"), "--out", str(tmp_path / "again")]) == 0
+    assert {path.name for path in (tmp_path / "again").iterdir()} == names
+    assert f"wrote {tmp_path / 'again'}" in capsys.readouterr().err
+
+
+def test_a_run_without_a_sweep_draws_no_sweep_plot(tmp_path: Path) -> None:
+    _run(tmp_path, "--plot", str(tmp_path / "plots"))
+    drawn = {path.name for path in (tmp_path / "plots").iterdir()}
+    assert drawn == {"fanout-delivered-per-s.png", "fanout-publish-per-s.png"}
+
+
+def test_plotting_an_unreadable_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_bar_is_redrawn_below_every_message_on_a_terminal() -> None:
+    stream = io.StringIO()
+    bar = ProgressBar(total=4, stream=stream, live=True)
+    bar.start("fanout raw run 1/2")
+    bar.advance("[1/4] raw: 100 ev/s")
+    bar.note("filling the backlog: 50%")
+    bar.close()
+
+    text = stream.getvalue()
+    # Each message is printed on a cleared line; the bar is drawn after it.
+    assert text.count("\r\x1b[K") == 3
+    lines = text.split("\r\x1b[K")
+    assert lines[0].startswith("[........................] 0/4 runs")
+    assert lines[0].endswith("now: fanout raw run 1/2")
+    assert lines[1].startswith("[1/4] raw: 100 ev/s\n[######..................] 1/4 runs")
+    assert "left" in lines[1]
+    assert lines[2].startswith("filling the backlog: 50%\n[######")
+    assert lines[3] == ""
+
+
+def test_without_a_terminal_only_the_messages_are_written() -> None:
+    stream = io.StringIO()
+    bar = ProgressBar(total=2, stream=stream)
+    bar.start("fanout raw run 1/1")
+    bar.advance("[1/2] raw: done")
+    bar.advance("[2/2] publish-many: done")
+    bar.close()
+    assert stream.getvalue() == "[1/2] raw: done\n[2/2] publish-many: done\n"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"), [(0, "0s"), (12.4, "12s"), (185, "3m05s"), (3725, "1h02m")]
+)
+def test_durations_read_at_a_glance(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
