@@ -116,3 +116,18 @@ async def test_an_exception_in_the_block_closes_the_loop() -> None:
             raise ZeroDivisionError
     assert caught.value.subgroup(ZeroDivisionError) is not None
     assert loop.is_closed()
+
+
+async def test_callbacks_are_checked_in_debug_mode_as_asyncio_does() -> None:
+    async def not_a_callback() -> None:
+        raise AssertionError("never called")
+
+    async with open_lean_loop() as loop:
+        loop.set_debug(True)
+        with pytest.raises(TypeError, match="coroutines cannot be used with call_soon"):
+            loop.call_soon(not_a_callback)
+        with pytest.raises(TypeError, match="coroutines cannot be used with call_later"):
+            loop.call_later(1, not_a_callback)
+        loop.set_debug(False)
+        # Unchecked, as in asyncio's own loop; cancelled before it could run.
+        loop.call_soon(not_a_callback).cancel()

@@ -10,11 +10,12 @@ such callbacks, so a round trip to PostgreSQL costs several scheduler passes
 `open_lean_loop` opens trio-asyncio's own loop (its nurseries, cancellation and
 shutdown are unchanged) and makes it a `LeanLoop`, which on each wake-up runs
 every callback already queued, as asyncio's own loop does in one iteration, and
-does not wait for the queue after a read (asyncio's loop does not either). The
-order of callbacks is unchanged: first in, first out, timers by deadline.
+does not wait for the queue after a read (asyncio's loop does not either); like
+asyncio's loop, it checks that callbacks are not coroutines only in debug mode.
+The order of callbacks is unchanged: first in, first out, timers by deadline.
 
-It overrides two private methods of trio-asyncio's loop, ``_main_loop_one`` and
-``_io_task``, whose shape is the same in the releases the package accepts
+It overrides three private methods of trio-asyncio's loop, ``_main_loop_one``,
+``_io_task`` and ``_check_callback``, whose shape is the same in the releases the package accepts
 (``trio-asyncio>=0.15,<0.17`` in pyproject.toml); ``test_driver.py`` checks
 that the lean loop is the one running.
 """
@@ -74,6 +75,13 @@ class LeanLoop(TrioEventLoop):  # type: ignore[misc]
                 handle = self._q_recv.receive_nowait()
             except trio.WouldBlock:
                 return
+
+    def _check_callback(self, callback: Any, method: str) -> None:
+        # asyncio's own loop checks that a callback is no coroutine only in
+        # debug mode; trio-asyncio always does, and the check (two `inspect`
+        # calls) costs more than most callbacks do.
+        if self.get_debug():
+            super()._check_callback(callback, method)
 
     @staticmethod
     def _run_handle(handle: asyncio.Handle) -> None:
