@@ -232,6 +232,52 @@ def check_consumer_log(
     assert not missed, f"cursor {cursor} is past unhandled events {missed[:10]}; {where}"
 
 
+#: The consumers of the crash children: name -> (commit_every, types or None).
+CRASH_CONSUMERS: dict[str, tuple[int, frozenset[str] | None]] = {
+    "every": (1, None),
+    "default": (100, None),
+    "filtered": (7, frozenset({"t.a"})),
+}
+
+
+def check_crash_state(
+    events: Sequence[tuple[int, str, int]],
+    cursors: dict[str, int],
+    logs: Path,
+    context: str,
+    *,
+    total: int | None = None,
+    holes: bool = False,
+) -> None:
+    """Check a crash test's store and logs: the publishers' and every consumer's.
+
+    ``events`` are the store's (seq, type, counter) in seq order and
+    ``cursors`` its durable cursors; ``logs`` holds ``published.log`` and one
+    log per consumer of `CRASH_CONSUMERS`. With ``total`` (after a final run
+    that ended with ``wait_idle``) every event must also be stored, handled
+    and committed.
+    """
+    check_counters(events, logs / "published.log", context, holes=holes)
+    head = events[-1][0] if events else 0
+    for name, (commit_every, types) in CRASH_CONSUMERS.items():
+        expected = [seq for seq, event_type, _ in events if types is None or event_type in types]
+        runs = read_runs(logs / f"{name}.log")
+        cursor = cursors.get(name, 0)
+        assert cursor <= head, f"consumer {name!r}: cursor {cursor} past the head {head}; {context}"
+        where = f"consumer {name!r} (commit_every={commit_every}); {context}"
+        check_consumer_log(runs, expected, cursor, commit_every, where)
+        if total is not None:
+            handled = {seq for run in runs for seq in run}
+            assert handled == set(expected), (
+                f"consumer {name!r} never handled {sorted(set(expected) - handled)[:20]}; {context}"
+            )
+    if total is not None:
+        assert len(events) == total, f"{len(events)} events in the store, not {total}; {context}"
+        assert cursors == dict.fromkeys(CRASH_CONSUMERS, head), (
+            f"cursors {cursors} after wait_idle, head {head}; {context}"
+        )
+
+
 def read_rows(path: Path) -> list[Row]:
     """A row log: (seq, publisher, counter) per handled event."""
     rows: list[Row] = []

@@ -20,16 +20,9 @@ import trio
 import trio.testing
 
 import trioflow
-from tests._procs import check_consumer_log, check_counters, read_runs, running, sqlite_url
+from tests._procs import CRASH_CONSUMERS, check_crash_state, read_runs, running, sqlite_url
 
 pytestmark = pytest.mark.slow
-
-#: Consumer name -> (commit_every, types or None), as both children register them.
-CONSUMERS: dict[str, tuple[int, frozenset[str] | None]] = {
-    "every": (1, None),
-    "default": (100, None),
-    "filtered": (7, frozenset({"t.a"})),
-}
 
 #: ``TRIOFLOW_CRASH_SEED=<n>`` reruns the crash test with one seed only.
 SEEDS = (
@@ -56,26 +49,7 @@ def read_store(db: Path) -> tuple[list[tuple[int, str, int]], dict[str, int]]:
 
 def check_state(db: Path, logs: Path, context: str, *, total: int | None = None) -> None:
     events, cursors = read_store(db)
-    check_counters(events, logs / "published.log", context)
-    head = events[-1][0] if events else 0
-    for name, (_, types) in CONSUMERS.items():
-        expected = [seq for seq, event_type, _ in events if types is None or event_type in types]
-        runs = read_runs(logs / f"{name}.log")
-        cursor = cursors.get(name, 0)
-        assert cursor <= head, f"consumer {name!r}: cursor {cursor} past the head {head}; {context}"
-        commit_every = CONSUMERS[name][0]
-        where = f"consumer {name!r} (commit_every={commit_every}); {context}"
-        check_consumer_log(runs, expected, cursor, commit_every, where)
-        if total is not None:
-            handled = {seq for run in runs for seq in run}
-            assert handled == set(expected), (
-                f"consumer {name!r} never handled {sorted(set(expected) - handled)[:20]}; {context}"
-            )
-    if total is not None:
-        assert len(events) == total, f"{len(events)} events in the store, not {total}; {context}"
-        assert cursors == dict.fromkeys(CONSUMERS, head), (
-            f"cursors {cursors} after wait_idle, head {head}; {context}"
-        )
+    check_crash_state(events, cursors, logs, context, total=total)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -131,7 +105,7 @@ async def test_graceful_stop_mid_stream_flushes_cursors_and_redelivers_nothing(
         stats: dict[str, dict[str, Any]] = json.loads(await child.finish(limit=60))
     events, cursors = read_store(db)
     head = events[-1][0] if events else 0
-    for name, (_, types) in CONSUMERS.items():
+    for name, (_, types) in CRASH_CONSUMERS.items():
         expected = [seq for seq, event_type, _ in events if types is None or event_type in types]
         (handled,) = read_runs(logs / f"{name}.log")
         cursor = cursors.get(name, 0)
@@ -156,8 +130,8 @@ async def test_graceful_stop_mid_stream_flushes_cursors_and_redelivers_nothing(
     events, cursors = read_store(db)
     assert [n for _, _, n in events] == list(range(total)), context
     head = events[-1][0]
-    assert cursors == dict.fromkeys(CONSUMERS, head), context
-    for name, (_, types) in CONSUMERS.items():
+    assert cursors == dict.fromkeys(CRASH_CONSUMERS, head), context
+    for name, (_, types) in CRASH_CONSUMERS.items():
         expected = [seq for seq, event_type, _ in events if types is None or event_type in types]
         handled = [seq for run in read_runs(logs / f"{name}.log") for seq in run]
         assert handled == expected, (

@@ -29,22 +29,13 @@ import trio
 
 from tests._procs import (
     Row,
-    check_consumer_log,
     check_consumer_rows,
-    check_counters,
-    read_runs,
+    check_crash_state,
     running,
 )
 from trioflow.stores._pg_driver import Driver
 
 pytestmark = pytest.mark.slow
-
-#: Consumer name -> (commit_every, types or None), as pg_crash_child.py registers them.
-CONSUMERS: dict[str, tuple[int, frozenset[str] | None]] = {
-    "every": (1, None),
-    "default": (100, None),
-    "filtered": (7, frozenset({"t.a"})),
-}
 
 #: ``TRIOFLOW_CRASH_SEED=<n>`` reruns the crash test with one seed only.
 SEEDS = [int(os.environ["TRIOFLOW_CRASH_SEED"])] if "TRIOFLOW_CRASH_SEED" in os.environ else [1, 2]
@@ -80,25 +71,7 @@ async def check_state(
     admin: Driver, schema: str, logs: Path, context: str, *, total: int | None = None
 ) -> None:
     events, cursors = await read_store(admin, schema)
-    check_counters(events, logs / "published.log", context, holes=True)
-    head = events[-1][0] if events else 0
-    for name, (commit_every, types) in CONSUMERS.items():
-        expected = [seq for seq, event_type, _ in events if types is None or event_type in types]
-        runs = read_runs(logs / f"{name}.log")
-        cursor = cursors.get(name, 0)
-        assert cursor <= head, f"consumer {name!r}: cursor {cursor} past the head {head}; {context}"
-        where = f"consumer {name!r} (commit_every={commit_every}); {context}"
-        check_consumer_log(runs, expected, cursor, commit_every, where)
-        if total is not None:
-            handled = {seq for run in runs for seq in run}
-            assert handled == set(expected), (
-                f"consumer {name!r} never handled {sorted(set(expected) - handled)[:20]}; {context}"
-            )
-    if total is not None:
-        assert len(events) == total, f"{len(events)} events in the store, not {total}; {context}"
-        assert cursors == dict.fromkeys(CONSUMERS, head), (
-            f"cursors {cursors} after wait_idle, head {head}; {context}"
-        )
+    check_crash_state(events, cursors, logs, context, total=total, holes=True)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
