@@ -589,3 +589,41 @@ async def test_a_store_that_hides_committed_events_is_retried_never_skipped(
         assert flow.statistics().consumers["c"].restarts == 3
     assert seen == list(range(1, 12))
     assert "returned no events after 0" in caplog.text
+
+
+class ReadLog(MemoryStore):
+    """Notes the (after, limit) of every read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[int, int]] = []
+
+    async def read(self, after: int, limit: int) -> Sequence[trioflow.Event]:
+        self.reads.append((after, limit))
+        return await super().read(after, limit)
+
+
+async def test_a_replay_reads_small_pages_first_and_doubles_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = ReadLog()
+    async with trioflow.open_flow(make_app(store)) as flow:
+        await flow.publish_many([("a", i) for i in range(600)])
+    app = make_app(store, page_size=100)
+    failed: list[int] = []
+
+    @app.consumer("flaky")
+    async def flaky(event: trioflow.Event) -> None:
+        if event.seq == 40 and not failed:
+            failed.append(event.seq)
+            raise RuntimeError("boom")
+
+    store.reads.clear()
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+        assert flow.statistics().consumers["flaky"].cursor == 600
+    # Start-up replay: 32, 64, then full pages; it fails at seq 40 in the
+    # second page, and the restart starts small again from its cursor (39).
+    assert store.reads[:3] == [(0, 32), (32, 64), (39, 32)]
+    assert [limit for _, limit in store.reads[3:6]] == [64, 100, 100]
+    assert all(limit == 100 for _, limit in store.reads[5:])

@@ -104,7 +104,10 @@ class App:
             while it is busy; an idle consumer commits at once.
         poll_interval: Seconds between checks for events appended by other
             processes, overriding the store's own default.
-        page_size: Events read from the store per query when replaying.
+        page_size: The most events read from the store per query when
+            replaying. Each replay starts with a page of 32 and doubles it up
+            to this, so a consumer that fails again soon after a restart does
+            not read a full page for nothing.
         max_batch: The most events committed by one store transaction when
             concurrent ``publish`` calls are grouped.
         shutdown_grace: Seconds in-flight handlers get to finish when the flow

@@ -33,6 +33,9 @@ logger = logging.getLogger("trioflow")
 
 #: Seconds between progress messages while a consumer replays a backlog.
 PROGRESS_EVERY = 5.0
+#: Events in the first page a replay reads; each next page is twice as large,
+#: up to the flow's ``page_size``.
+FIRST_PAGE = 32
 
 
 class HandlerFailed(Exception):
@@ -167,8 +170,14 @@ class ConsumerRunner:
         started = trio.current_time()
         reported = started
         first = state.position
+        # Start small and double: a consumer restarted after a failure may
+        # fail again a few events later, and a full page of large events read
+        # for nothing is what made such restarts slow; a long replay reaches
+        # full pages after a few reads.
+        limit = min(FIRST_PAGE, self.page_size)
         while state.position < until:
-            page = await self.store.read(state.position, self.page_size)
+            page = await self.store.read(state.position, limit)
+            limit = min(2 * limit, self.page_size)
             if not page:
                 # The flow has seen events up to `until` committed, so the
                 # store breaks its contract (or lost data). Never skip them:
