@@ -326,6 +326,60 @@ async def test_wait_idle_waits_for_durable_cursors(autojump_clock: trio.testing.
         assert trio.current_time() >= 5
 
 
+class CursorWriteLog(MemoryStore):
+    """Notes the time and the cursors of every cursor write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[float, dict[str, int]]] = []
+
+    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+        self.writes.append((trio.current_time(), dict(cursors)))
+        await super().commit_cursors(cursors)
+
+
+async def test_an_idle_consumer_commits_within_commit_interval_not_per_event(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = CursorWriteLog()
+    app = make_app(store, commit_every=100, commit_interval=1.0)
+    seen = recorder(app, "c")
+
+    async with trioflow.open_flow(app) as flow:
+        await trio.sleep(5)
+        start = trio.current_time()
+        store.writes.clear()
+        # One event every 0.1 s: the consumer is idle between any two.
+        for index in range(25):
+            await flow.publish("a", index)
+            await trio.sleep(0.1)
+        await trio.sleep(1.5)
+        assert seen == list(range(1, 26))
+        # About one write per commit_interval, not one per event; the last
+        # position made durable within commit_interval of going idle.
+        assert 2 <= len(store.writes) <= 4, store.writes
+        times = [at - start for at, _ in store.writes]
+        assert all(later - earlier >= 1.0 for earlier, later in itertools.pairwise(times))
+        assert store.writes[-1][1] == {"c": 25}
+        assert (await store.load_cursors()) == {"c": 25}
+
+
+async def test_wait_idle_does_not_wait_out_the_commit_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    app = make_app(store, commit_interval=1000.0)
+    recorder(app, "c")
+    async with trioflow.open_flow(app) as flow:
+        await trio.sleep(1)
+        start = trio.current_time()
+        await flow.publish("a", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        await flow.wait_idle()
+        assert (await store.load_cursors()) == {"c": 1}
+        assert trio.current_time() - start < 1
+
+
 async def test_two_flows_sharing_a_store_see_each_others_events() -> None:
     store = MemoryStore()
     publisher, reader = make_app(store), make_app(store)

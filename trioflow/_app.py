@@ -101,7 +101,8 @@ class App:
             this many handled events. After a crash a consumer handles at most
             this many events a second time. 1 commits after every event.
         commit_interval: Commit a consumer's cursor at least this often (seconds)
-            while it is busy; an idle consumer commits at once.
+            while it has handled events past its committed cursor, busy or
+            idle. `Flow.wait_idle` makes idle consumers commit at once.
         poll_interval: Seconds between checks for events appended by other
             processes, overriding the store's own default.
         page_size: The most events read from the store per query when

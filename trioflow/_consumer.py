@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from ._cursors import CursorWriter
-from ._dispatch import Dispatcher
+from ._dispatch import Batch, Dispatcher
 from ._errors import StoreError
 from ._events import Event
 from ._state import ConsumerState
@@ -137,16 +137,35 @@ class ConsumerRunner:
                 if not state.attached:
                     await self._catch_up(state)
                     continue
-                # Idle: make the position durable before waiting.
-                if state.position > state.committed:
-                    await self.cursors.commit(state)
-                batch = await receive.receive()
+                batch = await self._receive_idle(state, receive)
             state.buffered -= len(batch.events)
             if batch.upto <= state.position:
                 continue
             if batch.after > state.position:
                 await self._replay(state, until=batch.after)
             await self._handle(state, batch.events, batch.upto)
+
+    async def _receive_idle(
+        self, state: ConsumerState, receive: trio.MemoryReceiveChannel[Batch]
+    ) -> Batch:
+        """Wait for the next batch, having the position made durable meanwhile.
+
+        The commit is requested without waiting for it (`_handle` waits where
+        the redelivery bound needs it): at once if `Flow.wait_idle` is waiting
+        for durable cursors, else once ``commit_interval`` has passed since the
+        last request, unless events come first. A flow that handles one event
+        at a time thus writes cursors every ``commit_interval``, not once per
+        event, and never has a cursor write between two events.
+        """
+        while state.position > state.requested:
+            due = state.committed_at + self.commit_interval
+            if self.cursors.flush_wanted or trio.current_time() >= due:
+                state.committed_at = trio.current_time()
+                self.cursors.request(state, state.position)
+                break
+            with trio.move_on_at(due):
+                return await receive.receive()
+        return await receive.receive()
 
     async def _catch_up(self, state: ConsumerState) -> None:
         """Replay from the store until level with the live stream, then attach."""

@@ -25,6 +25,9 @@ class CursorWriter:
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     #: Woken after every write, successful or not.
     changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    #: How many tasks wait for durable cursors (`Flow.wait_idle`): while
+    #: any does, idle consumers request their commits at once.
+    flush_wanted: int = 0
 
     def request(self, state: ConsumerState, seq: int) -> None:
         """Ask for ``seq`` (the consumer's position) to become its durable cursor."""

@@ -169,8 +169,20 @@ class Flow:
         target = await self._app.store.head()
         if target > self._dispatcher.head:
             self._dispatcher.request_poll()
-        while any(state.committed < target for state in self._states):
-            await self._cursors.changed.park()
+        cursors = self._cursors
+        cursors.flush_wanted += 1
+        try:
+            while True:
+                behind = [state for state in self._states if state.committed < target]
+                if not behind:
+                    return
+                # Idle consumers commit lazily; ask for their positions now
+                # (consumers that go idle later see `flush_wanted`).
+                for state in behind:
+                    cursors.request(state, state.position)
+                await cursors.changed.park()
+        finally:
+            cursors.flush_wanted -= 1
 
     def statistics(self) -> FlowStatistics:
         """Return a snapshot of the flow and of every consumer."""
