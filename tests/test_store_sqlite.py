@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import sqlite3
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import trio
+import trio.testing
 
 from trioflow._errors import (
     ConfigurationError,
@@ -306,6 +308,45 @@ async def test_reads_see_only_committed_events(tmp_path: pathlib.Path) -> None:
         [event] = await store.read(0, 10)
         assert event.data == {}
         assert event.created_at.timestamp() == 0
+
+
+class PollLog(SQLiteStore):
+    """Notes when the head is read, and reports ``fake_head`` instead of reading it.
+
+    (The real read runs in a thread, during which a MockClock would jump.)
+    """
+
+    polls: list[float]
+    fake_head: int
+
+    async def head(self) -> int:
+        self.polls.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        return self.fake_head
+
+
+async def test_polls_for_other_processes_start_fast_and_back_off(
+    tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = PollLog(tmp_path / "t.db", poll_interval=0.1)
+    store.polls, store.fake_head = [], 0
+    async with store.open():
+        with trio.move_on_after(1):
+            await store.wait_for_append(0)
+        gaps = [round(later - earlier, 6) for earlier, later in itertools.pairwise(store.polls)]
+        # 5 ms after the call, doubling up to poll_interval.
+        assert gaps[:6] == [0.005, 0.01, 0.02, 0.04, 0.08, 0.1]
+        assert set(gaps[5:]) == {0.1}
+
+        # Another process's commit is seen at the next poll; the next wait
+        # starts fast again.
+        store.polls, store.fake_head = [], 1
+        await store.wait_for_append(0)
+        assert len(store.polls) == 1
+        store.polls = []
+        with trio.move_on_after(0.02):
+            await store.wait_for_append(1)
+        assert [round(at - store.polls[0], 6) for at in store.polls] == [0, 0.005, 0.015]
 
 
 async def test_duplicate_event_id_rolls_back_the_batch(tmp_path: pathlib.Path) -> None:

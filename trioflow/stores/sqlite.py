@@ -14,8 +14,10 @@ in sequence-number order and every snapshot a reader sees holds a prefix of
 the log. For the same reason sequence numbers have no holes.
 
 SQLite cannot tell one process about another's commits, so `wait_for_append`
-polls every `poll_interval` seconds; appends made through this instance wake
-its waiters at once.
+polls: every 5 ms at first, then twice as long after each empty poll, up to
+`poll_interval` seconds. Events streaming in from another process are seen
+within milliseconds, and an idle process polls a few times a second. Appends
+made through this instance wake its waiters at once.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from ._base import Appended, Store
 SCHEMA_VERSION = 1
 
 _DEFAULT_POLL_INTERVAL = 0.1
+#: Seconds before `SQLiteStore.wait_for_append` first polls; it doubles up to `poll_interval`.
+_FIRST_POLL = 0.005
 _DEFAULT_BUSY_TIMEOUT = 30.0
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -138,8 +142,8 @@ class SQLiteStore(Store):
             it returns, even across a power loss. ``"normal"`` is faster but a
             power loss (not a process crash) may undo the last commits,
             appended events and cursor commits alike.
-        poll_interval: Seconds between polls for events appended by other
-            processes (see `wait_for_append`).
+        poll_interval: The longest wait, in seconds, between polls for events
+            appended by other processes (see `wait_for_append`).
         busy_timeout: Seconds to wait for another connection's write lock
             before giving up with `StoreUnavailableError`.
 
@@ -385,18 +389,22 @@ class SQLiteStore(Store):
     async def wait_for_append(self, after: int) -> None:
         """Return once the head is past ``after``.
 
-        Polls the head every `poll_interval` seconds, because other processes'
-        commits cannot be signalled; an append through this instance ends the
-        wait at once.
+        Polls the head, because other processes' commits cannot be signalled:
+        5 ms after the call, then after twice as long each time, up to
+        `poll_interval` seconds. A caller that keeps finding events (another
+        process publishing) thus keeps polling every few milliseconds. An
+        append through this instance ends the wait at once.
         """
+        delay = min(_FIRST_POLL, self.poll_interval)
         while True:
             # Taken before reading the head, so an append that commits while
             # the head is read still wakes this wait: no lost wake-up.
             appended = self._appended
             if await self.head() > after:
                 return
-            with trio.move_on_after(self.poll_interval):
+            with trio.move_on_after(delay):
                 await appended.wait()
+            delay = min(2 * delay, self.poll_interval)
 
     # -- internals ---------------------------------------------------------
 
