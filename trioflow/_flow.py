@@ -248,12 +248,12 @@ class Flow:
         failures = 0
         while True:
             try:
-                await store.wait_for_append(dispatcher.head)
+                head = await store.wait_for_append(dispatcher.head)
                 # The flow's own appends wake the store's waiters too; by now
                 # the dispatcher has usually fanned them out. Ask it to read
                 # the store only for events it has not seen, so it is not
                 # held up by empty reads between group commits.
-                behind = await store.head() > dispatcher.head
+                behind = head > dispatcher.head
             except StoreError as exc:
                 failures += 1
                 delay = self._app.restart.delay(failures)

@@ -193,8 +193,8 @@ async def test_listen_wakes_on_notify(pg_url: str, admin: Driver) -> None:
     notified = trio.Event()
     listening = trio.Event()
 
-    def on_notify() -> None:
-        got.append(1)
+    def on_notify(pid: int) -> None:
+        got.append(pid)
         notified.set()
 
     async with (
@@ -213,7 +213,10 @@ async def test_listen_wakes_on_notify(pg_url: str, admin: Driver) -> None:
         # Pings keep going without disturbing anything.
         await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
-    assert got == [1]
+        # The sender's backend is told apart: admin's pool, not the listener's.
+        assert len(got) == 1
+        assert admin.is_pool_backend(got[0])
+        assert not driver.is_pool_backend(got[0])
 
 
 async def test_listen_reports_a_lost_connection(pg_url: str, admin: Driver) -> None:
@@ -232,7 +235,7 @@ async def test_listen_reports_a_lost_connection(pg_url: str, admin: Driver) -> N
         nursery.start_soon(kill_listener)
         with pytest.raises(StoreUnavailableError, match="LISTEN"), trio.fail_after(10):
             await driver.listen(
-                "tf_unused", lambda: None, on_listening=listening.set, ping_interval=5
+                "tf_unused", lambda pid: None, on_listening=listening.set, ping_interval=5
             )
 
 

@@ -26,6 +26,57 @@ async def wait_woken(store: PostgresStore, after: int) -> int:
     return head
 
 
+async def test_own_appends_are_known_without_reading_the_head(
+    store: PostgresStore, admin: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heads = 0
+    read_head = store.head
+    head_read = trio.Event()
+
+    async def counted_head() -> int:
+        nonlocal heads
+        heads += 1
+        head = await read_head()
+        head_read.set()
+        return head
+
+    monkeypatch.setattr(store, "head", counted_head)
+    store.poll_interval = NO_POLLING
+    after = (await store.append(make_events(1))).seqs[-1]
+    # Let the append's own notification come back and the first read happen.
+    with trio.move_on_after(0.3):
+        await store.wait_for_append(after)
+    heads = 0
+    with trio.fail_after(NO_POLLING):
+        for _ in range(5):
+            appended = await store.append(make_events(2))
+            assert await store.wait_for_append(after) == appended.seqs[-1]
+            after = appended.seqs[-1]
+        # Their notifications come back from our own pool: no wake, no read.
+        with trio.move_on_after(0.3) as idle:
+            await store.wait_for_append(after)
+        assert idle.cancelled_caught
+    assert heads == 0
+
+    # Another backend's notification (another process appending) makes the
+    # waiter read the head; the head has not moved, so it goes on waiting.
+    woke: list[int] = []
+
+    async def wait() -> None:
+        woke.append(await store.wait_for_append(after))
+
+    with trio.fail_after(NO_POLLING):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            head_read = trio.Event()
+            await admin.execute("SELECT pg_notify($1, '')", f"{store.schema}_appended")
+            await head_read.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert (heads, woke) == (1, [])
+
+
 async def test_notify_wakes_a_waiter_in_another_store(
     make_url: Callable[..., str], schema: str
 ) -> None:
@@ -52,8 +103,11 @@ async def test_one_notification_per_batch(store: PostgresStore, admin: Driver) -
     three = trio.Event()
     listening = trio.Event()
 
-    def on_notify() -> None:
+    def on_notify(pid: int) -> None:
         got.append(1)
+        # Sent by the appending store's pool, not by the listener's.
+        assert store._driver is not None and store._driver.is_pool_backend(pid)
+        assert not admin.is_pool_backend(pid)
         if len(got) == 3:
             three.set()
 

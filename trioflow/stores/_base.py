@@ -102,10 +102,11 @@ class Store(abc.ABC):
         """Durably set the given consumers' cursors (insert or replace)."""
 
     @abc.abstractmethod
-    async def wait_for_append(self, after: int) -> None:
-        """Return once the head may have moved past ``after``.
+    async def wait_for_append(self, after: int) -> int:
+        """Wait until the head may have moved past ``after``; return the head as last read.
 
         Used to learn of events appended by other processes or other flows on
-        the same store. May return early (the caller re-reads the head); stores
-        that cannot be notified poll every `poll_interval` seconds.
+        the same store. May return early, with a head not past ``after``
+        (callers loop); stores that cannot be notified poll every
+        `poll_interval` seconds.
         """

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -351,15 +352,16 @@ class Driver:
     async def listen(
         self,
         channel: str,
-        on_notify: Callable[[], None],
+        on_notify: Callable[[int], None],
         *,
         on_listening: Callable[[], None],
         ping_interval: float,
     ) -> None:
         """LISTEN on ``channel`` on a dedicated connection until it fails.
 
-        Calls ``on_listening()`` once the LISTEN is in place and ``on_notify()``
-        for every notification (both synchronously, in the trio thread). Sends a
+        Calls ``on_listening()`` once the LISTEN is in place and
+        ``on_notify(pid)`` for every notification, with the process id of the
+        server backend that sent it (both synchronously, in the trio thread). Sends a
         ping every ``ping_interval`` seconds so that a silently dead connection
         is noticed. Never returns normally.
 
@@ -373,10 +375,8 @@ class Driver:
         def on_termination(_connection: object) -> None:
             lost.set()
 
-        def on_notification(
-            _connection: object, _pid: int, _channel: str, _payload: object
-        ) -> None:
-            on_notify()
+        def on_notification(_connection: object, pid: int, _channel: str, _payload: object) -> None:
+            on_notify(pid)
 
         try:
             connection.add_termination_listener(on_termination)
@@ -396,6 +396,16 @@ class Driver:
             ) from None
         finally:
             await self._close_shielded(connection)
+
+    def is_pool_backend(self, pid: int) -> bool:
+        """Whether ``pid`` is the server process of one of this pool's open connections.
+
+        (A notification's sender, say: this driver's own statement.)
+        """
+        return any(
+            not connection.is_closed() and connection.get_server_pid() == pid
+            for connection in itertools.chain(self._idle, self._busy)
+        )
 
     async def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run an asyncio coroutine on the driver's loop; translate its errors."""

@@ -67,7 +67,8 @@ class MemoryStore(Store):
         await trio.lowlevel.checkpoint()
         self._cursors.update(cursors)
 
-    async def wait_for_append(self, after: int) -> None:
+    async def wait_for_append(self, after: int) -> int:
         while len(self._events) <= after:
             await self._appended.wait()
         await trio.lowlevel.checkpoint()
+        return len(self._events)

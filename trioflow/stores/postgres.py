@@ -414,6 +414,14 @@ class PostgresStore(Store):
         self._driver: Driver | None = None
         self._opened = False
         self._appended = trio.Event()
+        #: The highest sequence number known to be committed: from this
+        #: instance's own appends and head reads.
+        self._known_head = 0
+        #: Whether another process may have appended since the head was last
+        #: read (a notification from a backend not in our pool, a lost LISTEN
+        #: connection, a poll interval without any): `wait_for_append` then
+        #: reads the head; otherwise it trusts `_known_head`.
+        self._stale = True
         self._checkpointed_at: dict[str, float] = {}
         #: Test hook: awaited between the insert and the commit of every
         #: append (which then takes two more round trips). Internal.
@@ -508,6 +516,8 @@ class PostgresStore(Store):
                 "PostgresStore for the same URL"
             )
         self._opened = True
+        # Nothing is known of the log until the head is read again.
+        self._known_head, self._stale = 0, True
         body_error: BaseException | None = None
         error: BaseException | None = None
         try:
@@ -569,6 +579,10 @@ class PostgresStore(Store):
             appended = Appended(
                 after=after, seqs=range(first, first + len(events)), created_at=created_at
             )
+        if appended.seqs:
+            self._known_head = max(self._known_head, appended.seqs[-1])
+        # Its own NOTIFY comes back from a backend in our pool and is ignored
+        # (`_on_notify`): waiters learn of it here, with no query.
         self._wake()
         return appended
 
@@ -658,6 +672,7 @@ class PostgresStore(Store):
         """Return the highest committed sequence number (0 for an empty log)."""
         driver = self._require_open()
         head: int = await driver.fetchval(self._sql.head)
+        self._known_head = max(self._known_head, head)
         return head
 
     async def load_cursors(self) -> dict[str, int]:
@@ -698,23 +713,43 @@ class PostgresStore(Store):
             else:
                 await driver.execute(self._sql.commit_cursors_unlogged, names, seqs)
 
-    async def wait_for_append(self, after: int) -> None:
-        """Return once the head may be past ``after``: on NOTIFY, or after a fallback poll."""
+    async def wait_for_append(self, after: int) -> int:
+        """Return the head once it is past ``after``: on NOTIFY, or after a fallback poll.
+
+        The head is read only when another process may have appended (see
+        `_stale`); this instance's own appends are known without a query.
+        Returns early, with ``after``, when the server cannot be reached.
+        """
         self._require_open()
-        # Take the event before reading the head: an append that lands while
-        # the head is read sets this very event, so it cannot be missed.
-        appended = self._appended
-        try:
-            if await self.head() > after:
-                return
-        except StoreUnavailableError as exc:
-            # The server is away (restarting, say): wait as a poll would. The
-            # caller's next read reports the outage if it lasts; failing here
-            # would only stop a consumer's wait loop that has nothing to fix.
-            logger.debug("trioflow: head unavailable while waiting for appends: %s", exc)
         poll_interval = math.inf if self.poll_interval is None else self.poll_interval
-        with trio.move_on_after(poll_interval):
-            await appended.wait()
+        while True:
+            # Take the event before reading the head: an append or notification
+            # that lands while the head is read sets this very event, so it
+            # cannot be missed.
+            appended = self._appended
+            if self._known_head > after:
+                await trio.lowlevel.checkpoint()
+                return self._known_head
+            if self._stale:
+                self._stale = False
+                try:
+                    head = await self.head()
+                except StoreUnavailableError as exc:
+                    # The server is away (restarting, say): wait as a poll
+                    # would. The caller's next read reports the outage if it
+                    # lasts; failing here would only stop a consumer's wait
+                    # loop that has nothing to fix.
+                    logger.debug("trioflow: head unavailable while waiting for appends: %s", exc)
+                    self._stale = True
+                    with trio.move_on_after(poll_interval):
+                        await appended.wait()
+                    return after
+                if head > after:
+                    return head
+            with trio.move_on_after(poll_interval) as poll:
+                await appended.wait()
+            if poll.cancelled_caught:
+                self._stale = True
 
     def _require_open(self) -> Driver:
         driver = self._driver
@@ -728,6 +763,14 @@ class PostgresStore(Store):
         self._appended.set()
         self._appended = trio.Event()
 
+    def _on_notify(self, pid: int) -> None:
+        """A notification: an append committed, by us (ignored) or another process."""
+        driver = self._driver
+        if driver is not None and driver.is_pool_backend(pid):
+            return
+        self._stale = True
+        self._wake()
+
     async def _listen_forever(
         self, driver: Driver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -740,6 +783,7 @@ class PostgresStore(Store):
             backoff = _MIN_BACKOFF
             # Notifications sent while we were not listening are lost: let
             # waiters re-read the head.
+            self._stale = True
             self._wake()
             if not started:
                 started = True
@@ -751,7 +795,7 @@ class PostgresStore(Store):
             try:
                 await driver.listen(
                     self._sql.channel,
-                    self._wake,
+                    self._on_notify,
                     on_listening=on_listening,
                     ping_interval=_PING_INTERVAL,
                 )

@@ -386,7 +386,7 @@ class SQLiteStore(Store):
                 _commit_cursors, writer, items, limiter=self._write_limiter
             )
 
-    async def wait_for_append(self, after: int) -> None:
+    async def wait_for_append(self, after: int) -> int:
         """Return once the head is past ``after``.
 
         Polls the head, because other processes' commits cannot be signalled:
@@ -400,8 +400,9 @@ class SQLiteStore(Store):
             # Taken before reading the head, so an append that commits while
             # the head is read still wakes this wait: no lost wake-up.
             appended = self._appended
-            if await self.head() > after:
-                return
+            head = await self.head()
+            if head > after:
+                return head
             with trio.move_on_after(delay):
                 await appended.wait()
             delay = min(2 * delay, self.poll_interval)

@@ -91,6 +91,6 @@ class FaultyStore(Store):
         await self.inner.commit_cursors(cursors)
         self.cursor_commits.append(dict(cursors))
 
-    async def wait_for_append(self, after: int) -> None:
+    async def wait_for_append(self, after: int) -> int:
         await self._enter("wait_for_append")
-        await self.inner.wait_for_append(after)
+        return await self.inner.wait_for_append(after)

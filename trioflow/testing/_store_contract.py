@@ -326,8 +326,9 @@ class StoreContract:
         async with self.open_store() as store:
             appended = await store.append(make_events(2))
             with trio.fail_after(self.patience):
-                await store.wait_for_append(0)
-                await store.wait_for_append(appended.seqs[0])
+                # It returns the head it read, past ``after``.
+                assert await store.wait_for_append(0) == appended.seqs[-1]
+                assert await store.wait_for_append(appended.seqs[0]) == appended.seqs[-1]
 
     async def test_wait_for_append_wakes_on_a_peer_append(self) -> None:
         """A waiter learns of an append made through another handle."""
@@ -346,8 +347,9 @@ class StoreContract:
 
         async def wait() -> None:
             # The contract allows early returns: loop as callers must.
-            while (head := await waiter.head()) <= after:
-                await waiter.wait_for_append(after)
+            head = after
+            while head <= after:
+                head = await waiter.wait_for_append(after)
             woke_at.append(head)
 
         with trio.fail_after(self.patience):
