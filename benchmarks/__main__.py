@@ -29,6 +29,7 @@ from ._harness import (
     run_cases,
     select_cases,
 )
+from ._peers import select_peers
 from ._plot import PlotUnavailable, plot_report, require_pyplot
 from ._progress import ProgressBar
 from ._report import Report, machine_info, utc_now
@@ -39,6 +40,10 @@ from ._stores import STORES, postgres_server_version
 #: so that listing the workloads never requires it.
 WORKLOADS: dict[str, str] = {
     "fanout": "benchmarks.fanout",
+    "scenarios": "benchmarks.scenarios",
+    "slow-consumer": "benchmarks.slow_consumer",
+    "recovery": "benchmarks.recovery",
+    "latency": "benchmarks.latency",
 }
 
 
@@ -50,7 +55,14 @@ def load_workload(name: str) -> Workload:
     return workload
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_common_arguments(parser: argparse.ArgumentParser, workload: Workload) -> None:
+    defaults = {"events": 100_000, "consumers": 4, "repeat": 3, **workload.defaults}
+    meaning = {
+        "events": "events per run of each case",
+        "consumers": "consumers per flow; a list such as 1,4,16 runs every case at each",
+        "repeat": "runs of each case; the table shows medians",
+        **workload.option_help,
+    }
     parser.add_argument(
         "--store",
         action="append",
@@ -60,23 +72,23 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--events",
         type=positive_int,
-        default=100_000,
+        default=defaults["events"],
         metavar="N",
-        help="events per run of each case (default: %(default)s)",
+        help=f"{meaning['events']} (default: {defaults['events']:,})",
     )
     parser.add_argument(
         "--consumers",
         type=positive_ints,
-        default=[4],
+        default=[defaults["consumers"]],
         metavar="K[,K...]",
-        help="consumers per flow; a list such as 1,4,16 runs every case at each (default: 4)",
+        help=f"{meaning['consumers']} (default: {defaults['consumers']})",
     )
     parser.add_argument(
         "--repeat",
         type=positive_int,
-        default=3,
+        default=defaults["repeat"],
         metavar="R",
-        help="runs of each case; the table shows medians (default: %(default)s)",
+        help=f"{meaning['repeat']} (default: {defaults['repeat']})",
     )
     parser.add_argument(
         "--case",
@@ -126,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in WORKLOADS:
         workload = load_workload(name)
         sub = workloads.add_parser(name, help=workload.summary, description=workload.summary)
-        _add_common_arguments(sub)
+        _add_common_arguments(sub, workload)
         workload.add_arguments(sub)
     return parser
 
@@ -196,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(f"skipping store {kind.name!r}: {reason}")
         else:
             parser.error(f"store {kind.name!r} is unavailable: {reason}")
+    # Peers (--peer: other systems on the same workload) are skipped as a store
+    # whose server is down is; the workload gets the names of those that can run.
+    skipped_peers: dict[str, str] = {}
+    if getattr(args, "peer", None):
+        args.peer, skipped_peers = select_peers(args.peer)
+        for name, reason in skipped_peers.items():
+            _progress(f"skipping peer {name!r}: {reason}")
     sweep: list[int] = list(dict.fromkeys(args.consumers))
     bar = ProgressBar(total=0)
     options = Options(
@@ -246,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else {}
         ),
         skipped=skipped,
+        skipped_peers=skipped_peers,
     )
     print(report.table(), flush=True)
     if args.json is not None:

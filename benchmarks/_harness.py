@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
+from ._gc import GCTimer
 from ._progress import ProgressBar
 from ._report import CaseResult, Metric
 from ._stores import StoreKind
@@ -121,6 +121,10 @@ class Workload:
         cases: Builds the cases to run from the common options and the
             parsed command line (for the workload's own options).
         add_arguments: Adds the workload's own options to its parser.
+        defaults: This workload's defaults for the common options ``events``,
+            ``consumers`` and ``repeat``, where they differ from 100,000, 4 and 3.
+        option_help: What the common options mean for this workload, where
+            that differs (shown by ``--help``).
     """
 
     name: str
@@ -131,6 +135,8 @@ class Workload:
     cases: Callable[[Options, argparse.Namespace], Sequence[Case]]
     add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
     baseline_label: str = "vs baseline"
+    defaults: Mapping[str, int] = attrs.field(factory=dict)
+    option_help: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def select_cases(cases: Sequence[Case], wanted: Sequence[str] | None) -> list[Case]:
@@ -149,31 +155,6 @@ def select_cases(cases: Sequence[Case], wanted: Sequence[str] | None) -> list[Ca
         )
     baselines = {case.baseline for case in cases if case.id in wanted}
     return [case for case in cases if case.reference or case.id in wanted or case.id in baselines]
-
-
-class _GCTimer:
-    """Adds up the time the garbage collector runs, while in the ``with`` block.
-
-    Trio programs allocate heavily; this shows how much of a run was
-    collection pauses (``gc_s`` in the JSON file), which grow with the heap.
-    """
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started = 0.0
-
-    def _callback(self, phase: str, info: Mapping[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._started
-
-    def __enter__(self) -> _GCTimer:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        gc.callbacks.remove(self._callback)
 
 
 def run_cases(
@@ -202,7 +183,7 @@ def run_cases(
                 progress.start(f"{workload.name} {case.id} ({where}) run {attempt}/{repeat}")
                 # Garbage left by the previous run is not this run's cost.
                 gc.collect()
-                with _GCTimer() as collecting:
+                with GCTimer() as collecting:
                     measured = case.run()
                 # A case run in a subprocess reports its own gc_s.
                 figures = {"gc_s": collecting.seconds, **measured}

@@ -105,6 +105,8 @@ class Report:
     baseline_label: str = "vs baseline"
     #: Stores asked for but skipped (their server was unreachable), with why.
     skipped: Mapping[str, str] = attrs.field(factory=dict)
+    #: Peers asked for but skipped (client not installed, server unreachable), with why.
+    skipped_peers: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def reference(self) -> CaseResult | None:
@@ -207,6 +209,7 @@ class Report:
             "ratio_metric": self.ratio_metric,
             "reference_case": None if self.reference is None else self.reference.case,
             "skipped_stores": dict(self.skipped),
+            "skipped_peers": dict(self.skipped_peers),
             "results": [
                 {
                     "case": result.case,

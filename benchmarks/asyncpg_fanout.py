@@ -64,6 +64,7 @@ from typing import TypeAlias
 import asyncpg
 
 from ._data import EVENT_TYPE, Data, make_data
+from ._gc import GCTimer
 
 #: The environment variable naming the server (as for the harness), and its default.
 URL_VARIABLE = "TRIOFLOW_BENCH_POSTGRES_URL"
@@ -216,7 +217,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         try:
             tallies = [Tally() for _ in range(readers)]
             wakeup = Wakeup()
-            collecting = _GCTimer()
+            collecting = GCTimer()
             with collecting:
                 started = time.perf_counter()
                 published, *finished = await asyncio.gather(
@@ -267,27 +268,6 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "gc_s": collecting.seconds,
         "problems": problems,
     }
-
-
-class _GCTimer:
-    """Adds up the time the garbage collector runs, while in the ``with`` block."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started = 0.0
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._started
-
-    def __enter__(self) -> _GCTimer:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        gc.callbacks.remove(self._callback)
 
 
 def _positive_int(text: str) -> int:

@@ -18,13 +18,39 @@ Cases (``--case`` selects by id; ``raw`` always runs, the ratios need it):
 ``publish-tasks``
     ``--publishers`` tasks each call ``publish`` one event at a time (trioflow
     groups concurrent calls into one store transaction).
+``redis-streams`` (with ``--peer redis``)
+    A peer, not a trioflow store (its store column is empty): Redis Streams
+    with one consumer group per reader, driven by the asyncio program
+    `benchmarks.redis_fanout` in a subprocess: MULTI/EXEC pipelines of
+    ``--batch-size`` XADDs; K readers each in its own group (so each gets
+    every event), XREADGROUP COUNT 1000, ``json.loads`` and a no-op handler
+    per event, one XACK every ``--commit-every`` events.
+``nats-jetstream`` (with ``--peer nats``)
+    A peer: NATS JetStream, a file-storage stream and one durable pull
+    consumer per reader (``ack_policy=all``), driven by
+    `benchmarks.nats_fanout`: async publishes awaited per ``--batch-size``
+    batch; ``fetch(1000)``, ``json.loads`` and a no-op handler per event, one
+    confirmed ack (of all before it) every ``--commit-every`` events.
+
+The peers run only when asked for, ``--peer redis --peer nats`` or ``--peer
+all``, whatever the stores: they need their client libraries (``pip install
+'.[bench]'``) and servers ($TRIOFLOW_BENCH_REDIS_URL, default
+``redis://127.0.0.1:6379/0``; $TRIOFLOW_BENCH_NATS_URL, default
+``nats://127.0.0.1:4222``), and a run of the trioflow stores alone should
+need neither. A peer whose client is missing or whose server is unreachable
+is skipped with a line on stderr saying why, and listed under
+``skipped_peers`` in the JSON file. Both acknowledge every C events, the
+analogue of trioflow's cursor commit every C events: after a crash each
+redelivers at most the C events handled since (see their modules).
 
 Figures: publish ev/s is N over the time from the first publish (send) until
 the last one returned; delivered ev/s is K*N over the time from the first
 publish until every consumer had handled, and committed, all N events
 (``await flow.wait_idle()``). Every run then checks that each consumer
 handled exactly sequence numbers 1..N, in order, and that its committed
-cursor is N; otherwise the benchmark fails.
+cursor is N; otherwise the benchmark fails. A peer's program checks the same
+(each reader handled events 1..N in order, nothing left unacknowledged) and
+exits non-zero if not, which fails the benchmark too.
 """
 
 from __future__ import annotations
@@ -55,6 +81,7 @@ from ._data import EVENT_TYPE as EVENT_TYPE
 from ._data import Data as Data
 from ._data import make_data as make_data
 from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int
+from ._peers import ALL_PEERS, PEERS, PeerKind, peers_named
 from ._report import Metric
 from ._stores import POSTGRES_URL_VARIABLE, StoreKind, fresh_postgres_schema
 
@@ -304,6 +331,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="concurrent tasks calling publish() in publish-tasks (default: %(default)s)",
     )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        choices=[*PEERS, ALL_PEERS],
+        help=(
+            "also run this peer on the same events: redis (Redis Streams), nats (NATS "
+            "JetStream), all; repeatable (default: none). Needs pip install '.[bench]' and "
+            "the server; otherwise it is skipped with a line saying why"
+        ),
+    )
 
 
 def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
@@ -391,6 +428,9 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             store_cases.insert(0, _asyncpg_case(kind, options, batch_size, commit_every))
             store_cases.insert(3, _asyncpg_case(kind, options, batch_size, 1))
         cases.extend(store_cases)
+    cases.extend(
+        _peer_case(peer, options, batch_size, commit_every) for peer in peers_named(args.peer or ())
+    )
     return cases
 
 
@@ -539,6 +579,81 @@ def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, commit_eve
         },
         run=run,
         baseline=case_id,
+    )
+
+
+# --- the peers (--peer): other systems, each driven by its own asyncio program --------
+
+
+def _peer_case(peer: PeerKind, options: Options, batch_size: int, commit_every: int) -> Case:
+    """``peer``'s program (`benchmarks.redis_fanout`, ...) on the same events, in a subprocess."""
+    n, k, timeout = options.events, options.consumers, options.timeout
+    command = [
+        sys.executable,
+        "-m",
+        peer.program,
+        f"--events={n}",
+        f"--readers={k}",
+        f"--batch-size={batch_size}",
+        f"--page-size={PAGE_SIZE}",
+        f"--commit-every={commit_every}",
+        # The program gives up by itself first, so that it deletes its stream.
+        f"--timeout={timeout}",
+    ]
+    what = f"{peer.title} program ({peer.case})"
+    probe = peer.probe()
+
+    def run() -> Figures:
+        try:
+            done = subprocess.run(
+                command,
+                cwd=_ROOT,
+                # In the environment, not on the command line, where a password
+                # in the URL would show in the process list.
+                env={**os.environ, peer.url_variable: peer.url()},
+                capture_output=True,
+                text=True,
+                timeout=timeout + 60,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchmarkFailed(f"{what} timed out after {timeout + 60:g}s") from None
+        if done.returncode != 0:
+            detail = "\n".join(done.stderr.strip().splitlines()[-20:])
+            raise BenchmarkFailed(f"{what} failed (exit status {done.returncode}): {detail}")
+        figures = json.loads(done.stdout)
+        return {key: float(value) for key, value in figures.items() if key != "problems"}
+
+    descriptions = {
+        "redis": (
+            f"Redis Streams (redis-py asyncio) in a subprocess: MULTI/EXEC pipelines of "
+            f"{batch_size:,} XADDs; {k} consumer groups of one reader, XREADGROUP COUNT "
+            f"{PAGE_SIZE:,}, json.loads and a no-op handler per event, XACK every "
+            f"{commit_every} events"
+        ),
+        "nats": (
+            f"NATS JetStream (nats-py) in a subprocess: file-storage stream, async publishes "
+            f"awaited per {batch_size:,}; {k} durable pull consumers (ack_policy=all), "
+            f"fetch({PAGE_SIZE:,}), json.loads and a no-op handler per event, a confirmed ack "
+            f"every {commit_every} events"
+        ),
+    }
+    return Case(
+        id=peer.case,
+        description=descriptions.get(peer.name, f"{peer.title} ({peer.program})"),
+        store=None,
+        consumers=k,
+        events=n,
+        params={
+            "program": peer.program,
+            "commit_every": commit_every,
+            "batch_size": batch_size,
+            "page_size": PAGE_SIZE,
+            "data_bytes": DATA_BYTES,
+            "server": dict(probe.server),
+            "client": dict(probe.client),
+        },
+        run=run,
     )
 
 

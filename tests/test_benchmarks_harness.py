@@ -122,3 +122,17 @@ def test_without_a_terminal_only_the_messages_are_written() -> None:
 )
 def test_durations_read_at_a_glance(seconds: float, shown: str) -> None:
     assert format_duration(seconds) == shown
+
+
+def test_a_workload_sets_its_own_defaults_for_the_common_options() -> None:
+    from benchmarks.__main__ import build_parser
+
+    parser = build_parser()
+    recovery = parser.parse_args(["run", "recovery"])
+    fanout = parser.parse_args(["run", "fanout"])
+    scenarios = parser.parse_args(["run", "scenarios"])
+    assert (recovery.events, recovery.consumers, recovery.repeat) == (1_000_000, [4], 3)
+    assert (fanout.events, fanout.consumers, fanout.repeat) == (100_000, [4], 3)
+    assert scenarios.repeat == 1
+    # The command line still wins.
+    assert parser.parse_args(["run", "recovery", "--events", "50"]).events == 50

@@ -1,0 +1,222 @@
+"""The latency workload runs end to end on tiny inputs, in and across processes; its checks bite.
+
+No timing is asserted: these only guard the code path that
+``python -m benchmarks run latency`` takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+import trioflow
+from benchmarks import latency
+from benchmarks.__main__ import main
+from benchmarks._data import Data, make_data
+from benchmarks._harness import BenchmarkFailed
+from benchmarks._stores import STORES
+from benchmarks.fanout import make_events
+
+# The fixture, by its name: it points the benchmarks at the PostgreSQL test server.
+from tests.test_benchmarks_smoke import bench_postgres  # noqa: F401
+
+FIGURES = {"p50_ms", "p99_ms", "p999_ms", "max_ms", "achieved_per_s", "p99_vs_raw", "samples"}
+
+
+def _run(
+    argv: list[str], out: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[dict[str, Any], str]:
+    # 1 would mean a correctness check failed: an event lost, repeated or reordered.
+    assert main([*argv, "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "BENCHMARK FAILED" not in captured.err
+    return json.loads(out.read_text(encoding="utf-8")), captured.out
+
+
+def _check_layout(report: dict[str, Any], store: str, *, cross_process: bool, table: str) -> None:
+    results = {(result["case"], result["store"]): result for result in report["results"]}
+    expected = {("raw@200", None), ("in-process@200", store)}
+    if cross_process:
+        expected.add(("cross-process@200", store))
+    assert set(results) == expected
+    assert report["reference_case"] == "raw@200"
+    for (case, _), result in results.items():
+        # --events 1000 capped by --rate 200 * --seconds 0.15: 30 events a run.
+        assert (result["consumers"], result["events"], len(result["runs"])) == (2, 30, 1)
+        assert set(result["median"]) >= FIGURES
+        # Two consumers, 30 events each, the first 5 of each left out (--warmup 5).
+        assert result["median"]["samples"] == 2 * (30 - 5)
+        assert 0 < result["median"]["p50_ms"] <= result["median"]["p99_ms"]
+        assert result["median"]["p99_ms"] <= result["median"]["p999_ms"]
+        assert result["median"]["p999_ms"] <= result["median"]["max_ms"]
+        assert result["ratio_to_reference"]["p99_vs_raw"] > 0
+        assert result["params"]["warmup"] == 5
+        assert f"| {case} " in table
+    assert results["raw@200", None]["median"]["p99_vs_raw"] == 1.0
+    assert results["in-process@200", store]["params"]["process"] == "same"
+    if cross_process:
+        cross = results["cross-process@200", store]
+        assert cross["params"]["process"] == "child"
+        assert cross["baseline_case"] == "in-process@200"
+        assert cross["ratio_to_baseline"]["p99_vs_raw"] > 0
+        assert "| vs in-process |" in table
+
+
+ARGV = ["run", "latency", "--events", "1000", "--consumers", "2", "--repeat", "1"]
+ARGV += ["--rate", "200", "--seconds", "0.15", "--warmup", "5", "--timeout", "60"]
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_latency_runs_and_passes_its_checks(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if store == "sqlite":
+        pytest.importorskip("trioflow.stores.sqlite")
+    report, table = _run([*ARGV, "--store", store], tmp_path / "latency.json", capsys)
+    # The memory store lives in one process: no cross-process case for it.
+    _check_layout(report, store, cross_process=store != "memory", table=table)
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("bench_postgres")
+def test_latency_runs_on_postgres(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report, table = _run([*ARGV, "--store", "postgres"], tmp_path / "latency.json", capsys)
+    _check_layout(report, "postgres", cross_process=True, table=table)
+    assert report["machine"]["postgresql"]
+
+
+def test_await_mode_and_poll_interval_are_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("trioflow.stores.sqlite")
+    argv = [*ARGV, "--store", "sqlite", "--publish", "await", "--poll-interval", "0.02"]
+    argv += ["--case", "cross-process@200"]
+    report, _ = _run(argv, tmp_path / "latency.json", capsys)
+    results = {result["case"]: result for result in report["results"]}
+    # The cross-process case keeps its raw reference and the in-process case it is compared with.
+    assert set(results) == {"raw@200", "in-process@200", "cross-process@200"}
+    assert results["cross-process@200"]["params"]["publish"] == "await"
+    assert results["cross-process@200"]["params"]["poll_interval"] == 0.02
+
+
+def test_a_warmup_as_long_as_a_run_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "latency", "--events", "30", "--rate", "1000", "--warmup", "30"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "--warmup must be" in capsys.readouterr().err
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    ordered = list(range(1, 101))
+    assert latency.percentile(ordered, 0.5) == 50
+    assert latency.percentile(ordered, 0.99) == 99
+    assert latency.percentile(ordered, 0.999) == 100
+    assert latency.percentile([7], 0.001) == 7
+
+
+async def _fed(seqs: list[int], events: list[trioflow.Event]) -> latency.LatencyTally:
+    tally = latency.LatencyTally()
+    for seq in seqs:
+        await tally.handle(events[seq - 1])
+    return tally
+
+
+PACING = latency.Pacing(events=5, rate=1000.0, seconds=0.004, late=0.0)
+
+
+@pytest.mark.parametrize(
+    "seqs", [[1, 2, 4, 5], [1, 2, 2, 3, 4, 5], [1, 3, 2, 4, 5], [1, 2, 3, 4]], ids=str
+)
+async def test_a_consumer_that_missed_repeated_or_reordered_an_event_fails(
+    seqs: list[int],
+) -> None:
+    data = make_data(5)
+    for item in data:
+        item[latency.STAMP] = latency.now_ns()
+    events = make_events(data)
+    complete = await _fed([1, 2, 3, 4, 5], events)
+    assert latency.summarize([complete], PACING, warmup=0, what="x")["samples"] == 5
+
+    wrong = await _fed(seqs, events)
+    with pytest.raises(BenchmarkFailed, match=r"consumer 1 handled"):
+        latency.summarize([complete, wrong], PACING, warmup=0, what="x")
+
+    # The child's report goes through the same check.
+    tallies, cursors = latency.read_child_report(
+        latency.child_report([complete, wrong], {"consumer-0": 5, "consumer-1": 5})
+    )
+    assert tallies[1].samples == wrong.samples
+    latency.check_cursors(cursors, 5, what="x")
+    with pytest.raises(BenchmarkFailed, match=r"consumer 1 handled"):
+        latency.summarize(tallies, PACING, warmup=0, what="x")
+
+
+def test_a_cursor_short_of_n_fails() -> None:
+    with pytest.raises(BenchmarkFailed, match=r"committed cursors \{'consumer-1': 4\}"):
+        latency.check_cursors({"consumer-0": 5, "consumer-1": 4}, 5, what="x")
+
+
+def test_an_event_never_published_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stamped = latency._stamped_publish
+
+    def losing(flow: trioflow.Flow) -> Callable[[Data], Awaitable[None]]:
+        publish = stamped(flow)
+
+        async def lose_the_third(item: Data) -> None:
+            if item["order"] != 3:
+                await publish(item)
+
+        return lose_the_third
+
+    monkeypatch.setattr(latency, "_stamped_publish", losing)
+    argv = ["run", "latency", "--events", "10", "--consumers", "2", "--repeat", "1"]
+    assert main([*argv, "--rate", "1000"]) == 1
+    assert "BENCHMARK FAILED: trioflow in-process@1000 on memory" in capsys.readouterr().err
+
+
+def test_a_cross_process_run_that_times_out_kills_the_child() -> None:
+    pytest.importorskip("trioflow.stores.sqlite")
+    # 100 events at 1 event/s cannot be done within the 2 s allowed.
+    plan = latency._Plan(rate=1.0, data=make_data(100), spawn=True)
+    for item in plan.data:
+        item[latency.STAMP] = 0
+    with pytest.raises(BenchmarkFailed, match=r"timed out after 2s; child process \d+ killed") as e:
+        latency._cross_process_run(
+            STORES["sqlite"],
+            plan,
+            consumers=1,
+            timeout=2.0,
+            warmup=0,
+            poll_interval=None,
+            what="stuck",
+        )
+    pid = int(str(e.value).rsplit("process ", 1)[1].split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_child_that_failed_is_reported_with_its_stderr() -> None:
+    crashed = latency._ChildRun(
+        said=b"",
+        completed=subprocess.CompletedProcess(["child"], 1, None, b"Traceback\nStoreError: no"),
+    )
+    assert "said b'', not 'ready', and exited with status 1: Traceback\nStoreError: no" in str(
+        crashed.failure("x")
+    )
+    pacing = latency.Pacing(events=1, rate=1.0, seconds=0.0, late=0.0)
+    failed = attrs.evolve(crashed, pacing=pacing)
+    assert "exited with status 1" in str(failed.failure("x"))
+    ok = attrs.evolve(
+        failed, completed=subprocess.CompletedProcess(["child"], 0, None, b""), said=b"ready"
+    )
+    assert ok.failure("x") is None
