@@ -26,6 +26,7 @@ from ._cursors import CursorWriter
 from ._dispatch import Batch, Dispatcher
 from ._errors import StoreError
 from ._events import Event
+from ._pages import PageReader
 from ._state import ConsumerState
 from .stores._base import Store
 
@@ -59,6 +60,11 @@ class ConsumerRunner:
     restart_delay: Callable[[int], float]
     stopping: bool = False
     stop_deadline: float = float("inf")
+    #: Replay pages, shared by the consumers replaying the same events.
+    pages: PageReader = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.pages = PageReader(self.store, keep=2 * self.page_size)
 
     async def supervise(
         self, state: ConsumerState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -195,7 +201,7 @@ class ConsumerRunner:
         # full pages after a few reads.
         limit = min(FIRST_PAGE, self.page_size)
         while state.position < until:
-            page = await self.store.read(state.position, limit)
+            page = await self.pages.read(state.position, limit)
             limit = min(2 * limit, self.page_size)
             if not page:
                 # The flow has seen events up to `until` committed, so the

@@ -1,0 +1,94 @@
+"""Replay pages shared between consumers: one store read, one decode, for all of them.
+
+Consumers that replay the same stretch of the log (after a restart of the
+process, all from about the same cursors) would each read and decode every
+event from the store: K times the store's work for K consumers. The live path
+already shares each decoded event between consumers; `PageReader` does the same
+for replays. A read is served from a recent page that covers it, or joins a read
+of the same position already under way, or goes to the store.
+
+Sharing is sound because a page, once read, is final: stores guarantee that no
+event can later appear below a sequence number a reader has seen, so the
+events after any position inside a page are exactly the rest of that page
+(followed, perhaps, by more that a new read would return).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from ._events import Event
+from .stores._base import Store
+
+
+@attrs.define(eq=False)
+class _Read:
+    """A store read under way; its waiters take its page when ``done`` is set."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    page: Sequence[Event] | None = None
+
+
+@attrs.define(eq=False)
+class PageReader:
+    """Reads replay pages from the store, sharing them between consumers.
+
+    Keeps the most recent pages, at most ``keep`` events in all (the flow
+    keeps two full pages: consumers replaying together are rarely further
+    apart), besides the reads under way.
+    """
+
+    store: Store
+    keep: int
+    #: Recent pages by the position they were read after, oldest first.
+    _pages: collections.OrderedDict[int, tuple[list[int], Sequence[Event]]] = attrs.Factory(
+        collections.OrderedDict
+    )
+    _reads: dict[int, _Read] = attrs.Factory(dict)
+    _kept: int = 0
+    #: Reads answered without going to the store (for statistics and tests).
+    shared: int = 0
+
+    async def read(self, after: int, limit: int) -> Sequence[Event]:
+        """Up to ``limit`` events with ``seq > after``, in order, as `Store.read` returns them.
+
+        May return fewer than ``limit`` events when a shared page ends early;
+        returns nothing only when the store had nothing past ``after``.
+        """
+        page = self._cached(after, limit)
+        if page:
+            self.shared += 1
+            await trio.lowlevel.checkpoint()
+            return page
+        under_way = self._reads.get(after)
+        if under_way is not None:
+            await under_way.done.wait()
+            if under_way.page:
+                self.shared += 1
+                return under_way.page[:limit]
+            # The read failed or found nothing: read for ourselves.
+        read = self._reads[after] = _Read()
+        try:
+            read.page = page = await self.store.read(after, limit)
+        finally:
+            read.done.set()
+            del self._reads[after]
+        if page and after not in self._pages:
+            self._pages[after] = ([event.seq for event in page], page)
+            self._kept += len(page)
+            while self._kept > self.keep:
+                _, (_, dropped) = self._pages.popitem(last=False)
+                self._kept -= len(dropped)
+        return page
+
+    def _cached(self, after: int, limit: int) -> Sequence[Event]:
+        for start, (seqs, page) in self._pages.items():
+            if start <= after < seqs[-1]:
+                first = bisect.bisect_right(seqs, after)
+                return page[first : first + limit]
+        return ()
