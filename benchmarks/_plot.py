@@ -66,7 +66,9 @@ def plot_report(report: Mapping[str, Any], directory: Path) -> list[Path]:
 
     # 1,234,567 rather than 1.2e6: the same figures the table shows.
     thousands = FuncFormatter(
-        lambda value, _: f"{value:,.2f}" if abs(value) < 10 else f"{value:,.0f}"
+        lambda value, _: (
+            f"{value:,.0f}" if value == int(value) or abs(value) >= 10 else f"{value:.2f}"
+        )
     )
     directory.mkdir(parents=True, exist_ok=True)
     results: Sequence[Mapping[str, Any]] = report["results"]
@@ -96,7 +98,10 @@ def plot_report(report: Mapping[str, Any], directory: Path) -> list[Path]:
         )
         axes.set_yticks(positions, [_label(result, sweep) for result in shown])
         axes.invert_yaxis()
-        axes.set_xlabel(f"{title}, median of {len(shown[0]['runs'])} runs (bar: lowest to highest)")
+        runs = len(shown[0]["runs"])
+        axes.set_xlabel(
+            f"{title}, median of {runs} run{'s' if runs != 1 else ''} (bar: lowest to highest)"
+        )
         axes.set_title(f"{workload}: {metric['label']}", loc="left")
         axes.grid(axis="x", alpha=0.3)
         axes.xaxis.set_major_formatter(thousands)
