@@ -5,7 +5,8 @@ so any saved run can be drawn again. For every figure in the table's columns:
 
 ``<workload>-<figure>.png``
     One bar per case, store and consumer count: the median over the runs,
-    with a line from the lowest to the highest run.
+    with a line from the lowest to the highest run; on a log scale when the
+    figures span a factor of 100 or more.
 ``<workload>-<figure>-by-consumers.png``
     When the run swept ``--consumers``: the median against the consumer
     count, one line per case and store.
@@ -55,6 +56,11 @@ def _label(result: Mapping[str, Any], sweep: bool) -> str:
     return f"{label}, K={result['consumers']}" if sweep else label
 
 
+def _spans_magnitudes(values: Sequence[float]) -> bool:
+    """Whether ``values`` are all positive and span 100 times or more: a log scale then."""
+    return bool(values) and min(values) > 0 and max(values) >= 100 * min(values)
+
+
 def plot_report(report: Mapping[str, Any], directory: Path) -> list[Path]:
     """Draw ``report`` (a parsed results file) as PNG files in ``directory``; return their paths.
 
@@ -96,6 +102,8 @@ def plot_report(report: Mapping[str, Any], directory: Path) -> list[Path]:
             color=["tab:gray" if result["reference"] else "tab:blue" for result in shown],
             capsize=3,
         )
+        if _spans_magnitudes(lows + highs):
+            axes.set_xscale("log")
         axes.set_yticks(positions, [_label(result, sweep) for result in shown])
         axes.invert_yaxis()
         runs = len(shown[0]["runs"])
@@ -127,6 +135,8 @@ def plot_report(report: Mapping[str, Any], directory: Path) -> list[Path]:
                     label=f"{case} ({store or 'no store'})",
                 )
             axes.set_xscale("log", base=2)
+            if _spans_magnitudes([value for points in lines.values() for _, value in points]):
+                axes.set_yscale("log")
             axes.set_xticks(counts, [str(k) for k in counts])
             axes.set_xlabel("consumers (K)")
             axes.set_ylabel(title)

@@ -136,3 +136,15 @@ def test_a_workload_sets_its_own_defaults_for_the_common_options() -> None:
     assert scenarios.repeat == 1
     # The command line still wins.
     assert parser.parse_args(["run", "recovery", "--events", "50"]).events == 50
+
+
+@pytest.mark.parametrize(
+    ("values", "log"),
+    [([0.1, 5.0], False), ([0.1, 10.0], True), ([0.0, 1000.0], False), ([], False)],
+)
+def test_figures_spanning_a_factor_of_100_are_drawn_on_a_log_scale(
+    values: list[float], log: bool
+) -> None:
+    from benchmarks._plot import _spans_magnitudes
+
+    assert _spans_magnitudes(values) is log
