@@ -33,6 +33,9 @@ from typing import Any
 
 import attrs
 
+from ._readers import Tally as Tally
+from ._readers import order_problems as order_problems
+
 #: What ``--peer`` takes to mean every peer.
 ALL_PEERS = "all"
 #: Seconds a probe (a subprocess connecting once) may take.
@@ -191,39 +194,6 @@ def masked(url: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-class Tally:
-    """A reader's no-op handler, which only notes what it was given.
-
-    The same as the hand-written asyncpg program's: every event's data holds
-    its publication order (``data["order"]``, 1..N), so a reader that lost,
-    repeated or reordered an event is caught.
-    """
-
-    __slots__ = ("count", "last", "out_of_order")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last = 0
-        self.out_of_order = 0
-
-    async def handle(self, order: int, data: object) -> None:
-        """Count the event and check it directly follows the previous one."""
-        if order != self.last + 1:
-            self.out_of_order += 1
-        self.last = order
-        self.count += 1
-
-
-def order_problems(tallies: Sequence[Tally], events: int) -> list[str]:
-    """What each reader got wrong, unless it handled exactly events 1..``events`` in order."""
-    return [
-        f"reader {index} handled {tally.count:,} events ending at {tally.last:,} "
-        f"with {tally.out_of_order:,} out of order (expected 1..{events:,} in order)"
-        for index, tally in enumerate(tallies)
-        if tally.count != events or tally.last != events or tally.out_of_order
-    ]
 
 
 def _positive_int(text: str) -> int:

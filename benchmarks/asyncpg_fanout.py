@@ -65,6 +65,7 @@ import asyncpg
 
 from ._data import EVENT_TYPE, Data, make_data
 from ._gc import GCTimer
+from ._readers import Tally, order_problems
 
 #: The environment variable naming the server (as for the harness), and its default.
 URL_VARIABLE = "TRIOFLOW_BENCH_POSTGRES_URL"
@@ -76,24 +77,6 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.loads
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
-
-
-class Tally:
-    """The readers' no-op handler, which only notes what it was given."""
-
-    __slots__ = ("count", "last", "out_of_order")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last = 0
-        self.out_of_order = 0
-
-    async def handle(self, seq: int, data: object) -> None:
-        """Count the event and check it directly follows the previous one."""
-        if seq != self.last + 1:
-            self.out_of_order += 1
-        self.last = seq
-        self.count += 1
 
 
 class Wakeup:
@@ -249,12 +232,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
             await admin.close()
-    problems = [
-        f"reader {index} handled {tally.count:,} events ending at seq {tally.last:,} "
-        f"with {tally.out_of_order:,} out of order"
-        for index, tally in enumerate(tallies)
-        if tally.count != events or tally.last != events or tally.out_of_order
-    ]
+    problems = order_problems(tallies, events)
     problems += [
         f"reader {index}'s committed cursor is {cursors.get(f'reader-{index}')}, not {events:,}"
         for index in range(readers)
