@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import attrs
 
@@ -21,12 +25,64 @@ from ._progress import ProgressBar
 from ._report import CaseResult, Metric
 from ._stores import StoreKind
 
+#: The directory holding the ``benchmarks`` package: where its programs start.
+ROOT = Path(__file__).resolve().parent.parent
+
 
 class BenchmarkFailed(Exception):
     """A case did not do what it measured: events lost, duplicated, reordered, or late.
 
     Its figures mean nothing; the run stops with this message.
     """
+
+
+def run_program(
+    argv: Sequence[str],
+    *,
+    what: str,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+    check_status: int | None = None,
+) -> dict[str, float]:
+    """Run a benchmark program (``python -m ...``) from the repository root; return its figures.
+
+    The program prints one JSON object on stdout: its figures, and perhaps a
+    list of ``problems``, which is left out.
+
+    Args:
+        argv: The command, from ``sys.executable`` on.
+        what: The run, as failure messages name it.
+        timeout: Seconds before the program is killed and the run fails.
+        env: Variables to add to this process's environment (secrets go here,
+            not on the command line, where the process list would show them).
+        stdin: Text to feed the program.
+        check_status: The exit status with which the program says its own
+            correctness check failed: its stderr is then the whole message.
+
+    Raises:
+        BenchmarkFailed: The program timed out or exited with another status than 0.
+    """
+    try:
+        done = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchmarkFailed(f"{what} timed out after {timeout:g}s") from None
+    if done.returncode != 0:
+        detail = "\n".join(done.stderr.strip().splitlines()[-20:])
+        if done.returncode == check_status:
+            raise BenchmarkFailed(detail)
+        raise BenchmarkFailed(f"{what} failed (exit status {done.returncode}): {detail}")
+    figures = json.loads(done.stdout)
+    return {key: float(value) for key, value in figures.items() if key != "problems"}
 
 
 @attrs.frozen(kw_only=True)

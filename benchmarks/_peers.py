@@ -35,6 +35,7 @@ import attrs
 
 from ._readers import Tally as Tally
 from ._readers import order_problems as order_problems
+from ._readers import report
 
 #: What ``--peer`` takes to mean every peer.
 ALL_PEERS = "all"
@@ -274,11 +275,4 @@ def program_main(
         found = asyncio.run(probe(args.url))
         print(json.dumps(attrs.asdict(found)), flush=True)
         return 0
-    outcome = asyncio.run(run(args))
-    print(json.dumps(outcome), flush=True)
-    problems = outcome["problems"]
-    assert isinstance(problems, list)
-    if problems:
-        print("; ".join(problems), file=sys.stderr)
-        return 1
-    return 0
+    return report(asyncio.run(run(args)))

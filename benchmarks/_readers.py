@@ -6,7 +6,9 @@ processes that must not import trio), so the standard library only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import sys
+from collections.abc import Mapping, Sequence
 
 
 class Tally:
@@ -40,3 +42,18 @@ def order_problems(tallies: Sequence[Tally], events: int) -> list[str]:
         for index, tally in enumerate(tallies)
         if tally.count != events or tally.last != events or tally.out_of_order
     ]
+
+
+def report(outcome: Mapping[str, object]) -> int:
+    """Print ``outcome`` as JSON on stdout, its ``problems`` on stderr; return the exit status.
+
+    The status is 1 if the run's check found problems (the harness then fails
+    the benchmark with the stderr), else 0.
+    """
+    print(json.dumps(outcome), flush=True)
+    problems = outcome["problems"]
+    assert isinstance(problems, list)
+    if problems:
+        print("; ".join(problems), file=sys.stderr)
+        return 1
+    return 0

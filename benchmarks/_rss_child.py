@@ -22,15 +22,11 @@ import argparse
 import importlib
 import json
 import resource
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-from ._harness import BenchmarkFailed
+from ._harness import BenchmarkFailed, run_program
 
-#: The directory holding the ``benchmarks`` package: where the child starts.
-_ROOT = Path(__file__).resolve().parent.parent
 #: Bytes per MiB, and per KiB (the unit of /proc and of Linux's ru_maxrss).
 _MIB = 1024 * 1024
 _KIB = 1024
@@ -88,27 +84,14 @@ def measure_in_child(
     Raises:
         BenchmarkFailed: The child's check failed, it crashed, or it timed out.
     """
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks._rss_child", module],
-            cwd=_ROOT,
-            input=json.dumps(dict(params)),
-            capture_output=True,
-            text=True,
-            timeout=timeout + _SETUP_SECONDS,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchmarkFailed(f"{what} timed out in its subprocess") from None
-    if done.returncode != 0:
-        reason = "\n".join(done.stderr.strip().splitlines()[-20:])
-        if done.returncode == 1:
-            raise BenchmarkFailed(reason)
-        raise BenchmarkFailed(
-            f"{what} failed in its subprocess (exit status {done.returncode}): {reason}"
-        )
-    figures = json.loads(done.stdout)
-    return {key: float(value) for key, value in figures.items()}
+    return run_program(
+        [sys.executable, "-m", "benchmarks._rss_child", module],
+        what=f"{what} (in its subprocess)",
+        timeout=timeout + _SETUP_SECONDS,
+        stdin=json.dumps(dict(params)),
+        # `main` exits 1 with the check's own message.
+        check_status=1,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

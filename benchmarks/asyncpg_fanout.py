@@ -65,7 +65,7 @@ import asyncpg
 
 from ._data import EVENT_TYPE, Data, make_data
 from ._gc import GCTimer
-from ._readers import Tally, order_problems
+from ._readers import Tally, order_problems, report
 
 #: The environment variable naming the server (as for the harness), and its default.
 URL_VARIABLE = "TRIOFLOW_BENCH_POSTGRES_URL"
@@ -283,14 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run once; print the figures as JSON; return 1 if the check failed."""
     args = build_parser().parse_args(argv)
-    figures = asyncio.run(run(args))
-    print(json.dumps(figures), flush=True)
-    problems = figures["problems"]
-    assert isinstance(problems, list)
-    if problems:
-        print("; ".join(problems), file=sys.stderr)
-        return 1
-    return 0
+    return report(asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

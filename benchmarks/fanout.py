@@ -58,14 +58,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
-import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
 from time import perf_counter
 from typing import TypeVar
 
@@ -80,15 +76,13 @@ from ._data import DATA_BYTES as DATA_BYTES
 from ._data import EVENT_TYPE as EVENT_TYPE
 from ._data import Data as Data
 from ._data import make_data as make_data
-from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int
+from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int, run_program
 from ._peers import ALL_PEERS, PEERS, PeerKind, peers_named
 from ._report import Metric
 from ._stores import POSTGRES_URL_VARIABLE, StoreKind, fresh_postgres_schema
 
 #: Rows per query of the hand-written program's readers (trioflow's default page_size).
 PAGE_SIZE = 1000
-#: The directory holding the ``benchmarks`` package: where its subprocesses start.
-_ROOT = Path(__file__).resolve().parent.parent
 
 #: One run's figures, by metric key.
 Figures = Mapping[str, float]
@@ -538,25 +532,12 @@ def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, commit_eve
 
     def run() -> Figures:
         with fresh_postgres_schema() as (url, schema):
-            try:
-                done = subprocess.run(
-                    [*command, f"--schema={schema}"],
-                    cwd=_ROOT,
-                    # Passed in the environment, not on the command line, where
-                    # any password in it would show in the process list.
-                    env={**os.environ, POSTGRES_URL_VARIABLE: url},
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                raise BenchmarkFailed(f"{what} timed out after {timeout:g}s") from None
-        if done.returncode != 0:
-            detail = "\n".join(done.stderr.strip().splitlines()[-20:])
-            raise BenchmarkFailed(f"{what} failed (exit status {done.returncode}): {detail}")
-        figures = json.loads(done.stdout)
-        return {key: float(value) for key, value in figures.items() if key != "problems"}
+            return run_program(
+                [*command, f"--schema={schema}"],
+                what=what,
+                timeout=timeout,
+                env={POSTGRES_URL_VARIABLE: url},
+            )
 
     return Case(
         id=case_id,
@@ -604,25 +585,11 @@ def _peer_case(peer: PeerKind, options: Options, batch_size: int, commit_every: 
     probe = peer.probe()
 
     def run() -> Figures:
-        try:
-            done = subprocess.run(
-                command,
-                cwd=_ROOT,
-                # In the environment, not on the command line, where a password
-                # in the URL would show in the process list.
-                env={**os.environ, peer.url_variable: peer.url()},
-                capture_output=True,
-                text=True,
-                timeout=timeout + 60,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise BenchmarkFailed(f"{what} timed out after {timeout + 60:g}s") from None
-        if done.returncode != 0:
-            detail = "\n".join(done.stderr.strip().splitlines()[-20:])
-            raise BenchmarkFailed(f"{what} failed (exit status {done.returncode}): {detail}")
-        figures = json.loads(done.stdout)
-        return {key: float(value) for key, value in figures.items() if key != "problems"}
+        # The program's own deadline comes first (it then deletes its
+        # stream); this one only stops a program that ignored it.
+        return run_program(
+            command, what=what, timeout=timeout + 60, env={peer.url_variable: peer.url()}
+        )
 
     descriptions = {
         "redis": (

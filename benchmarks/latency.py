@@ -76,10 +76,10 @@ import trioflow
 from trioflow.stores import Store
 
 from ._data import DATA_BYTES, EVENT_TYPE, Data, make_data
-from ._harness import BenchmarkFailed, Case, Options, Workload, positive_float
+from ._harness import ROOT, BenchmarkFailed, Case, Options, Workload, positive_float
 from ._report import Metric
 from ._stores import StoreKind, fresh_postgres_schema, with_options
-from .fanout import _ROOT, Figures, Tally, _receive_each, _run_within, check_tallies, make_events
+from .fanout import Figures, Tally, _receive_each, _run_within, check_tallies, make_events
 
 #: The target rates, events/s, when no ``--rate`` is given.
 DEFAULT_RATES = (1000.0, 10000.0)
@@ -380,7 +380,7 @@ async def _run_child(
         stdout=subprocess.PIPE,
         capture_stderr=True,
         check=False,
-        cwd=_ROOT,
+        cwd=ROOT,
         env=env,
         task_status=task_status,
     )

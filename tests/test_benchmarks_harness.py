@@ -148,3 +148,32 @@ def test_figures_spanning_a_factor_of_100_are_drawn_on_a_log_scale(
     from benchmarks._plot import _spans_magnitudes
 
     assert _spans_magnitudes(values) is log
+
+
+def test_a_program_s_figures_come_back_and_its_failures_fail_the_run() -> None:
+    import sys
+
+    from benchmarks._harness import BenchmarkFailed, run_program
+
+    def python(code: str) -> list[str]:
+        return [sys.executable, "-c", code]
+
+    printed = 'import json, os; print(json.dumps({"a": 1, "b": 2.5, "problems": []}))'
+    assert run_program(python(printed), what="ok", timeout=60) == {"a": 1.0, "b": 2.5}
+    echoed = (
+        'import json, os, sys; print(json.dumps({"n": int(os.environ["N"] + sys.stdin.read())}))'
+    )
+    assert run_program(python(echoed), what="ok", timeout=60, env={"N": "4"}, stdin="2") == {
+        "n": 42.0
+    }
+
+    failing = (
+        'import sys; print("first", file=sys.stderr); print("why", file=sys.stderr); sys.exit(3)'
+    )
+    with pytest.raises(BenchmarkFailed, match=r"^prog failed \(exit status 3\): first\nwhy$"):
+        run_program(python(failing), what="prog", timeout=60)
+    # A program's own check failing: its message, alone.
+    with pytest.raises(BenchmarkFailed, match=r"^first\nwhy$"):
+        run_program(python(failing), what="prog", timeout=60, check_status=3)
+    with pytest.raises(BenchmarkFailed, match=r"^prog timed out after 0.5s$"):
+        run_program(python("import time; time.sleep(30)"), what="prog", timeout=0.5)
