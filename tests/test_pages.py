@@ -132,3 +132,26 @@ async def test_consumers_replaying_together_read_each_event_once(
     replay_reads = [after for after, _ in store.reads if after < 500]
     # Every position read from the store once, whatever the number of consumers.
     assert replay_reads == sorted(set(replay_reads))
+
+
+async def test_several_waiters_on_a_failed_read_read_once_more_together(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await filled(SlowReads(failures=1), 10)
+    pages = PageReader(store, keep=100)
+    outcomes: list[object] = []
+
+    async def read() -> None:
+        try:
+            outcomes.append(seqs(await pages.read(0, 5)))
+        except trioflow.StoreError as exc:
+            outcomes.append(str(exc))
+
+    async with store.open(), trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            nursery.start_soon(read)
+    assert outcomes == ["read failed", *[[1, 2, 3, 4, 5]] * 3]
+    # One read failed; the three waiting readers shared the one that followed.
+    assert store.reads == [(0, 5), (0, 5)]

@@ -60,18 +60,18 @@ class PageReader:
         May return fewer than ``limit`` events when a shared page ends early;
         returns nothing only when the store had nothing past ``after``.
         """
+        while (under_way := self._reads.get(after)) is not None:
+            await under_way.done.wait()
+            if under_way.page:
+                self.shared += 1
+                return under_way.page[:limit]
+            # It failed or found nothing: look again (another waiter may
+            # have started the next read), else read for ourselves.
         page = self._cached(after, limit)
         if page:
             self.shared += 1
             await trio.lowlevel.checkpoint()
             return page
-        under_way = self._reads.get(after)
-        if under_way is not None:
-            await under_way.done.wait()
-            if under_way.page:
-                self.shared += 1
-                return under_way.page[:limit]
-            # The read failed or found nothing: read for ourselves.
         read = self._reads[after] = _Read()
         try:
             read.page = page = await self.store.read(after, limit)
