@@ -683,3 +683,55 @@ async def test_a_replay_reads_small_pages_first_and_doubles_them(
     assert all(limit == 100 for _, limit in store.reads[2:])
     afters = [after for after, _ in store.reads]
     assert afters == sorted(set(afters))
+
+
+class LateCursorWrite(MemoryStore):
+    """Its first cursor write after ``hold`` is set lands a second late, whatever happens.
+
+    As a PostgreSQL statement already sent: cancelling the caller does not
+    stop it, and another connection's later write may commit before it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+
+    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+        if self.hold:
+            self.hold = False
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1)
+                await super().commit_cursors(cursors)
+        else:
+            await super().commit_cursors(cursors)
+
+
+async def test_the_final_flush_never_lands_under_an_older_cursor_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = LateCursorWrite()
+    app = make_app(store, commit_every=4, commit_interval=1000.0)
+    seen: list[int] = []
+    third = trio.Event()
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        seen.append(event.seq)
+        if event.seq == 3:
+            third.set()
+
+    async with trioflow.open_flow(app) as flow:
+        await trio.sleep(1)
+        store.hold = True
+        # Two handled events request a commit of 2, which the store holds;
+        # the third stays uncommitted until the flow stops and flushes 3,
+        # while the write of 2 is still under way.
+        await flow.publish_many([("a", 1), ("a", 2), ("a", 3)])
+        await third.wait()
+    assert seen == [1, 2, 3]
+    assert (await store.load_cursors()) == {"c": 3}
+
+    # Reopened, the consumer has nothing to handle again.
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+    assert seen == [1, 2, 3]

@@ -28,6 +28,9 @@ class CursorWriter:
     #: How many tasks wait for durable cursors (`Flow.wait_idle`): while
     #: any does, idle consumers request their commits at once.
     flush_wanted: int = 0
+    #: Held by every write: one at a time, so that a later write never lands
+    #: under an earlier one (on a pooled store they use separate connections).
+    _writing: trio.Lock = attrs.Factory(trio.Lock)
 
     def request(self, state: ConsumerState, seq: int) -> None:
         """Ask for ``seq`` (the consumer's position) to become its durable cursor."""
@@ -58,32 +61,41 @@ class CursorWriter:
         await self.wait_durable(state, state.position)
 
     async def commit_now(self, states: list[ConsumerState]) -> None:
-        """Write the given consumers' positions directly (the final flush)."""
-        cursors = {s.spec.name: s.position for s in states if s.position > s.committed}
-        if cursors:
-            await self.store.commit_cursors(cursors)
-            for state in states:
-                state.committed = max(state.committed, state.position)
-            self.changed.unpark_all()
+        """Write the given consumers' positions directly (the final flush).
+
+        Waits for a write under way, so that it cannot land afterwards with
+        older positions.
+        """
+        async with self._writing:
+            cursors = {s.spec.name: s.position for s in states if s.position > s.committed}
+            if cursors:
+                await self.store.commit_cursors(cursors)
+                for state in states:
+                    state.committed = max(state.committed, state.position)
+                self.changed.unpark_all()
 
     async def run(self) -> None:
         """Write requested cursors until cancelled."""
         while True:
             await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            batch, self._pending = self._pending, {}
-            try:
-                await self.store.commit_cursors({name: seq for name, (_, seq, _) in batch.items()})
-            except Exception as exc:
-                for state, _, _ in batch.values():
-                    state.cursor_error = exc
-                    # Let the next request carry this position again.
-                    state.requested = state.committed
-                    state.requested_processed = state.committed_processed
-            else:
-                for state, seq, processed in batch.values():
-                    state.cursor_error = None
-                    if seq > state.committed:
-                        state.committed = seq
-                        state.committed_processed = processed
-            self.changed.unpark_all()
+            async with self._writing:
+                await self._write()
+
+    async def _write(self) -> None:
+        self._wakeup = trio.Event()
+        batch, self._pending = self._pending, {}
+        try:
+            await self.store.commit_cursors({name: seq for name, (_, seq, _) in batch.items()})
+        except Exception as exc:
+            for state, _, _ in batch.values():
+                state.cursor_error = exc
+                # Let the next request carry this position again.
+                state.requested = state.committed
+                state.requested_processed = state.committed_processed
+        else:
+            for state, seq, processed in batch.values():
+                state.cursor_error = None
+                if seq > state.committed:
+                    state.committed = seq
+                    state.committed_processed = processed
+        self.changed.unpark_all()
