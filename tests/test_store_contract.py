@@ -18,6 +18,7 @@ from trioflow.testing import StoreContract
 class TestMemoryStore(StoreContract):
     persistent = False
     seqs_without_holes = True
+    store_urls = ("memory://",)
 
     @contextlib.asynccontextmanager
     async def open_store(self) -> AsyncIterator[Store]:
@@ -34,6 +35,11 @@ class TestMemoryStore(StoreContract):
 
 class TestSQLiteStore(StoreContract):
     seqs_without_holes = True
+    store_urls = (
+        "sqlite:///events.db",
+        "sqlite:////var/lib/app/events.db?synchronous=normal&poll_interval=0.05",
+        "sqlite:///dir%20with%20space/e.db?busy_timeout=2",
+    )
 
     @pytest.fixture(autouse=True)
     def _directory(self, tmp_path: pathlib.Path) -> None:

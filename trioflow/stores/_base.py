@@ -19,6 +19,12 @@ Contract, for every implementation:
   the log is empty).
 * Cursor commits are durable when ``commit_cursors`` returns, unless the store
   documents a weaker setting the user chose.
+* A stored cursor never moves backwards: a commit below the stored value is
+  ignored (a late write of an older position can never undo a newer one).
+* Whatever ``append`` accepted, ``read`` returns exactly: the same ``data``
+  (numbers and key order included, nesting up to `trioflow.MAX_DEPTH`, sizes up
+  to `trioflow.MAX_DATA_BYTES`) and the same ``size``. An event the store
+  cannot decode is a `trioflow.StoreError` naming its sequence number.
 * Every method is a trio checkpoint and may be cancelled; a cancelled ``append``
   either committed the whole batch or nothing.
 * Event ids are unique; a store may refuse a batch that repeats one (the
@@ -86,8 +92,15 @@ class Store(abc.ABC):
         """Commit ``events`` atomically and return the sequence numbers they got."""
 
     @abc.abstractmethod
-    async def read(self, after: int, limit: int) -> Sequence[Event]:
-        """Return up to ``limit`` (>= 1) events with ``seq > after``, in sequence order."""
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
+        """Return up to ``limit`` (>= 1) events with ``seq > after``, in sequence order.
+
+        With ``max_bytes``, stop before the event that would take the total
+        `Event.size` of the page past it; the first event is returned whatever
+        its size, so a reader always makes progress.
+        """
 
     @abc.abstractmethod
     async def head(self) -> int:
@@ -99,7 +112,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        """Durably set the given consumers' cursors (insert or replace)."""
+        """Durably set the given consumers' cursors (insert, or move forward).
+
+        A cursor below the one stored is ignored: a stored cursor never moves
+        backwards.
+        """
 
     @abc.abstractmethod
     async def wait_for_append(self, after: int) -> int:
@@ -110,3 +127,16 @@ class Store(abc.ABC):
         (callers loop); stores that cannot be notified poll every
         `poll_interval` seconds.
         """
+
+
+def within_bytes(page: Sequence[Event], max_bytes: int) -> Sequence[Event]:
+    """The longest prefix of ``page`` whose total `Event.size` is within ``max_bytes``.
+
+    Never empty when ``page`` is not: the first event is kept whatever its size.
+    """
+    total = 0
+    for index, event in enumerate(page):
+        total += event.size
+        if total > max_bytes and index:
+            return page[:index]
+    return page

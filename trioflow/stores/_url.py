@@ -27,7 +27,17 @@ def store_from_url(url: str) -> Store:
     """
     if not isinstance(url, str):
         raise UnknownStoreError(f"a store URL must be a str, got {url!r}; use one of {_SCHEMES}")
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError:
+        # An unbalanced "[" in the host, say. The URL may hold a password:
+        # name only its scheme.
+        scheme = url.partition(":")[0].lower()
+        if scheme not in ("postgresql", "postgres"):
+            raise UnknownStoreError(
+                f"store URL {url!r} is malformed (an unbalanced '[' or ']'?); "
+                f"use one of {_SCHEMES}"
+            ) from None
     if scheme == "memory":
         from .memory import MemoryStore
 

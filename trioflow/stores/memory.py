@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import trio
 
 from .._events import Event, NewEvent
-from ._base import Appended, Store
+from ._base import Appended, Store, within_bytes
 
 
 class MemoryStore(Store):
@@ -48,12 +48,15 @@ class MemoryStore(Store):
             events=batch,
         )
 
-    async def read(self, after: int, limit: int) -> Sequence[Event]:
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
         await trio.lowlevel.checkpoint()
         if limit < 1:
             return []
         start = max(after, 0)
-        return self._events[start : start + limit]
+        page = self._events[start : start + limit]
+        return page if max_bytes is None else within_bytes(page, max_bytes)
 
     async def head(self) -> int:
         await trio.lowlevel.checkpoint()
@@ -65,7 +68,10 @@ class MemoryStore(Store):
 
     async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
         await trio.lowlevel.checkpoint()
-        self._cursors.update(cursors)
+        stored = self._cursors
+        for name, seq in cursors.items():
+            if seq > stored.get(name, -1):
+                stored[name] = seq
 
     async def wait_for_append(self, after: int) -> int:
         while len(self._events) <= after:

@@ -20,26 +20,55 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .._events import JSON, Event, NewEvent, encode, new_ids
+from .._errors import ConfigurationError, StoreError
+from .._events import MAX_DATA_BYTES, MAX_DEPTH, JSON, Event, NewEvent, encode, new_ids
 from ..stores._base import Appended, Store
+from ..stores._url import store_from_url
 
 # Text a store must keep exactly: any Unicode scalar value except NUL, which
 # PostgreSQL's text and jsonb cannot hold (the contract does not settle NUL).
 _chars = st.characters(codec="utf-8", exclude_characters="\x00")
 _text = st.text(_chars, max_size=20)
-_json: st.SearchStrategy[JSON] = st.recursive(
+_scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | _text,
+    | _text
+)
+
+
+def nested(depth: int, leaf: JSON = 0) -> JSON:
+    """``leaf`` inside ``depth`` levels of alternating lists and dicts."""
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+_json: st.SearchStrategy[JSON] = st.recursive(
+    _scalars,
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(st.text(_chars, max_size=8), children, max_size=4)
     ),
     max_leaves=12,
+) | st.one_of(
+    # What users publish at the edges of what trioflow accepts: values nested
+    # as deeply as allowed, and large texts (non-ASCII ones too).
+    st.builds(nested, st.integers(MAX_DEPTH - 3, MAX_DEPTH), _scalars),
+    st.builds(lambda n, c: c * n, st.integers(100_000, 1_000_000), st.sampled_from("xé🎉\\\"")),
 )
 _event_items = st.tuples(st.text(_chars, min_size=1, max_size=20), _json, st.none() | _text)
+
+#: Pieces that turn a valid store URL into a malformed or odd one.
+_URL_DAMAGE = st.sampled_from(
+    [
+        "[", "]", "[::1", "%", "%zz", "%00", "\x00", "?", "&", "=", "#", ":", "@", "/", "//",
+        " ", "é", ":99999", ":-1", ":port", "?x=1", "&&", "?poll_interval=nan",
+        "?poll_interval=-1", "?schema=", "?busy_timeout=1e999", "\n",
+    ]
+)
 
 #: The tests that only make sense for a persistent store.
 _PERSISTENCE_TESTS = frozenset({"test_everything_survives_reopening"})
@@ -96,6 +125,12 @@ class StoreContract:
 
     #: Seconds after which a test gives up waiting for the store (a hang).
     patience: ClassVar[float] = 10.0
+
+    #: Valid URLs of this backend, for `store_from_url`. Damaged copies must
+    #: raise a `trioflow.ConfigurationError`, never a bare built-in error, and
+    #: the text ``s3cret`` (put it where the URL holds a secret) must never
+    #: appear in a message or a repr. Empty: the backend has no URL.
+    store_urls: ClassVar[Sequence[str]] = ()
 
     def open_store(self) -> contextlib.AbstractAsyncContextManager[Store]:
         """Return an async context manager yielding a fresh, empty, opened store.
@@ -218,6 +253,62 @@ class StoreContract:
             assert await page(0, 0) == []
             assert await read_all(store, limit=1) == await store.read(0, 1000)
 
+    async def test_read_stops_at_max_bytes(self) -> None:
+        """``max_bytes`` cuts a page before the event that would pass it, never before the first."""
+        sizes = [10, 30, 5, 100, 2, 2]
+        ids = new_ids(len(sizes))
+        # A JSON string of n - 2 characters takes n bytes with its quotes.
+        batch = [encode("t", "x" * (n - 2), None, i) for n, i in zip(sizes, ids, strict=True)]
+        async with self.open_store() as store:
+            appended = await store.append(batch)
+            seqs = list(appended.seqs)
+
+            async def page(after: int, limit: int, max_bytes: int | None) -> list[int]:
+                events = await store.read(after, limit, max_bytes=max_bytes)
+                assert [event.size for event in events] == [
+                    sizes[seqs.index(event.seq)] for event in events
+                ]
+                return [event.seq for event in events]
+
+            assert await page(0, 10, None) == seqs
+            assert await page(0, 10, 10) == seqs[:1]
+            assert await page(0, 10, 39) == seqs[:1]
+            assert await page(0, 10, 40) == seqs[:2]
+            assert await page(0, 10, 45) == seqs[:3]
+            assert await page(0, 2, 1000) == seqs[:2]
+            assert await page(seqs[0], 10, 1) == seqs[1:2]
+            assert await page(seqs[2], 10, 50) == seqs[3:4]
+            assert await page(seqs[3], 10, 4) == seqs[4:6]
+            assert await page(seqs[3], 10, 3) == seqs[4:5]
+            assert await page(0, 10, 0) == seqs[:1]
+
+    async def test_data_at_the_publish_limits_reads_back_exactly(self) -> None:
+        """Data as deep as `MAX_DEPTH` and as large as `MAX_DATA_BYTES` reads back equal.
+
+        Every reader must be able to read whatever publishing accepted: a store
+        must not add a level of nesting when it decodes, or fail on size.
+        """
+        items: list[JSON] = [
+            nested(MAX_DEPTH),
+            nested(MAX_DEPTH, "é"),
+            [nested(MAX_DEPTH - 1)] * 50,
+            "x" * (MAX_DATA_BYTES - 2),
+        ]
+        ids = new_ids(len(items))
+        async with self.open_store() as store:
+            for data, event_id in zip(items, ids, strict=True):
+                await store.append([encode("t", data, None, event_id)])
+            # Read back one by one, and then together: a store that decodes a
+            # page at once must not fail (or nest deeper) because of it.
+            for after, data in enumerate(items):
+                (event,) = await store.read(after, 1)
+                assert event.data == data
+                assert event.id == ids[after]
+            events = await store.read(0, 3)
+            assert [event.data for event in events] == items[:3]
+            (big,) = await store.read(3, 1)
+            assert big.size == MAX_DATA_BYTES
+
     async def test_empty_append(self) -> None:
         """Appending no events commits nothing and reports the head as ``after``."""
         async with self.open_store() as store:
@@ -274,8 +365,8 @@ class StoreContract:
 
     # -- cursors ----------------------------------------------------------------
 
-    async def test_commit_cursors_inserts_and_replaces(self) -> None:
-        """Cursors are inserted, replaced (even backwards), and kept when not named."""
+    async def test_commit_cursors_inserts_and_moves_forward(self) -> None:
+        """Cursors are inserted, moved forward, and kept when not named."""
         async with self.open_store() as store:
             assert await store.load_cursors() == {}
             await store.commit_cursors({"a": 1})
@@ -285,8 +376,21 @@ class StoreContract:
             await store.commit_cursors({"c": 3})
             assert await store.load_cursors() == {"a": 5, "b": 2, "consumer-ü/1": 0, "c": 3}
             await store.commit_cursors({})
-            await store.commit_cursors({"a": 4})
-            assert await store.load_cursors() == {"a": 4, "b": 2, "consumer-ü/1": 0, "c": 3}
+            await store.commit_cursors({"a": 6, "c": 3})
+            assert await store.load_cursors() == {"a": 6, "b": 2, "consumer-ü/1": 0, "c": 3}
+
+    async def test_a_stored_cursor_never_moves_backwards(self) -> None:
+        """A commit below the stored cursor is ignored, in a batch or alone, from any handle."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            await store.commit_cursors({"a": 110, "b": 5})
+            await store.commit_cursors({"a": 90, "b": 6})
+            assert await store.load_cursors() == {"a": 110, "b": 6}
+            await peer.commit_cursors({"a": 79})
+            assert await store.load_cursors() == {"a": 110, "b": 6}
+            assert await peer.load_cursors() == {"a": 110, "b": 6}
+            await peer.commit_cursors({"a": 0, "b": 0})
+            await store.commit_cursors({"a": 111})
+            assert await peer.load_cursors() == {"a": 111, "b": 6}
 
     async def test_load_cursors_returns_a_copy(self) -> None:
         """Changing the returned dict does not change the store."""
@@ -441,6 +545,47 @@ class StoreContract:
                     scope.cancel()
                     await call()
                 assert scope.cancelled_caught, f"{name} did not raise Cancelled"
+
+    @settings(
+        max_examples=200,
+        deadline=None,
+        suppress_health_check=[HealthCheck.differing_executors],
+    )
+    @given(data=st.data())
+    async def test_damaged_store_urls_raise_configuration_errors(
+        self, data: st.DataObject
+    ) -> None:
+        """A malformed URL raises a `ConfigurationError` that keeps secrets out."""
+        await trio.lowlevel.checkpoint()
+        if not self.store_urls:
+            return
+        url = data.draw(st.sampled_from(self.store_urls), label="url")
+        for _ in range(data.draw(st.integers(1, 3), label="damages")):
+            at = data.draw(st.integers(0, len(url)), label="at")
+            cut = data.draw(st.integers(0, 3), label="cut")
+            url = url[:at] + data.draw(_URL_DAMAGE, label="damage") + url[at + cut :]
+        try:
+            store = store_from_url(url)
+        except ConfigurationError as exc:
+            assert "s3cret" not in str(exc), f"{url!r}: {exc}"
+        else:
+            assert "s3cret" not in repr(store), f"{url!r}: {store!r}"
+
+    async def test_a_store_error_never_shows_a_secret(self) -> None:
+        """Opening a store from a URL with a secret, where it cannot work, hides the secret."""
+        for url in self.store_urls:
+            if "s3cret" not in url:
+                continue
+            store = store_from_url(url)
+            assert "s3cret" not in repr(store)
+            assert "s3cret" not in str(store)
+            try:
+                with trio.fail_after(self.patience):
+                    async with store.open():
+                        pass
+            except StoreError as exc:
+                text = f"{exc} {exc.__cause__} {exc.__context__}"
+                assert "s3cret" not in text, text
 
     @settings(
         max_examples=25,
