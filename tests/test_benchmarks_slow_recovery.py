@@ -231,8 +231,14 @@ def test_recovery_defaults_to_a_backlog_of_a_million_events() -> None:
 class _LossyReadStore(MemoryStore):
     """Appends every event, but its reads leave out seq 3."""
 
-    async def read(self, after: int, limit: int) -> Sequence[trioflow.Event]:
-        return [event for event in await super().read(after, limit) if event.seq != 3]
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[trioflow.Event]:
+        return [
+            event
+            for event in await super().read(after, limit, max_bytes=max_bytes)
+            if event.seq != 3
+        ]
 
 
 class _ForgetfulStore(MemoryStore):

@@ -15,6 +15,7 @@ import trioflow
 from trioflow.stores import Store
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing._faults import FaultyStore
+from trioflow.testing._store_contract import nested
 
 
 def make_app(store: Store | None = None, **options: object) -> trioflow.App:
@@ -502,6 +503,11 @@ async def test_publishing_on_a_closed_flow_fails_and_persists_nothing() -> None:
         ({"text": "nul \x00 inside"}, "NUL"),
         (["ok", {"nul\x00key": 1}], "NUL"),
         ({"text": "lone \ud800 surrogate"}, "lone surrogate"),
+        (nested(trioflow.MAX_DEPTH + 1), f"more than {trioflow.MAX_DEPTH} levels"),
+        (nested(990), f"more than {trioflow.MAX_DEPTH} levels"),
+        (nested(5000), f"more than {trioflow.MAX_DEPTH} levels"),
+        ("x" * (trioflow.MAX_DATA_BYTES - 1), "over the limit"),
+        ("é" * (trioflow.MAX_DATA_BYTES // 2), "over the limit"),
     ],
 )
 async def test_bad_data_is_refused_and_nothing_persisted(data: object, match: str) -> None:
@@ -526,7 +532,12 @@ async def test_bad_data_is_refused_and_nothing_persisted(data: object, match: st
         (lambda f: f.publish("a\udc00", 1), "event type"),
         (lambda f: f.publish("a", 1, key="\ud800"), "event key"),
         (lambda f: f.publish_many(["a"]), r"\(type, data\)"),
+        (lambda f: f.publish_many(["abc"]), r"item 0 .* got 'abc'"),
+        (lambda f: f.publish_many([("a", 1), {"type": "a"}]), r"item 1 .* got \{'type': 'a'\}"),
         (lambda f: f.publish_many([("a", 1, "k", "extra")]), r"\(type, data\)"),
+        (lambda f: f.publish_many(None), "takes an iterable"),
+        (lambda f: f.publish_many(7), "takes an iterable"),
+        (lambda f: f.publish_many("ab"), "takes an iterable"),
     ],
 )
 async def test_bad_type_key_or_item_is_refused(
@@ -537,6 +548,29 @@ async def test_bad_type_key_or_item_is_refused(
         with pytest.raises(trioflow.InvalidEventError, match=match):
             await call(flow)  # type: ignore[misc]
     assert await store.head() == 0
+
+
+async def test_data_at_the_limits_is_delivered_live_and_on_replay() -> None:
+    store = MemoryStore()
+    app = make_app(store)
+    live = recorder_of_data(app, "c")
+    deepest = nested(trioflow.MAX_DEPTH)
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish("a", deepest)
+        await flow.publish("a", "x" * (trioflow.MAX_DATA_BYTES - 2))
+        await flow.wait_idle()
+    assert live[0] == deepest
+    assert live[1] == "x" * (trioflow.MAX_DATA_BYTES - 2)
+
+
+def recorder_of_data(app: trioflow.App, name: str) -> list[object]:
+    seen: list[object] = []
+
+    @app.consumer(name)
+    async def handle(event: trioflow.Event) -> None:
+        seen.append(event.data)
+
+    return seen
 
 
 async def test_a_literal_backslash_u0000_is_plain_text() -> None:
@@ -620,12 +654,14 @@ class LaggingStore(MemoryStore):
         super().__init__()
         self.blind_reads = blind_reads
 
-    async def read(self, after: int, limit: int) -> Sequence[trioflow.Event]:
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[trioflow.Event]:
         if self.blind_reads > 0 and after < len(self._events):
             self.blind_reads -= 1
             await trio.lowlevel.checkpoint()
             return []
-        return await super().read(after, limit)
+        return await super().read(after, limit, max_bytes=max_bytes)
 
 
 async def test_a_store_that_hides_committed_events_is_retried_never_skipped(
@@ -652,9 +688,11 @@ class ReadLog(MemoryStore):
         super().__init__()
         self.reads: list[tuple[int, int]] = []
 
-    async def read(self, after: int, limit: int) -> Sequence[trioflow.Event]:
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[trioflow.Event]:
         self.reads.append((after, limit))
-        return await super().read(after, limit)
+        return await super().read(after, limit, max_bytes=max_bytes)
 
 
 async def test_a_replay_reads_small_pages_first_and_doubles_them(
@@ -735,3 +773,69 @@ async def test_the_final_flush_never_lands_under_an_older_cursor_write(
     async with trioflow.open_flow(app) as flow:
         await flow.wait_idle()
     assert seen == [1, 2, 3]
+
+
+async def test_a_handler_may_publish_while_the_flow_stops(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chain of handlers each publishing the next step survives graceful stops.
+
+    The handler at work when the flow stops still publishes its next step
+    (within the grace period), returns normally, and nothing is handled twice.
+    """
+    store = MemoryStore()
+    handled: list[int] = []
+    flows: list[trioflow.Flow] = []
+    app = make_app(store)
+    last = trio.Event()
+
+    @app.consumer("chain")
+    async def step(event: trioflow.Event) -> None:
+        handled.append(event.data)
+        if event.data == 10:
+            last.set()
+        await trio.sleep(1)
+        if event.data < 10:
+            await flows[-1].publish("step", event.data + 1)
+
+    for round in range(4):
+        async with trioflow.open_flow(app) as flow:
+            flows.append(flow)
+            if round == 0:
+                await flow.publish("step", 0)
+            # Leave the block while a handler is in the middle of a step.
+            await trio.sleep(2.5)
+            assert flow.statistics().consumers["chain"].failures == 0
+    async with trioflow.open_flow(app) as flow:
+        flows.append(flow)
+        await last.wait()
+        await flow.wait_idle()
+    assert handled == list(range(11))
+    assert "failed" not in caplog.text
+
+
+async def test_only_handlers_may_publish_while_the_flow_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = make_app()
+    refused: list[str] = []
+    in_handler = trio.Event()
+
+    @app.consumer("slow")
+    async def slow(event: trioflow.Event) -> None:
+        in_handler.set()
+        await trio.sleep(5)
+
+    async def outsider(flow: trioflow.Flow) -> None:
+        await trio.sleep(1)
+        try:
+            await flow.publish("a", "from outside")
+        except trioflow.FlowClosedError as exc:
+            refused.append(str(exc))
+
+    async with trio.open_nursery() as nursery, trioflow.open_flow(app) as flow:
+        await flow.publish("a", 1)
+        await in_handler.wait()
+        nursery.start_soon(outsider, flow)
+        # The flow stopped while the handler slept: the outsider was refused.
+    assert len(refused) == 1

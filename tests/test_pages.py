@@ -22,13 +22,15 @@ class SlowReads(MemoryStore):
         self.reads: list[tuple[int, int]] = []
         self.failures = failures
 
-    async def read(self, after: int, limit: int) -> Sequence[trioflow.Event]:
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[trioflow.Event]:
         self.reads.append((after, limit))
         await trio.sleep(0.01)
         if self.failures:
             self.failures -= 1
             raise trioflow.StoreError("read failed")
-        return await super().read(after, limit)
+        return await super().read(after, limit, max_bytes=max_bytes)
 
 
 async def filled(store: SlowReads, count: int) -> SlowReads:

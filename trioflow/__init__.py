@@ -17,6 +17,8 @@ from ._errors import StoreError as StoreError
 from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import TrioflowError as TrioflowError
 from ._errors import UnknownStoreError as UnknownStoreError
+from ._events import MAX_DATA_BYTES as MAX_DATA_BYTES
+from ._events import MAX_DEPTH as MAX_DEPTH
 from ._events import Event as Event
 from ._flow import ConsumerStatistics as ConsumerStatistics
 from ._flow import Flow as Flow
@@ -28,6 +30,8 @@ from ._util import fixup_module_metadata as _fixup_module_metadata
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_DATA_BYTES",
+    "MAX_DEPTH",
     "App",
     "ConfigurationError",
     "ConsumerSpec",

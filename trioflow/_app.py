@@ -114,6 +114,11 @@ class App:
         shutdown_grace: Seconds in-flight handlers get to finish when the flow
             stops, and again for the final cursor flush.
         restart: How long failed consumers wait before restarting.
+        store_wait_warning: Log a warning, naming the call, when a store call
+            has waited this many seconds (and again at doubling intervals
+            while it waits): a lock held by a long transaction, a busy disk or
+            a network that stopped answering then shows in the log instead of
+            as a silent stall. None: never.
 
     Raises:
         ConfigurationError: An option is invalid.
@@ -131,6 +136,7 @@ class App:
         max_batch: int = 10_000,
         shutdown_grace: float = 10.0,
         restart: RestartPolicy | None = None,
+        store_wait_warning: float | None = 5.0,
     ) -> None:
         if store is None:
             store = default_store_url()
@@ -145,6 +151,11 @@ class App:
         self.restart = RestartPolicy() if restart is None else restart
         if not isinstance(self.restart, RestartPolicy):
             raise ConfigurationError(f"restart must be a RestartPolicy, got {restart!r}")
+        self.store_wait_warning = (
+            None
+            if store_wait_warning is None
+            else _positive_float("store_wait_warning", store_wait_warning)
+        )
         self._consumers: dict[str, ConsumerSpec] = {}
 
     @property
@@ -235,6 +246,7 @@ class App:
                 f"consumer handler {handler!r} is not an async function; define it with "
                 "`async def handler(event): ...`"
             )
+        _check_takes_one_event(handler)
         if name is None:
             name = getattr(handler, "__name__", None)
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -280,3 +292,19 @@ def _is_async_callable(obj: object) -> bool:
     return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
         getattr(obj, "__call__", None)  # noqa: B004 - an instance with an async __call__
     )
+
+
+def _check_takes_one_event(handler: Callable[..., object]) -> None:
+    """Refuse a handler that cannot be called with one positional argument (the event)."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return  # Some callables (builtins, C extensions) have no signature to check.
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise ConfigurationError(
+            f"consumer handler {handler!r} must take the event as its one positional "
+            f"argument, but its signature is {signature}; define it as "
+            "`async def handler(event): ...`"
+        ) from None

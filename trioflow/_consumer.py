@@ -16,6 +16,7 @@ is delivered again and nothing else in the flow notices.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable, Sequence
 
@@ -37,6 +38,26 @@ PROGRESS_EVERY = 5.0
 #: Events in the first page a replay reads; each next page is twice as large,
 #: up to the flow's ``page_size``.
 FIRST_PAGE = 32
+
+
+#: The runner of the flow whose consumer task this is, if any: publishing
+#: from a handler stays possible while the flow stops (see `Flow.publish`).
+handler_of: contextvars.ContextVar[ConsumerRunner | None] = contextvars.ContextVar(
+    "trioflow_handler_of", default=None
+)
+
+
+@attrs.define(eq=False)
+class _StartedOnce:
+    """A task status that reports "started" once, however many incarnations start."""
+
+    status: trio.TaskStatus[None]
+    done: bool = False
+
+    def started(self) -> None:
+        if not self.done:
+            self.done = True
+            self.status.started()
 
 
 class HandlerFailed(Exception):
@@ -69,15 +90,22 @@ class ConsumerRunner:
     async def supervise(
         self, state: ConsumerState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run ``state``'s consumer until cancelled, restarting it after failures."""
+        """Run ``state``'s consumer until cancelled, restarting it after failures.
+
+        Reports itself started once its first incarnation has loaded its
+        cursor; a store failure before that is retried with the same backoff
+        as a restart, and ``nursery.start`` waits (cancellably) meanwhile.
+        """
+        handler_of.set(self)
+        status = _StartedOnce(task_status)
         attempt = 0
         try:
             while True:
-                processed_before = state.processed
+                committed_before = state.committed
                 with trio.CancelScope() as scope:
                     state.scope = scope
                     try:
-                        await self._incarnation(state, task_status)
+                        await self._incarnation(state, status)
                     except HandlerFailed as failed:
                         state.failures += 1
                         logger.error(
@@ -102,9 +130,10 @@ class ConsumerRunner:
                 if self.stopping:
                     # The stop sequence commits every position itself.
                     return
-                task_status = trio.TASK_STATUS_IGNORED
                 await self._save_position(state)
-                attempt = 1 if state.processed > processed_before else attempt + 1
+                # Only durable progress resets the backoff: a consumer whose
+                # cursor writes keep failing backs off to the cap.
+                attempt = 1 if state.committed > committed_before else attempt + 1
                 delay = self.restart_delay(attempt)
                 state.restarts += 1
                 await trio.sleep(delay)
@@ -117,22 +146,40 @@ class ConsumerRunner:
                 await self.cursors.commit(state)
             except StoreError as exc:
                 logger.warning(
-                    "consumer %r could not commit its cursor (%s); it will replay from %d",
+                    "consumer %r could not commit its cursor at %d (%s); it goes on from there "
+                    "and commits it later",
                     state.spec.name,
+                    state.position,
                     exc,
-                    state.committed,
                 )
 
-    async def _incarnation(self, state: ConsumerState, task_status: trio.TaskStatus[None]) -> None:
+    async def _incarnation(self, state: ConsumerState, task_status: _StartedOnce) -> None:
         spec = state.spec
         cursor = (await self.store.load_cursors()).get(spec.name)
         if cursor is None:
             cursor = 0 if spec.start == "earliest" else await self.store.head()
-            await self.store.commit_cursors({spec.name: cursor})
-        state.position = state.committed = state.requested = cursor
-        state.committed_processed = state.requested_processed = state.processed
-        state.cursor_error = None
+            await self.cursors.commit_first(state, cursor)
+        if cursor > state.committed:
+            state.committed = cursor
+        # Events an earlier incarnation handled stay handled, whether or not
+        # their cursor write landed: the position never moves back, so a
+        # restart redelivers only the event that failed.
+        if state.committed > state.position:
+            state.position = state.committed
+        if state.position == state.committed:
+            state.committed_processed = state.requested_processed = state.processed
         state.attached = True
+        if not task_status.done and cursor > self.dispatcher.head:
+            logger.warning(
+                "consumer %r has cursor %d, past the last event in the store (%d): events up "
+                "to %d were deleted, or the store is not the one its cursor was committed to; "
+                "it waits for events after %d",
+                spec.name,
+                cursor,
+                self.dispatcher.head,
+                cursor,
+                cursor,
+            )
         task_status.started()
         await self._catch_up(state)
         receive = state.receive

@@ -1,10 +1,17 @@
-"""Durable cursor commits, grouped across consumers and pipelined with handling."""
+"""Durable cursor commits, grouped across consumers and pipelined with handling.
+
+Every cursor write of a flow goes through its one `CursorWriter`, one write
+at a time, so a later write never lands under an earlier one; the stores
+ignore a cursor below the stored one besides, so a stored cursor never moves
+backwards, whatever order writes land in.
+"""
 
 from __future__ import annotations
 
 import attrs
 import trio
 
+from ._errors import StoreError
 from ._state import ConsumerState
 from .stores._base import Store
 
@@ -44,21 +51,33 @@ class CursorWriter:
     async def wait_durable(self, state: ConsumerState, seq: int) -> None:
         """Wait until the consumer's durable cursor is at ``seq`` or beyond.
 
+        ``seq`` must have been requested. Raises only when the write carrying
+        it failed and no write since asks for it; a failure of an earlier
+        write does not end the wait for a later one still under way.
+
         Raises:
-            StoreError: The write carrying it failed; the consumer should
-                restart from the cursor the store holds.
+            StoreError: The write carrying ``seq`` failed; the consumer should
+                restart (it keeps the position it reached).
         """
         await trio.lowlevel.checkpoint()
         while state.committed < seq:
-            if state.cursor_error is not None:
-                error, state.cursor_error = state.cursor_error, None
-                raise error
+            if state.requested < seq:
+                raise state.cursor_error or StoreError(
+                    f"the cursor write of consumer {state.spec.name!r} at {seq} failed"
+                )
             await self.changed.park()
 
     async def commit(self, state: ConsumerState) -> None:
         """Make the consumer's current position durable, and wait for it."""
         self.request(state, state.position)
         await self.wait_durable(state, state.position)
+
+    async def commit_first(self, state: ConsumerState, seq: int) -> None:
+        """Store the first cursor of a consumer the store holds none for."""
+        async with self._writing:
+            await self.store.commit_cursors({state.spec.name: seq})
+        self._landed(state, seq, state.processed)
+        self.changed.unpark_all()
 
     async def commit_now(self, states: list[ConsumerState]) -> None:
         """Write the given consumers' positions directly (the final flush).
@@ -71,7 +90,7 @@ class CursorWriter:
             if cursors:
                 await self.store.commit_cursors(cursors)
                 for state in states:
-                    state.committed = max(state.committed, state.position)
+                    self._landed(state, state.position, state.processed)
                 self.changed.unpark_all()
 
     async def run(self) -> None:
@@ -87,15 +106,24 @@ class CursorWriter:
         try:
             await self.store.commit_cursors({name: seq for name, (_, seq, _) in batch.items()})
         except Exception as exc:
-            for state, _, _ in batch.values():
+            for name, (state, _, _) in batch.items():
                 state.cursor_error = exc
-                # Let the next request carry this position again.
-                state.requested = state.committed
-                state.requested_processed = state.committed_processed
+                if name not in self._pending:
+                    # Let the next request carry this position again; a
+                    # request made meanwhile carries a later one already.
+                    state.requested = state.committed
+                    state.requested_processed = state.committed_processed
         else:
             for state, seq, processed in batch.values():
-                state.cursor_error = None
-                if seq > state.committed:
-                    state.committed = seq
-                    state.committed_processed = processed
+                self._landed(state, seq, processed)
         self.changed.unpark_all()
+
+    @staticmethod
+    def _landed(state: ConsumerState, seq: int, processed: int) -> None:
+        state.cursor_error = None
+        if seq > state.committed:
+            state.committed = seq
+            state.committed_processed = processed
+        if seq > state.requested:
+            state.requested = seq
+            state.requested_processed = processed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -57,22 +57,25 @@ class Dispatcher:
     consumers: Sequence[ConsumerState]
     page_size: int
     max_batch: int
+    #: Seconds to wait before the n-th attempt to read the head at start-up.
+    retry_delay: Callable[[int], float]
     #: The last sequence number fanned out to consumers (or known when the
     #: flow started): every event up to here is in the store.
     head: int = 0
     published: int = 0
-    closed: bool = False
     _pending: collections.deque[_Publish] = attrs.Factory(collections.deque)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _poll_requested: bool = False
     _polled: trio.Event = attrs.Factory(trio.Event)
+    _poll_ok: bool = True
     _committing: bool = False
     _settled: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
     async def submit(self, events: Sequence[NewEvent]) -> Sequence[int]:
         """Commit ``events`` in the next group commit; return their sequence numbers.
 
-        The caller checks `closed` first (`Flow` does, before encoding).
+        The caller checks first that the flow accepts them (`Flow` does,
+        before encoding).
         """
         request = _Publish(events)
         self._pending.append(request)
@@ -94,9 +97,10 @@ class Dispatcher:
         self._poll_requested = True
         self._wakeup.set()
 
-    async def wait_polled(self) -> None:
-        """Wait until the next requested poll has been done."""
+    async def wait_polled(self) -> bool:
+        """Wait until the next requested poll has been done; False if its read failed."""
         await self._polled.wait()
+        return self._poll_ok
 
     async def wait_drained(self) -> None:
         """Wait until every submitted publish request has been answered."""
@@ -105,8 +109,24 @@ class Dispatcher:
             await self._settled.park()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Group-commit and fan out until cancelled."""
-        self.head = await self.store.head()
+        """Group-commit and fan out until cancelled.
+
+        Reports itself started once it knows the store's head; a store failure
+        before that is retried with backoff (``nursery.start`` waits,
+        cancellably).
+        """
+        failures = 0
+        while True:
+            try:
+                self.head = await self.store.head()
+                break
+            except StoreError as exc:
+                failures += 1
+                delay = self.retry_delay(failures)
+                logger.warning(
+                    "reading the store's head failed (%s); retrying in %.1fs", exc, delay
+                )
+                await trio.sleep(delay)
         task_status.started()
         try:
             while True:
@@ -122,7 +142,7 @@ class Dispatcher:
                         self._committing = False
                 if self._poll_requested:
                     self._poll_requested = False
-                    await self._fan_out_from_store(until=math.inf)
+                    self._poll_ok = await self._fan_out_from_store(until=math.inf)
                     self._polled.set()
                     self._polled = trio.Event()
         finally:
@@ -176,21 +196,26 @@ class Dispatcher:
                 new.persisted(seq, created_at)
                 for new, seq in zip(events, appended.seqs, strict=True)
             ]
-        self._fan_out(self.head, persisted)
+        # The batch starts where the store says the log stood before it, not
+        # at our head: if others' events could not be read just now, the gap
+        # tells every consumer to read them from the store itself.
+        self._fan_out(appended.after, persisted)
 
-    async def _fan_out_from_store(self, *, until: float) -> None:
+    async def _fan_out_from_store(self, *, until: float) -> bool:
+        """Fan out events others appended, up to ``until``; False if a read failed."""
         while self.head < until:
             try:
                 page = await self.store.read(self.head, self.page_size)
             except StoreError as exc:
-                # Consumers fill any gap from the store themselves; the next
-                # poll tries again.
+                # Consumers fill any gap from the store themselves (batches
+                # say where they start); the next poll tries again.
                 logger.warning("reading new events from the store failed: %s", exc)
-                return
+                return False
             page = [event for event in page if event.seq <= until]
             if not page:
-                return
+                return True
             self._fan_out(self.head, page)
+        return True
 
     def _fan_out(self, after: int, events: Sequence[Event]) -> None:
         upto = events[-1].seq

@@ -13,18 +13,19 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
 
 from ._app import App
-from ._consumer import ConsumerRunner
+from ._consumer import ConsumerRunner, handler_of
 from ._cursors import CursorWriter
 from ._dispatch import Dispatcher
 from ._errors import ConfigurationError, FlowClosedError, StoreError
 from ._events import JSON, encode, encode_many, new_ids
 from ._state import ConsumerState
+from ._store_calls import SlowCalls, WatchedStore
 
 logger = logging.getLogger("trioflow")
 
@@ -80,24 +81,33 @@ class Flow:
 
     def __init__(self, app: App) -> None:
         self._app = app
+        self._slow_calls = (
+            None if app.store_wait_warning is None else SlowCalls(app.store_wait_warning)
+        )
+        store = WatchedStore(app.store, self._slow_calls)
         self._states = [ConsumerState.new(spec) for spec in app.consumers.values()]
         self._dispatcher = Dispatcher(
-            store=app.store,
+            store=store,
             consumers=self._states,
             page_size=app.page_size,
             max_batch=app.max_batch,
+            retry_delay=app.restart.delay,
         )
-        self._cursors = CursorWriter(store=app.store)
+        self._cursors = CursorWriter(store=store)
         #: The cancel scope of each of the flow's tasks, by task.
         self._scopes: dict[object, trio.CancelScope] = {}
         self._runner = ConsumerRunner(
-            store=app.store,
+            store=store,
             dispatcher=self._dispatcher,
             cursors=self._cursors,
             page_size=app.page_size,
             commit_interval=app.commit_interval,
             restart_delay=app.restart.delay,
         )
+        self._store = store
+        #: Who may publish: everyone; only the flow's own handlers (while it
+        #: stops, until they return); nobody.
+        self._accepting: Literal["all", "handlers", "none"] = "all"
 
     @property
     def app(self) -> App:
@@ -166,7 +176,7 @@ class Flow:
         appended. Waits as long as a consumer keeps failing; wrap it in a
         timeout (`trio.fail_after`) if that matters.
         """
-        target = await self._app.store.head()
+        target = await self._store.head()
         if target > self._dispatcher.head:
             self._dispatcher.request_poll()
         cursors = self._cursors
@@ -207,12 +217,16 @@ class Flow:
         )
 
     def _check_open(self) -> None:
-        if self._dispatcher.closed:
-            raise FlowClosedError(
-                "the flow is closed; publish inside `async with trioflow.open_flow(app)`"
-            )
+        accepting = self._accepting
+        if accepting == "all" or (accepting == "handlers" and handler_of.get() is self._runner):
+            return
+        raise FlowClosedError(
+            "the flow is closed; publish inside `async with trioflow.open_flow(app)`"
+        )
 
     async def _start(self, nursery: trio.Nursery) -> None:
+        if self._slow_calls is not None:
+            await nursery.start(self._guarded, "slow calls", self._slow_calls.run, False)
         await nursery.start(self._guarded, "dispatcher", self._dispatcher.run, True)
         await nursery.start(self._guarded, "cursors", self._cursors.run, False)
         for state in self._states:
@@ -228,23 +242,26 @@ class Flow:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run one of the flow's tasks, shielded from outside cancellation.
+        """Run one of the flow's tasks, shielded from outside cancellation once started.
 
         A cancellation from outside reaches the body of `open_flow`, whose
         exit then stops the tasks in order (`_stop`): the cursor writer must
         outlive the consumers, the dispatcher must commit what is pending.
+        Until a task has started it is not shielded, so that a start-up
+        waiting on a failing store can be cancelled from outside.
         """
-        with trio.CancelScope(shield=True) as scope:
+        with trio.CancelScope() as scope:
             self._scopes[key] = scope
+            status = _ShieldOnStart(scope, task_status)
             if reports_started:
-                await run(task_status=task_status)
+                await run(task_status=status)
             else:
-                task_status.started()
+                status.started()
                 await run()
 
     async def _watch(self) -> None:
         """Learn of events appended by other processes or flows on the store."""
-        store, dispatcher = self._app.store, self._dispatcher
+        store, dispatcher = self._store, self._dispatcher
         failures = 0
         while True:
             try:
@@ -260,28 +277,46 @@ class Flow:
                 logger.warning("watching the store failed (%s); retrying in %.1fs", exc, delay)
                 await trio.sleep(delay)
                 continue
-            failures = 0
             if behind:
                 dispatcher.request_poll()
-                await dispatcher.wait_polled()
+                if not await dispatcher.wait_polled():
+                    # The read failed (the dispatcher logged it): back off
+                    # instead of polling again at once.
+                    failures += 1
+                    await trio.sleep(self._app.restart.delay(failures))
+                    continue
+            failures = 0
 
     async def _stop(self) -> None:
+        """Stop in order; whatever happens on the way, every task ends."""
+        try:
+            await self._stop_in_order()
+        finally:
+            for scope in self._scopes.values():
+                scope.cancel()
+
+    async def _stop_in_order(self) -> None:
         grace = self._app.shutdown_grace
-        self._dispatcher.closed = True
-        with trio.move_on_after(grace) as drain:
-            await self._dispatcher.wait_drained()
-        if drain.cancelled_caught:
-            logger.warning("publishes still pending after %.1fs; abandoning them", grace)
+        # Handlers may still publish (the next step of a chain, say) until
+        # they return; nobody else may.
+        self._accepting = "handlers"
+        await self._drain(grace)
         runner = self._runner
         runner.stopping = True
         runner.stop_deadline = trio.current_time() + grace
+        started = []
         for state in self._states:
             if state.handler_scope is not None:
                 state.handler_scope.deadline = runner.stop_deadline
-            self._scopes.pop(state, _NO_SCOPE).cancel()
+            scope = self._scopes.pop(state, None)
+            if scope is not None:
+                scope.cancel()
+                started.append(state)
         with trio.move_on_after(grace + 1):
-            for state in self._states:
+            for state in started:
                 await state.finished.wait()
+        self._accepting = "none"
+        await self._drain(grace)
         with trio.move_on_after(grace) as flush:
             try:
                 await self._cursors.commit_now(self._states)
@@ -293,11 +328,24 @@ class Flow:
                 )
         if flush.cancelled_caught:
             logger.warning("could not flush consumer cursors within %.1fs", grace)
-        for scope in self._scopes.values():
-            scope.cancel()
+
+    async def _drain(self, grace: float) -> None:
+        with trio.move_on_after(grace) as drain:
+            await self._dispatcher.wait_drained()
+        if drain.cancelled_caught:
+            logger.warning("publishes still pending after %.1fs; abandoning them", grace)
 
 
-_NO_SCOPE = trio.CancelScope()
+@attrs.define(eq=False)
+class _ShieldOnStart:
+    """Passes "started" on to ``nursery.start``, shielding the task from then on."""
+
+    scope: trio.CancelScope
+    status: trio.TaskStatus[None]
+
+    def started(self, value: None = None) -> None:
+        self.scope.shield = True
+        self.status.started()
 
 
 @contextlib.asynccontextmanager
@@ -324,8 +372,8 @@ async def open_flow(app: App) -> AsyncIterator[Flow]:
     try:
         async with app.store.open(), trio.open_nursery() as nursery:
             flow = Flow(app)
-            await flow._start(nursery)
             try:
+                await flow._start(nursery)
                 yield flow
             finally:
                 with trio.CancelScope(shield=True):

@@ -129,6 +129,31 @@ class Store(abc.ABC):
         """
 
 
+class StoreWrapper(Store):
+    """A store that passes everything on to ``inner``; subclasses wrap some calls.
+
+    The flow's own view of its store, and `trioflow.testing.FaultyStore`, are
+    such wrappers.
+    """
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    @property
+    def poll_interval(self) -> float | None:
+        return self.inner.poll_interval
+
+    @poll_interval.setter
+    def poll_interval(self, value: float | None) -> None:
+        self.inner.poll_interval = value
+
+    def open(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.inner.open()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self.inner!r}>"
+
+
 def within_bytes(page: Sequence[Event], max_bytes: int) -> Sequence[Event]:
     """The longest prefix of ``page`` whose total `Event.size` is within ``max_bytes``.
 

@@ -1,27 +1,75 @@
-"""A store wrapper that counts calls and injects failures, for tests."""
+"""A store wrapper that counts calls and injects faults, for tests.
+
+The fault model is the one the runtime is built for: any store call may fail
+before it reaches the store, reach the store and then lose its answer, or
+hang for a while (and, like a statement already sent to a database, land
+late even if its caller gave up). A fault may delay delivery; it must never
+make a consumer skip or reorder an event.
+"""
 
 from __future__ import annotations
 
 import collections
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal, TypeVar
 
+import attrs
 import trio
 
-from .._errors import StoreError, StoreUnavailableError
+from .._errors import ConfigurationError, OutcomeUnknownError, StoreError, StoreUnavailableError
 from .._events import Event, NewEvent
-from ..stores._base import Appended, Store
+from ..stores._base import Appended, Store, StoreWrapper
 from ..stores.memory import MemoryStore
 
 _METHODS = ("append", "read", "head", "load_cursors", "commit_cursors", "wait_for_append")
+#: The calls with an effect in the store: only they can lose an answer or land late.
+_EFFECTS = ("append", "commit_cursors")
+
+T = TypeVar("T")
+
+#: What an injected fault does to one call:
+#: ``"fail"``: raise before reaching the store (nothing happened);
+#: ``"lose"``: reach the store, then raise as if the answer was lost;
+#: ``"hang"``: wait, then go on (cancellable: nothing happens if cancelled);
+#: ``"land-late"``: wait shielded, then reach the store even if the caller
+#: was cancelled meanwhile, as a statement already sent would.
+FaultKind = Literal["fail", "lose", "hang", "land-late"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("fail", "lose", "hang", "land-late")
 
 
-class FaultyStore(Store):
+@attrs.frozen(kw_only=True)
+class _Fault:
+    kind: FaultKind
+    error: StoreError | None = None
+    seconds: float = 0.0
+
+
+@attrs.define(eq=False)
+class _RandomFaults:
+    probability: float
+    rng: random.Random
+    methods: frozenset[str]
+    kinds: tuple[FaultKind, ...]
+    max_delay: float
+
+    def draw(self, method: str) -> _Fault | None:
+        if method not in self.methods or self.rng.random() >= self.probability:
+            return None
+        kind = self.rng.choice(self.kinds)
+        if method not in _EFFECTS:
+            # A read has nothing to lose or to land: it fails or hangs.
+            kind = "fail" if kind == "lose" else "hang" if kind == "land-late" else kind
+        return _Fault(kind=kind, seconds=self.rng.uniform(0, self.max_delay))
+
+
+class FaultyStore(StoreWrapper):
     """Wraps a store (a fresh `MemoryStore` by default) to observe and break it.
 
-    Every call is counted in ``calls``; every cursor commit is recorded in
-    ``cursor_commits``. `fail_next` makes the next calls of a method raise,
-    as a store going away would, without reaching the wrapped store.
+    Every call is counted in ``calls``; every cursor commit that reached the
+    store is recorded in ``cursor_commits``. `fail_next` makes the next calls
+    of a method fail (or lose their answer), `delay_next` makes them hang,
+    and `fail_randomly` injects any of these at random.
 
     Example::
 
@@ -31,66 +79,139 @@ class FaultyStore(Store):
     """
 
     def __init__(self, inner: Store | None = None) -> None:
-        self.inner = MemoryStore() if inner is None else inner
+        super().__init__(MemoryStore() if inner is None else inner)
         self.calls: collections.Counter[str] = collections.Counter()
         self.cursor_commits: list[dict[str, int]] = []
-        self._failures: dict[str, list[BaseException]] = {m: [] for m in _METHODS}
+        #: Every fault injected, as (method, kind), in order.
+        self.injected: list[tuple[str, FaultKind]] = []
+        self._queued: dict[str, list[_Fault]] = {m: [] for m in _METHODS}
+        self._random: _RandomFaults | None = None
 
-    @property
-    def poll_interval(self) -> float | None:
-        return self.inner.poll_interval
-
-    @poll_interval.setter
-    def poll_interval(self, value: float | None) -> None:
-        self.inner.poll_interval = value
-
-    def fail_next(self, method: str, *, times: int = 1, error: StoreError | None = None) -> None:
+    def fail_next(
+        self,
+        method: str,
+        *,
+        times: int = 1,
+        error: StoreError | None = None,
+        lose_answer: bool = False,
+    ) -> None:
         """Make the next ``times`` calls of ``method`` raise ``error``.
 
         Args:
             method: One of append, read, head, load_cursors, commit_cursors,
                 wait_for_append.
             times: How many calls fail.
-            error: What they raise (default: a StoreUnavailableError).
+            error: What they raise (default: a `StoreUnavailableError`, or for
+                a lost append answer an `OutcomeUnknownError`).
+            lose_answer: Let the call reach the store first, then raise: an
+                append is committed, a cursor commit lands, but the caller
+                is told it failed.
         """
-        if method not in self._failures:
-            raise ValueError(f"unknown store method {method!r}; use one of {_METHODS}")
-        exc = error or StoreUnavailableError(f"injected failure of {method}")
-        self._failures[method].extend([exc] * times)
+        self._check_method(method, effect=lose_answer)
+        kind: FaultKind = "lose" if lose_answer else "fail"
+        self._queued[method].extend([_Fault(kind=kind, error=error)] * times)
 
-    async def _enter(self, method: str) -> None:
+    def delay_next(
+        self, method: str, seconds: float, *, times: int = 1, land_late: bool = False
+    ) -> None:
+        """Make the next ``times`` calls of ``method`` hang for ``seconds`` first.
+
+        With ``land_late`` the wait is shielded and the call reaches the store
+        even if its caller is cancelled meanwhile, as a statement already sent
+        to a database server does.
+        """
+        self._check_method(method, effect=land_late)
+        kind: FaultKind = "land-late" if land_late else "hang"
+        self._queued[method].extend([_Fault(kind=kind, seconds=seconds)] * times)
+
+    def fail_randomly(
+        self,
+        probability: float,
+        *,
+        rng: random.Random,
+        methods: Sequence[str] = _METHODS,
+        kinds: Sequence[FaultKind] = FAULT_KINDS,
+        max_delay: float = 1.0,
+    ) -> None:
+        """Inject a fault into each call with ``probability``, drawn from ``rng``.
+
+        ``kinds`` are chosen uniformly; calls without an effect in the store
+        (all but append and commit_cursors) fail instead of losing their
+        answer, and hang instead of landing late. Hangs last up to
+        ``max_delay`` seconds. ``probability=0`` stops random faults.
+        """
+        for method in methods:
+            self._check_method(method)
+        for kind in kinds:
+            if kind not in FAULT_KINDS:
+                raise ConfigurationError(f"unknown fault kind {kind!r}; use one of {FAULT_KINDS}")
+        self._random = _RandomFaults(
+            probability=probability,
+            rng=rng,
+            methods=frozenset(methods),
+            kinds=tuple(kinds),
+            max_delay=max_delay,
+        )
+
+    def _check_method(self, method: str, *, effect: bool = False) -> None:
+        if method not in self._queued:
+            raise ConfigurationError(f"unknown store method {method!r}; use one of {_METHODS}")
+        if effect and method not in _EFFECTS:
+            raise ConfigurationError(
+                f"{method} has no effect in the store to lose or to land late; "
+                f"only {' and '.join(_EFFECTS)} do"
+            )
+
+    async def _call(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
         self.calls[method] += 1
-        queued = self._failures[method]
-        if queued:
+        queued = self._queued[method]
+        fault = queued.pop(0) if queued else None
+        if fault is None and self._random is not None:
+            fault = self._random.draw(method)
+        if fault is None:
+            return await call()
+        self.injected.append((method, fault.kind))
+        if fault.kind == "fail":
             await trio.lowlevel.checkpoint()
-            raise queued.pop(0)
-
-    @contextlib.asynccontextmanager
-    async def open(self) -> AsyncIterator[None]:
-        async with self.inner.open():
-            yield
+            raise fault.error or StoreUnavailableError(f"injected failure of {method}")
+        if fault.kind == "hang":
+            await trio.sleep(fault.seconds)
+            return await call()
+        if fault.kind == "land-late":
+            with trio.CancelScope(shield=True):
+                await trio.sleep(fault.seconds)
+                result = await call()
+            await trio.lowlevel.checkpoint()
+            return result
+        with trio.CancelScope(shield=True):
+            await call()
+        await trio.lowlevel.checkpoint()
+        if fault.error is not None:
+            raise fault.error
+        if method == "append":
+            raise OutcomeUnknownError(f"injected loss of the answer to {method}")
+        raise StoreUnavailableError(f"injected loss of the answer to {method}")
 
     async def append(self, events: Sequence[NewEvent]) -> Appended:
-        await self._enter("append")
-        return await self.inner.append(events)
+        return await self._call("append", lambda: self.inner.append(events))
 
-    async def read(self, after: int, limit: int) -> Sequence[Event]:
-        await self._enter("read")
-        return await self.inner.read(after, limit)
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
+        return await self._call("read", lambda: self.inner.read(after, limit, max_bytes=max_bytes))
 
     async def head(self) -> int:
-        await self._enter("head")
-        return await self.inner.head()
+        return await self._call("head", self.inner.head)
 
     async def load_cursors(self) -> dict[str, int]:
-        await self._enter("load_cursors")
-        return await self.inner.load_cursors()
+        return await self._call("load_cursors", self.inner.load_cursors)
 
     async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        await self._enter("commit_cursors")
-        await self.inner.commit_cursors(cursors)
-        self.cursor_commits.append(dict(cursors))
+        async def commit() -> None:
+            await self.inner.commit_cursors(cursors)
+            self.cursor_commits.append(dict(cursors))
+
+        await self._call("commit_cursors", commit)
 
     async def wait_for_append(self, after: int) -> int:
-        await self._enter("wait_for_append")
-        return await self.inner.wait_for_append(after)
+        return await self._call("wait_for_append", lambda: self.inner.wait_for_append(after))

@@ -1,0 +1,145 @@
+"""The runtime's one door to its store: slow calls are logged, odd failures contained.
+
+A store call that waits on a lock held by a long transaction, a busy disk or a
+lost network looks, from inside the flow, like nothing at all: a publish that
+never returns, a consumer that stalls at ``commit_every``. `WatchedStore`
+wraps the flow's store so that every call waiting longer than a threshold is
+logged, naming the call and how long it has waited, again at doubling
+intervals while it waits, and once more when it ends.
+
+It is also where a store that breaks the contract is contained: an exception
+other than a `TrioflowError` (a decode error a backend failed to translate,
+say) becomes a `StoreError` for the one task that made the call, so one bad
+event never ends the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
+
+import attrs
+import trio
+
+from ._errors import StoreError, TrioflowError
+from ._events import Event, NewEvent
+from .stores._base import Appended, Store, StoreWrapper
+
+logger = logging.getLogger("trioflow")
+
+T = TypeVar("T")
+
+
+@attrs.define(eq=False)
+class _Call:
+    what: str
+    started: float
+    #: When to log (again) that it is still waiting.
+    due: float
+    warned: int = 0
+
+
+@attrs.define(eq=False)
+class SlowCalls:
+    """The store calls under way, and the task that reports the slow ones."""
+
+    threshold: float
+    _calls: dict[int, _Call] = attrs.Factory(dict)
+    _tokens: Iterator[int] = attrs.Factory(itertools.count)
+    _wakeup: trio.Event = attrs.Factory(trio.Event)
+
+    @contextlib.contextmanager
+    def track(self, what: str) -> Iterator[None]:
+        """Note a call under way for the length of the block."""
+        now = trio.current_time()
+        token = next(self._tokens)
+        self._calls[token] = _Call(what=what, started=now, due=now + self.threshold)
+        if len(self._calls) == 1:
+            self._wakeup.set()
+        try:
+            yield
+        finally:
+            call = self._calls.pop(token)
+            if call.warned:
+                logger.warning(
+                    "store call %s finished after %.1fs",
+                    call.what,
+                    trio.current_time() - call.started,
+                )
+
+    async def run(self) -> None:
+        """Log every call still waiting past its due time, until cancelled."""
+        while True:
+            if not self._calls:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            now = trio.current_time()
+            for call in self._calls.values():
+                if call.due <= now:
+                    call.warned += 1
+                    call.due = call.started + self.threshold * 2**call.warned
+                    logger.warning(
+                        "store call %s has waited %.1fs and goes on waiting: the store may be "
+                        "blocked (a lock held by a long transaction, a busy disk, a network "
+                        "that stopped answering)",
+                        call.what,
+                        now - call.started,
+                    )
+            with trio.move_on_at(min(call.due for call in self._calls.values())):
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+
+
+class WatchedStore(StoreWrapper):
+    """The flow's store, seen through `SlowCalls` and the error boundary.
+
+    ``wait_for_append`` waits by design and is not watched; its errors are
+    contained all the same.
+    """
+
+    def __init__(self, inner: Store, calls: SlowCalls | None) -> None:
+        super().__init__(inner)
+        self._calls = calls
+
+    async def _call(self, what: str | None, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            if what is None or self._calls is None:
+                return await call()
+            with self._calls.track(what):
+                return await call()
+        except TrioflowError:
+            raise
+        except Exception as exc:
+            logger.error("the store %r raised an unexpected error", self.inner, exc_info=exc)
+            raise StoreError(
+                f"the store failed with an unexpected {type(exc).__name__}: {exc}; it should "
+                "raise trioflow.StoreError (a bug in the store)"
+            ) from exc
+
+    async def append(self, events: Sequence[NewEvent]) -> Appended:
+        return await self._call(f"append ({len(events)} events)", lambda: self.inner.append(events))
+
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
+        return await self._call(
+            f"read (events after {after})",
+            lambda: self.inner.read(after, limit, max_bytes=max_bytes),
+        )
+
+    async def head(self) -> int:
+        return await self._call("head", self.inner.head)
+
+    async def load_cursors(self) -> dict[str, int]:
+        return await self._call("load_cursors", self.inner.load_cursors)
+
+    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+        names = ", ".join(sorted(cursors)[:5]) + (", ..." if len(cursors) > 5 else "")
+        await self._call(f"commit_cursors ({names})", lambda: self.inner.commit_cursors(cursors))
+
+    async def wait_for_append(self, after: int) -> int:
+        return await self._call(None, lambda: self.inner.wait_for_append(after))
