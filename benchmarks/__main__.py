@@ -29,7 +29,7 @@ from ._harness import (
     run_cases,
     select_cases,
 )
-from ._peers import select_peers
+from ._peers import peers_named, select_peers
 from ._plot import PlotUnavailable, plot_report, require_pyplot
 from ._progress import ProgressBar
 from ._report import Report, machine_info, utc_now
@@ -141,6 +141,36 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common_arguments(sub, workload)
         workload.add_arguments(sub)
     return parser
+
+
+def check_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """Check ``argv`` as `main` would before it measures, measuring nothing.
+
+    For command lines shown in the documentation: the options must parse, and
+    every ``--case`` must name a case of the workload, with every store and
+    peer asked for, reachable here or not (no server is asked). Bad usage exits
+    as `main` does: status 2, argparse's message on stderr.
+
+    Returns:
+        The parsed arguments.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.case:
+        workload = load_workload(args.workload)
+        stores = [STORES[name] for name in dict.fromkeys(args.store or ["memory"])]
+        tiny = Options(events=1, consumers=1, repeat=1, stores=stores, timeout=args.timeout)
+        # A peer's case asks its server when built; its id is known without.
+        peers = peers_named(getattr(args, "peer", None) or ())
+        without_peers = argparse.Namespace(**{**vars(args), "peer": None})
+        known = {case.id for case in workload.cases(tiny, without_peers)}
+        known |= {peer.case for peer in peers}
+        unknown = sorted(set(args.case) - known)
+        if unknown:
+            parser.error(
+                f"unknown case {', '.join(unknown)}; this run has: {', '.join(sorted(known))}"
+            )
+    return args
 
 
 def _progress(line: str) -> None:

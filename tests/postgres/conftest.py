@@ -12,82 +12,25 @@ binaries; without them those tests are skipped, or fail when $CI is ``true``.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-import trio
 
+from tests._servers import server_missing
 from tests.postgres._cluster import Cluster, ClusterUnavailable
-from trioflow import StoreError
-from trioflow.stores._pg_driver import Driver, DriverConfig, open_driver
+from tests.postgres._server import drop_schemas, open_admin, require_server, with_options
+from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
-
-DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-HOW_TO_RUN = (
-    "to run the PostgreSQL tests, start a server and point TRIOFLOW_TEST_POSTGRES_URL at a "
-    "database the role may create schemas in (default " + DEFAULT_URL + "), for example: "
-    "createdb test && TRIOFLOW_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test "
-    "pytest tests/postgres"
-)
-
-
-def server_url() -> str:
-    """The test server's URL, from the environment or the default."""
-    return os.environ.get("TRIOFLOW_TEST_POSTGRES_URL") or DEFAULT_URL
-
-
-def with_options(url: str, **options: object) -> str:
-    """Return ``url`` with query options added (or replaced)."""
-    parts = urllib.parse.urlsplit(url)
-    query = dict(urllib.parse.parse_qsl(parts.query))
-    query.update({name: str(value) for name, value in options.items()})
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-@contextlib.asynccontextmanager
-async def open_admin(url: str) -> AsyncIterator[Driver]:
-    """A plain driver on the test database, for set-up and inspection."""
-    config = DriverConfig(dsn=url, display=url, min_size=1, max_size=4, connect_timeout=5.0)
-    async with open_driver(config) as driver:
-        yield driver
-
-
-async def _probe(url: str) -> str | None:
-    try:
-        with trio.fail_after(15):
-            async with open_admin(url) as driver:
-                await driver.fetchval("SELECT 1")
-    except StoreError as exc:
-        return str(exc)
-    except trio.TooSlowError:
-        return "no answer within 15 s"
-    return None
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> str:
     """The test server's URL; skips (fails under CI=true) when it is unreachable."""
-    url = server_url()
-    problem = trio.run(_probe, url)
-    if problem is not None:
-        message = f"PostgreSQL test server unavailable: {problem}; {HOW_TO_RUN}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message} (CI=true, so this fails instead of skipping)")
-        pytest.skip(message)
-    return url
-
-
-async def _drop_schemas(url: str, schemas: list[str]) -> None:
-    async with open_admin(url) as driver:
-        for schema in schemas:
-            await driver.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return require_server()
 
 
 @pytest.fixture
@@ -103,7 +46,7 @@ def new_schema(pg_url: str) -> Iterator[Callable[[], str]]:
         return schema
 
     yield make
-    trio.run(_drop_schemas, pg_url, made)
+    drop_schemas(pg_url, made)
 
 
 @pytest.fixture
@@ -153,10 +96,7 @@ def pg_cluster() -> Iterator[Cluster]:
     try:
         cluster = Cluster.create()
     except ClusterUnavailable as exc:
-        message = f"cannot make a throwaway PostgreSQL cluster: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message} (CI=true, so this fails instead of skipping)")
-        pytest.skip(message)
+        server_missing(f"cannot make a throwaway PostgreSQL cluster: {exc}")
     try:
         cluster.start_blocking()
         yield cluster
