@@ -83,9 +83,9 @@ def _positive_int(what: str, value: object) -> int:
     return value
 
 
-def _positive_float(what: str, value: object) -> float:
+def _positive_float(what: str, value: object, *, hint: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ConfigurationError(f"{what} must be a finite number > 0, got {value!r}")
+        raise ConfigurationError(f"{what} must be a finite number > 0{hint}, got {value!r}")
     return float(value)
 
 
@@ -114,6 +114,15 @@ class App:
         shutdown_grace: Seconds in-flight handlers get to finish when the flow
             stops, and again for the final cursor flush.
         restart: How long failed consumers wait before restarting.
+        blocking_warning: Log a WARNING (logger ``trioflow``) naming the
+            consumer, or other task, when one step of a task holds the event
+            loop longer than this many seconds: a handler that makes a
+            blocking call (``time.sleep``, a synchronous client) stalls every
+            consumer and publisher meanwhile. At most one warning per
+            consumer or task a minute, counting the steps left out. None:
+            don't watch. Default 0.1, asyncio's threshold for slow callbacks
+            in debug mode: far above any step of non-blocking code (tens of
+            microseconds) and below a delay users notice.
 
     Raises:
         ConfigurationError: An option is invalid.
@@ -131,6 +140,7 @@ class App:
         max_batch: int = 10_000,
         shutdown_grace: float = 10.0,
         restart: RestartPolicy | None = None,
+        blocking_warning: float | None = 0.1,
     ) -> None:
         if store is None:
             store = default_store_url()
@@ -145,6 +155,10 @@ class App:
         self.restart = RestartPolicy() if restart is None else restart
         if not isinstance(self.restart, RestartPolicy):
             raise ConfigurationError(f"restart must be a RestartPolicy, got {restart!r}")
+        if blocking_warning is not None:
+            hint = " (or None to turn the warning off)"
+            blocking_warning = _positive_float("blocking_warning", blocking_warning, hint=hint)
+        self.blocking_warning = blocking_warning
         self._consumers: dict[str, ConsumerSpec] = {}
 
     @property

@@ -25,6 +25,7 @@ from ._dispatch import Dispatcher
 from ._errors import ConfigurationError, FlowClosedError, StoreError
 from ._events import JSON, encode, encode_many, new_ids
 from ._state import ConsumerState
+from ._watchdog import consumer_task_name, flow_task_name, watch_blocking
 
 logger = logging.getLogger("trioflow")
 
@@ -213,12 +214,29 @@ class Flow:
             )
 
     async def _start(self, nursery: trio.Nursery) -> None:
-        await nursery.start(self._guarded, "dispatcher", self._dispatcher.run, True)
-        await nursery.start(self._guarded, "cursors", self._cursors.run, False)
+        # Named so that the blocking watchdog can say whose step held the loop.
+        await nursery.start(
+            self._guarded,
+            "dispatcher",
+            self._dispatcher.run,
+            True,
+            name=flow_task_name("dispatcher"),
+        )
+        await nursery.start(
+            self._guarded, "cursors", self._cursors.run, False, name=flow_task_name("cursor writer")
+        )
         for state in self._states:
-            await nursery.start(self._guarded, state, partial(self._runner.supervise, state), True)
+            await nursery.start(
+                self._guarded,
+                state,
+                partial(self._runner.supervise, state),
+                True,
+                name=consumer_task_name(state.spec.name),
+            )
         if self._states:
-            await nursery.start(self._guarded, "watcher", self._watch, False)
+            await nursery.start(
+                self._guarded, "watcher", self._watch, False, name=flow_task_name("watcher")
+            )
 
     async def _guarded(
         self,
@@ -322,15 +340,16 @@ async def open_flow(app: App) -> AsyncIterator[Flow]:
         raise ConfigurationError("this App already runs a flow; stop it before opening another")
     app._running = True  # type: ignore[attr-defined]
     try:
-        async with app.store.open(), trio.open_nursery() as nursery:
-            flow = Flow(app)
-            await flow._start(nursery)
-            try:
-                yield flow
-            finally:
-                with trio.CancelScope(shield=True):
-                    await flow._stop()
-                nursery.cancel_scope.cancel()
+        with watch_blocking(app.blocking_warning):
+            async with app.store.open(), trio.open_nursery() as nursery:
+                flow = Flow(app)
+                await flow._start(nursery)
+                try:
+                    yield flow
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await flow._stop()
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The flow's own tasks handle their errors, so a lone exception here
         # came from the body of the block: give it back unwrapped.
