@@ -839,3 +839,35 @@ async def test_only_handlers_may_publish_while_the_flow_stops(
         nursery.start_soon(outsider, flow)
         # The flow stopped while the handler slept: the outsider was refused.
     assert len(refused) == 1
+
+
+async def test_a_large_publish_many_lets_other_tasks_run_while_it_encodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trioflow._events as events_module
+
+    order: list[str] = []
+    encode = events_module.encode
+
+    def noting_encode(*args: object) -> object:
+        order.append("encode")
+        return encode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(events_module, "encode", noting_encode)
+    count = 3 * events_module.ENCODE_CHUNK + 1
+
+    async def ticker() -> None:
+        while True:
+            order.append("tick")
+            await trio.lowlevel.checkpoint()
+
+    async with trioflow.open_flow(make_app()) as flow, trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        order.clear()
+        assert len(await flow.publish_many([("a", 1)] * count)) == count
+        nursery.cancel_scope.cancel()
+    encoding = order[order.index("encode") : len(order) - order[::-1].index("encode")]
+    # Other tasks ran between every chunk of the batch.
+    assert encoding.count("encode") == count
+    assert encoding.count("tick") >= 3

@@ -83,9 +83,9 @@ def _positive_int(what: str, value: object) -> int:
     return value
 
 
-def _positive_float(what: str, value: object) -> float:
+def _positive_float(what: str, value: object, *, hint: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ConfigurationError(f"{what} must be a finite number > 0, got {value!r}")
+        raise ConfigurationError(f"{what} must be a finite number > 0{hint}, got {value!r}")
     return float(value)
 
 
@@ -119,6 +119,16 @@ class App:
             while it waits): a lock held by a long transaction, a busy disk or
             a network that stopped answering then shows in the log instead of
             as a silent stall. None: never.
+        blocking_warning: Log a WARNING (logger ``trioflow``) naming the
+            consumer, or other task, when one step of a task holds the event
+            loop longer than this many seconds: a handler that makes a
+            blocking call (``time.sleep``, a synchronous client) stalls every
+            consumer and publisher meanwhile. At most one warning per
+            consumer or task a minute, counting the steps left out. None:
+            don't watch. Default 0.1, asyncio's threshold for slow callbacks
+            in debug mode: steps of non-blocking code take microseconds
+            (trioflow's own, on batches of 1,000 events, a few milliseconds),
+            and a blocking call that long delays every event meanwhile.
 
     Raises:
         ConfigurationError: An option is invalid.
@@ -137,6 +147,7 @@ class App:
         shutdown_grace: float = 10.0,
         restart: RestartPolicy | None = None,
         store_wait_warning: float | None = 5.0,
+        blocking_warning: float | None = 0.1,
     ) -> None:
         if store is None:
             store = default_store_url()
@@ -154,8 +165,14 @@ class App:
         self.store_wait_warning = (
             None
             if store_wait_warning is None
-            else _positive_float("store_wait_warning", store_wait_warning)
+            else _positive_float(
+                "store_wait_warning", store_wait_warning, hint=" (or None to turn it off)"
+            )
         )
+        if blocking_warning is not None:
+            hint = " (or None to turn the warning off)"
+            blocking_warning = _positive_float("blocking_warning", blocking_warning, hint=hint)
+        self.blocking_warning = blocking_warning
         self._consumers: dict[str, ConsumerSpec] = {}
 
     @property

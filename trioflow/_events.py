@@ -247,24 +247,36 @@ def new_ids(count: int) -> list[uuid.UUID]:
     return [uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, 16 * count, 16)]
 
 
-def encode_many(items: Iterable[Sequence[Any]]) -> list[NewEvent]:
-    """Check and encode ``(type, data)`` or ``(type, data, key)`` items, all or none."""
+#: Events `publish_many` encodes between two checkpoints: encoding takes a few
+#: microseconds an event, so a large batch must not hold the loop in one step.
+ENCODE_CHUNK = 1000
+
+
+def check_items(items: object) -> list[Sequence[Any]]:
+    """Return ``publish_many``'s argument as a list, or raise InvalidEventError."""
     if isinstance(items, str | bytes | dict) or not isinstance(items, Iterable):
         raise InvalidEventError(
             "publish_many takes an iterable of (type, data) or (type, data, key) tuples, "
             f"got {_short_repr(items)}"
         )
-    materialised = list(items)
-    ids = new_ids(len(materialised))
+    return list(items)
+
+
+def encode_many(items: Sequence[Sequence[Any]], *, first: int = 0) -> list[NewEvent]:
+    """Check and encode ``(type, data)`` or ``(type, data, key)`` items, all or none.
+
+    ``first`` is the index of ``items[0]`` in the whole call, for messages.
+    """
+    ids = new_ids(len(items))
     out: list[NewEvent] = []
-    for index, item in enumerate(materialised):
+    for index, item in enumerate(items):
         if (
             type(item) is not tuple
             and (isinstance(item, str | bytes) or not isinstance(item, Sequence))
         ) or not 1 <= len(item) <= 3:
             raise InvalidEventError(
-                f"item {index} of publish_many must be a (type, data) or (type, data, key) "
-                f"tuple, got {_short_repr(item)}"
+                f"item {first + index} of publish_many must be a (type, data) or "
+                f"(type, data, key) tuple, got {_short_repr(item)}"
             )
         event_type = item[0]
         data = item[1] if len(item) > 1 else None

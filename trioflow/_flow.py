@@ -23,9 +23,10 @@ from ._consumer import ConsumerRunner, handler_of
 from ._cursors import CursorWriter
 from ._dispatch import Dispatcher
 from ._errors import ConfigurationError, FlowClosedError, StoreError
-from ._events import JSON, encode, encode_many, new_ids
+from ._events import ENCODE_CHUNK, JSON, NewEvent, check_items, encode, encode_many, new_ids
 from ._state import ConsumerState
 from ._store_calls import SlowCalls, WatchedStore
+from ._watchdog import consumer_task_name, flow_task_name, watch_blocking
 
 logger = logging.getLogger("trioflow")
 
@@ -164,7 +165,14 @@ class Flow:
                 lost; all of it was persisted or none (see the message).
         """
         self._check_open()
-        news = encode_many(events)
+        items = check_items(events)
+        news: list[NewEvent] = []
+        for first in range(0, len(items), ENCODE_CHUNK):
+            if first:
+                # Let other tasks run between chunks of a large batch.
+                await trio.lowlevel.checkpoint()
+                self._check_open()
+            news += encode_many(items[first : first + ENCODE_CHUNK], first=first)
         if not news:
             await trio.lowlevel.checkpoint()
             return []
@@ -225,14 +233,26 @@ class Flow:
         )
 
     async def _start(self, nursery: trio.Nursery) -> None:
+        # Named so that the blocking watchdog can say whose step held the loop.
+        tasks: list[tuple[object, Callable[..., Awaitable[None]], bool, str]] = []
         if self._slow_calls is not None:
-            await nursery.start(self._guarded, "slow calls", self._slow_calls.run, False)
-        await nursery.start(self._guarded, "dispatcher", self._dispatcher.run, True)
-        await nursery.start(self._guarded, "cursors", self._cursors.run, False)
+            tasks.append(("slow calls", self._slow_calls.run, False, "slow store calls"))
+        tasks.append(("dispatcher", self._dispatcher.run, True, "dispatcher"))
+        tasks.append(("cursors", self._cursors.run, False, "cursor writer"))
+        for key, run, reports_started, name in tasks:
+            await nursery.start(self._guarded, key, run, reports_started, name=flow_task_name(name))
         for state in self._states:
-            await nursery.start(self._guarded, state, partial(self._runner.supervise, state), True)
+            await nursery.start(
+                self._guarded,
+                state,
+                partial(self._runner.supervise, state),
+                True,
+                name=consumer_task_name(state.spec.name),
+            )
         if self._states:
-            await nursery.start(self._guarded, "watcher", self._watch, False)
+            await nursery.start(
+                self._guarded, "watcher", self._watch, False, name=flow_task_name("watcher")
+            )
 
     async def _guarded(
         self,
@@ -370,15 +390,16 @@ async def open_flow(app: App) -> AsyncIterator[Flow]:
         raise ConfigurationError("this App already runs a flow; stop it before opening another")
     app._running = True  # type: ignore[attr-defined]
     try:
-        async with app.store.open(), trio.open_nursery() as nursery:
-            flow = Flow(app)
-            try:
-                await flow._start(nursery)
-                yield flow
-            finally:
-                with trio.CancelScope(shield=True):
-                    await flow._stop()
-                nursery.cancel_scope.cancel()
+        with watch_blocking(app.blocking_warning):
+            async with app.store.open(), trio.open_nursery() as nursery:
+                flow = Flow(app)
+                try:
+                    await flow._start(nursery)
+                    yield flow
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await flow._stop()
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The flow's own tasks handle their errors, so a lone exception here
         # came from the body of the block: give it back unwrapped.
