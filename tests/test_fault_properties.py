@@ -43,6 +43,8 @@ TYPES = ("a", "b")
 @attrs.frozen
 class ConsumerPlan:
     buffer: int | None
+    #: Events here are about 20 bytes each.
+    buffer_bytes: int | None
     commit_every: int
     types: frozenset[str] | None
     #: Virtual seconds its handler sleeps, cycled over its calls.
@@ -66,6 +68,7 @@ class FaultScenario:
     probability: float
     kinds: tuple[FaultKind, ...]
     seed: int
+    page_bytes: int
 
 
 @st.composite
@@ -73,6 +76,7 @@ def fault_scenarios(draw: st.DrawFn) -> FaultScenario:
     def consumer() -> ConsumerPlan:
         return ConsumerPlan(
             buffer=draw(st.none() | st.integers(1, 8)),
+            buffer_bytes=draw(st.none() | st.integers(1, 150)),
             commit_every=draw(st.integers(1, 6)),
             types=draw(st.none() | st.frozensets(st.sampled_from(TYPES), min_size=1)),
             delays=tuple(draw(st.lists(st.sampled_from([0.0, 0.01, 0.3]), min_size=1, max_size=3))),
@@ -96,6 +100,7 @@ def fault_scenarios(draw: st.DrawFn) -> FaultScenario:
             draw(st.lists(st.sampled_from(FAULT_KINDS), min_size=1, max_size=4, unique=True))
         ),
         seed=draw(st.integers(0, 2**32)),
+        page_bytes=draw(st.sampled_from([1, 50, 8 * 1024 * 1024])),
     )
 
 
@@ -132,6 +137,7 @@ def run_fault_scenario(
         app = trioflow.App(
             store,
             page_size=4,
+            page_bytes=scenario.page_bytes,
             commit_interval=1.0 * time_scale,
             shutdown_grace=5.0 * time_scale,
             restart=trioflow.RestartPolicy(initial=0.2 * time_scale, maximum=2.0 * time_scale),
@@ -157,7 +163,11 @@ def run_fault_scenario(
                 log.append(("end", event.seq, life[0]))
 
             app.consumer(
-                name, types=plan.types, buffer=plan.buffer, commit_every=plan.commit_every
+                name,
+                types=plan.types,
+                buffer=plan.buffer,
+                buffer_bytes=plan.buffer_bytes,
+                commit_every=plan.commit_every,
             )(handle)
         return app, life
 

@@ -235,6 +235,52 @@ async def test_bounded_consumer_holds_at_most_its_buffer_and_misses_nothing(
     assert slow == list(range(1, total + 1))
 
 
+async def test_a_consumer_bounded_in_bytes_holds_at_most_its_buffer_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = make_app()
+    slow: list[int] = []
+    most_bytes = 0
+    detached_seen = False
+
+    @app.consumer("slow", buffer_bytes=1000)
+    async def handle_slow(event: trioflow.Event) -> None:
+        await trio.sleep(1)
+        slow.append(event.seq)
+
+    # 100 bytes each: a 98-character JSON string.
+    async with trioflow.open_flow(app) as flow:
+        for i in range(100):
+            await flow.publish_many([("a", "x" * 98)] * (1 + i % 3))
+            stats = flow.statistics().consumers["slow"]
+            most_bytes = max(most_bytes, stats.buffered_bytes)
+            detached_seen = detached_seen or not stats.attached
+        await flow.wait_idle()
+        total = flow.statistics().head
+    assert detached_seen
+    assert 700 <= most_bytes <= 1000
+    assert slow == list(range(1, total + 1))
+
+
+def test_a_bounded_consumer_is_bounded_in_bytes_by_default() -> None:
+    app = make_app()
+    app.consumer("counted", buffer=10)(recorder_handler)
+    app.consumer("sized", buffer_bytes=5000)(recorder_handler)
+    app.consumer("both", buffer=10, buffer_bytes=5000)(recorder_handler)
+    app.consumer("unbounded")(recorder_handler)
+    specs = app.consumers
+    assert specs["counted"].buffer_bytes == 64 * 1024 * 1024
+    assert (specs["sized"].buffer, specs["sized"].buffer_bytes) == (None, 5000)
+    assert (specs["both"].buffer, specs["both"].buffer_bytes) == (10, 5000)
+    assert (specs["unbounded"].buffer, specs["unbounded"].buffer_bytes) == (None, None)
+    with pytest.raises(trioflow.ConfigurationError, match="buffer_bytes"):
+        app.consumer("bad", buffer_bytes=0)(recorder_handler)
+
+
+async def recorder_handler(event: trioflow.Event) -> None:
+    pass
+
+
 async def test_idle_bounded_consumer_catches_up_after_a_batch_larger_than_its_buffer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -871,3 +917,18 @@ async def test_a_large_publish_many_lets_other_tasks_run_while_it_encodes(
     # Other tasks ran between every chunk of the batch.
     assert encoding.count("encode") == count
     assert encoding.count("tick") >= 3
+
+
+async def test_group_commits_of_large_events_stay_within_max_batch_bytes() -> None:
+    store = FaultyStore()
+    app = make_app(store)
+    seen = recorder(app, "c")
+    six_mib = "x" * (6 * 1024 * 1024 - 2)
+    async with trioflow.open_flow(app) as flow:
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(flow.publish, "a", six_mib)
+        await flow.wait_idle()
+    # At most two 6 MiB events fit in 16 MiB: three transactions, not one.
+    assert store.calls["append"] == 3
+    assert seen == [1, 2, 3, 4, 5]

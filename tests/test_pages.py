@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
 import trio.testing
 
 import trioflow
+from trioflow._events import encode, new_ids
 from trioflow._pages import PageReader
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing._store_contract import make_events
+
+#: A byte budget never reached by these small events.
+UNBOUNDED = 2**62
 
 
 class SlowReads(MemoryStore):
@@ -20,12 +24,14 @@ class SlowReads(MemoryStore):
     def __init__(self, failures: int = 0) -> None:
         super().__init__()
         self.reads: list[tuple[int, int]] = []
+        self.budgets: list[int | None] = []
         self.failures = failures
 
     async def read(
         self, after: int, limit: int, *, max_bytes: int | None = None
     ) -> Sequence[trioflow.Event]:
         self.reads.append((after, limit))
+        self.budgets.append(max_bytes)
         await trio.sleep(0.01)
         if self.failures:
             self.failures -= 1
@@ -47,11 +53,11 @@ async def test_readers_of_one_position_share_one_store_read(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await filled(SlowReads(), 50)
-    pages = PageReader(store, keep=100)
+    pages = PageReader(store, keep=100, keep_bytes=UNBOUNDED)
     got: list[list[int]] = []
 
     async def read(after: int, limit: int) -> None:
-        got.append(seqs(await pages.read(after, limit)))
+        got.append(seqs(await pages.read(after, limit, max_bytes=UNBOUNDED)))
 
     async with store.open():
         async with trio.open_nursery() as nursery:
@@ -61,24 +67,24 @@ async def test_readers_of_one_position_share_one_store_read(
         assert got == [list(range(1, 21))] * 4
 
         # Positions inside a recent page are answered from it, up to its end.
-        assert seqs(await pages.read(5, 3)) == [6, 7, 8]
-        assert seqs(await pages.read(15, 20)) == [16, 17, 18, 19, 20]
+        assert seqs(await pages.read(5, 3, max_bytes=UNBOUNDED)) == [6, 7, 8]
+        assert seqs(await pages.read(15, 20, max_bytes=UNBOUNDED)) == [16, 17, 18, 19, 20]
         assert store.reads == [(0, 20)]
         # Its last event, or a position before it, goes to the store.
-        assert seqs(await pages.read(20, 5)) == [21, 22, 23, 24, 25]
+        assert seqs(await pages.read(20, 5, max_bytes=UNBOUNDED)) == [21, 22, 23, 24, 25]
         assert store.reads == [(0, 20), (20, 5)]
         assert pages.shared == 5
 
 
 async def test_only_keep_events_are_kept(autojump_clock: trio.testing.MockClock) -> None:
     store = await filled(SlowReads(), 50)
-    pages = PageReader(store, keep=25)
+    pages = PageReader(store, keep=25, keep_bytes=UNBOUNDED)
     async with store.open():
         for after in (0, 10, 20, 30):
-            await pages.read(after, 10)
+            await pages.read(after, 10, max_bytes=UNBOUNDED)
         # Pages after 0 and 10 were dropped to keep at most 25 events.
-        assert seqs(await pages.read(5, 3)) == [6, 7, 8]
-        assert seqs(await pages.read(25, 3)) == [26, 27, 28]
+        assert seqs(await pages.read(5, 3, max_bytes=UNBOUNDED)) == [6, 7, 8]
+        assert seqs(await pages.read(25, 3, max_bytes=UNBOUNDED)) == [26, 27, 28]
         assert store.reads == [(0, 10), (10, 10), (20, 10), (30, 10), (5, 3)]
 
 
@@ -86,12 +92,12 @@ async def test_a_failed_read_fails_its_reader_and_the_others_read_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await filled(SlowReads(failures=1), 10)
-    pages = PageReader(store, keep=100)
+    pages = PageReader(store, keep=100, keep_bytes=UNBOUNDED)
     outcomes: list[object] = []
 
     async def read() -> None:
         try:
-            outcomes.append(seqs(await pages.read(0, 5)))
+            outcomes.append(seqs(await pages.read(0, 5, max_bytes=UNBOUNDED)))
         except trioflow.StoreError as exc:
             outcomes.append(str(exc))
 
@@ -105,10 +111,10 @@ async def test_a_failed_read_fails_its_reader_and_the_others_read_again(
 
 async def test_an_empty_store_is_read_each_time() -> None:
     store = MemoryStore()
-    pages = PageReader(store, keep=100)
+    pages = PageReader(store, keep=100, keep_bytes=UNBOUNDED)
     async with store.open():
-        assert list(await pages.read(0, 5)) == []
-        assert list(await pages.read(0, 5)) == []
+        assert list(await pages.read(0, 5, max_bytes=UNBOUNDED)) == []
+        assert list(await pages.read(0, 5, max_bytes=UNBOUNDED)) == []
         assert pages.shared == 0
 
 
@@ -140,12 +146,12 @@ async def test_several_waiters_on_a_failed_read_read_once_more_together(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await filled(SlowReads(failures=1), 10)
-    pages = PageReader(store, keep=100)
+    pages = PageReader(store, keep=100, keep_bytes=UNBOUNDED)
     outcomes: list[object] = []
 
     async def read() -> None:
         try:
-            outcomes.append(seqs(await pages.read(0, 5)))
+            outcomes.append(seqs(await pages.read(0, 5, max_bytes=UNBOUNDED)))
         except trioflow.StoreError as exc:
             outcomes.append(str(exc))
 
@@ -157,3 +163,64 @@ async def test_several_waiters_on_a_failed_read_read_once_more_together(
     assert outcomes == ["read failed", *[[1, 2, 3, 4, 5]] * 3]
     # One read failed; the three waiting readers shared the one that followed.
     assert store.reads == [(0, 5), (0, 5)]
+
+
+async def test_pages_and_what_is_kept_are_bounded_by_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowReads()
+    async with store.open():
+        # 30 events of 100 bytes each (a 98-character JSON string).
+        await store.append([encode("t", "x" * 98, None, event_id) for event_id in new_ids(30)])
+    pages = PageReader(store, keep=1000, keep_bytes=1000)
+    async with store.open():
+        assert seqs(await pages.read(0, 100, max_bytes=450)) == [1, 2, 3, 4]
+        assert store.budgets == [450]
+        # Served from the kept page, cut to the budget asked for.
+        assert seqs(await pages.read(1, 100, max_bytes=250)) == [2, 3]
+        assert seqs(await pages.read(0, 100, max_bytes=10)) == [1]
+        assert len(store.reads) == 1
+        for after in (4, 8, 12):
+            await pages.read(after, 100, max_bytes=450)
+        # Four pages of 400 bytes were read; at most 1000 bytes are kept, so
+        # the two oldest were dropped and a read after 0 goes to the store.
+        assert seqs(await pages.read(13, 100, max_bytes=450)) == [14, 15, 16]
+        assert seqs(await pages.read(9, 100, max_bytes=450)) == [10, 11, 12]
+        assert len(store.reads) == 4
+        assert seqs(await pages.read(1, 100, max_bytes=450)) == [2, 3, 4, 5]
+        assert store.reads[4:] == [(1, 100)]
+
+
+async def test_a_replay_of_large_events_reads_pages_within_page_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowReads()
+    big = "x" * (1024 * 1024 - 2)
+    async with trioflow.open_flow(trioflow.App(store)) as flow:
+        await flow.publish_many([("a", big)] * 40)
+    app = trioflow.App(store, page_bytes=4 * 1024 * 1024)
+    seen: list[int] = []
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        seen.append(event.seq)
+
+    async with store.open():
+        log = [event async for event in _all_events(store)]
+    assert all(event.size == 1024 * 1024 for event in log)
+    store.reads.clear()
+    store.budgets.clear()
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+    assert seen == list(range(1, 41))
+    # Every read asked for at most 4 MiB: pages of 4 events, not 1,000.
+    assert set(store.budgets) == {4 * 1024 * 1024}
+    assert 10 <= len(store.reads) <= 12
+
+
+async def _all_events(store: MemoryStore) -> AsyncIterator[trioflow.Event]:
+    after = 0
+    while page := await store.read(after, 1000):
+        for event in page:
+            yield event
+        after = page[-1].seq

@@ -22,6 +22,9 @@ H = TypeVar("H", bound=Handler)
 #: Where a consumer with no stored cursor begins.
 StartFrom = Literal["earliest", "latest"]
 
+#: A bounded consumer's default `buffer_bytes`.
+DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -66,6 +69,8 @@ class ConsumerSpec:
         types: The event types it receives, or None for all.
         start: Where it begins when the store holds no cursor for it yet.
         buffer: The most events held for it in memory, or None (unbounded).
+        buffer_bytes: The most event data (bytes) held for it in memory, or
+            None (unbounded).
         commit_every: Commit its cursor at least every this many handled events.
     """
 
@@ -74,6 +79,7 @@ class ConsumerSpec:
     types: frozenset[str] | None
     start: StartFrom
     buffer: int | None
+    buffer_bytes: int | None
     commit_every: int
 
 
@@ -109,8 +115,13 @@ class App:
             replaying. Each replay starts with a page of 32 and doubles it up
             to this, so a consumer that fails again soon after a restart does
             not read a full page for nothing.
+        page_bytes: The most event data (`Event.size`, bytes) read from the
+            store per query: a page ends before the event that would pass it
+            (a page holds at least one event, whatever its size). Replays of
+            large events hold about two pages of them in memory.
         max_batch: The most events committed by one store transaction when
-            concurrent ``publish`` calls are grouped.
+            concurrent ``publish`` calls are grouped (and at most 16 MiB of
+            event data, unless one ``publish_many`` alone is larger).
         shutdown_grace: Seconds in-flight handlers get to finish when the flow
             stops, and again for the final cursor flush.
         restart: How long failed consumers wait before restarting.
@@ -143,6 +154,7 @@ class App:
         commit_interval: float = 1.0,
         poll_interval: float | None = None,
         page_size: int = 1000,
+        page_bytes: int = 8 * 1024 * 1024,
         max_batch: int = 10_000,
         shutdown_grace: float = 10.0,
         restart: RestartPolicy | None = None,
@@ -157,6 +169,7 @@ class App:
         if poll_interval is not None:
             self.store.poll_interval = _positive_float("poll_interval", poll_interval)
         self.page_size = _positive_int("page_size", page_size)
+        self.page_bytes = _positive_int("page_bytes", page_bytes)
         self.max_batch = _positive_int("max_batch", max_batch)
         self.shutdown_grace = _positive_float("shutdown_grace", shutdown_grace)
         self.restart = RestartPolicy() if restart is None else restart
@@ -192,6 +205,7 @@ class App:
         types: Iterable[str] | None = None,
         start: StartFrom = "earliest",
         buffer: int | None = None,
+        buffer_bytes: int | None = None,
         commit_every: int | None = None,
     ) -> Callable[[H], H]: ...
 
@@ -203,6 +217,7 @@ class App:
         types: Iterable[str] | None = None,
         start: StartFrom = "earliest",
         buffer: int | None = None,
+        buffer_bytes: int | None = None,
         commit_every: int | None = None,
     ) -> H | Callable[[H], H]:
         """Register an async function as a durable consumer.
@@ -222,6 +237,9 @@ class App:
             buffer: Hold at most this many events in memory for this consumer;
                 when it falls further behind it catches up from the store
                 instead. None (default): unbounded.
+            buffer_bytes: Hold at most this much event data (`Event.size`, in
+                bytes) in memory for this consumer, as ``buffer`` does for a
+                count. Default: 64 MiB when ``buffer`` is set, else unbounded.
             commit_every: Override the App's ``commit_every`` for this consumer.
 
         Returns:
@@ -233,7 +251,13 @@ class App:
         """
         if callable(name):
             return self._register(
-                name, name=None, types=None, start="earliest", buffer=None, commit_every=None
+                name,
+                name=None,
+                types=None,
+                start="earliest",
+                buffer=None,
+                buffer_bytes=None,
+                commit_every=None,
             )
 
         def decorate(handler: H) -> H:
@@ -243,6 +267,7 @@ class App:
                 types=types,
                 start=start,
                 buffer=buffer,
+                buffer_bytes=buffer_bytes,
                 commit_every=commit_every,
             )
 
@@ -256,6 +281,7 @@ class App:
         types: Iterable[str] | None,
         start: StartFrom,
         buffer: int | None,
+        buffer_bytes: int | None,
         commit_every: int | None,
     ) -> H:
         if not _is_async_callable(handler):
@@ -289,12 +315,17 @@ class App:
             raise ConfigurationError(f"start must be 'earliest' or 'latest', got {start!r}")
         if buffer is not None:
             _positive_int("buffer", buffer)
+        if buffer_bytes is not None:
+            _positive_int("buffer_bytes", buffer_bytes)
+        elif buffer is not None:
+            buffer_bytes = DEFAULT_BUFFER_BYTES
         spec = ConsumerSpec(
             name=name,
             handler=handler,
             types=type_set,
             start=start,
             buffer=buffer,
+            buffer_bytes=buffer_bytes,
             commit_every=self.commit_every
             if commit_every is None
             else _positive_int("commit_every", commit_every),

@@ -77,6 +77,7 @@ class ConsumerRunner:
     dispatcher: Dispatcher
     cursors: CursorWriter
     page_size: int
+    page_bytes: int
     commit_interval: float
     restart_delay: Callable[[int], float]
     stopping: bool = False
@@ -85,7 +86,7 @@ class ConsumerRunner:
     pages: PageReader = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.pages = PageReader(self.store, keep=2 * self.page_size)
+        self.pages = PageReader(self.store, keep=2 * self.page_size, keep_bytes=2 * self.page_bytes)
 
     async def supervise(
         self, state: ConsumerState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -192,6 +193,7 @@ class ConsumerRunner:
                     continue
                 batch = await self._receive_idle(state, receive)
             state.buffered -= len(batch.events)
+            state.buffered_bytes -= batch.size
             if batch.upto <= state.position:
                 continue
             if batch.after > state.position:
@@ -248,7 +250,7 @@ class ConsumerRunner:
         # full pages after a few reads.
         limit = min(FIRST_PAGE, self.page_size)
         while state.position < until:
-            page = await self.pages.read(state.position, limit)
+            page = await self.pages.read(state.position, limit, max_bytes=self.page_bytes)
             limit = min(2 * limit, self.page_size)
             if not page:
                 # The flow has seen events up to `until` committed, so the

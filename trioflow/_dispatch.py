@@ -25,6 +25,11 @@ from .stores._base import Store
 
 logger = logging.getLogger("trioflow")
 
+#: The most event data one group commit takes from concurrent publishes (a
+#: single publish larger than this goes alone): PostgreSQL refuses a statement
+#: over 1 GB, and a group that fails fails every publish in it.
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+
 
 @attrs.frozen(slots=True)
 class Batch:
@@ -39,6 +44,8 @@ class Batch:
     after: int
     upto: int
     events: Sequence[Event]
+    #: The events' total `Event.size`, for bounded consumers (else 0).
+    size: int = 0
 
 
 @attrs.define(eq=False, slots=True)
@@ -47,6 +54,10 @@ class _Publish:
     done: trio.Event = attrs.Factory(trio.Event)
     seqs: Sequence[int] = ()
     error: BaseException | None = None
+    size: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.size = sum(event.size for event in self.events)
 
 
 @attrs.define(eq=False)
@@ -56,6 +67,7 @@ class Dispatcher:
     store: Store
     consumers: Sequence[ConsumerState]
     page_size: int
+    page_bytes: int
     max_batch: int
     #: Seconds to wait before the n-th attempt to read the head at start-up.
     retry_delay: Callable[[int], float]
@@ -154,13 +166,18 @@ class Dispatcher:
 
     async def _commit_pending(self) -> None:
         taken: list[_Publish] = []
-        count = 0
+        count = size = 0
         while self._pending and (
-            not taken or count + len(self._pending[0].events) <= self.max_batch
+            not taken
+            or (
+                count + len(self._pending[0].events) <= self.max_batch
+                and size + self._pending[0].size <= MAX_BATCH_BYTES
+            )
         ):
             request = self._pending.popleft()
             taken.append(request)
             count += len(request.events)
+            size += request.size
         events = [event for request in taken for event in request.events]
         try:
             appended = await self.store.append(events)
@@ -205,7 +222,7 @@ class Dispatcher:
         """Fan out events others appended, up to ``until``; False if a read failed."""
         while self.head < until:
             try:
-                page = await self.store.read(self.head, self.page_size)
+                page = await self.store.read(self.head, self.page_size, max_bytes=self.page_bytes)
             except StoreError as exc:
                 # Consumers fill any gap from the store themselves (batches
                 # say where they start); the next poll tries again.
@@ -224,19 +241,28 @@ class Dispatcher:
                 continue
             types = state.spec.types
             selected = events if types is None else [e for e in events if e.type in types]
+            size = 0
+            limit_bytes = state.spec.buffer_bytes
+            if limit_bytes is not None:
+                size = sum(event.size for event in selected)
             limit = state.spec.buffer
-            if limit is not None and state.buffered + len(selected) > limit:
+            if (limit is not None and state.buffered + len(selected) > limit) or (
+                limit_bytes is not None and state.buffered_bytes + size > limit_bytes
+            ):
                 # Too far behind: stop buffering; it catches up from the store.
                 # The empty batch wakes it if it is idle, and its `after`
                 # tells it to read everything up to here from the store.
                 state.attached = False
                 state.send.send_nowait(Batch(upto, upto, ()))
                 logger.info(
-                    "consumer %r is more than %d events behind; it will catch up from the store",
+                    "consumer %r holds %d events (%d bytes) in memory, more would pass its "
+                    "buffer; it will catch up from the store",
                     state.spec.name,
-                    limit,
+                    state.buffered,
+                    state.buffered_bytes,
                 )
                 continue
             state.buffered += len(selected)
-            state.send.send_nowait(Batch(after, upto, selected))
+            state.buffered_bytes += size
+            state.send.send_nowait(Batch(after, upto, selected, size))
         self.head = upto

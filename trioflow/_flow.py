@@ -42,6 +42,8 @@ class ConsumerStatistics:
         head: The last sequence number the flow has fanned out.
         lag: ``head - position``: events it has yet to handle.
         buffered: Events waiting in its memory channel.
+        buffered_bytes: Their total size (`Event.size`), counted for consumers
+            with a ``buffer`` or ``buffer_bytes`` bound (0 for the others).
         attached: False while it catches up from the store (bounded mode).
         processed: Events its handler finished, since the flow started.
         failures: Times its handler (or the store under it) failed.
@@ -53,6 +55,7 @@ class ConsumerStatistics:
     head: int
     lag: int
     buffered: int
+    buffered_bytes: int
     attached: bool
     processed: int
     failures: int
@@ -91,6 +94,7 @@ class Flow:
             store=store,
             consumers=self._states,
             page_size=app.page_size,
+            page_bytes=app.page_bytes,
             max_batch=app.max_batch,
             retry_delay=app.restart.delay,
         )
@@ -102,6 +106,7 @@ class Flow:
             dispatcher=self._dispatcher,
             cursors=self._cursors,
             page_size=app.page_size,
+            page_bytes=app.page_bytes,
             commit_interval=app.commit_interval,
             restart_delay=app.restart.delay,
         )
@@ -215,6 +220,7 @@ class Flow:
                     head=head,
                     lag=max(head - s.position, 0),
                     buffered=s.buffered,
+                    buffered_bytes=s.buffered_bytes,
                     attached=s.attached,
                     processed=s.processed,
                     failures=s.failures,

@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from ._events import Event
-from .stores._base import Store
+from .stores._base import Store, within_bytes
 
 
 @attrs.define(eq=False)
@@ -38,23 +38,25 @@ class _Read:
 class PageReader:
     """Reads replay pages from the store, sharing them between consumers.
 
-    Keeps the most recent pages, at most ``keep`` events in all (the flow
-    keeps two full pages: consumers replaying together are rarely further
-    apart), besides the reads under way.
+    Keeps the most recent pages, at most ``keep`` events and ``keep_bytes``
+    of event data in all (the flow keeps two full pages: consumers replaying
+    together are rarely further apart), besides the reads under way.
     """
 
     store: Store
     keep: int
+    keep_bytes: int
     #: Recent pages by the position they were read after, oldest first.
     _pages: collections.OrderedDict[int, tuple[list[int], Sequence[Event]]] = attrs.Factory(
         collections.OrderedDict
     )
     _reads: dict[int, _Read] = attrs.Factory(dict)
     _kept: int = 0
+    _kept_bytes: int = 0
     #: Reads answered without going to the store (for statistics and tests).
     shared: int = 0
 
-    async def read(self, after: int, limit: int) -> Sequence[Event]:
+    async def read(self, after: int, limit: int, *, max_bytes: int) -> Sequence[Event]:
         """Up to ``limit`` events with ``seq > after``, in order, as `Store.read` returns them.
 
         May return fewer than ``limit`` events when a shared page ends early;
@@ -64,31 +66,33 @@ class PageReader:
             await under_way.done.wait()
             if under_way.page:
                 self.shared += 1
-                return under_way.page[:limit]
+                return within_bytes(under_way.page[:limit], max_bytes)
             # It failed or found nothing: look again (another waiter may
             # have started the next read), else read for ourselves.
-        page = self._cached(after, limit)
+        page = self._cached(after, limit, max_bytes)
         if page:
             self.shared += 1
             await trio.lowlevel.checkpoint()
             return page
         read = self._reads[after] = _Read()
         try:
-            read.page = page = await self.store.read(after, limit)
+            read.page = page = await self.store.read(after, limit, max_bytes=max_bytes)
         finally:
             read.done.set()
             del self._reads[after]
         if page and after not in self._pages:
             self._pages[after] = ([event.seq for event in page], page)
             self._kept += len(page)
-            while self._kept > self.keep:
+            self._kept_bytes += sum(event.size for event in page)
+            while self._kept > self.keep or self._kept_bytes > self.keep_bytes:
                 _, (_, dropped) = self._pages.popitem(last=False)
                 self._kept -= len(dropped)
+                self._kept_bytes -= sum(event.size for event in dropped)
         return page
 
-    def _cached(self, after: int, limit: int) -> Sequence[Event]:
+    def _cached(self, after: int, limit: int, max_bytes: int) -> Sequence[Event]:
         for start, (seqs, page) in self._pages.items():
             if start <= after < seqs[-1]:
                 first = bisect.bisect_right(seqs, after)
-                return page[first : first + limit]
+                return within_bytes(page[first : first + limit], max_bytes)
         return ()

@@ -32,6 +32,8 @@ class ConsumerState:
     committed: int = 0
     #: Events sent to its channel and not yet taken out.
     buffered: int = 0
+    #: Their total `Event.size` (counted for bounded consumers only).
+    buffered_bytes: int = 0
     #: False while it is too far behind to be fed live (bounded mode).
     attached: bool = True
     #: ``processed`` when the position now durable was reached.
