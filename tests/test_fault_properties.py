@@ -26,6 +26,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import attrs
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +35,7 @@ from hypothesis import strategies as st
 import trioflow
 from trioflow.stores import Store
 from trioflow.stores.memory import MemoryStore
+from trioflow.stores.sqlite import SQLiteStore
 from trioflow.testing import FaultyStore
 from trioflow.testing._faults import FAULT_KINDS, FaultKind
 
@@ -304,4 +306,30 @@ async def _shared_memory(store: MemoryStore) -> AsyncIterator[Store]:
 def test_store_faults_delay_delivery_but_never_lose_or_reorder(scenario: FaultScenario) -> None:
     shared = MemoryStore()
     record, log = run_fault_scenario(scenario, lambda: _shared_memory(shared))
+    check_fault_scenario(scenario, record, log)
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+@given(scenario=fault_scenarios())
+def test_store_faults_on_sqlite(
+    scenario: FaultScenario, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tmp_path_factory.mktemp("faults") / "events.db"
+
+    @contextlib.asynccontextmanager
+    async def open_handle() -> AsyncIterator[Store]:
+        # One handle per flow: each flow stands for a process of its own.
+        store = SQLiteStore(path, poll_interval=0.02)
+        async with store.open():
+            yield store
+
+    record, log = run_fault_scenario(scenario, open_handle, time_scale=0.01, mock_clock=False)
     check_fault_scenario(scenario, record, log)
