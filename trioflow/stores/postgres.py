@@ -1005,10 +1005,13 @@ class PostgresStore(Store):
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_tables "
             "WHERE schemaname = $1 AND tablename = 'schema_version')",
             self.schema,
+            operation="reading the schema version",
         )
         if not exists:
             return None
-        version: int | None = await conn.fetchval(f"SELECT version FROM {self._sql.version_table}")
+        version: int | None = await conn.fetchval(
+            f"SELECT version FROM {self._sql.version_table}", operation="reading the schema version"
+        )
         return version
 
     def _too_new(self, version: int) -> SchemaVersionError:
@@ -1026,7 +1029,7 @@ class PostgresStore(Store):
         if version is not None and version > SCHEMA_VERSION:
             raise self._too_new(version)
         try:
-            async with driver.transaction() as tx:
+            async with driver.transaction(operation="creating or migrating the schema") as tx:
                 await tx.execute(
                     "SELECT pg_advisory_xact_lock($1, $2)", _LOCK_CLASS_MIGRATE, self._sql.lock_key
                 )
