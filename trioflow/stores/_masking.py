@@ -95,8 +95,8 @@ _CLEAN_FILE = re.compile(r"(?:[\w./+:,~-]|%[0-9A-Fa-f]{2})*")
 # Parts of the names of secret options: an unknown option holding one is
 # masked whole, its name too.
 _SECRETISH = re.compile("pass|pwd|secret|key|token|cred", re.IGNORECASE)
-#: Options whose values are file names.
-_FILE_OPTIONS: Final = frozenset({"passfile", "sslcert", "sslkey", "sslrootcert", "sslcrl"})
+#: Options whose values may be file names (host: a socket directory).
+_FILE_OPTIONS: Final = frozenset({"host", "passfile", "sslcert", "sslkey", "sslrootcert", "sslcrl"})
 
 # Every "key = value" pair of libpq's key/value form, overlapping ones too
 # (so that a pair inside another's value is found); a value is a word or a
