@@ -105,9 +105,9 @@ def with_options(url: str, **options: str) -> str:
 
 
 def _masked(url: str) -> str:
-    from trioflow.stores.postgres import _mask_password
+    from trioflow.stores._masking import mask_dsn
 
-    return _mask_password(url)
+    return mask_dsn(url)
 
 
 def _admin_config(url: str) -> DriverConfig:

@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import contextlib
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from tests.postgres.conftest import server_url
 from trioflow.stores import Store
 from trioflow.stores.postgres import PostgresStore
 from trioflow.testing import StoreContract
+
+_SERVER = urllib.parse.urlsplit(server_url())
+_USER = _SERVER.username or "postgres"
+_HOST_AND_PORT = _SERVER.netloc.rpartition("@")[2]
+# A database the test server does not have: its own error, with the login done.
+_MISSING = f"{_HOST_AND_PORT}/trioflow_test_no_such_database?connect_timeout=5"
 
 
 class TestPostgresStore(StoreContract):
     # Sequence numbers may have holes: a rolled-back append consumes them.
     seqs_without_holes = False
+    # The secret s3cret wherever a URL carries one; none of these opens (so
+    # that no schema is left behind), each fails its own way.
+    store_urls = (
+        # Nothing listens on port 1: the connection is refused at once.
+        "postgresql://trioflow:s3cret@127.0.0.1:1/test?connect_timeout=1",
+        "postgresql://trioflow@127.0.0.1:1/test?password=s3cret&connect_timeout=1&schema=orders",
+        "postgres://trioflow@127.0.0.1:1/test?sslpassword=s3cret&sslmode=require"
+        "&sslkey=client.key&connect_timeout=1&cursor_durability=unlogged",
+        # The test server, which logs in (or refuses the password) and finds
+        # no such database.
+        f"postgresql://{_USER}:s3cret@{_MISSING}",
+        f"postgresql://{_USER}@{_MISSING}&password=s3cret&sslpassword=s3cret&sslmode=disable",
+    )
 
     @pytest.fixture(autouse=True)
     def _server(self, make_url: Callable[..., str], new_schema: Callable[[], str]) -> None:

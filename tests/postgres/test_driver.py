@@ -13,7 +13,7 @@ import trio.testing
 import trio_asyncio  # type: ignore[import-untyped]
 
 from trioflow import StoreError, StoreUnavailableError
-from trioflow.stores._pg_driver import Driver, DriverConfig, open_driver
+from trioflow.stores._pg_driver import Driver, DriverConfig, StatementTimeoutError, open_driver
 
 # A cancelled call must come back this fast (the bound is cleanup_timeout,
 # 5 s by default; a healthy server answers a cancel request in milliseconds).
@@ -182,8 +182,12 @@ async def test_unreachable_server() -> None:
 
 async def test_statement_timeout_is_a_store_error(pg_url: str, tag: str) -> None:
     async with open_tagged(pg_url, tag, command_timeout=0.1) as driver:
-        with pytest.raises(StoreUnavailableError, match="did not answer in time"):
-            await driver.execute("SELECT pg_sleep(5)")
+        # It names the operation and the limit; the connection stays usable.
+        with pytest.raises(
+            StatementTimeoutError,
+            match=r"^sleeping did not finish within 0\.1s \(the store's command_timeout\)",
+        ):
+            await driver.execute("SELECT pg_sleep(5)", operation="sleeping")
         assert await driver.fetchval("SELECT 4") == 4
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
 
+from tests.postgres.conftest import open_admin, with_options
 from trioflow import (
     ConfigurationError,
     SchemaVersionError,
@@ -245,3 +247,92 @@ async def test_appends_work_for_a_role_defaulting_to_serializable(
                 nursery.start_soon(write, store)
         # The head read under the lock is fresh: each batch follows the last.
         assert sorted(heads) == [(3 * n, 3 * n + 1) for n in range(30)]
+
+
+@pytest.fixture
+async def latin1_url(pg_url: str, admin: Driver) -> AsyncIterator[str]:
+    """The URL of a new, empty LATIN1 database (dropped afterwards)."""
+    if not await admin.fetchval(
+        "SELECT rolsuper OR rolcreatedb FROM pg_roles WHERE rolname = current_user"
+    ):
+        pytest.skip("needs a role that may create databases on the test server")
+    name = f"tf_test_latin1_{uuid.uuid4().hex[:12]}"
+    await admin.execute(
+        f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+        "TEMPLATE template0"
+    )
+    try:
+        yield urllib.parse.urlunsplit(urllib.parse.urlsplit(pg_url)._replace(path=f"/{name}"))
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def refusal(store: PostgresStore) -> str:
+    """The message of the StoreError that opening ``store`` raises."""
+    with pytest.raises(StoreError) as info:
+        async with store.open():
+            pass  # pragma: no cover
+    return str(info.value)
+
+
+async def test_a_database_that_is_not_utf8_is_refused(latin1_url: str, schema: str) -> None:
+    message = await refusal(PostgresStore.from_url(with_options(latin1_url, schema=schema)))
+    assert "uses the LATIN1 encoding" in message
+    assert "ENCODING 'UTF8'" in message
+    assert latin1_url.rpartition("/")[2] in message
+    # Refused before anything was created in it.
+    async with open_admin(latin1_url) as driver:
+        assert not await driver.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)", schema
+        )
+
+
+async def five_events_read_by_billing(store: PostgresStore) -> None:
+    """Append five events, and commit consumer billing's cursor at the last."""
+    async with store.open():
+        await store.append(make_events(5))
+        await store.commit_cursors({"billing": 5})
+
+
+async def test_a_log_reset_under_its_cursors_is_refused(
+    make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    store = PostgresStore.from_url(make_url(schema=schema))
+    await five_events_read_by_billing(store)
+    unlogged = PostgresStore.from_url(make_url(schema=schema, cursor_durability="unlogged"))
+    async with unlogged.open():
+        await unlogged.commit_cursors({"audit": 3})
+    # What restoring an old backup of the log, or recreating it, does.
+    await admin.execute(f'TRUNCATE "{schema}".events')
+    await admin.execute(f'ALTER SEQUENCE "{schema}".events_seq RESTART')
+    message = await refusal(store)
+    assert "its high-water mark is 0" in message
+    assert "'billing' at 5, 'audit' at 3" in message
+    assert "remove those cursors" in message
+    assert "wrong database or schema" in message
+    # Nothing was changed: removing the cursors lets the store open.
+    await admin.execute(f'DELETE FROM "{schema}".cursors')
+    await admin.execute(f'DELETE FROM "{schema}".cursors_unlogged')
+    async with store.open():
+        assert await store.load_cursors() == {}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # A sequence reset alone: the events above it keep the numbering up.
+        'ALTER SEQUENCE "{schema}".events_seq RESTART',
+        # Consumed events pruned: the sequence keeps how far the log went.
+        'DELETE FROM "{schema}".events',
+    ],
+    ids=["sequence-reset", "events-deleted"],
+)
+async def test_a_log_that_did_not_go_back_opens(
+    make_url: Callable[..., str], schema: str, admin: Driver, change: str
+) -> None:
+    store = PostgresStore.from_url(make_url(schema=schema))
+    await five_events_read_by_billing(store)
+    await admin.execute(change.format(schema=schema))
+    async with store.open():
+        assert await store.load_cursors() == {"billing": 5}
+        assert list((await store.append(make_events(1))).seqs) == [6]

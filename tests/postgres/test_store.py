@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 
@@ -9,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from trioflow import StoreUnavailableError
-from trioflow._events import encode
+from trioflow import StoreError, StoreUnavailableError
+from trioflow._events import MAX_DEPTH, encode
 from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
 from trioflow.testing._store_contract import make_events
@@ -184,14 +185,19 @@ async def test_fallback_polling_sees_appends_made_without_notify(
 async def test_cursor_modes_commit_and_load(
     make_url: Callable[..., str], schema: str, durability: str
 ) -> None:
-    store = PostgresStore.from_url(make_url(schema=schema, cursor_durability=durability))
+    # Every commit writes the unlogged mode's logged checkpoint too.
+    url = make_url(schema=schema, cursor_durability=durability, cursor_checkpoint_interval=1e-9)
+    store = PostgresStore.from_url(url)
     async with store.open():
+        await store.append(make_events(3))
         await store.commit_cursors({"a": 1, "b": 2})
         await store.commit_cursors({"a": 3})
+        # Below the stored cursor: ignored, alone or in a batch.
         await store.commit_cursors({"b": 1})
-        assert await store.load_cursors() == {"a": 3, "b": 1}
+        await store.commit_cursors({"a": 2, "b": 3})
+        assert await store.load_cursors() == {"a": 3, "b": 3}
     async with store.open():
-        assert await store.load_cursors() == {"a": 3, "b": 1}
+        assert await store.load_cursors() == {"a": 3, "b": 3}
 
 
 async def test_unlogged_cursors_fall_back_to_their_checkpoint(
@@ -215,19 +221,38 @@ async def test_unlogged_cursors_fall_back_to_their_checkpoint(
         assert await store.load_cursors() == {"a": 12, "b": 1}
 
 
-async def test_switching_cursor_modes_keeps_the_latest_cursor(
+async def test_an_unlogged_checkpoint_never_moves_backwards(
+    make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    store = PostgresStore.from_url(
+        make_url(schema=schema, cursor_durability="unlogged", cursor_checkpoint_interval=1e-9)
+    )
+    async with store.open():
+        await store.append(make_events(9))
+        await store.commit_cursors({"a": 9})
+        await store.commit_cursors({"a": 5})  # a checkpoint is due: it must keep 9
+        # What a server crash does to an unlogged table.
+        await admin.execute(f'TRUNCATE "{schema}".cursors_unlogged')
+        assert await store.load_cursors() == {"a": 9}
+
+
+async def test_switching_cursor_modes_never_moves_a_cursor_back(
     make_url: Callable[..., str], schema: str
 ) -> None:
-    unlogged = PostgresStore.from_url(make_url(schema=schema, cursor_durability="unlogged"))
     durable = PostgresStore.from_url(make_url(schema=schema, cursor_durability="sync"))
-    async with unlogged.open():
-        await unlogged.commit_cursors({"a": 5})
-        await unlogged.commit_cursors({"a": 7})
+    unlogged = PostgresStore.from_url(make_url(schema=schema, cursor_durability="unlogged"))
     async with durable.open():
-        assert await durable.load_cursors() == {"a": 7}
-        # Moving a cursor back (a deliberate replay) wins over the stale copy.
+        await durable.append(make_events(10))
+        await durable.commit_cursors({"a": 10, "b": 2})
+    async with unlogged.open():
+        # A newer but lower unlogged copy does not hide the logged one, and
+        # its first commit (a logged checkpoint) keeps the higher value.
+        await unlogged.commit_cursors({"a": 4, "b": 7})
+        assert await unlogged.load_cursors() == {"a": 10, "b": 7}
+    async with durable.open():
+        assert await durable.load_cursors() == {"a": 10, "b": 7}
         await durable.commit_cursors({"a": 2})
-        assert await durable.load_cursors() == {"a": 2}
+        assert await durable.load_cursors() == {"a": 10, "b": 7}
 
 
 async def test_data_comes_back_exactly(store: PostgresStore) -> None:
@@ -276,3 +301,88 @@ async def test_wait_for_append_rides_out_an_unavailable_server(
     store.poll_interval = 0.05
     with trio.fail_after(5):
         await store.wait_for_append(0)  # returns after a poll interval, no error
+
+
+async def insert_raw(admin: Driver, schema: str, seq: int, data: str) -> None:
+    """Store an event the way a tool other than trioflow might: any JSON PostgreSQL takes."""
+    await admin.execute(
+        f'INSERT INTO "{schema}".events (seq, id, type, data, created_at) '
+        "VALUES ($1, gen_random_uuid(), 't', $2::json, now())",
+        seq,
+        data,
+    )
+
+
+async def test_an_event_python_cannot_decode_is_a_store_error_naming_it(
+    store: PostgresStore, admin: Driver
+) -> None:
+    schema = store.schema
+    await store.append(make_events(1))  # seq 1
+    # PostgreSQL takes both; Python's json cannot: too deep for its recursion
+    # limit, and more digits than int() converts.
+    await insert_raw(admin, schema, 2, "[" * 5000 + "]" * 5000)
+    await store.append(make_events(1))  # seq 3
+    await insert_raw(admin, schema, 4, "9" * 5000)
+    await store.append(make_events(1))  # seq 5
+    for after, bad, cause in [(0, 2, RecursionError), (2, 4, ValueError)]:
+        for max_bytes in (None, 10**6):
+            with pytest.raises(StoreError) as info:
+                await store.read(after, 10, max_bytes=max_bytes)
+            assert type(info.value) is StoreError
+            assert isinstance(info.value.__cause__, cause)
+            message = str(info.value)
+            assert f"event seq {bad} " in message
+            assert f'DELETE FROM "{schema}".events WHERE seq = {bad}' in message
+    # The events around them read as ever.
+    assert [event.seq for event in await store.read(0, 1)] == [1]
+    assert [event.seq for event in await store.read(2, 1)] == [3]
+    assert [event.seq for event in await store.read(4, 10)] == [5]
+
+
+def nested_text(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def deepest(decodes: Callable[[str], object]) -> int:
+    """The deepest nesting that ``decodes`` takes, found by bisection."""
+    low, high = 1, 100_000
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            decodes(nested_text(middle))
+        except (RecursionError, StoreError):
+            high = middle - 1
+        else:
+            low = middle
+    return low
+
+
+def test_a_page_decodes_whatever_its_events_decode_alone() -> None:
+    # Decoding a page as one array adds a level of nesting to every event:
+    # an event that decodes alone must still decode in a page. Both are
+    # measured against the same recursion limit, with the decoder called
+    # from the same depth of the stack (each frame counts as a level).
+    store = PostgresStore("postgresql://localhost/app")
+    decode_json = json.JSONDecoder().decode
+
+    def alone(text: str) -> object:
+        return decode(text)
+
+    def decode(text: str) -> object:
+        return decode_json(text)
+
+    def in_a_page(text: str) -> object:
+        row = (1, uuid.uuid4(), "t", None, text, None, len(text))
+        return store._decode_page([row, (2, *row[1:4], "0", *row[5:])])  # type: ignore[list-item]
+
+    depth = deepest(alone)
+    assert depth >= MAX_DEPTH
+    assert deepest(in_a_page) == depth
+
+
+async def test_max_bytes_at_its_extremes(store: PostgresStore) -> None:
+    appended = await store.append(make_events(3))
+    seqs = list(appended.seqs)
+    assert [event.seq for event in await store.read(0, 10, max_bytes=2**70)] == seqs
+    assert [event.seq for event in await store.read(0, 10, max_bytes=-1)] == seqs[:1]
+    assert [event.seq for event in await store.read(0, 0, max_bytes=10)] == []

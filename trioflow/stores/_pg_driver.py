@@ -39,13 +39,16 @@ import trio_asyncio  # type: ignore[import-untyped]
 
 from .._errors import StoreError, StoreUnavailableError
 from ._aio_loop import open_lean_loop
+from ._masking import dsn_secrets, mask_dsn, scrub
 
 __all__ = [
     "Driver",
     "DriverConfig",
     "InDoubtError",
     "Record",
+    "StatementTimeoutError",
     "Transaction",
+    "exception_chain",
     "map_exceptions",
     "open_driver",
     "simplify_group",
@@ -63,8 +66,9 @@ class DriverConfig:
 
     Attributes:
         dsn: A libpq-style ``postgresql://`` URL that asyncpg understands (no
-            trioflow options left in it).
-        display: The same URL without its password, for error messages.
+            trioflow options left in it). Never shown: not even in ``repr()``.
+        display: The same URL with its secrets masked, for messages (by
+            default, made from ``dsn``).
         min_size: Connections opened eagerly when the pool starts.
         max_size: Most connections the pool holds at once (the LISTEN
             connection is extra).
@@ -78,10 +82,14 @@ class DriverConfig:
         server_settings: Session settings sent when connecting.
         read_committed: Make READ COMMITTED the default isolation of every
             pooled connection, whatever the role's or database's default.
+        secrets: The secret values in ``dsn`` (made from it), blotted out of
+            the driver's error messages should they echo one.
     """
 
-    dsn: str
-    display: str
+    dsn: str = attrs.field(repr=False)
+    display: str = attrs.field(
+        default=attrs.Factory(lambda self: mask_dsn(self.dsn), takes_self=True)
+    )
     min_size: int = 1
     max_size: int = 10
     connect_timeout: float = 10.0
@@ -90,78 +98,167 @@ class DriverConfig:
     statement_cache_size: int = 100
     server_settings: Mapping[str, str] = attrs.field(factory=dict)
     read_committed: bool = False
+    secrets: tuple[str, ...] = attrs.field(
+        repr=False, default=attrs.Factory(lambda self: dsn_secrets(self.dsn), takes_self=True)
+    )
+
+
+class StatementTimeoutError(StoreUnavailableError):
+    """A statement ran longer than ``command_timeout`` and was cancelled.
+
+    The server was reached and took the statement: something kept it from
+    finishing (most often a lock held by another transaction). The message
+    names the operation, the limit and where to look.
+    """
 
 
 @contextlib.contextmanager
-def map_exceptions(display: str) -> Iterator[None]:
+def map_exceptions(config: DriverConfig, operation: str | None = None) -> Iterator[None]:
     """Translate asyncpg's and the socket layer's exceptions into trioflow's.
 
-    `trio.Cancelled` and other BaseExceptions pass through untouched.
+    `trio.Cancelled` and other BaseExceptions pass through untouched. The
+    messages show the server's URL with its secrets masked, and the original
+    exception (kept as ``__cause__``) has any secret of the DSN that its text
+    echoes blotted out, so that no traceback or log shows one.
 
     Args:
-        display: The server's URL without password, named in messages.
+        config: The driver's configuration (the URL to show, the secrets to
+            hide, the timeouts to name).
+        operation: What the statement was doing, for example ``"reading
+            events"``; None while connecting.
     """
     try:
         yield
     except StoreError:
         raise
-    except asyncpg.InvalidCatalogNameError as exc:
-        raise StoreUnavailableError(
-            f"PostgreSQL at {display}: {exc}; create the database (for example with "
+    except Exception as exc:
+        error = _translate(exc, config, operation)
+        if error is None:
+            raise
+        if config.secrets:
+            _scrub_chain(exc, config.secrets)
+        raise error from exc
+
+
+def _translate(exc: Exception, config: DriverConfig, operation: str | None) -> StoreError | None:
+    """The trioflow error for ``exc``, or None when it is not the driver's to translate."""
+    display = config.display
+    detail = scrub(str(exc), config.secrets)
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return StoreUnavailableError(
+            f"PostgreSQL at {display}: {detail}; create the database (for example with "
             "createdb) or fix the database name in the store URL"
-        ) from exc
-    except asyncpg.InvalidAuthorizationSpecificationError as exc:
-        raise StoreUnavailableError(
-            f"PostgreSQL at {display} refused the login: {exc}; check the user and password "
+        )
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return StoreUnavailableError(
+            f"PostgreSQL at {display} refused the login: {detail}; check the user and password "
             "in the store URL (or its passfile) and the server's pg_hba.conf"
-        ) from exc
-    except asyncpg.InsufficientPrivilegeError as exc:
-        raise StoreError(
-            f"PostgreSQL at {display}: permission denied: {exc}; grant the role the missing "
+        )
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return StoreError(
+            f"PostgreSQL at {display}: permission denied: {detail}; grant the role the missing "
             "privilege, or have a role that holds it open the store once to create the schema"
-        ) from exc
-    except asyncpg.TooManyConnectionsError as exc:
-        raise StoreUnavailableError(
-            f"PostgreSQL at {display} has no connection slots left: {exc}; lower the pool "
+        )
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return StoreUnavailableError(
+            f"PostgreSQL at {display} has no connection slots left: {detail}; lower the pool "
             "size (pool_max_size) or raise the server's max_connections"
-        ) from exc
-    except asyncpg.QueryCanceledError as exc:
-        raise StoreError(
-            f"PostgreSQL at {display} cancelled a statement: {exc}; a statement_timeout or "
-            "an administrator (pg_cancel_backend) stopped it: retry, or raise the limit"
-        ) from exc
-    except (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError) as exc:
-        raise StoreUnavailableError(
-            f"lost the connection to PostgreSQL at {display}: {exc}; retry once the server is back"
-        ) from exc
-    except asyncpg.DataError as exc:
-        raise StoreError(
-            f"PostgreSQL at {display} cannot store a value: {exc}; text must be valid "
+        )
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return StoreError(
+            f"PostgreSQL at {display} cancelled a statement ({operation or 'connecting'}): "
+            f"{detail}; a statement_timeout or an administrator (pg_cancel_backend) stopped "
+            "it: retry, or raise the limit"
+        )
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.OperatorInterventionError):
+        return StoreUnavailableError(
+            f"lost the connection to PostgreSQL at {display}: {detail}; "
+            "retry once the server is back"
+        )
+    if isinstance(exc, asyncpg.DataError):
+        return StoreError(
+            f"PostgreSQL at {display} cannot store a value: {detail}; text must be valid "
             "UTF-8 without NUL characters (also no \\u0000 escapes in JSON data)"
-        ) from exc
-    except asyncpg.PostgresError as exc:
-        raise StoreError(
-            f"PostgreSQL at {display} failed: {type(exc).__name__} (SQLSTATE {exc.sqlstate}): {exc}"
-        ) from exc
-    except asyncpg.InterfaceError as exc:
-        if "closed" in str(exc) or "not connected" in str(exc):
-            raise StoreUnavailableError(
-                f"the connection to PostgreSQL at {display} is closed ({exc}); "
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreError(
+            f"PostgreSQL at {display} failed: {type(exc).__name__} "
+            f"(SQLSTATE {exc.sqlstate}): {detail}"
+        )
+    if isinstance(exc, asyncpg.InterfaceError):
+        if "closed" in detail or "not connected" in detail:
+            return StoreUnavailableError(
+                f"the connection to PostgreSQL at {display} is closed ({detail}); "
                 "retry once the server is back"
-            ) from exc
-        raise StoreError(f"the PostgreSQL driver failed talking to {display}: {exc}") from exc
-    except TimeoutError as exc:
-        raise StoreUnavailableError(
-            f"PostgreSQL at {display} did not answer in time; check that the server is "
-            "up and reachable, or raise connect_timeout/command_timeout in the store URL"
-        ) from exc
-    except OSError as exc:
-        raise StoreUnavailableError(
-            f"cannot connect to PostgreSQL at {display}: {exc}; start the server, or fix "
+            )
+        return StoreError(f"the PostgreSQL driver failed talking to {display}: {detail}")
+    if isinstance(exc, TimeoutError):
+        return _timeout_error(config, operation)
+    if isinstance(exc, OSError):
+        return StoreUnavailableError(
+            f"cannot connect to PostgreSQL at {display}: {detail}; start the server, or fix "
             "the host and port in the store URL"
-        ) from exc
-    except (asyncpg.InternalClientError, ValueError) as exc:
-        raise StoreError(f"the PostgreSQL driver failed talking to {display}: {exc}") from exc
+        )
+    if isinstance(exc, asyncpg.InternalClientError | ValueError):
+        return StoreError(f"the PostgreSQL driver failed talking to {display}: {detail}")
+    return None
+
+
+def _timeout_error(config: DriverConfig, operation: str | None) -> StoreError:
+    display = config.display
+    if operation is None:
+        return StoreUnavailableError(
+            f"PostgreSQL at {display} did not answer within connect_timeout="
+            f"{config.connect_timeout:g}s; check that the server is up and reachable, or "
+            "raise connect_timeout in the store URL"
+        )
+    limit = (
+        "in time"
+        if config.command_timeout is None
+        else f"within {config.command_timeout:g}s (the store's command_timeout)"
+    )
+    return StatementTimeoutError(
+        f"{operation} did not finish {limit} on PostgreSQL at {display}, and was cancelled: "
+        "the server took the statement but it could not complete. Most often another "
+        "transaction holds a lock it waits for: look for long-running or 'idle in "
+        "transaction' sessions in pg_stat_activity, and for ungranted locks in pg_locks "
+        "(pg_blocking_pids() names who blocks whom); else the server is overloaded. Raise "
+        "command_timeout in the store URL if such waits are expected"
+    )
+
+
+# Attributes of exceptions that hold text shown by str() or in a traceback
+# besides ``args`` (OSError's, and the fields of asyncpg's server errors).
+_TEXT_ATTRIBUTES = ("strerror", "filename", "filename2", "message", "detail", "hint")
+
+
+def _scrub_chain(error: BaseException, secrets: tuple[str, ...]) -> None:
+    """Blot ``secrets`` out of the text of ``error`` and every exception chained to it.
+
+    The exceptions are the driver's own, raised by this call: changing them
+    in place is the only way to keep a secret that one echoes out of every
+    traceback that shows the chain.
+    """
+    for exc in exception_chain(error):
+        exc.args = tuple(scrub(arg, secrets) if isinstance(arg, str) else arg for arg in exc.args)
+        for name in _TEXT_ATTRIBUTES:
+            value = getattr(exc, name, None)
+            if isinstance(value, str):
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(exc, name, scrub(value, secrets))
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and every exception chained to it (causes, contexts), each once."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        yield exc
+        pending += [exc.__cause__, exc.__context__]
 
 
 class InDoubtError(StoreUnavailableError):
@@ -171,7 +268,16 @@ class InDoubtError(StoreUnavailableError):
     where PostgreSQL may have committed (and the commit survives a server
     crash) although its answer never arrived. The store resolves it by
     looking for what it wrote once it can reach the server again.
+
+    Its ``__cause__`` is what went wrong: a `StatementTimeoutError` when the
+    statement (or COMMIT) ran past ``command_timeout``, else the lost
+    connection.
     """
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the write ran past ``command_timeout`` (the server was reachable)."""
+        return isinstance(self.__cause__, StatementTimeoutError)
 
 
 class _NeverSent(Exception):
@@ -195,6 +301,12 @@ def _never_sent(error: StoreError) -> bool:
 
 
 _Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
+
+#: How errors name a statement whose caller did not say what it does.
+_STATEMENT = "a statement"
+
+#: The failures of a sent write that leave its outcome unknown.
+_IN_DOUBT = (StoreUnavailableError, StatementTimeoutError)
 
 
 @attrs.define(eq=False)
@@ -226,40 +338,53 @@ class Driver:
         """The configuration this driver was opened with."""
         return self._config
 
-    async def execute(self, query: str, *args: object) -> str:
+    # Every statement method takes ``operation``: what the statement does, as
+    # errors name it ("reading events"), so that a statement timeout says
+    # which operation timed out.
+
+    async def execute(self, query: str, *args: object, operation: str = _STATEMENT) -> str:
         """Run a statement; return its status tag (for example ``"INSERT 0 5"``)."""
-        return await self._run(lambda connection: connection.execute(query, *args))
+        return await self._run(lambda connection: connection.execute(query, *args), operation)
 
-    async def fetch(self, query: str, *args: object) -> list[Record]:
+    async def fetch(self, query: str, *args: object, operation: str = _STATEMENT) -> list[Record]:
         """Run a query and return all of its rows."""
-        return await self._run(lambda connection: connection.fetch(query, *args))
+        return await self._run(lambda connection: connection.fetch(query, *args), operation)
 
-    async def fetchrow(self, query: str, *args: object) -> Record | None:
+    async def fetchrow(
+        self, query: str, *args: object, operation: str = _STATEMENT
+    ) -> Record | None:
         """Run a query and return its first row, or None when it has none."""
-        return await self._run(lambda connection: connection.fetchrow(query, *args))
+        return await self._run(lambda connection: connection.fetchrow(query, *args), operation)
 
-    async def fetchval(self, query: str, *args: object) -> Any:
+    async def fetchval(self, query: str, *args: object, operation: str = _STATEMENT) -> Any:
         """Run a query and return the first column of its first row (None if no row)."""
-        return await self._run(lambda connection: connection.fetchval(query, *args))
+        return await self._run(lambda connection: connection.fetchval(query, *args), operation)
 
-    async def fetchrow_write(self, query: str, *args: object) -> Record | None:
+    async def fetchrow_write(
+        self, query: str, *args: object, operation: str = _STATEMENT
+    ) -> Record | None:
         """`fetchrow` for a statement that writes, telling an unsent one from one in doubt.
 
         Raises:
             StoreUnavailableError: No connection could be made: nothing was sent.
-            InDoubtError: The connection failed once the statement was sent; its
-                implicit transaction may have committed.
+            InDoubtError: The connection failed, or the statement ran past
+                ``command_timeout``, once it was sent; its implicit
+                transaction may have committed.
             StoreError: PostgreSQL refused or failed the statement: it was
                 rolled back.
         """
         return await self._run(
-            lambda connection: connection.fetchrow(query, *args), in_doubt_when_lost=True
+            lambda connection: connection.fetchrow(query, *args),
+            operation,
+            in_doubt_when_lost=True,
         )
 
-    async def executemany(self, query: str, args: Iterable[Sequence[object]]) -> None:
+    async def executemany(
+        self, query: str, args: Iterable[Sequence[object]], *, operation: str = _STATEMENT
+    ) -> None:
         """Run a statement once per argument tuple, pipelined, in one transaction."""
         rows = list(args)
-        await self._run(lambda connection: connection.executemany(query, rows))
+        await self._run(lambda connection: connection.executemany(query, rows), operation)
 
     async def copy_records(
         self,
@@ -268,18 +393,21 @@ class Driver:
         schema: str,
         columns: Sequence[str],
         records: Iterable[Sequence[object]],
+        operation: str = _STATEMENT,
     ) -> str:
         """Bulk-insert rows with COPY (binary) in one transaction; return the status tag."""
         rows = list(records)
         return await self._run(
             lambda connection: connection.copy_records_to_table(
                 table, records=rows, columns=columns, schema_name=schema
-            )
+            ),
+            operation,
         )
 
     async def _run(
         self,
         statement: Callable[[_Connection], Coroutine[Any, Any, _T]],
+        operation: str,
         *,
         in_doubt_when_lost: bool = False,
     ) -> _T:
@@ -293,7 +421,8 @@ class Driver:
         new one.
 
         With ``in_doubt_when_lost``, losing the connection once the statement
-        was sent raises `InDoubtError`.
+        was sent, or the statement running past ``command_timeout``, raises
+        `InDoubtError`.
         """
         tries = self._config.max_size + 1
         while True:
@@ -301,12 +430,12 @@ class Driver:
             try:
                 async with self._connection() as connection:
                     try:
-                        return await self._call(statement(connection))
+                        return await self._call(statement(connection), operation)
                     except StoreError as exc:
                         if _never_sent(exc):
                             if tries > 0:
                                 raise _NeverSent from exc
-                        elif in_doubt_when_lost and type(exc) is StoreUnavailableError:
+                        elif in_doubt_when_lost and type(exc) in _IN_DOUBT:
                             raise InDoubtError(str(exc)) from exc
                         raise
             except _NeverSent:
@@ -314,7 +443,7 @@ class Driver:
                 continue
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
+    async def transaction(self, *, operation: str = _STATEMENT) -> AsyncIterator[Transaction]:
         """Hold one pooled connection inside a transaction for the block.
 
         Commits when the block ends normally. On an exception or cancellation
@@ -326,16 +455,20 @@ class Driver:
         that time, or the connection failed during it, `InDoubtError` says
         the outcome is unknown.
 
+        Args:
+            operation: What the transaction does, as errors name it (the
+                default of its statements' own ``operation``).
+
         Yields:
             The transaction; use it from one task at a time.
         """
         async with self._connection() as connection:
-            await self._call(connection.execute("BEGIN"))
-            yield Transaction(driver=self, connection=connection)
+            await self._call(connection.execute("BEGIN"), operation)
+            yield Transaction(driver=self, connection=connection, operation=operation)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self._config.cleanup_timeout
                 try:
-                    await self._call(connection.execute("COMMIT"))
+                    await self._call(connection.execute("COMMIT"), operation)
                 except InDoubtError:
                     raise
                 except StoreUnavailableError as exc:
@@ -380,7 +513,9 @@ class Driver:
 
         try:
             connection.add_termination_listener(on_termination)
-            await self._call(connection.add_listener(channel, on_notification))
+            await self._call(
+                connection.add_listener(channel, on_notification), "starting to LISTEN"
+            )
             on_listening()
             while True:
                 with trio.move_on_after(ping_interval):
@@ -389,7 +524,7 @@ class Driver:
                         f"the LISTEN connection to PostgreSQL at {config.display} was closed"
                     )
                 with trio.fail_after(config.connect_timeout):
-                    await self._call(connection.execute("SELECT 1"))
+                    await self._call(connection.execute("SELECT 1"), "pinging the server")
         except trio.TooSlowError:
             raise StoreUnavailableError(
                 f"the LISTEN connection to PostgreSQL at {config.display} stopped answering"
@@ -407,9 +542,12 @@ class Driver:
             for connection in itertools.chain(self._idle, self._busy)
         )
 
-    async def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        """Run an asyncio coroutine on the driver's loop; translate its errors."""
-        with map_exceptions(self._config.display):
+    async def _call(self, coro: Coroutine[Any, Any, _T], operation: str | None) -> _T:
+        """Run an asyncio coroutine on the driver's loop; translate its errors.
+
+        ``operation`` names what it does in errors (None: connecting).
+        """
+        with map_exceptions(self._config, operation):
             try:
                 return cast(_T, await self._loop.run_aio_coroutine(coro))
             except asyncio.CancelledError:
@@ -421,7 +559,7 @@ class Driver:
                 ) from None
 
     async def _connect(self, *, listen: bool = False) -> _Connection:
-        connection: _Connection = await self._call(_connect(self._config, listen=listen))
+        connection: _Connection = await self._call(_connect(self._config, listen=listen), None)
         return connection
 
     @contextlib.asynccontextmanager
@@ -455,7 +593,8 @@ class Driver:
                 scope.deadline = trio.current_time() + self._config.cleanup_timeout
                 try:
                     await self._call(
-                        connection.execute("ROLLBACK", timeout=self._config.cleanup_timeout)
+                        connection.execute("ROLLBACK", timeout=self._config.cleanup_timeout),
+                        "rolling back",
                     )
                 except Exception:
                     connection.terminate()
@@ -468,7 +607,7 @@ class Driver:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self._config.cleanup_timeout
             with contextlib.suppress(Exception):
-                await self._call(connection.close(timeout=self._config.cleanup_timeout))
+                await self._call(connection.close(timeout=self._config.cleanup_timeout), "closing")
         if not connection.is_closed():
             connection.terminate()
 
@@ -521,22 +660,34 @@ class Transaction:
 
     _driver: Driver
     _connection: _Connection
+    #: What the transaction does: its statements' default ``operation``.
+    _operation: str = _STATEMENT
 
-    async def execute(self, query: str, *args: object) -> str:
+    async def execute(self, query: str, *args: object, operation: str | None = None) -> str:
         """Run a statement; return its status tag."""
-        return await self._driver._call(self._connection.execute(query, *args))
+        return await self._driver._call(
+            self._connection.execute(query, *args), operation or self._operation
+        )
 
-    async def fetch(self, query: str, *args: object) -> list[Record]:
+    async def fetch(self, query: str, *args: object, operation: str | None = None) -> list[Record]:
         """Run a query and return all of its rows."""
-        return await self._driver._call(self._connection.fetch(query, *args))
+        return await self._driver._call(
+            self._connection.fetch(query, *args), operation or self._operation
+        )
 
-    async def fetchrow(self, query: str, *args: object) -> Record | None:
+    async def fetchrow(
+        self, query: str, *args: object, operation: str | None = None
+    ) -> Record | None:
         """Run a query and return its first row, or None."""
-        return await self._driver._call(self._connection.fetchrow(query, *args))
+        return await self._driver._call(
+            self._connection.fetchrow(query, *args), operation or self._operation
+        )
 
-    async def fetchval(self, query: str, *args: object) -> Any:
+    async def fetchval(self, query: str, *args: object, operation: str | None = None) -> Any:
         """Run a query and return the first column of its first row."""
-        return await self._driver._call(self._connection.fetchval(query, *args))
+        return await self._driver._call(
+            self._connection.fetchval(query, *args), operation or self._operation
+        )
 
     async def copy_records(
         self,
@@ -551,7 +702,8 @@ class Transaction:
         return await self._driver._call(
             self._connection.copy_records_to_table(
                 table, records=rows, columns=columns, schema_name=schema
-            )
+            ),
+            self._operation,
         )
 
 

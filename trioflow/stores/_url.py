@@ -7,6 +7,7 @@ import urllib.parse
 
 from .._errors import UnknownStoreError
 from ._base import Store
+from ._masking import mask_dsn
 
 #: The store used when an App names none and $TRIOFLOW_STORE is unset.
 DEFAULT_STORE_URL = "sqlite:///trioflow.db"
@@ -26,7 +27,12 @@ def store_from_url(url: str) -> Store:
         UnknownStoreError: The URL's scheme or form is not one trioflow knows.
     """
     if not isinstance(url, str):
-        raise UnknownStoreError(f"a store URL must be a str, got {url!r}; use one of {_SCHEMES}")
+        raise UnknownStoreError(
+            f"a store URL must be a str, got {type(url).__name__}; use one of {_SCHEMES}"
+        )
+    # Shown with any password masked: an unknown or malformed URL may be a
+    # PostgreSQL URL with a typo.
+    shown = repr(mask_dsn(url))
     try:
         scheme = urllib.parse.urlsplit(url).scheme.lower()
     except ValueError:
@@ -35,14 +41,14 @@ def store_from_url(url: str) -> Store:
         scheme = url.partition(":")[0].lower()
         if scheme not in ("postgresql", "postgres"):
             raise UnknownStoreError(
-                f"store URL {url!r} is malformed (an unbalanced '[' or ']'?); use one of {_SCHEMES}"
+                f"store URL {shown} is malformed (an unbalanced '[' or ']'?); use one of {_SCHEMES}"
             ) from None
     if scheme == "memory":
         from .memory import MemoryStore
 
         if url.rstrip("/") != "memory:":
             raise UnknownStoreError(
-                f"store URL {url!r}: a memory store takes no path; use memory://"
+                f"store URL {shown}: a memory store takes no path; use memory://"
             )
         return MemoryStore()
     if scheme == "sqlite":
@@ -54,9 +60,9 @@ def store_from_url(url: str) -> Store:
             from .postgres import PostgresStore  # type: ignore[import-not-found, unused-ignore]
         except ImportError:
             raise UnknownStoreError(
-                f"store URL {url!r}: the PostgreSQL store is not available in this version "
+                f"store URL {shown}: the PostgreSQL store is not available in this version "
                 "of trioflow; use a sqlite:/// or memory:// store"
             ) from None
         store: Store = PostgresStore.from_url(url)
         return store
-    raise UnknownStoreError(f"unknown store URL {url!r}; use one of {_SCHEMES}")
+    raise UnknownStoreError(f"unknown store URL {shown}; use one of {_SCHEMES}")

@@ -48,8 +48,17 @@ from .._errors import (
     StoreUnavailableError,
     UnknownStoreError,
 )
-from .._events import Event, NewEvent
+from .._events import JSON, MAX_DEPTH, Event, NewEvent
 from ._base import Appended, Store
+from ._masking import (
+    LIBPQ_OPTIONS,
+    SECRET_OPTIONS,
+    dsn_secrets,
+    is_plain_path,
+    mask_dsn,
+    scrub,
+    userinfo_is_ambiguous,
+)
 from ._pg_driver import (
     Driver,
     DriverConfig,
@@ -90,30 +99,10 @@ _PING_INTERVAL: Final = 5.0
 
 # Options of the URL's query string that asyncpg (like libpq) understands and
 # that trioflow passes through unchanged.
-_PASSTHROUGH_OPTIONS: Final = frozenset(
-    {
-        "host",
-        "port",
-        "user",
-        "password",
-        "dbname",
-        "database",
-        "passfile",
-        "service",
-        "sslmode",
-        "sslcert",
-        "sslkey",
-        "sslrootcert",
-        "sslnegotiation",
-        "sslcrl",
-        "sslpassword",
-        "ssl_min_protocol_version",
-        "ssl_max_protocol_version",
-        "target_session_attrs",
-        "krbsrvname",
-        "gsslib",
-    }
-)
+_PASSTHROUGH_OPTIONS: Final = LIBPQ_OPTIONS
+
+# The largest max_bytes sent to the server (a bigint): any page is smaller.
+_MAX_BYTES_CAP: Final = 2**62
 
 
 def _lock_key(schema: str) -> int:
@@ -136,25 +125,9 @@ def _check_schema(schema: object) -> str:
     return schema
 
 
-def _mask_password(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``***``, for messages."""
-    if "://" not in dsn:
-        # A libpq key/value string: host=... password=...
-        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
-    parts = urllib.parse.urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hostinfo}"
-    query = "&".join(
-        f"{name}=***" if name == "password" else part
-        for part in parts.query.split("&")
-        if part
-        for name in [part.split("=", 1)[0]]
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+def _display(url: str) -> str:
+    """``url`` (or a libpq key/value DSN) with its secrets masked, for messages."""
+    return mask_dsn(url, shown=_SHOWN_OPTIONS)
 
 
 @attrs.frozen(kw_only=True)
@@ -182,9 +155,25 @@ class _Queries:
 
     @property
     def read(self) -> str:
+        # octet_length() reads the size from the value's header: it does not
+        # fetch or decompress a large (TOASTed) value.
         return (
-            f"SELECT seq, id, type, key, data, created_at FROM {self.q}.events "
-            "WHERE seq > $1 ORDER BY seq LIMIT $2"
+            "SELECT seq, id, type, key, data, created_at, octet_length(data::text) "
+            f"FROM {self.q}.events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        )
+
+    @property
+    def read_bytes(self) -> str:
+        # The running total is computed under the LIMIT, on the index scan,
+        # and the rows past $3 bytes are dropped on the server: a page of
+        # large events sends only what fits. The first row always passes
+        # (its total is its own size).
+        return (
+            "SELECT seq, id, type, key, data, created_at, size FROM ("
+            "SELECT seq, id, type, key, data, created_at, octet_length(data::text) AS size, "
+            "sum(octet_length(data::text)) OVER (ORDER BY seq) AS total "
+            f"FROM {self.q}.events WHERE seq > $1 ORDER BY seq LIMIT $2"
+            ") AS page WHERE total <= $3 OR total = size"
         )
 
     @property
@@ -207,21 +196,41 @@ class _Queries:
 
     @property
     def load_cursors(self) -> str:
-        # The later write wins: an unlogged cursor newer than its logged
-        # checkpoint, or the checkpoint when the unlogged row was lost.
+        # Both copies only ever hold positions the consumer reached: the
+        # greater one is its cursor (the unlogged row may be newer than its
+        # logged checkpoint, or lost; greatest() skips a missing one).
         return (
-            "SELECT coalesce(u.consumer, c.consumer), "
-            "CASE WHEN c.consumer IS NULL OR (u.consumer IS NOT NULL "
-            "AND u.updated_at >= c.updated_at) THEN u.seq ELSE c.seq END "
+            "SELECT coalesce(u.consumer, c.consumer), greatest(u.seq, c.seq) "
             f"FROM {self.q}.cursors AS c FULL JOIN {self.q}.cursors_unlogged AS u "
             "ON u.consumer = c.consumer"
         )
 
-    def _upsert(self, table: str, source: str) -> str:
+    @property
+    def high_water(self) -> str:
+        # The highest seq the log has ever given: the sequence's last value
+        # (its start value, before any nextval, is not given yet) or, should
+        # the sequence lag behind, the highest event.
         return (
-            f"INSERT INTO {self.q}.{table} (consumer, seq, updated_at) "
+            "SELECT greatest("
+            f"(SELECT coalesce(max(seq), 0) FROM {self.q}.events), "
+            "(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END "
+            f"FROM {self.q}.events_seq))"
+        )
+
+    @property
+    def cursors_past_high_water(self) -> str:
+        return (
+            f"SELECT c.consumer, c.seq, h.seq FROM ({self.load_cursors}) AS c(consumer, seq), "
+            f"({self.high_water}) AS h(seq) WHERE c.seq > h.seq ORDER BY c.seq DESC, c.consumer"
+        )
+
+    def _upsert(self, table: str, source: str) -> str:
+        # greatest(): a stored cursor never moves backwards, whatever order
+        # commits from several processes arrive in.
+        return (
+            f"INSERT INTO {self.q}.{table} AS stored (consumer, seq, updated_at) "
             f"SELECT t.consumer, t.seq, now() FROM {source} "
-            "ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, "
+            "ON CONFLICT (consumer) DO UPDATE SET seq = greatest(stored.seq, excluded.seq), "
             "updated_at = excluded.updated_at"
         )
 
@@ -366,7 +375,9 @@ class PostgresStore(Store):
     ) -> None:
         _check_schema(schema)
         if not isinstance(dsn, str) or not dsn:
-            raise ConfigurationError(f"PostgreSQL DSN must be a non-empty str, got {dsn!r}")
+            # Not its repr: whatever it is, it may hold a password.
+            got = "an empty str" if dsn == "" else type(dsn).__name__
+            raise ConfigurationError(f"PostgreSQL DSN must be a non-empty str, got {got}")
         if not 0 <= pool_min_size <= pool_max_size or pool_max_size < 1:
             raise ConfigurationError(
                 f"pool sizes must satisfy 0 <= pool_min_size <= pool_max_size and "
@@ -399,7 +410,6 @@ class PostgresStore(Store):
         self._sql = _Queries(schema=schema, lock_key=_lock_key(schema))
         self._config = DriverConfig(
             dsn=dsn,
-            display=_mask_password(dsn),
             min_size=pool_min_size,
             max_size=pool_max_size,
             connect_timeout=float(connect_timeout),
@@ -412,6 +422,8 @@ class PostgresStore(Store):
             read_committed=True,
         )
         self._driver: Driver | None = None
+        #: The masked URL the store was built from, if any (see `from_url`).
+        self._shown_as: str | None = None
         self._opened = False
         self._appended = trio.Event()
         #: The highest sequence number known to be committed: from this
@@ -441,33 +453,60 @@ class PostgresStore(Store):
             UnknownStoreError: The URL is malformed or has an unknown or invalid
                 option.
         """
-        display = _mask_password(url) if isinstance(url, str) else repr(url)
         if not isinstance(url, str):
-            raise UnknownStoreError(f"a PostgreSQL store URL must be a str, got {url!r}")
+            raise UnknownStoreError(
+                f"a PostgreSQL store URL must be a str, got {type(url).__name__}"
+            )
+        display = _display(url)
+        secrets = dsn_secrets(url, shown=_SHOWN_OPTIONS)
+
+        def refuse(problem: str) -> UnknownStoreError:
+            return UnknownStoreError(f"store URL {display}{problem}")
+
+        def quote(value: object) -> str:
+            # A value quoted back (a schema name, say) may hold a piece of a
+            # password that a malformed URL put out of place.
+            return scrub(str(value), secrets)
+
+        if any(ord(char) < 32 or char == "\x7f" for char in url):
+            # URL parsers drop some (tabs, line breaks) and keep others: what
+            # is connected to would not be what is shown.
+            raise refuse(" holds control characters (a line break, say); remove them")
+        if userinfo_is_ambiguous(url):
+            # Readers of URLs disagree about where such a userinfo ends: a
+            # piece of the password could become the host, the database or an
+            # option, and be quoted back.
+            raise refuse(
+                " is malformed: an '@', '/', '?' or '#' in the user name or password must be "
+                "percent-encoded (%40, %2F, %3F, %23), and so must any other '@' (in the "
+                "database name or an option's value)"
+            )
         try:
             parts = urllib.parse.urlsplit(url)
             _ = parts.port  # raises ValueError on a bad port
         except ValueError as exc:
-            raise UnknownStoreError(f"store URL {display} is malformed: {exc}") from None
+            raise refuse(f" is malformed: {_url_problem(exc)}") from None
         if parts.scheme.lower() not in ("postgresql", "postgres"):
-            raise UnknownStoreError(
-                f"store URL {display} is not a PostgreSQL URL; use postgresql://user@host/db"
-            )
+            raise refuse(" is not a PostgreSQL URL; use postgresql://user@host/db")
         if parts.fragment:
-            raise UnknownStoreError(f"store URL {display} has a #fragment; remove it")
+            raise refuse(" has a #fragment; remove it")
+        if not is_plain_path(parts.path):
+            raise refuse(
+                " is malformed: its path must be a database name, with characters other than "
+                "letters, digits and ._-~$ percent-encoded (a space as %20)"
+            )
         try:
             pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
         except ValueError:
             if parts.query:
-                raise UnknownStoreError(
-                    f"store URL {display}: cannot parse the query string; "
-                    "use ?name=value&name=value"
+                raise refuse(
+                    ": cannot parse the query string; use ?name=value&name=value"
                 ) from None
             pairs = []
         options: dict[str, str] = {}
         for name, value in pairs:
             if name in options:
-                raise UnknownStoreError(f"store URL {display} gives option {name!r} twice")
+                raise refuse(f" gives option {quote(name)!r} twice")
             options[name] = value
         kwargs: dict[str, object] = {}
         for name, convert in _URL_OPTIONS.items():
@@ -476,14 +515,14 @@ class PostgresStore(Store):
                 try:
                     kwargs[name] = convert(raw)
                 except ValueError:
-                    raise UnknownStoreError(
-                        f"store URL {display}: option {name}={raw!r} is not valid: "
+                    raise refuse(
+                        f": option {name}={quote(raw)!r} is not valid: "
                         f"expected {_URL_OPTION_KINDS[name]}"
                     ) from None
         unknown = sorted(set(options) - _PASSTHROUGH_OPTIONS)
         if unknown:
-            raise UnknownStoreError(
-                f"store URL {display}: unknown option(s) {', '.join(unknown)}; trioflow "
+            raise refuse(
+                f": unknown option(s) {quote(', '.join(unknown))}; trioflow "
                 f"knows {', '.join(sorted(_URL_OPTIONS))} and passes on "
                 f"{', '.join(sorted(_PASSTHROUGH_OPTIONS))}"
             )
@@ -491,11 +530,23 @@ class PostgresStore(Store):
             ("postgresql", parts.netloc, parts.path, urllib.parse.urlencode(options), "")
         )
         try:
-            return cls(dsn, **kwargs)  # type: ignore[arg-type]
+            store = cls(dsn, **kwargs)  # type: ignore[arg-type]
         except ConfigurationError as exc:
-            raise UnknownStoreError(f"store URL {display}: {exc}") from None
+            raise refuse(f": {quote(exc)}") from None
+        # Shown as the URL it came from (its options too), masked as that URL
+        # is: a damaged URL may have put a secret out of place (in the
+        # schema, say), where the rebuilt DSN would show it.
+        store._shown_as = display if "schema" in kwargs else f"{display} schema={store.schema!r}"
+        store._config = attrs.evolve(
+            store._config,
+            display=display,
+            secrets=tuple(sorted({*secrets, *store._config.secrets}, key=len, reverse=True)),
+        )
+        return store
 
     def __repr__(self) -> str:
+        if self._shown_as is not None:
+            return f"<PostgresStore {self._shown_as}>"
         return f"<PostgresStore {self._config.display} schema={self.schema!r}>"
 
     @contextlib.asynccontextmanager
@@ -507,8 +558,11 @@ class PostgresStore(Store):
             StoreUnavailableError: The server cannot be reached or refused the
                 login, or the database does not exist.
             SchemaVersionError: The schema was written by a newer trioflow.
-            StoreError: The schema cannot be created (for example, the role may
-                not create schemas in this database).
+            StoreError: The database's encoding is not UTF8; the schema
+                cannot be created (for example, the role may not create
+                schemas in this database); or a consumer's cursor is past
+                every sequence number the log has given (the log was reset
+                or replaced under its cursors).
         """
         if self._opened:
             raise ConfigurationError(
@@ -522,7 +576,9 @@ class PostgresStore(Store):
         error: BaseException | None = None
         try:
             async with open_driver(self._config) as driver:
+                await self._check_encoding(driver)
                 await self._migrate(driver)
+                await self._check_high_water(driver)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self._listen_forever, driver)
                     self._driver = driver
@@ -563,12 +619,13 @@ class PostgresStore(Store):
             [event.key for event in events],
             [event.payload for event in events],
         )
+        operation = f"appending {len(events)} event(s)"
         row: Record | None
         try:
             if self._before_commit is None:
-                row = await driver.fetchrow_write(self._sql.append, *args)
+                row = await driver.fetchrow_write(self._sql.append, *args, operation=operation)
             else:
-                async with driver.transaction() as transaction:
+                async with driver.transaction(operation=operation) as transaction:
                     row = await transaction.fetchrow(self._sql.append, *args)
                     await self._before_commit()
         except InDoubtError as exc:
@@ -589,7 +646,7 @@ class PostgresStore(Store):
     async def _settle_in_doubt(
         self, driver: Driver, events: Sequence[NewEvent], error: InDoubtError
     ) -> Appended:
-        """Find out whether an append whose answer was lost committed.
+        """Find out whether an append whose answer was lost (or late) committed.
 
         Tries for up to ``connect_timeout`` seconds, with backoff, to take the
         append lock (so that the lost append, if its server session still
@@ -603,13 +660,16 @@ class PostgresStore(Store):
         first_id = events[0].id
         display = self._config.display
         window = self._config.connect_timeout
-        logger.warning(
-            "trioflow: lost the connection to %s during an append of %d event(s) (%s); "
-            "checking whether it committed",
-            display,
-            len(events),
-            error,
-        )
+        appending = f"appending {len(events)} event(s)"
+        if error.timed_out:
+            # The server was reachable: the statement was cancelled after
+            # command_timeout, and may have committed just before.
+            failure = f"{appending} to PostgreSQL at {display} ran past command_timeout"
+            unchecked = "could not check within"
+        else:
+            failure = f"lost the connection to PostgreSQL at {display} while {appending}"
+            unchecked = "could not reach it again within"
+        logger.warning("trioflow: %s (%s); checking whether it committed", failure, error)
         backoff = _MIN_BACKOFF
         last: StoreError = error
         found: Record | None = None
@@ -617,7 +677,9 @@ class PostgresStore(Store):
         with trio.move_on_after(window):
             while True:
                 try:
-                    async with driver.transaction() as tx:
+                    async with driver.transaction(
+                        operation=f"checking whether {appending} committed"
+                    ) as tx:
                         await tx.execute(self._sql.lock_append)
                         # A new statement, so a new snapshot: taken after the lock.
                         found = await tx.fetchrow(self._sql.find_batch, first_id)
@@ -633,66 +695,136 @@ class PostgresStore(Store):
         if not looked:
             since = "" if last is error else f"; then: {last}"
             raise OutcomeUnknownError(
-                f"lost the connection to PostgreSQL at {display} while appending "
-                f"{len(events)} event(s), and could not reach it again within {window}s "
-                f"to check: whether they were committed is unknown. If they were, every "
+                f"{failure}, and {unchecked} {window}s (connect_timeout) whether it "
+                f"committed: whether they were committed is unknown. If they were, every "
                 f"consumer receives them; look for event id {first_id} before publishing "
                 f"them again ({error}{since})"
             ) from error
         if found is None:
             raise StoreUnavailableError(
-                f"lost the connection to PostgreSQL at {display} while appending "
-                f"{len(events)} event(s); checked after reconnecting: they were not "
-                f"committed, nothing was persisted, and retrying is safe ({error})"
+                f"{failure}; checked afterwards: they were not committed, nothing was "
+                f"persisted, and retrying is safe ({error})"
             ) from error
         first, created_at, after = found[0], found[1], found[2]
         logger.warning(
-            "trioflow: the append of %d event(s) whose answer was lost had committed (seq %d)",
+            "trioflow: the append of %d event(s) whose answer was lost or late had committed "
+            "(seq %d)",
             len(events),
             first,
         )
         return Appended(after=after, seqs=range(first, first + len(events)), created_at=created_at)
 
-    async def read(self, after: int, limit: int) -> Sequence[Event]:
-        """Return up to ``limit`` events with ``seq > after``, in order."""
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
+        """Return up to ``limit`` events with ``seq > after``, in order.
+
+        With ``max_bytes``, the page is cut on the server, before the event
+        that would take its total size past ``max_bytes`` (the first event
+        always comes): large events beyond the cut are never sent.
+
+        Raises:
+            StoreError: The server failed, or a stored event's data cannot be
+                decoded (the message names its sequence number).
+        """
         driver = self._require_open()
-        rows = await driver.fetch(self._sql.read, after, max(limit, 0))
+        operation = f"reading events after seq {after}"
+        if max_bytes is None:
+            rows = await driver.fetch(self._sql.read, after, max(limit, 0), operation=operation)
+        else:
+            rows = await driver.fetch(
+                self._sql.read_bytes,
+                after,
+                max(limit, 0),
+                min(max_bytes, _MAX_BYTES_CAP),
+                operation=operation,
+            )
         if not rows:
             return []
-        # One decode call for the whole page: the column holds valid JSON texts
-        # (PostgreSQL checked them), so joined they are one valid array, and
-        # one call costs a third less than one call per event.
-        datas = _decode_json("[" + ",".join([row[4] for row in rows]) + "]")
+        datas = self._decode_page(rows)
         return [
-            Event(seq=row[0], id=row[1], type=row[2], data=data, key=row[3], created_at=row[5])
+            Event(
+                seq=row[0],
+                id=row[1],
+                type=row[2],
+                data=data,
+                key=row[3],
+                created_at=row[5],
+                size=row[6],
+            )
             for row, data in zip(rows, datas, strict=True)
         ]
+
+    def _decode_page(self, rows: Sequence[Record]) -> list[JSON]:
+        """The data of a page of rows, decoded.
+
+        One decode call for the whole page: the column holds valid JSON texts
+        (PostgreSQL checked them), so joined they are one valid array, and
+        one call costs a third less than one call per event. The array adds a
+        level of nesting to every event, though, and PostgreSQL accepts JSON
+        that Python cannot decode (a number of more than 4300 digits, nesting
+        deeper than the recursion limit allows). So when the page fails, its
+        events are decoded one by one, at the same depth of the call stack:
+        the page fails only for an event that cannot be decoded alone, and
+        says which.
+
+        Raises:
+            StoreError: An event cannot be decoded; the message names it.
+        """
+        try:
+            datas: list[JSON] = _decode_json("[" + ",".join([row[4] for row in rows]) + "]")
+        except Exception:
+            datas = []
+            for row in rows:
+                try:
+                    datas.append(_decode_json(row[4]))
+                except Exception as exc:
+                    raise self._undecodable(row, exc) from exc
+        return datas
+
+    def _undecodable(self, row: Record, error: Exception) -> StoreError:
+        reason = str(error)
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        return StoreError(
+            f"event seq {row[0]} (id {row[1]}) in PostgreSQL schema {self.schema!r} at "
+            f"{self._config.display} cannot be decoded: {type(error).__name__}: {reason}. "
+            "Its data is JSON that PostgreSQL accepted but Python cannot read, which publish "
+            f"never stores (it refuses data nested deeper than {MAX_DEPTH} levels, say): the "
+            "row was written some other way. Repair or delete it (UPDATE or DELETE FROM "
+            f"{self._sql.q}.events WHERE seq = {row[0]}); until then no consumer can read "
+            "past it"
+        )
 
     async def head(self) -> int:
         """Return the highest committed sequence number (0 for an empty log)."""
         driver = self._require_open()
-        head: int = await driver.fetchval(self._sql.head)
+        head: int = await driver.fetchval(self._sql.head, operation="reading the head of the log")
         self._known_head = max(self._known_head, head)
         return head
 
     async def load_cursors(self) -> dict[str, int]:
-        """Return every consumer's cursor (the later of unlogged and logged copies)."""
+        """Return every consumer's cursor (the greater of its unlogged and logged copies)."""
         driver = self._require_open()
-        rows = await driver.fetch(self._sql.load_cursors)
+        rows = await driver.fetch(self._sql.load_cursors, operation="loading the cursors")
         return {row[0]: row[1] for row in rows}
 
     async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        """Set the given cursors, as durably as ``cursor_durability`` says."""
+        """Move the given cursors forward, as durably as ``cursor_durability`` says.
+
+        A cursor below the stored one is ignored: stored cursors never move
+        backwards (in the unlogged table and its logged checkpoint alike).
+        """
         driver = self._require_open()
         if not cursors:
             await trio.lowlevel.checkpoint()
             return
         names = list(cursors)
         seqs = [cursors[name] for name in names]
+        operation = f"committing the cursors of {len(names)} consumer(s)"
         if self.cursor_durability == "sync":
-            await driver.execute(self._sql.commit_cursors_sync, names, seqs)
+            await driver.execute(self._sql.commit_cursors_sync, names, seqs, operation=operation)
         elif self.cursor_durability == "async":
-            await driver.execute(self._sql.commit_cursors_async, names, seqs)
+            await driver.execute(self._sql.commit_cursors_async, names, seqs, operation=operation)
         else:
             now = trio.current_time()
             due = [
@@ -707,11 +839,14 @@ class PostgresStore(Store):
                     seqs,
                     due,
                     [cursors[name] for name in due],
+                    operation=operation,
                 )
                 for name in due:
                     self._checkpointed_at[name] = now
             else:
-                await driver.execute(self._sql.commit_cursors_unlogged, names, seqs)
+                await driver.execute(
+                    self._sql.commit_cursors_unlogged, names, seqs, operation=operation
+                )
 
     async def wait_for_append(self, after: int) -> int:
         """Return the head once it is past ``after``: on NOTIFY, or after a fallback poll.
@@ -812,6 +947,56 @@ class PostgresStore(Store):
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
+    async def _check_encoding(self, driver: Driver) -> None:
+        """Refuse a database whose encoding is not UTF8, before anything is created in it.
+
+        Events are UTF-8 JSON: in another encoding, an event holding a
+        character the encoding lacks fails its whole batch (and the publishes
+        grouped with it), long after the store opened.
+        """
+        row = await driver.fetchrow(
+            "SELECT current_setting('server_encoding'), current_database()",
+            operation="checking the database's encoding",
+        )
+        assert row is not None
+        encoding, database = row[0], row[1]
+        if encoding != "UTF8":
+            raise StoreError(
+                f"PostgreSQL database {database!r} at {self._config.display} uses the "
+                f"{encoding} encoding; trioflow stores events as UTF-8 JSON, and a character "
+                f"{encoding} cannot hold would fail every publish batched with it. Use a UTF8 "
+                "database: CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0 (with "
+                "LC_COLLATE and LC_CTYPE of a UTF-8 locale, or 'C')"
+            )
+
+    async def _check_high_water(self, driver: Driver) -> None:
+        """Refuse a log whose cursors are past every sequence number it has given.
+
+        Cursors only ever hold positions consumers reached. One above the
+        log's high-water mark means the log was reset (its sequence
+        restarted) or replaced (a restored or recreated events table) while
+        the cursors were kept: new events would be numbered at or below those
+        cursors, and their consumers would skip them.
+        """
+        rows = await driver.fetch(
+            self._sql.cursors_past_high_water, operation="checking cursors against the log"
+        )
+        if not rows:
+            return
+        high = rows[0][2]
+        shown = ", ".join(f"{consumer!r} at {seq}" for consumer, seq, _ in rows[:10])
+        more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        raise StoreError(
+            f"PostgreSQL schema {self.schema!r} at {self._config.display} holds cursors past "
+            f"every sequence number its event log has given (its high-water mark is {high}): "
+            f"consumer(s) {shown}{more}. The log was reset or replaced under its cursors, and "
+            "new events would be numbered at or below them: those consumers would skip them. "
+            "If the store points at the wrong database or schema, fix its URL; if the log was "
+            f"reset on purpose, remove those cursors (DELETE FROM {self._sql.q}.cursors and "
+            f"{self._sql.q}.cursors_unlogged WHERE consumer = ...), or set them to {high} or "
+            "below, with every process of the application stopped"
+        )
+
     async def _read_version(self, conn: Driver | Transaction) -> int | None:
         # A query on pg_tables, not to_regclass(): inside a transaction that
         # just waited for the migration lock, to_regclass() can answer from a
@@ -820,10 +1005,13 @@ class PostgresStore(Store):
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_tables "
             "WHERE schemaname = $1 AND tablename = 'schema_version')",
             self.schema,
+            operation="reading the schema version",
         )
         if not exists:
             return None
-        version: int | None = await conn.fetchval(f"SELECT version FROM {self._sql.version_table}")
+        version: int | None = await conn.fetchval(
+            f"SELECT version FROM {self._sql.version_table}", operation="reading the schema version"
+        )
         return version
 
     def _too_new(self, version: int) -> SchemaVersionError:
@@ -841,7 +1029,7 @@ class PostgresStore(Store):
         if version is not None and version > SCHEMA_VERSION:
             raise self._too_new(version)
         try:
-            async with driver.transaction() as tx:
+            async with driver.transaction(operation="creating or migrating the schema") as tx:
                 await tx.execute(
                     "SELECT pg_advisory_xact_lock($1, $2)", _LOCK_CLASS_MIGRATE, self._sql.lock_key
                 )
@@ -889,6 +1077,16 @@ class PostgresStore(Store):
 _decode_json = json.JSONDecoder().decode
 
 
+def _url_problem(error: ValueError) -> str:
+    """What is wrong with a URL that `urllib.parse` refused, without quoting any of it."""
+    text = str(error)
+    if "Port" in text:
+        return "the port is not a number from 0 to 65535"
+    if "IPv6" in text:
+        return "an IPv6 address needs both its brackets, as in postgresql://user@[::1]:5432/db"
+    return "the host holds characters that are not allowed; percent-encode them"
+
+
 def _optional_float(raw: str) -> float | None:
     return None if raw.lower() in ("", "none") else float(raw)
 
@@ -920,3 +1118,6 @@ _URL_OPTION_KINDS: Final = {
     "statement_cache_size": "an integer",
     "application_name": "a name",
 }
+
+#: Options whose values messages show: trioflow's and libpq's, but the secrets.
+_SHOWN_OPTIONS: Final = frozenset(_URL_OPTIONS) | (LIBPQ_OPTIONS - SECRET_OPTIONS)
