@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from tests.postgres.conftest import server_url
+from tests.postgres._server import server_url
 from trioflow.stores import Store
 from trioflow.stores.postgres import PostgresStore
 from trioflow.testing import StoreContract

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import trio
 
-from tests.postgres.conftest import open_admin, with_options
+from tests.postgres._server import open_admin, with_options
 from trioflow import (
     ConfigurationError,
     SchemaVersionError,
