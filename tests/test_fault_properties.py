@@ -21,9 +21,8 @@ every flow reopens and waits until idle, and the run is checked:
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import pytest
@@ -118,13 +117,14 @@ class Record:
     cursors: dict[str, list[int]] = attrs.Factory(dict)
 
 
-#: Opens the store handle of one flow ("process"), around the shared store.
-OpenHandle = Callable[[], contextlib.AbstractAsyncContextManager[Store]]
+#: Makes a store handle (not opened) on the shared store, for one flow, a
+#: "process", to open and close as it runs; or, at the end, to read the log.
+NewHandle = Callable[[], Store]
 
 
 def run_fault_scenario(
     scenario: FaultScenario,
-    open_handle: OpenHandle,
+    new_handle: NewHandle,
     *,
     time_scale: float = 1.0,
     mock_clock: bool = True,
@@ -188,7 +188,7 @@ def run_fault_scenario(
         else:
             record.publishes.append((tag, size, "ok", seqs))
 
-    async def run_flow(flow_index: int, handle: Store, faulty: FaultyStore) -> None:
+    async def run_flow(flow_index: int, faulty: FaultyStore) -> None:
         plan = scenario.flows[flow_index]
         pending = list(enumerate(plan.publishes))
         while pending:
@@ -208,37 +208,36 @@ def run_fault_scenario(
             await flow.wait_idle()
 
     async def main() -> list[trioflow.Event]:
-        async with contextlib.AsyncExitStack() as stack:
-            faulties = []
-            for _ in scenario.flows:
-                handle = await stack.enter_async_context(open_handle())
-                faulty = FaultyStore(handle)
-                faulty.fail_randomly(
-                    scenario.probability,
-                    rng=rng,
-                    kinds=scenario.kinds,
-                    max_delay=2.0 * time_scale,
-                )
-                faulties.append(faulty)
-            with trio.fail_after(100_000 if mock_clock else 300):
-                async with trio.open_nursery() as nursery:
-                    for index, faulty in enumerate(faulties):
-                        nursery.start_soon(run_flow, index, faulty.inner, faulty)
-                for faulty in faulties:
-                    faulty.fail_randomly(0, rng=rng)
-                # Every flow's consumers idle at the end of the log, one by one:
-                # a flow's wait_idle also waits for events other flows appended.
+        faulties = []
+        for _ in scenario.flows:
+            faulty = FaultyStore(new_handle())
+            faulty.fail_randomly(
+                scenario.probability,
+                rng=rng,
+                kinds=scenario.kinds,
+                max_delay=2.0 * time_scale,
+            )
+            faulties.append(faulty)
+        with trio.fail_after(100_000 if mock_clock else 300):
+            async with trio.open_nursery() as nursery:
                 for index, faulty in enumerate(faulties):
-                    await settle(index, faulty)
+                    nursery.start_soon(run_flow, index, faulty)
             for faulty in faulties:
-                for commit in faulty.cursor_commits:
-                    for name, seq in commit.items():
-                        record.cursors.setdefault(name, []).append(seq)
-            log: list[trioflow.Event] = []
-            store = faulties[0].inner
+                faulty.fail_randomly(0, rng=rng)
+            # Every flow's consumers idle at the end of the log, one by one:
+            # a flow's wait_idle also waits for events other flows appended.
+            for index, faulty in enumerate(faulties):
+                await settle(index, faulty)
+        for faulty in faulties:
+            for commit in faulty.cursor_commits:
+                for name, seq in commit.items():
+                    record.cursors.setdefault(name, []).append(seq)
+        log: list[trioflow.Event] = []
+        store = new_handle()
+        async with store.open():
             while page := await store.read(log[-1].seq if log else 0, 1000):
                 log.extend(page)
-            return log
+        return log
 
     clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
     log = trio.run(main, clock=clock)
@@ -291,12 +290,6 @@ def check_fault_scenario(
             assert cursors == sorted(cursors), f"{name}: a cursor moved backwards: {cursors}"
 
 
-@contextlib.asynccontextmanager
-async def _shared_memory(store: MemoryStore) -> AsyncIterator[Store]:
-    async with store.open():
-        yield store
-
-
 @settings(
     max_examples=80,
     deadline=None,
@@ -304,8 +297,9 @@ async def _shared_memory(store: MemoryStore) -> AsyncIterator[Store]:
 )
 @given(fault_scenarios())
 def test_store_faults_delay_delivery_but_never_lose_or_reorder(scenario: FaultScenario) -> None:
+    # Flows sharing one MemoryStore stand for processes sharing a database.
     shared = MemoryStore()
-    record, log = run_fault_scenario(scenario, lambda: _shared_memory(shared))
+    record, log = run_fault_scenario(scenario, lambda: shared)
     check_fault_scenario(scenario, record, log)
 
 
@@ -323,13 +317,11 @@ def test_store_faults_on_sqlite(
     scenario: FaultScenario, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     path = tmp_path_factory.mktemp("faults") / "events.db"
-
-    @contextlib.asynccontextmanager
-    async def open_handle() -> AsyncIterator[Store]:
-        # One handle per flow: each flow stands for a process of its own.
-        store = SQLiteStore(path, poll_interval=0.02)
-        async with store.open():
-            yield store
-
-    record, log = run_fault_scenario(scenario, open_handle, time_scale=0.01, mock_clock=False)
+    # One handle per flow: each flow stands for a process of its own.
+    record, log = run_fault_scenario(
+        scenario,
+        lambda: SQLiteStore(path, poll_interval=0.02),
+        time_scale=0.01,
+        mock_clock=False,
+    )
     check_fault_scenario(scenario, record, log)

@@ -7,14 +7,12 @@ real clock: delays are scaled down to milliseconds.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from hypothesis import HealthCheck, given, settings
 
 from tests.test_fault_properties import FaultScenario, check_fault_scenario, fault_scenarios
 from tests.test_fault_properties import run_fault_scenario as run
-from trioflow.stores import Store
 from trioflow.stores.postgres import PostgresStore
 
 
@@ -32,12 +30,8 @@ def test_store_faults_delay_delivery_but_never_lose_or_reorder(
     scenario: FaultScenario, make_url: Callable[..., str], new_schema: Callable[[], str]
 ) -> None:
     url = make_url(schema=new_schema(), poll_interval=0.05, pool_max_size=3)
-
-    @contextlib.asynccontextmanager
-    async def open_handle() -> AsyncIterator[Store]:
-        store = PostgresStore.from_url(url)
-        async with store.open():
-            yield store
-
-    record, log = run(scenario, open_handle, time_scale=0.01, mock_clock=False)
+    # One handle (one pool) per flow: each flow stands for a process.
+    record, log = run(
+        scenario, lambda: PostgresStore.from_url(url), time_scale=0.01, mock_clock=False
+    )
     check_fault_scenario(scenario, record, log)
