@@ -8,6 +8,7 @@ import pathlib
 import sqlite3
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 
 import pytest
@@ -362,18 +363,80 @@ async def test_duplicate_event_id_rolls_back_the_batch(tmp_path: pathlib.Path) -
         assert [event.id for event in await read_everything(store)] == [e.id for e in first]
 
 
-async def test_corrupt_event_data(tmp_path: pathlib.Path) -> None:
+def write_raw(path: pathlib.Path, statement: str, *parameters: object) -> None:
+    """Run one statement on the file with plain sqlite3, as another program would."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute(statement, parameters)
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("data", "not json"),
+        # Deeper than any JSON decoder's recursion allows: RecursionError.
+        ("data", "[" * 5000 + "]" * 5000),
+        ("data", '{"a": [1, 2}'),
+        ("data", b"\x80 not text"),
+        ("id", b"too short"),
+        ("created_at", "yesterday"),
+        ("created_at", 2**62),
+    ],
+)
+async def test_an_undecodable_event_is_a_store_error_naming_its_seq(
+    tmp_path: pathlib.Path, column: str, value: object
+) -> None:
     path = tmp_path / "t.db"
     store = SQLiteStore(path)
     async with store.open():
-        await store.append(make_events(1))
-        raw = sqlite3.connect(path, isolation_level=None)
+        await store.append(make_events(3))
+        write_raw(path, f"UPDATE trioflow_events SET {column} = ? WHERE seq = 2", value)
+        for after, limit in ((0, 10), (1, 1), (1, 5)):
+            with pytest.raises(StoreError, match="event 2 cannot be decoded") as caught:
+                await store.read(after, limit)
+            assert str(path) in str(caught.value)
+            assert not isinstance(caught.value, StoreUnavailableError)
+        # The events around it still read.
+        assert [event.seq for event in await store.read(0, 1)] == [1]
+        assert [event.seq for event in await store.read(2, 10)] == [3]
+
+
+async def test_event_size_is_the_stored_text_in_utf8_bytes(tmp_path: pathlib.Path) -> None:
+    # Written by another program: not the compact form trioflow writes.
+    text = ' { "é" : [1, 2] } '
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        write_raw(
+            path,
+            "INSERT INTO trioflow_events (seq, id, type, key, data, created_at)"
+            " VALUES (1, ?, 't', NULL, ?, 0)",
+            new_ids(1)[0].bytes,
+            text,
+        )
+        [event] = await store.read(0, 10)
+        assert event.data == {"é": [1, 2]}
+        assert event.size == len(text.encode()) == 19
+
+
+async def test_a_page_bounded_by_bytes_stops_reading_rows(tmp_path: pathlib.Path) -> None:
+    megabyte = 1_000_000
+    ids = new_ids(20)
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        await store.append([encode("big", "x" * megabyte, None, ids[n]) for n in range(20)])
+        tracemalloc.start()
         try:
-            raw.execute("UPDATE trioflow_events SET data = 'not json'")
+            page = await store.read(0, 20, max_bytes=2 * megabyte + 100)
+            _, peak = tracemalloc.get_traced_memory()
         finally:
-            raw.close()
-        with pytest.raises(StoreError, match="event 1 cannot be decoded"):
-            await store.read(0, 10)
+            tracemalloc.stop()
+    assert [event.seq for event in page] == [1, 2]
+    # Two events kept (text and decoded value each), at most the next row's
+    # text looked at and dropped: nowhere near the 20 MB of the whole page.
+    assert peak < 6 * megabyte, f"peak {peak:,} bytes"
 
 
 async def test_large_arguments_are_clamped(tmp_path: pathlib.Path) -> None:

@@ -42,7 +42,7 @@ from .._errors import (
     StoreUnavailableError,
     UnknownStoreError,
 )
-from .._events import Event, NewEvent
+from .._events import Event, NewEvent, utf8_size
 from ._base import Appended, Store
 
 #: The schema version this module creates and understands.
@@ -342,8 +342,20 @@ class SQLiteStore(Store):
             after=after, seqs=range(after + 1, after + 1 + len(batch)), created_at=created_at
         )
 
-    async def read(self, after: int, limit: int) -> Sequence[Event]:
-        """Return up to ``limit`` events with ``seq > after``, in sequence order."""
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
+        """Return up to ``limit`` events with ``seq > after``, in sequence order.
+
+        With ``max_bytes``, the page ends before the event that would take its
+        total `Event.size` past ``max_bytes`` (the first event always comes):
+        rows are fetched one at a time and the fetching stops there, so a page
+        of large events holds only what fits in memory, not ``limit`` of them.
+
+        Raises:
+            StoreError: A stored event cannot be decoded (the message names
+                its sequence number).
+        """
         if limit <= 0:
             # SQLite reads LIMIT -1 as "no limit"; the contract means none.
             await trio.lowlevel.checkpoint()
@@ -355,6 +367,7 @@ class SQLiteStore(Store):
                 reader,
                 min(max(after, -1), _MAX_INT64),
                 min(limit, _MAX_INT64),
+                max_bytes,
                 limiter=self._read_limiter,
             )
 
@@ -527,36 +540,54 @@ class SQLiteStore(Store):
             _rollback(writer)
             raise
 
-    def _read(self, reader: sqlite3.Connection, after: int, limit: int) -> list[Event]:
+    def _read(
+        self, reader: sqlite3.Connection, after: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
         """Fetch and build the events in the worker thread, off the trio thread."""
-        rows = reader.execute(_READ, (after, limit)).fetchall()
         events: list[Event] = []
         add = events.append
         new_uuid = uuid.UUID
+        budget = math.inf if max_bytes is None else max_bytes
+        total = 0
         # A batch shares one timestamp: build its datetime once.
         last_micros: int | None = None
         created_at = _EPOCH
-        seq = after
+        cursor = reader.execute(_READ, (after, limit))
         try:
-            for seq, raw_id, event_type, key, data, micros in rows:
-                if micros != last_micros:
-                    created_at = _EPOCH + micros * _MICROSECOND
-                    last_micros = micros
-                add(
-                    Event(
-                        seq=seq,
-                        id=new_uuid(bytes=raw_id),
-                        type=event_type,
-                        data=_decode(data),
-                        key=key,
-                        created_at=created_at,
+            # Row by row rather than fetchall: the loop stops at the byte
+            # budget without fetching the rest of the page.
+            for seq, raw_id, event_type, key, data, micros in cursor:
+                try:
+                    size = utf8_size(data)
+                    total += size
+                    if total > budget and events:
+                        break
+                    if micros != last_micros:
+                        created_at = _EPOCH + micros * _MICROSECOND
+                        last_micros = micros
+                    add(
+                        Event(
+                            seq=seq,
+                            id=new_uuid(bytes=raw_id),
+                            type=event_type,
+                            data=_decode(data),
+                            key=key,
+                            created_at=created_at,
+                            size=size,
+                        )
                     )
-                )
-        except (ValueError, TypeError) as exc:
-            raise StoreError(
-                f"SQLite store {self._path!r}: event {seq} cannot be decoded ({exc}); "
-                "the file was changed by something other than trioflow"
-            ) from exc
+                except Exception as exc:
+                    # Whatever the decoders raise (RecursionError for data
+                    # nested too deeply, TypeError for a blob...).
+                    raise StoreError(
+                        f"SQLite store {self._path!r}: event {seq} cannot be decoded "
+                        f"({type(exc).__name__}: {exc}); the file was changed by something "
+                        "other than trioflow: restore it from a backup, or delete that event"
+                    ) from exc
+        finally:
+            # Resets the statement, which ends the read transaction even when
+            # the loop stopped early (else the snapshot stays pinned).
+            cursor.close()
         return events
 
 
