@@ -102,6 +102,9 @@ _LOAD_CURSORS = "SELECT consumer, seq FROM trioflow_cursors"
 _UPSERT_CURSOR = (
     "INSERT INTO trioflow_cursors (consumer, seq, updated_at) VALUES (?, ?, ?)"
     " ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
+    # A stored cursor never moves backwards: a late commit of an older
+    # position leaves the row as it is.
+    " WHERE excluded.seq >= trioflow_cursors.seq"
 )
 
 # Primary result codes meaning "cannot reach or use the file right now": the
@@ -384,7 +387,10 @@ class SQLiteStore(Store):
             return await trio.to_thread.run_sync(_load_cursors, reader, limiter=self._read_limiter)
 
     async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        """Set the given consumers' cursors in one transaction (insert or replace).
+        """Set the given consumers' cursors in one transaction (insert or move forward).
+
+        A cursor below the one stored is ignored: a stored cursor never moves
+        backwards, whichever process or handle commits.
 
         Durable when this returns with ``synchronous="full"``; with
         ``"normal"``, a power loss may undo the last commits.
