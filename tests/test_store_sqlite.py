@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+import trioflow
 from trioflow._errors import (
     ConfigurationError,
     SchemaVersionError,
@@ -98,6 +99,12 @@ def test_url(
         ("sqlite:///app.db?poll_interval=nan", "poll_interval must be a finite number"),
         ("sqlite:///app.db?poll_interval=inf", "poll_interval must be a finite number"),
         ("sqlite:///app.db?busy_timeout=-1", r"busy_timeout must be .* >= 0"),
+        ("sqlite:///%00x.db", "NUL"),
+        ("sqlite:///x\x00.db", "NUL"),
+        ("sqlite:///data%2F%00/x.db?synchronous=normal", "NUL"),
+        ("sqlite:///\ud800.db", "cannot be encoded"),
+        ("sqlite://[/x.db", "malformed"),
+        ("sqlite://[x]/e.db", "malformed"),
     ],
 )
 @pytest.mark.parametrize("parse", [SQLiteStore.from_url, store_from_url])
@@ -110,6 +117,8 @@ def test_bad_url(parse: Callable[[str], object], url: str, message: str) -> None
 def test_from_url_rejects_another_scheme() -> None:
     with pytest.raises(UnknownStoreError, match="not a sqlite: URL"):
         SQLiteStore.from_url("memory://")
+    with pytest.raises(UnknownStoreError, match="must be a str"):
+        SQLiteStore.from_url(b"sqlite:///app.db")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -122,11 +131,20 @@ def test_from_url_rejects_another_scheme() -> None:
         ({"path": "a.db", "poll_interval": True}, "poll_interval"),
         ({"path": "a.db", "busy_timeout": -0.5}, "busy_timeout"),
         ({"path": "a.db", "busy_timeout": float("inf")}, "busy_timeout"),
+        ({"path": "a\x00.db"}, "NUL"),
+        ({"path": pathlib.Path("dir\x00") / "a.db"}, "NUL"),
+        ({"path": "\ud800.db"}, "cannot be encoded"),
     ],
 )
 def test_bad_options(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         SQLiteStore(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_app_refuses_a_nul_in_the_path() -> None:
+    # sqlite3 would only fail at open, with a bare ValueError.
+    with pytest.raises(UnknownStoreError, match="NUL"):
+        trioflow.App("sqlite:///%00x.db")
 
 
 async def test_relative_url_is_relative_to_the_working_directory(

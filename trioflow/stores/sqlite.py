@@ -169,6 +169,19 @@ class SQLiteStore(Store):
             raise ConfigurationError(
                 f"SQLite store path must be a non-empty str or os.PathLike[str], got {path!r}"
             )
+        if "\x00" in path:
+            # sqlite3 would only fail at open, with a bare ValueError.
+            raise ConfigurationError(
+                f"SQLite store path {path!r} holds a NUL character, which no file name can; "
+                "remove it (in a sqlite: URL, %00 stands for NUL)"
+            )
+        try:
+            os.fsencode(path)
+        except UnicodeError:
+            raise ConfigurationError(
+                f"SQLite store path {path!r} cannot be encoded as a file name (it holds a lone "
+                "surrogate character); use a path of valid Unicode text"
+            ) from None
         if path == ":memory:":
             # Each connection would get its own, separate in-memory database.
             raise ConfigurationError(
@@ -204,7 +217,16 @@ class SQLiteStore(Store):
         Raises:
             UnknownStoreError: The URL is not a valid SQLite store URL.
         """
-        parts = urllib.parse.urlsplit(url)
+        if not isinstance(url, str):
+            raise UnknownStoreError(f"a store URL must be a str, got {url!r}; use {_URL_FORMS}")
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            # An unbalanced or misplaced "[" or "]", read as an IPv6 host.
+            raise UnknownStoreError(
+                f"SQLite store URL {url!r} is malformed (a '[' or ']' before the path?); "
+                f"use {_URL_FORMS}"
+            ) from None
         if parts.scheme.lower() != "sqlite":
             raise UnknownStoreError(f"store URL {url!r} is not a sqlite: URL; use {_URL_FORMS}")
         if parts.netloc or not parts.path.startswith("/"):
