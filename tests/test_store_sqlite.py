@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import pathlib
 import sqlite3
+import stat
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -242,6 +244,47 @@ async def test_missing_directory(tmp_path: pathlib.Path) -> None:
             pass
     assert str(path.parent) in str(caught.value)
     assert not path.parent.exists()
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, under which SQLite would create files 0644."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def modes(path: pathlib.Path) -> dict[str, int]:
+    """The permission bits of the database file and of its -wal and -shm files."""
+    return {
+        suffix: stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) for suffix in ("", "-wal", "-shm")
+    }
+
+
+@pytest.mark.usefixtures("umask_022")
+async def test_a_new_file_is_readable_by_its_owner_only(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(1))
+        # SQLite gives the -wal and -shm files the database file's mode.
+        assert modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+@pytest.mark.usefixtures("umask_022")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o660])
+async def test_an_existing_file_keeps_its_mode(tmp_path: pathlib.Path, mode: int) -> None:
+    path = tmp_path / "t.db"
+    path.touch()
+    path.chmod(mode)
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(1))
+        assert modes(path) == {"": mode, "-wal": mode, "-shm": mode}
+    async with store.open():
+        assert await store.head() == 1
 
 
 async def test_open_twice(tmp_path: pathlib.Path) -> None:

@@ -511,6 +511,7 @@ class SQLiteStore(Store):
                 f"SQLite store {self._path!r}: directory {directory!r} does not exist; "
                 "create it first (trioflow creates the file, not its directory)"
             )
+        self._create_private(path)
         writer = self._new_connection(path)
         try:
             (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchall()[0]
@@ -532,6 +533,26 @@ class SQLiteStore(Store):
             writer.close()
             raise
         return writer, reader
+
+    def _create_private(self, path: str) -> None:
+        """Create the file readable and writable by its owner only, unless it exists.
+
+        SQLite would create it 0644 under the usual umask: every user of the
+        machine could read the events. SQLite gives the -wal and -shm files
+        the database file's mode, so they are private too. An existing file
+        keeps the mode its owner chose.
+        """
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"SQLite store {self._path!r}: cannot create the file ({exc}); check that this "
+                "process may write in its directory"
+            ) from exc
+        # An empty file is an empty database to SQLite.
+        os.close(descriptor)
 
     def _ensure_schema(self, writer: sqlite3.Connection) -> None:
         # IMMEDIATE: processes opening a new file at once must not both create
