@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import pathlib
+import random
 import sqlite3
 import stat
 import subprocess
@@ -27,7 +28,7 @@ from trioflow._errors import (
 )
 from trioflow._events import Event, NewEvent, encode, new_ids
 from trioflow.stores import store_from_url
-from trioflow.stores.sqlite import SQLiteStore
+from trioflow.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
 
 def make_events(count: int) -> list[NewEvent]:
@@ -40,6 +41,15 @@ async def read_everything(store: SQLiteStore) -> list[Event]:
     while page := await store.read(events[-1].seq if events else 0, 1000):
         events += page
     return events
+
+
+def write_raw(path: pathlib.Path, statement: str, *parameters: object) -> None:
+    """Run one statement on the file with plain sqlite3, as another program would."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute(statement, parameters)
+    finally:
+        raw.close()
 
 
 # -- URLs and options ----------------------------------------------------------
@@ -188,17 +198,14 @@ async def test_pragmas(tmp_path: pathlib.Path) -> None:
                 ("trioflow_cursors",),
                 ("trioflow_events",),
                 ("trioflow_schema",),
+                ("trioflow_sequence",),
             ]
-            assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(1,)]
+            assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(2,)]
         raw.close()
 
 
 def set_schema_version(path: pathlib.Path, version: int) -> None:
-    raw = sqlite3.connect(path, isolation_level=None)
-    try:
-        raw.execute("UPDATE trioflow_schema SET version = ?", (version,))
-    finally:
-        raw.close()
+    write_raw(path, "UPDATE trioflow_schema SET version = ?", version)
 
 
 async def test_newer_schema_version(tmp_path: pathlib.Path) -> None:
@@ -206,12 +213,12 @@ async def test_newer_schema_version(tmp_path: pathlib.Path) -> None:
     store = SQLiteStore(path)
     async with store.open():
         await store.append(make_events(2))
-    set_schema_version(path, 2)
+    set_schema_version(path, SCHEMA_VERSION + 1)
     with pytest.raises(SchemaVersionError, match=r"newer trioflow.*upgrade trioflow"):
         async with store.open():
             pytest.fail("opened a store with a newer schema")
     # A failed open leaves the instance closed and reusable.
-    set_schema_version(path, 1)
+    set_schema_version(path, SCHEMA_VERSION)
     async with store.open():
         assert await store.head() == 2
 
@@ -324,6 +331,258 @@ async def test_closed_when_the_block_is_cancelled(tmp_path: pathlib.Path) -> Non
         assert await store.head() == 0
 
 
+# -- sequence numbers and schema versions ------------------------------------------
+
+#: The schema trioflow 0.1 wrote (version 1), exactly as it created it. A copy on
+#: purpose: the store's migrations may change, the files users have do not.
+_VERSION_1_SCHEMA = (
+    """
+    CREATE TABLE trioflow_schema (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        version INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE trioflow_events (
+        seq INTEGER PRIMARY KEY,
+        id BLOB(16) UNIQUE NOT NULL,
+        type TEXT NOT NULL,
+        key TEXT,
+        data TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE trioflow_cursors (
+        consumer TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )
+    """,
+    "INSERT INTO trioflow_schema (singleton, version) VALUES (1, 1)",
+)
+
+
+def make_version_1_file(path: pathlib.Path, events: int, cursors: dict[str, int]) -> None:
+    """A file as trioflow 0.1 left it: WAL mode, events 1..``events``, ``cursors``."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute("PRAGMA journal_mode = WAL")
+        raw.execute("BEGIN IMMEDIATE")
+        for statement in _VERSION_1_SCHEMA:
+            raw.execute(statement)
+        raw.executemany(
+            "INSERT INTO trioflow_events (seq, id, type, key, data, created_at)"
+            " VALUES (?, ?, 'old.event', NULL, ?, 1700000000000000)",
+            [(n, new_ids(1)[0].bytes, json.dumps({"n": n})) for n in range(1, events + 1)],
+        )
+        raw.executemany(
+            "INSERT INTO trioflow_cursors (consumer, seq, updated_at) VALUES (?, ?, 0)",
+            cursors.items(),
+        )
+        raw.execute("COMMIT")
+    finally:
+        raw.close()
+
+
+def read_raw(path: pathlib.Path, query: str) -> list[tuple[object, ...]]:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute(query).fetchall()
+    finally:
+        raw.close()
+
+
+async def test_seqs_are_never_reused_after_the_newest_events_are_deleted(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(10))
+        write_raw(path, "DELETE FROM trioflow_events WHERE seq > 5")
+        assert await store.head() == 5
+        appended = await store.append(make_events(2))
+        assert appended.after == 5
+        assert list(appended.seqs) == [11, 12]
+        assert await store.head() == 12
+        write_raw(path, "DELETE FROM trioflow_events")
+        assert list((await store.append(make_events(1))).seqs) == [13]
+    # The high-water mark is in the file: it outlives the store's handles.
+    write_raw(path, "DELETE FROM trioflow_events")
+    async with store.open():
+        assert await store.head() == 0
+        assert list((await store.append(make_events(1))).seqs) == [14]
+        assert [event.seq for event in await read_everything(store)] == [14]
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_no_deletion_makes_a_number_be_given_twice(tmp_path: pathlib.Path, seed: int) -> None:
+    rng = random.Random(seed)
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    given: list[int] = []
+    async with store.open():
+        for _ in range(40):
+            appended = await store.append(make_events(rng.randint(1, 5)))
+            assert appended.seqs[0] == max(given, default=0) + 1, f"seed {seed}"
+            given += appended.seqs
+            # Deleted as another program, or a future prune, would: the oldest
+            # events, the newest, a range between, everything; several
+            # statements in one transaction, or one.
+            statements = rng.choice(
+                [
+                    ["DELETE FROM trioflow_events WHERE seq <= ?"],
+                    ["DELETE FROM trioflow_events WHERE seq > ?"],
+                    ["DELETE FROM trioflow_events WHERE seq BETWEEN ? - 3 AND ?"],
+                    ["DELETE FROM trioflow_events WHERE seq < ?", "DELETE FROM trioflow_events"],
+                    [],
+                ]
+            )
+            at = rng.randint(0, given[-1])
+            raw = sqlite3.connect(path, isolation_level=None)
+            try:
+                raw.execute("BEGIN")
+                for statement in statements:
+                    raw.execute(statement, (at,) * statement.count("?"))
+                raw.execute("COMMIT")
+            finally:
+                raw.close()
+
+
+async def test_a_consumer_past_deleted_events_handles_the_next_ones(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "t.db"
+    app = trioflow.App(SQLiteStore(path))
+    handled: list[int] = []
+
+    @app.consumer("audit")
+    async def audit(event: trioflow.Event) -> None:
+        await trio.lowlevel.checkpoint()
+        handled.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("t", n) for n in range(10)])
+        await flow.wait_idle()
+    write_raw(path, "DELETE FROM trioflow_events WHERE seq > 5")
+    async with trioflow.open_flow(app) as flow:
+        seqs = await flow.publish_many([("t", 10), ("t", 11)])
+        await flow.wait_idle()
+        audit_stats = flow.statistics().consumers["audit"]
+    assert seqs == [11, 12]
+    assert handled == list(range(1, 13))
+    assert (audit_stats.cursor, audit_stats.lag) == (12, 0)
+
+
+async def test_a_version_1_file_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 7, {"audit": 7, "mailer": 3})
+    old_events = read_raw(path, "SELECT * FROM trioflow_events ORDER BY seq")
+    store = SQLiteStore(path)
+    async with store.open():
+        assert await store.head() == 7
+        assert await store.load_cursors() == {"audit": 7, "mailer": 3}
+        events = await read_everything(store)
+        assert [(event.seq, event.data) for event in events] == [(n, {"n": n}) for n in range(1, 8)]
+        assert list((await store.append(make_events(1))).seqs) == [8]
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(7,)]
+    assert read_raw(path, "SELECT * FROM trioflow_events WHERE seq <= 7") == old_events
+    # Numbering continues above every number given, before and after.
+    write_raw(path, "DELETE FROM trioflow_events WHERE seq > 2")
+    async with store.open():
+        assert list((await store.append(make_events(1))).seqs) == [9]
+
+
+async def test_migration_waits_for_the_write_lock(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 3, {})
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailableError, match="locked"):
+            async with SQLiteStore(path, busy_timeout=0.05).open():
+                pass
+        assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(1,)]
+        raw.execute("ROLLBACK")
+    finally:
+        raw.close()
+    async with SQLiteStore(path).open():
+        pass
+    assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(3,)]
+
+
+# Opens the store named on the command line once "go" comes on stdin, and
+# prints the number its first append got.
+_MIGRATOR = """
+import sys
+import trio
+from trioflow._events import encode, new_ids
+from trioflow.stores.sqlite import SQLiteStore
+
+async def main(path):
+    print("ready", flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)
+    async with (store := SQLiteStore(path)).open():
+        appended = await store.append([encode("new", None, None, new_ids(1)[0])])
+    print(appended.seqs[0], flush=True)
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_a_version_1_file_at_once_migrate_it_once(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 5, {"audit": 5})
+    outputs = run_together([[str(path)]] * 4, _MIGRATOR)
+    assert sorted(int(stdout.split()[-1]) for stdout in outputs) == [6, 7, 8, 9]
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(5,)]
+    assert read_raw(path, "SELECT consumer, seq FROM trioflow_cursors") == [("audit", 5)]
+
+
+async def test_cursors_past_the_high_water_mark_are_refused_at_open(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(5))
+        await store.commit_cursors({"audit": 9, "mailer": 3, "billing": 7})
+    with pytest.raises(StoreError) as caught:
+        async with store.open():
+            pytest.fail("opened a file whose cursors are past its high-water mark")
+    message = str(caught.value)
+    assert not isinstance(caught.value, StoreUnavailableError)
+    for part in (str(path), "'audit' (at 9), 'billing' (at 7) are past 5,", "reset or replaced"):
+        assert part in message
+    assert "mailer" not in message
+    # What the message says to do, if this is the right file.
+    fix = "UPDATE trioflow_sequence SET high_water = 9"
+    assert f"`{fix}`" in message
+    write_raw(path, fix)
+    async with store.open():
+        assert list((await store.append(make_events(1))).seqs) == [10]
+
+
+async def test_a_version_1_file_with_cursors_past_its_events_is_refused(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Under version 1, deleting the newest events made numbering restart
+    # below the cursors: the consumers would have skipped the next events.
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 5, {"audit": 8, "mailer": 5})
+    with pytest.raises(StoreError, match=r"'audit' \(at 8\) are past 5,"):
+        async with SQLiteStore(path).open():
+            pass
+    # The migration itself was committed; only the open was refused.
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+
+
 # -- errors and locking --------------------------------------------------------
 
 
@@ -424,15 +683,6 @@ async def test_duplicate_event_id_rolls_back_the_batch(tmp_path: pathlib.Path) -
         assert [event.id for event in await read_everything(store)] == [e.id for e in first]
 
 
-def write_raw(path: pathlib.Path, statement: str, *parameters: object) -> None:
-    """Run one statement on the file with plain sqlite3, as another program would."""
-    raw = sqlite3.connect(path, isolation_level=None)
-    try:
-        raw.execute(statement, parameters)
-    finally:
-        raw.close()
-
-
 @pytest.mark.parametrize(
     ("column", "value"),
     [
@@ -524,7 +774,7 @@ _WRITER = """
 import json, random, sys
 import trio
 from trioflow._events import encode, new_ids
-from trioflow.stores.sqlite import SQLiteStore
+from trioflow.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
 async def main(path, writer, total):
     rng = random.Random(writer)
@@ -553,38 +803,50 @@ trio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 """
 
 
-@pytest.mark.slow
-def test_two_processes_append_to_one_file(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "shared.db"
-    per_writer = 500
-    writers = [
+def run_together(arguments: list[list[str]], script: str) -> list[str]:
+    """Run ``script`` once per argument list, released at once; return their stdouts.
+
+    Each child prints "ready", waits for a line on stdin, does its work and
+    exits; a child that fails fails the test with its stderr.
+    """
+    children = [
         subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), str(writer), str(per_writer)],
+            [sys.executable, "-c", script, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for writer in (0, 1)
+        for args in arguments
     ]
     try:
-        for process in writers:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            assert line == "ready\n", process.communicate(timeout=60)[1]
-        for process in writers:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        outputs = [process.communicate(timeout=120) for process in writers]
+        for child in children:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line == "ready\n", child.communicate(timeout=60)[1]
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outputs = [child.communicate(timeout=120) for child in children]
     finally:
-        for process in writers:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    for process, (_, stderr) in zip(writers, outputs, strict=True):
-        assert process.returncode == 0, stderr
-    reported = [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    for child, (_, stderr) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, stderr
+    return [stdout for stdout, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_append_to_one_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "shared.db"
+    per_writer = 500
+    outputs = run_together(
+        [[str(path), str(writer), str(per_writer)] for writer in (0, 1)], _WRITER
+    )
+    reported = [json.loads(stdout.splitlines()[-1]) for stdout in outputs]
 
     async def read_back() -> list[Event]:
         store = SQLiteStore(path)

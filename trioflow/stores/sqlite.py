@@ -9,9 +9,12 @@ lock (``busy_timeout`` bounds that wait).
 
 Why reads are gap-free even with several writing processes: ``append`` first
 takes SQLite's write lock (``BEGIN IMMEDIATE``), then numbers its batch from
-``MAX(seq) + 1`` and commits. The lock serialises writers, so batches commit
-in sequence-number order and every snapshot a reader sees holds a prefix of
-the log. For the same reason sequence numbers have no holes.
+one above the highest number given so far and commits. The lock serialises
+writers, so batches commit in sequence-number order and every snapshot a
+reader sees holds a prefix of the log. For the same reason sequence numbers
+have no holes. The highest number given is the highest event present or, if
+the newest events were deleted, the high-water mark a trigger keeps above
+every deleted event: a number is never given twice.
 
 SQLite cannot tell one process about another's commits, so `wait_for_append`
 polls: every 5 ms at first, then twice as long after each empty poll, up to
@@ -46,7 +49,7 @@ from .._events import Event, NewEvent, utf8_size
 from ._base import Appended, Store
 
 #: The schema version this module creates and understands.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DEFAULT_POLL_INTERVAL = 0.1
 #: Seconds before `SQLiteStore.wait_for_append` first polls; it doubles up to `poll_interval`.
@@ -63,34 +66,76 @@ _decode = json.JSONDecoder().decode
 _URL_OPTIONS = "synchronous=full|normal, poll_interval=<seconds > 0>, busy_timeout=<seconds >= 0>"
 _URL_FORMS = "sqlite:///relative/path.db or sqlite:////absolute/path.db"
 
-_CREATE_SCHEMA = (
-    # One row, enforced by the CHECK, so the version can never be ambiguous.
-    """
-    CREATE TABLE trioflow_schema (
-        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
-        version INTEGER NOT NULL
-    )
-    """,
-    # seq is the rowid: range scans by seq and MAX(seq) are B-tree seeks.
-    """
-    CREATE TABLE trioflow_events (
-        seq INTEGER PRIMARY KEY,
-        id BLOB(16) UNIQUE NOT NULL,
-        type TEXT NOT NULL,
-        key TEXT,
-        data TEXT NOT NULL,
-        created_at INTEGER NOT NULL
-    )
-    """,
-    """
-    CREATE TABLE trioflow_cursors (
-        consumer TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    )
-    """,
-)
+#: What brings a file from the version before to each version. A file's
+#: migrations run in one transaction under the write lock, so processes that
+#: open an old file at once migrate it once. Version 1 creates the tables.
+_MIGRATIONS: Mapping[int, Sequence[str]] = {
+    1: (
+        # One row, enforced by the CHECK, so the version can never be ambiguous.
+        """
+        CREATE TABLE trioflow_schema (
+            singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+            version INTEGER NOT NULL
+        )
+        """,
+        "INSERT INTO trioflow_schema (singleton, version) VALUES (1, 1)",
+        # seq is the rowid: range scans by seq and MAX(seq) are B-tree seeks.
+        """
+        CREATE TABLE trioflow_events (
+            seq INTEGER PRIMARY KEY,
+            id BLOB(16) UNIQUE NOT NULL,
+            type TEXT NOT NULL,
+            key TEXT,
+            data TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE trioflow_cursors (
+            consumer TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        )
+        """,
+    ),
+    2: (
+        # Sequence numbers are never given twice. The next number is one above
+        # both the highest event present and the high-water mark, which covers
+        # every event ever deleted: before an event above it is deleted, a
+        # trigger raises it to the highest event present. Deleting the newest
+        # events thus no longer makes numbering restart below consumers'
+        # cursors, appends pay nothing for it, and deleting old events (the
+        # mark already covers them) costs one lookup per event.
+        """
+        CREATE TABLE IF NOT EXISTS trioflow_sequence (
+            singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+            high_water INTEGER NOT NULL
+        )
+        """,
+        """
+        INSERT INTO trioflow_sequence (singleton, high_water)
+        SELECT 1, COALESCE(MAX(seq), 0) FROM trioflow_events WHERE true
+        ON CONFLICT (singleton) DO UPDATE SET high_water = MAX(high_water, excluded.high_water)
+        """,
+        """
+        CREATE TRIGGER IF NOT EXISTS trioflow_events_high_water
+        BEFORE DELETE ON trioflow_events
+        WHEN OLD.seq > (SELECT high_water FROM trioflow_sequence)
+        BEGIN
+            UPDATE trioflow_sequence SET high_water = (SELECT MAX(seq) FROM trioflow_events);
+        END
+        """,
+    ),
+}
 _HEAD = "SELECT COALESCE(MAX(seq), 0) FROM trioflow_events"
+# The head, and the high-water mark: the next number is one above both.
+_NUMBERING = (
+    "SELECT (SELECT COALESCE(MAX(seq), 0) FROM trioflow_events),"
+    " (SELECT COALESCE(MAX(high_water), 0) FROM trioflow_sequence)"
+)
+_CURSORS_PAST = (
+    "SELECT consumer, seq FROM trioflow_cursors WHERE seq > ? ORDER BY seq DESC, consumer"
+)
 _INSERT = (
     "INSERT INTO trioflow_events (seq, id, type, key, data, created_at) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -133,7 +178,13 @@ class SQLiteStore(Store):
     Several processes on one machine may open the same file at once: their
     appends queue behind SQLite's write lock and every process reads the same
     log. The file must not live on a network file system (WAL needs shared
-    memory between processes). Sequence numbers start at 1 and have no holes.
+    memory between processes). Sequence numbers start at 1 and have no holes;
+    they are never given twice, even after the newest events are deleted.
+
+    The file is created readable and writable by its owner only (0600). Each
+    write and each poll of `wait_for_append` checks that the path still names
+    the file that was opened: if it was deleted or replaced meanwhile, they
+    raise `StoreError` rather than write where no one will find it.
 
     One instance may be open once at a time; open a second instance on the
     same path to get an independent handle.
@@ -307,13 +358,18 @@ class SQLiteStore(Store):
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[None]:
-        """Connect, create the schema if missing, check its version; close on exit.
+        """Connect, create or migrate the schema, check the cursors; close on exit.
+
+        A file of an older schema version is migrated in place, under the
+        write lock.
 
         Raises:
             ConfigurationError: This instance is already open.
             StoreUnavailableError: The directory does not exist, the file is
                 not a SQLite database, or it cannot be opened or locked.
             SchemaVersionError: The file was written by a newer trioflow.
+            StoreError: A consumer's cursor is past every sequence number the
+                file has given (the file was reset or replaced under it).
         """
         if self._is_open:
             raise ConfigurationError(
@@ -358,14 +414,12 @@ class SQLiteStore(Store):
             )
         writer = self._connection(self._writer)
         with self._errors(f"appending {len(batch)} events"):
-            after, created_at = await trio.to_thread.run_sync(
+            after, first, created_at = await trio.to_thread.run_sync(
                 _append, writer, batch, limiter=self._write_limiter
             )
         self._appended.set()
         self._appended = trio.Event()
-        return Appended(
-            after=after, seqs=range(after + 1, after + 1 + len(batch)), created_at=created_at
-        )
+        return Appended(after=after, seqs=range(first, first + len(batch)), created_at=created_at)
 
     async def read(
         self, after: int, limit: int, *, max_bytes: int | None = None
@@ -555,39 +609,64 @@ class SQLiteStore(Store):
         os.close(descriptor)
 
     def _ensure_schema(self, writer: sqlite3.Connection) -> None:
-        # IMMEDIATE: processes opening a new file at once must not both create
-        # the schema; the second waits, then finds it.
-        writer.execute("BEGIN IMMEDIATE")
-        try:
-            exists = writer.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trioflow_schema'"
-            ).fetchall()
-            if exists:
-                rows = writer.execute("SELECT version FROM trioflow_schema").fetchall()
-                version = rows[0][0] if len(rows) == 1 else None
-                if isinstance(version, int) and version > SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"SQLite store {self._path!r} has schema version {version}, written by "
-                        f"a newer trioflow (this one knows version {SCHEMA_VERSION}); upgrade "
-                        "trioflow, or point the store at another file"
-                    )
-                if version != SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"SQLite store {self._path!r} has an unknown schema version "
-                        f"({version!r}); it was not written by trioflow: point the store at "
-                        "another file"
-                    )
-            else:
-                for statement in _CREATE_SCHEMA:
+        """Create or migrate the schema, then check the cursors (in a worker thread)."""
+        # IMMEDIATE: processes opening a new or old file at once must not
+        # both create or migrate it; the second waits, then finds it done.
+        with _write_transaction(writer):
+            version = self._stored_version(writer)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
                     writer.execute(statement)
-                writer.execute(
-                    "INSERT INTO trioflow_schema (singleton, version) VALUES (1, ?)",
-                    (SCHEMA_VERSION,),
-                )
-            writer.execute("COMMIT")
-        except BaseException:
-            _rollback(writer)
-            raise
+                writer.execute("UPDATE trioflow_schema SET version = ?", (step,))
+        # After the commit: a file whose cursors fail the check is still
+        # migrated, and opens once they are fixed.
+        self._check_cursors(writer)
+
+    def _stored_version(self, writer: sqlite3.Connection) -> int:
+        """The file's schema version, 0 for a file without trioflow's tables."""
+        exists = writer.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trioflow_schema'"
+        ).fetchall()
+        if not exists:
+            return 0
+        rows = writer.execute("SELECT version FROM trioflow_schema").fetchall()
+        version = rows[0][0] if len(rows) == 1 else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"SQLite store {self._path!r} has schema version {version}, written by "
+                f"a newer trioflow (this one knows version {SCHEMA_VERSION}); upgrade "
+                "trioflow, or point the store at another file"
+            )
+        if not isinstance(version, int) or version < 1:
+            raise SchemaVersionError(
+                f"SQLite store {self._path!r} has an unknown schema version "
+                f"({version!r}); it was not written by trioflow: point the store at "
+                "another file"
+            )
+        return version
+
+    def _check_cursors(self, writer: sqlite3.Connection) -> None:
+        """Refuse a file whose cursors are past every sequence number it has given.
+
+        Those consumers would skip the events numbered up to their cursors:
+        the file was reset (its events and high-water mark deleted) or
+        replaced by another under cursors kept from before.
+        """
+        head, high_water = writer.execute(_NUMBERING).fetchall()[0]
+        given = max(head, high_water)
+        past = writer.execute(_CURSORS_PAST, (given,)).fetchall()
+        if not past:
+            return
+        named = ", ".join(f"{consumer!r} (at {seq})" for consumer, seq in past[:10])
+        more = f" and {len(past) - 10} more" if len(past) > 10 else ""
+        raise StoreError(
+            f"SQLite store {self._path!r}: the cursors of consumers {named}{more} are past "
+            f"{given}, the highest sequence number this file has given: the file was reset or "
+            "replaced under its cursors, and those consumers would skip the next events. If "
+            "it is the right file, have numbering continue above the cursors: run `UPDATE "
+            f"trioflow_sequence SET high_water = {past[0][1]}` on it (with the sqlite3 command, "
+            "say) while no process uses it; if it is not, point the store at the right file"
+        )
 
     def _read(
         self, reader: sqlite3.Connection, after: int, limit: int, max_bytes: int | None
@@ -663,13 +742,30 @@ def _rollback(connection: sqlite3.Connection) -> None:
             connection.execute("ROLLBACK")
 
 
-def _append(writer: sqlite3.Connection, batch: list[NewEvent]) -> tuple[int, datetime.datetime]:
-    """Number and insert one batch in one transaction (in a worker thread)."""
-    # IMMEDIATE takes the write lock before MAX(seq) is read, so no other
-    # writer can commit between numbering and commit.
+@contextlib.contextmanager
+def _write_transaction(writer: sqlite3.Connection) -> Iterator[None]:
+    """Hold SQLite's write lock for the block: commit after it, roll back on error."""
+    # IMMEDIATE takes the write lock at once, so what the block reads cannot
+    # change before it commits.
     writer.execute("BEGIN IMMEDIATE")
     try:
-        after: int = writer.execute(_HEAD).fetchall()[0][0]
+        yield
+        writer.execute("COMMIT")
+    except BaseException:
+        _rollback(writer)
+        raise
+
+
+def _append(
+    writer: sqlite3.Connection, batch: list[NewEvent]
+) -> tuple[int, int, datetime.datetime]:
+    """Number and insert one batch in one transaction (in a worker thread).
+
+    Returns the head before the batch, the first number it got, and its time.
+    """
+    with _write_transaction(writer):
+        after, high_water = writer.execute(_NUMBERING).fetchall()[0]
+        first = max(after, high_water) + 1
         # Taken under the lock: created_at follows commit order across writers
         # (as far as the wall clock does).
         now = datetime.datetime.now(datetime.UTC)
@@ -678,14 +774,10 @@ def _append(writer: sqlite3.Connection, batch: list[NewEvent]) -> tuple[int, dat
             _INSERT,
             [
                 (seq, new.id.bytes, new.type, new.key, new.payload, micros)
-                for seq, new in enumerate(batch, start=after + 1)
+                for seq, new in enumerate(batch, start=first)
             ],
         )
-        writer.execute("COMMIT")
-    except BaseException:
-        _rollback(writer)
-        raise
-    return after, now
+    return after, first, now
 
 
 def _head(reader: sqlite3.Connection) -> int:
@@ -700,11 +792,6 @@ def _load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
 
 
 def _commit_cursors(writer: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
-    writer.execute("BEGIN IMMEDIATE")
-    try:
+    with _write_transaction(writer):
         micros = (datetime.datetime.now(datetime.UTC) - _EPOCH) // _MICROSECOND
         writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
-        writer.execute("COMMIT")
-    except BaseException:
-        _rollback(writer)
-        raise
