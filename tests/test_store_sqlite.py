@@ -36,6 +36,19 @@ def make_events(count: int) -> list[NewEvent]:
     return [encode("test.event", {"n": n}, None, ids[n]) for n in range(count)]
 
 
+def recording_app(store: SQLiteStore) -> tuple[trioflow.App, list[int]]:
+    """An App on ``store`` whose one consumer, "audit", notes the seq of every event."""
+    app = trioflow.App(store)
+    handled: list[int] = []
+
+    @app.consumer("audit")
+    async def audit(event: trioflow.Event) -> None:
+        await trio.lowlevel.checkpoint()
+        handled.append(event.seq)
+
+    return app, handled
+
+
 async def read_everything(store: SQLiteStore) -> list[Event]:
     events: list[Event] = []
     while page := await store.read(events[-1].seq if events else 0, 1000):
@@ -454,14 +467,7 @@ async def test_a_consumer_past_deleted_events_handles_the_next_ones(
     tmp_path: pathlib.Path,
 ) -> None:
     path = tmp_path / "t.db"
-    app = trioflow.App(SQLiteStore(path))
-    handled: list[int] = []
-
-    @app.consumer("audit")
-    async def audit(event: trioflow.Event) -> None:
-        await trio.lowlevel.checkpoint()
-        handled.append(event.seq)
-
+    app, handled = recording_app(SQLiteStore(path))
     async with trioflow.open_flow(app) as flow:
         await flow.publish_many([("t", n) for n in range(10)])
         await flow.wait_idle()
@@ -581,6 +587,79 @@ async def test_a_version_1_file_with_cursors_past_its_events_is_refused(
             pass
     # The migration itself was committed; only the open was refused.
     assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+
+
+# -- the file deleted or replaced under a running flow -----------------------------
+
+
+def delete_file(path: pathlib.Path) -> None:
+    path.unlink()
+
+
+def delete_with_its_wal(path: pathlib.Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        pathlib.Path(f"{path}{suffix}").unlink()
+
+
+def move_another_over(path: pathlib.Path) -> None:
+    other = path.with_name("other.db")
+    make_version_1_file(other, 3, {})
+    other.replace(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (delete_file, "deleted or moved away"),
+        (delete_with_its_wal, "deleted or moved away"),
+        (move_another_over, "replaced by another file"),
+    ],
+)
+async def test_a_flow_stops_writing_when_its_file_is_deleted_or_replaced(
+    tmp_path: pathlib.Path, change: Callable[[pathlib.Path], None], what: str
+) -> None:
+    path = tmp_path / "events.db"
+    app, handled = recording_app(SQLiteStore(path, poll_interval=0.01))
+    async with trioflow.open_flow(app) as flow:
+        assert await flow.publish("before") == 1
+        await flow.wait_idle()
+        change(path)
+        for publish in (
+            lambda: flow.publish("after"),
+            lambda: flow.publish_many([("after", 1), ("after", 2)]),
+        ):
+            with pytest.raises(StoreError, match=what) as caught:
+                await publish()
+            message = str(caught.value)
+            assert str(path) in message
+            assert "not in the file" in message
+            assert "Stop every process" in message
+    assert handled == [1]
+
+
+async def test_polls_and_cursor_commits_notice_a_deleted_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "events.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(2))
+        moved = tmp_path / "moved.db"
+        path.rename(moved)
+        with pytest.raises(StoreError, match="deleted or moved away"):
+            await store.wait_for_append(0)
+        with pytest.raises(StoreError, match="deleted or moved away"):
+            await store.commit_cursors({"audit": 2})
+        with pytest.raises(StoreError, match="deleted or moved away"):
+            await store.append(make_events(1))
+        # Reads still come from the file that was opened.
+        assert len(await store.read(0, 10)) == 2
+        # Moved back, it is the store's file again.
+        moved.rename(path)
+        assert await store.wait_for_append(0) == 2
+        assert list((await store.append(make_events(1))).seqs) == [3]
+        await store.commit_cursors({"audit": 3})
+    async with store.open():
+        assert await store.head() == 3
+        assert await store.load_cursors() == {"audit": 3}
 
 
 # -- errors and locking --------------------------------------------------------

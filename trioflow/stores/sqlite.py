@@ -33,8 +33,8 @@ import os
 import sqlite3
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Literal
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Literal, TypeVar
 
 import trio
 
@@ -47,6 +47,9 @@ from .._errors import (
 )
 from .._events import Event, NewEvent, utf8_size
 from ._base import Appended, Store
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 #: The schema version this module creates and understands.
 SCHEMA_VERSION = 2
@@ -253,6 +256,8 @@ class SQLiteStore(Store):
         self._read_limiter = trio.CapacityLimiter(1)
         self._is_open = False
         self._appended = trio.Event()
+        # The opened file's absolute path, device and inode (see _check_file).
+        self._opened: tuple[str, int, int] | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -401,8 +406,9 @@ class SQLiteStore(Store):
         Raises:
             StoreUnavailableError: The write lock was not free within
                 ``busy_timeout``, or the file cannot be used.
-            StoreError: The batch was rolled back for another reason (an event
-                id already in the store, say).
+            StoreError: The batch was rolled back for another reason: an event
+                id already in the store, say, or the path no longer names the
+                file that was opened (it was deleted or replaced).
         """
         batch = list(events)
         if not batch:
@@ -415,7 +421,7 @@ class SQLiteStore(Store):
         writer = self._connection(self._writer)
         with self._errors(f"appending {len(batch)} events"):
             after, first, created_at = await trio.to_thread.run_sync(
-                _append, writer, batch, limiter=self._write_limiter
+                self._write, _append, writer, batch, limiter=self._write_limiter
             )
         self._appended.set()
         self._appended = trio.Event()
@@ -451,10 +457,14 @@ class SQLiteStore(Store):
             )
 
     async def head(self) -> int:
-        """Return the highest committed sequence number (0 if the log is empty)."""
+        """Return the highest committed sequence number (0 if the log is empty).
+
+        Raises:
+            StoreError: The path no longer names the file that was opened.
+        """
         reader = self._connection(self._reader)
         with self._errors("reading the head"):
-            return await trio.to_thread.run_sync(_head, reader, limiter=self._read_limiter)
+            return await trio.to_thread.run_sync(self._head, reader, limiter=self._read_limiter)
 
     async def load_cursors(self) -> dict[str, int]:
         """Return every consumer's committed cursor, by consumer name."""
@@ -478,7 +488,7 @@ class SQLiteStore(Store):
         writer = self._connection(self._writer)
         with self._errors(f"committing {len(items)} cursors"):
             await trio.to_thread.run_sync(
-                _commit_cursors, writer, items, limiter=self._write_limiter
+                self._write, _commit_cursors, writer, items, limiter=self._write_limiter
             )
 
     async def wait_for_append(self, after: int) -> int:
@@ -489,6 +499,10 @@ class SQLiteStore(Store):
         `poll_interval` seconds. A caller that keeps finding events (another
         process publishing) thus keeps polling every few milliseconds. An
         append through this instance ends the wait at once.
+
+        Raises:
+            StoreError: The path no longer names the file that was opened:
+                no other process's events will come.
         """
         delay = min(_FIRST_POLL, self.poll_interval)
         while True:
@@ -530,6 +544,7 @@ class SQLiteStore(Store):
     async def _close(self) -> None:
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
+        self._opened = None
         # Through the limiters, so a call still running in a worker thread
         # finishes before its connection is closed under it.
         if reader is not None:
@@ -575,6 +590,10 @@ class SQLiteStore(Store):
                     f"(it stays in {mode!r} mode); use a file on a local file system"
                 )
             self._ensure_schema(writer)
+            # Once the writer has the file open: from now on each write and
+            # each poll checks that the path still names this file.
+            opened = os.stat(path)
+            self._opened = (path, opened.st_dev, opened.st_ino)
             reader = self._new_connection(path)
             try:
                 # A guard: the reader must never write, writes go through the
@@ -587,6 +606,60 @@ class SQLiteStore(Store):
             writer.close()
             raise
         return writer, reader
+
+    def _write(
+        self,
+        work: Callable[[sqlite3.Connection, _T], _R],
+        writer: sqlite3.Connection,
+        argument: _T,
+    ) -> _R:
+        """Run ``work`` in a write transaction on the file opened (in a worker thread)."""
+        with _write_transaction(writer):
+            # Under the write lock, just before the writes it guards.
+            self._check_file()
+            return work(writer, argument)
+
+    def _head(self, reader: sqlite3.Connection) -> int:
+        self._check_file()
+        # fetchall, not fetchone: it steps the statement to its end, which ends
+        # the read transaction instead of leaving the snapshot pinned.
+        head: int = reader.execute(_HEAD).fetchall()[0][0]
+        return head
+
+    def _check_file(self) -> None:
+        """Raise StoreError unless the path still names the file that was opened.
+
+        SQLite goes on writing to a file deleted, moved or replaced while it
+        is open, and publishes would go on succeeding into a file no one will
+        open again. A stat of the path (a microsecond or two) tells.
+        """
+        if self._opened is None:
+            return
+        path, device, inode = self._opened
+        try:
+            now = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreError(
+                f"SQLite store {self._path!r}: the database file was deleted or moved away "
+                "while the store was open, so nothing more is written: events and cursors "
+                "committed since are not in the file the path names now (there is none). "
+                "Stop every process using the store, put the file back with its -wal and -shm "
+                "files (or restore a backup, or start afresh), then start them again"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"SQLite store {self._path!r}: cannot check that the database file is still "
+                f"there ({exc}); check the permissions of its directory"
+            ) from exc
+        if (now.st_dev, now.st_ino) != (device, inode):
+            raise StoreError(
+                f"SQLite store {self._path!r}: the database file was replaced by another file "
+                f"while the store was open (device {device} inode {inode}, now device "
+                f"{now.st_dev} inode {now.st_ino}), so nothing more is written: events and "
+                "cursors committed since are in the file that was replaced, not in the file "
+                "the path names now. Stop every process using the store, keep the file you "
+                "want at the path (with its own -wal and -shm files), then start them again"
+            )
 
     def _create_private(self, path: str) -> None:
         """Create the file readable and writable by its owner only, unless it exists.
@@ -759,32 +832,24 @@ def _write_transaction(writer: sqlite3.Connection) -> Iterator[None]:
 def _append(
     writer: sqlite3.Connection, batch: list[NewEvent]
 ) -> tuple[int, int, datetime.datetime]:
-    """Number and insert one batch in one transaction (in a worker thread).
+    """Number and insert one batch, in a write transaction (in a worker thread).
 
     Returns the head before the batch, the first number it got, and its time.
     """
-    with _write_transaction(writer):
-        after, high_water = writer.execute(_NUMBERING).fetchall()[0]
-        first = max(after, high_water) + 1
-        # Taken under the lock: created_at follows commit order across writers
-        # (as far as the wall clock does).
-        now = datetime.datetime.now(datetime.UTC)
-        micros = (now - _EPOCH) // _MICROSECOND
-        writer.executemany(
-            _INSERT,
-            [
-                (seq, new.id.bytes, new.type, new.key, new.payload, micros)
-                for seq, new in enumerate(batch, start=first)
-            ],
-        )
+    after, high_water = writer.execute(_NUMBERING).fetchall()[0]
+    first = max(after, high_water) + 1
+    # Taken under the lock: created_at follows commit order across writers
+    # (as far as the wall clock does).
+    now = datetime.datetime.now(datetime.UTC)
+    micros = (now - _EPOCH) // _MICROSECOND
+    writer.executemany(
+        _INSERT,
+        [
+            (seq, new.id.bytes, new.type, new.key, new.payload, micros)
+            for seq, new in enumerate(batch, start=first)
+        ],
+    )
     return after, first, now
-
-
-def _head(reader: sqlite3.Connection) -> int:
-    # fetchall, not fetchone: it steps the statement to its end, which ends
-    # the read transaction instead of leaving the snapshot pinned.
-    head: int = reader.execute(_HEAD).fetchall()[0][0]
-    return head
 
 
 def _load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
@@ -792,6 +857,6 @@ def _load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
 
 
 def _commit_cursors(writer: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
-    with _write_transaction(writer):
-        micros = (datetime.datetime.now(datetime.UTC) - _EPOCH) // _MICROSECOND
-        writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
+    """Insert or move forward cursors, in a write transaction (in a worker thread)."""
+    micros = (datetime.datetime.now(datetime.UTC) - _EPOCH) // _MICROSECOND
+    writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
