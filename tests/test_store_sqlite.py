@@ -307,6 +307,18 @@ async def test_an_existing_file_keeps_its_mode(tmp_path: pathlib.Path, mode: int
         assert await store.head() == 1
 
 
+async def test_a_relative_path_when_the_working_directory_is_gone(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(StoreUnavailableError, match="opening the database failed"):
+        async with SQLiteStore("relative.db").open():
+            pass
+
+
 async def test_open_twice(tmp_path: pathlib.Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     async with store.open():

@@ -527,7 +527,7 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
-        """Translate sqlite3's exceptions into trioflow's, at this one boundary."""
+        """Translate sqlite3's (and the file system's) exceptions into trioflow's, here only."""
         try:
             yield
         except sqlite3.Error as exc:
@@ -540,6 +540,13 @@ class SQLiteStore(Store):
                     + hint.format(busy_timeout=self._busy_timeout)
                 ) from exc
             raise StoreError(f"SQLite store {self._path!r}: {action} failed: {exc}") from exc
+        except OSError as exc:
+            # From the file checks around sqlite3 (a working directory that
+            # no longer exists, a file that went while it was being opened).
+            raise StoreUnavailableError(
+                f"SQLite store {self._path!r}: {action} failed: {exc}; check that the file's "
+                "directory exists and that this process may use it"
+            ) from exc
 
     async def _close(self) -> None:
         writer, reader = self._writer, self._reader
