@@ -199,9 +199,7 @@ def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> 
             f"data of event {event_type!r} has dict keys that are not str; JSON would turn "
             "them into strings and a replay would differ from live delivery: use str keys"
         )
-    return NewEvent(
-        id=event_id, type=event_type, key=key, payload=payload, data=decoded, size=size
-    )
+    return NewEvent(id=event_id, type=event_type, key=key, payload=payload, data=decoded, size=size)
 
 
 def _too_deep(event_type: str) -> InvalidEventError:

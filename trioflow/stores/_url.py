@@ -35,8 +35,7 @@ def store_from_url(url: str) -> Store:
         scheme = url.partition(":")[0].lower()
         if scheme not in ("postgresql", "postgres"):
             raise UnknownStoreError(
-                f"store URL {url!r} is malformed (an unbalanced '[' or ']'?); "
-                f"use one of {_SCHEMES}"
+                f"store URL {url!r} is malformed (an unbalanced '[' or ']'?); use one of {_SCHEMES}"
             ) from None
     if scheme == "memory":
         from .memory import MemoryStore

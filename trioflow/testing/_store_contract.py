@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .._errors import ConfigurationError, StoreError
-from .._events import MAX_DATA_BYTES, MAX_DEPTH, JSON, Event, NewEvent, encode, new_ids
+from .._events import JSON, MAX_DATA_BYTES, MAX_DEPTH, Event, NewEvent, encode, new_ids
 from ..stores._base import Appended, Store
 from ..stores._url import store_from_url
 
@@ -57,16 +57,40 @@ _json: st.SearchStrategy[JSON] = st.recursive(
     # What users publish at the edges of what trioflow accepts: values nested
     # as deeply as allowed, and large texts (non-ASCII ones too).
     st.builds(nested, st.integers(MAX_DEPTH - 3, MAX_DEPTH), _scalars),
-    st.builds(lambda n, c: c * n, st.integers(100_000, 1_000_000), st.sampled_from("xé🎉\\\"")),
+    st.builds(lambda n, c: c * n, st.integers(100_000, 1_000_000), st.sampled_from('xé🎉\\"')),
 )
 _event_items = st.tuples(st.text(_chars, min_size=1, max_size=20), _json, st.none() | _text)
 
 #: Pieces that turn a valid store URL into a malformed or odd one.
 _URL_DAMAGE = st.sampled_from(
     [
-        "[", "]", "[::1", "%", "%zz", "%00", "\x00", "?", "&", "=", "#", ":", "@", "/", "//",
-        " ", "é", ":99999", ":-1", ":port", "?x=1", "&&", "?poll_interval=nan",
-        "?poll_interval=-1", "?schema=", "?busy_timeout=1e999", "\n",
+        "[",
+        "]",
+        "[::1",
+        "%",
+        "%zz",
+        "%00",
+        "\x00",
+        "?",
+        "&",
+        "=",
+        "#",
+        ":",
+        "@",
+        "/",
+        "//",
+        " ",
+        "é",
+        ":99999",
+        ":-1",
+        ":port",
+        "?x=1",
+        "&&",
+        "?poll_interval=nan",
+        "?poll_interval=-1",
+        "?schema=",
+        "?busy_timeout=1e999",
+        "\n",
     ]
 )
 
@@ -552,9 +576,7 @@ class StoreContract:
         suppress_health_check=[HealthCheck.differing_executors],
     )
     @given(data=st.data())
-    async def test_damaged_store_urls_raise_configuration_errors(
-        self, data: st.DataObject
-    ) -> None:
+    async def test_damaged_store_urls_raise_configuration_errors(self, data: st.DataObject) -> None:
         """A malformed URL raises a `ConfigurationError` that keeps secrets out."""
         await trio.lowlevel.checkpoint()
         if not self.store_urls:
