@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import pathlib
+import random
 import sqlite3
+import stat
 import subprocess
 import sys
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
 import trio.testing
 
+import trioflow
 from trioflow._errors import (
     ConfigurationError,
     SchemaVersionError,
@@ -23,7 +28,7 @@ from trioflow._errors import (
 )
 from trioflow._events import Event, NewEvent, encode, new_ids
 from trioflow.stores import store_from_url
-from trioflow.stores.sqlite import SQLiteStore
+from trioflow.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
 
 def make_events(count: int) -> list[NewEvent]:
@@ -31,11 +36,33 @@ def make_events(count: int) -> list[NewEvent]:
     return [encode("test.event", {"n": n}, None, ids[n]) for n in range(count)]
 
 
+def recording_app(store: SQLiteStore) -> tuple[trioflow.App, list[int]]:
+    """An App on ``store`` whose one consumer, "audit", notes the seq of every event."""
+    app = trioflow.App(store)
+    handled: list[int] = []
+
+    @app.consumer("audit")
+    async def audit(event: trioflow.Event) -> None:
+        await trio.lowlevel.checkpoint()
+        handled.append(event.seq)
+
+    return app, handled
+
+
 async def read_everything(store: SQLiteStore) -> list[Event]:
     events: list[Event] = []
     while page := await store.read(events[-1].seq if events else 0, 1000):
         events += page
     return events
+
+
+def write_raw(path: pathlib.Path, statement: str, *parameters: object) -> None:
+    """Run one statement on the file with plain sqlite3, as another program would."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute(statement, parameters)
+    finally:
+        raw.close()
 
 
 # -- URLs and options ----------------------------------------------------------
@@ -97,6 +124,12 @@ def test_url(
         ("sqlite:///app.db?poll_interval=nan", "poll_interval must be a finite number"),
         ("sqlite:///app.db?poll_interval=inf", "poll_interval must be a finite number"),
         ("sqlite:///app.db?busy_timeout=-1", r"busy_timeout must be .* >= 0"),
+        ("sqlite:///%00x.db", "NUL"),
+        ("sqlite:///x\x00.db", "NUL"),
+        ("sqlite:///data%2F%00/x.db?synchronous=normal", "NUL"),
+        ("sqlite:///\ud800.db", "cannot be encoded"),
+        ("sqlite://[/x.db", "malformed"),
+        ("sqlite://[x]/e.db", "malformed"),
     ],
 )
 @pytest.mark.parametrize("parse", [SQLiteStore.from_url, store_from_url])
@@ -109,6 +142,8 @@ def test_bad_url(parse: Callable[[str], object], url: str, message: str) -> None
 def test_from_url_rejects_another_scheme() -> None:
     with pytest.raises(UnknownStoreError, match="not a sqlite: URL"):
         SQLiteStore.from_url("memory://")
+    with pytest.raises(UnknownStoreError, match="must be a str"):
+        SQLiteStore.from_url(b"sqlite:///app.db")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -121,11 +156,20 @@ def test_from_url_rejects_another_scheme() -> None:
         ({"path": "a.db", "poll_interval": True}, "poll_interval"),
         ({"path": "a.db", "busy_timeout": -0.5}, "busy_timeout"),
         ({"path": "a.db", "busy_timeout": float("inf")}, "busy_timeout"),
+        ({"path": "a\x00.db"}, "NUL"),
+        ({"path": pathlib.Path("dir\x00") / "a.db"}, "NUL"),
+        ({"path": "\ud800.db"}, "cannot be encoded"),
     ],
 )
 def test_bad_options(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         SQLiteStore(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_app_refuses_a_nul_in_the_path() -> None:
+    # sqlite3 would only fail at open, with a bare ValueError.
+    with pytest.raises(UnknownStoreError, match="NUL"):
+        trioflow.App("sqlite:///%00x.db")
 
 
 async def test_relative_url_is_relative_to_the_working_directory(
@@ -167,17 +211,14 @@ async def test_pragmas(tmp_path: pathlib.Path) -> None:
                 ("trioflow_cursors",),
                 ("trioflow_events",),
                 ("trioflow_schema",),
+                ("trioflow_sequence",),
             ]
-            assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(1,)]
+            assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(2,)]
         raw.close()
 
 
 def set_schema_version(path: pathlib.Path, version: int) -> None:
-    raw = sqlite3.connect(path, isolation_level=None)
-    try:
-        raw.execute("UPDATE trioflow_schema SET version = ?", (version,))
-    finally:
-        raw.close()
+    write_raw(path, "UPDATE trioflow_schema SET version = ?", version)
 
 
 async def test_newer_schema_version(tmp_path: pathlib.Path) -> None:
@@ -185,12 +226,12 @@ async def test_newer_schema_version(tmp_path: pathlib.Path) -> None:
     store = SQLiteStore(path)
     async with store.open():
         await store.append(make_events(2))
-    set_schema_version(path, 2)
+    set_schema_version(path, SCHEMA_VERSION + 1)
     with pytest.raises(SchemaVersionError, match=r"newer trioflow.*upgrade trioflow"):
         async with store.open():
             pytest.fail("opened a store with a newer schema")
     # A failed open leaves the instance closed and reusable.
-    set_schema_version(path, 1)
+    set_schema_version(path, SCHEMA_VERSION)
     async with store.open():
         assert await store.head() == 2
 
@@ -223,6 +264,59 @@ async def test_missing_directory(tmp_path: pathlib.Path) -> None:
             pass
     assert str(path.parent) in str(caught.value)
     assert not path.parent.exists()
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, under which SQLite would create files 0644."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def modes(path: pathlib.Path) -> dict[str, int]:
+    """The permission bits of the database file and of its -wal and -shm files."""
+    return {
+        suffix: stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) for suffix in ("", "-wal", "-shm")
+    }
+
+
+@pytest.mark.usefixtures("umask_022")
+async def test_a_new_file_is_readable_by_its_owner_only(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(1))
+        # SQLite gives the -wal and -shm files the database file's mode.
+        assert modes(path) == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+@pytest.mark.usefixtures("umask_022")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o660])
+async def test_an_existing_file_keeps_its_mode(tmp_path: pathlib.Path, mode: int) -> None:
+    path = tmp_path / "t.db"
+    path.touch()
+    path.chmod(mode)
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(1))
+        assert modes(path) == {"": mode, "-wal": mode, "-shm": mode}
+    async with store.open():
+        assert await store.head() == 1
+
+
+async def test_a_relative_path_when_the_working_directory_is_gone(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(StoreUnavailableError, match="opening the database failed"):
+        async with SQLiteStore("relative.db").open():
+            pass
 
 
 async def test_open_twice(tmp_path: pathlib.Path) -> None:
@@ -260,6 +354,324 @@ async def test_closed_when_the_block_is_cancelled(tmp_path: pathlib.Path) -> Non
     # And it can be opened again.
     async with store.open():
         assert await store.head() == 0
+
+
+# -- sequence numbers and schema versions ------------------------------------------
+
+#: The schema trioflow 0.1 wrote (version 1), exactly as it created it. A copy on
+#: purpose: the store's migrations may change, the files users have do not.
+_VERSION_1_SCHEMA = (
+    """
+    CREATE TABLE trioflow_schema (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        version INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE trioflow_events (
+        seq INTEGER PRIMARY KEY,
+        id BLOB(16) UNIQUE NOT NULL,
+        type TEXT NOT NULL,
+        key TEXT,
+        data TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE trioflow_cursors (
+        consumer TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )
+    """,
+    "INSERT INTO trioflow_schema (singleton, version) VALUES (1, 1)",
+)
+
+
+def make_version_1_file(path: pathlib.Path, events: int, cursors: dict[str, int]) -> None:
+    """A file as trioflow 0.1 left it: WAL mode, events 1..``events``, ``cursors``."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute("PRAGMA journal_mode = WAL")
+        raw.execute("BEGIN IMMEDIATE")
+        for statement in _VERSION_1_SCHEMA:
+            raw.execute(statement)
+        raw.executemany(
+            "INSERT INTO trioflow_events (seq, id, type, key, data, created_at)"
+            " VALUES (?, ?, 'old.event', NULL, ?, 1700000000000000)",
+            [(n, new_ids(1)[0].bytes, json.dumps({"n": n})) for n in range(1, events + 1)],
+        )
+        raw.executemany(
+            "INSERT INTO trioflow_cursors (consumer, seq, updated_at) VALUES (?, ?, 0)",
+            cursors.items(),
+        )
+        raw.execute("COMMIT")
+    finally:
+        raw.close()
+
+
+def read_raw(path: pathlib.Path, query: str) -> list[tuple[object, ...]]:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute(query).fetchall()
+    finally:
+        raw.close()
+
+
+async def test_seqs_are_never_reused_after_the_newest_events_are_deleted(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(10))
+        write_raw(path, "DELETE FROM trioflow_events WHERE seq > 5")
+        assert await store.head() == 5
+        appended = await store.append(make_events(2))
+        assert appended.after == 5
+        assert list(appended.seqs) == [11, 12]
+        assert await store.head() == 12
+        write_raw(path, "DELETE FROM trioflow_events")
+        assert list((await store.append(make_events(1))).seqs) == [13]
+    # The high-water mark is in the file: it outlives the store's handles.
+    write_raw(path, "DELETE FROM trioflow_events")
+    async with store.open():
+        assert await store.head() == 0
+        assert list((await store.append(make_events(1))).seqs) == [14]
+        assert [event.seq for event in await read_everything(store)] == [14]
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_no_deletion_makes_a_number_be_given_twice(tmp_path: pathlib.Path, seed: int) -> None:
+    rng = random.Random(seed)
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    given: list[int] = []
+    async with store.open():
+        for _ in range(40):
+            appended = await store.append(make_events(rng.randint(1, 5)))
+            assert appended.seqs[0] == max(given, default=0) + 1, f"seed {seed}"
+            given += appended.seqs
+            # Deleted as another program, or a future prune, would: the oldest
+            # events, the newest, a range between, everything; several
+            # statements in one transaction, or one.
+            statements = rng.choice(
+                [
+                    ["DELETE FROM trioflow_events WHERE seq <= ?"],
+                    ["DELETE FROM trioflow_events WHERE seq > ?"],
+                    ["DELETE FROM trioflow_events WHERE seq BETWEEN ? - 3 AND ?"],
+                    ["DELETE FROM trioflow_events WHERE seq < ?", "DELETE FROM trioflow_events"],
+                    [],
+                ]
+            )
+            at = rng.randint(0, given[-1])
+            raw = sqlite3.connect(path, isolation_level=None)
+            try:
+                raw.execute("BEGIN")
+                for statement in statements:
+                    raw.execute(statement, (at,) * statement.count("?"))
+                raw.execute("COMMIT")
+            finally:
+                raw.close()
+
+
+async def test_a_consumer_past_deleted_events_handles_the_next_ones(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "t.db"
+    app, handled = recording_app(SQLiteStore(path))
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("t", n) for n in range(10)])
+        await flow.wait_idle()
+    write_raw(path, "DELETE FROM trioflow_events WHERE seq > 5")
+    async with trioflow.open_flow(app) as flow:
+        seqs = await flow.publish_many([("t", 10), ("t", 11)])
+        await flow.wait_idle()
+        audit_stats = flow.statistics().consumers["audit"]
+    assert seqs == [11, 12]
+    assert handled == list(range(1, 13))
+    assert (audit_stats.cursor, audit_stats.lag) == (12, 0)
+
+
+async def test_a_version_1_file_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 7, {"audit": 7, "mailer": 3})
+    old_events = read_raw(path, "SELECT * FROM trioflow_events ORDER BY seq")
+    store = SQLiteStore(path)
+    async with store.open():
+        assert await store.head() == 7
+        assert await store.load_cursors() == {"audit": 7, "mailer": 3}
+        events = await read_everything(store)
+        assert [(event.seq, event.data) for event in events] == [(n, {"n": n}) for n in range(1, 8)]
+        assert list((await store.append(make_events(1))).seqs) == [8]
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(7,)]
+    assert read_raw(path, "SELECT * FROM trioflow_events WHERE seq <= 7") == old_events
+    # Numbering continues above every number given, before and after.
+    write_raw(path, "DELETE FROM trioflow_events WHERE seq > 2")
+    async with store.open():
+        assert list((await store.append(make_events(1))).seqs) == [9]
+
+
+async def test_migration_waits_for_the_write_lock(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 3, {})
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailableError, match="locked"):
+            async with SQLiteStore(path, busy_timeout=0.05).open():
+                pass
+        assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(1,)]
+        raw.execute("ROLLBACK")
+    finally:
+        raw.close()
+    async with SQLiteStore(path).open():
+        pass
+    assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(3,)]
+
+
+# Opens the store named on the command line once "go" comes on stdin, and
+# prints the number its first append got.
+_MIGRATOR = """
+import sys
+import trio
+from trioflow._events import encode, new_ids
+from trioflow.stores.sqlite import SQLiteStore
+
+async def main(path):
+    print("ready", flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)
+    async with (store := SQLiteStore(path)).open():
+        appended = await store.append([encode("new", None, None, new_ids(1)[0])])
+    print(appended.seqs[0], flush=True)
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_a_version_1_file_at_once_migrate_it_once(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 5, {"audit": 5})
+    outputs = run_together([[str(path)]] * 4, _MIGRATOR)
+    assert sorted(int(stdout.split()[-1]) for stdout in outputs) == [6, 7, 8, 9]
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(5,)]
+    assert read_raw(path, "SELECT consumer, seq FROM trioflow_cursors") == [("audit", 5)]
+
+
+async def test_cursors_past_the_high_water_mark_are_refused_at_open(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(5))
+        await store.commit_cursors({"audit": 9, "mailer": 3, "billing": 7})
+    with pytest.raises(StoreError) as caught:
+        async with store.open():
+            pytest.fail("opened a file whose cursors are past its high-water mark")
+    message = str(caught.value)
+    assert not isinstance(caught.value, StoreUnavailableError)
+    for part in (str(path), "'audit' (at 9), 'billing' (at 7) are past 5,", "reset or replaced"):
+        assert part in message
+    assert "mailer" not in message
+    # What the message says to do, if this is the right file.
+    fix = "UPDATE trioflow_sequence SET high_water = 9"
+    assert f"`{fix}`" in message
+    write_raw(path, fix)
+    async with store.open():
+        assert list((await store.append(make_events(1))).seqs) == [10]
+
+
+async def test_a_version_1_file_with_cursors_past_its_events_is_refused(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Under version 1, deleting the newest events made numbering restart
+    # below the cursors: the consumers would have skipped the next events.
+    path = tmp_path / "old.db"
+    make_version_1_file(path, 5, {"audit": 8, "mailer": 5})
+    with pytest.raises(StoreError, match=r"'audit' \(at 8\) are past 5,"):
+        async with SQLiteStore(path).open():
+            pass
+    # The migration itself was committed; only the open was refused.
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+
+
+# -- the file deleted or replaced under a running flow -----------------------------
+
+
+def delete_file(path: pathlib.Path) -> None:
+    path.unlink()
+
+
+def delete_with_its_wal(path: pathlib.Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        pathlib.Path(f"{path}{suffix}").unlink()
+
+
+def move_another_over(path: pathlib.Path) -> None:
+    other = path.with_name("other.db")
+    make_version_1_file(other, 3, {})
+    other.replace(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (delete_file, "deleted or moved away"),
+        (delete_with_its_wal, "deleted or moved away"),
+        (move_another_over, "replaced by another file"),
+    ],
+)
+async def test_a_flow_stops_writing_when_its_file_is_deleted_or_replaced(
+    tmp_path: pathlib.Path, change: Callable[[pathlib.Path], None], what: str
+) -> None:
+    path = tmp_path / "events.db"
+    app, handled = recording_app(SQLiteStore(path, poll_interval=0.01))
+    async with trioflow.open_flow(app) as flow:
+        assert await flow.publish("before") == 1
+        await flow.wait_idle()
+        change(path)
+        for publish in (
+            lambda: flow.publish("after"),
+            lambda: flow.publish_many([("after", 1), ("after", 2)]),
+        ):
+            with pytest.raises(StoreError, match=what) as caught:
+                await publish()
+            message = str(caught.value)
+            assert str(path) in message
+            assert "not in the file" in message
+            assert "Stop every process" in message
+    assert handled == [1]
+
+
+async def test_polls_and_cursor_commits_notice_a_deleted_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "events.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await store.append(make_events(2))
+        moved = tmp_path / "moved.db"
+        path.rename(moved)
+        with pytest.raises(StoreError, match="deleted or moved away"):
+            await store.wait_for_append(0)
+        with pytest.raises(StoreError, match="deleted or moved away"):
+            await store.commit_cursors({"audit": 2})
+        with pytest.raises(StoreError, match="deleted or moved away"):
+            await store.append(make_events(1))
+        # Reads still come from the file that was opened.
+        assert len(await store.read(0, 10)) == 2
+        # Moved back, it is the store's file again.
+        moved.rename(path)
+        assert await store.wait_for_append(0) == 2
+        assert list((await store.append(make_events(1))).seqs) == [3]
+        await store.commit_cursors({"audit": 3})
+    async with store.open():
+        assert await store.head() == 3
+        assert await store.load_cursors() == {"audit": 3}
 
 
 # -- errors and locking --------------------------------------------------------
@@ -362,18 +774,71 @@ async def test_duplicate_event_id_rolls_back_the_batch(tmp_path: pathlib.Path) -
         assert [event.id for event in await read_everything(store)] == [e.id for e in first]
 
 
-async def test_corrupt_event_data(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("data", "not json"),
+        # Deeper than any JSON decoder's recursion allows: RecursionError.
+        ("data", "[" * 5000 + "]" * 5000),
+        ("data", '{"a": [1, 2}'),
+        ("data", b"\x80 not text"),
+        ("id", b"too short"),
+        ("created_at", "yesterday"),
+        ("created_at", 2**62),
+    ],
+)
+async def test_an_undecodable_event_is_a_store_error_naming_its_seq(
+    tmp_path: pathlib.Path, column: str, value: object
+) -> None:
     path = tmp_path / "t.db"
     store = SQLiteStore(path)
     async with store.open():
-        await store.append(make_events(1))
-        raw = sqlite3.connect(path, isolation_level=None)
+        await store.append(make_events(3))
+        write_raw(path, f"UPDATE trioflow_events SET {column} = ? WHERE seq = 2", value)
+        for after, limit in ((0, 10), (1, 1), (1, 5)):
+            with pytest.raises(StoreError, match="event 2 cannot be decoded") as caught:
+                await store.read(after, limit)
+            assert str(path) in str(caught.value)
+            assert not isinstance(caught.value, StoreUnavailableError)
+        # The events around it still read.
+        assert [event.seq for event in await store.read(0, 1)] == [1]
+        assert [event.seq for event in await store.read(2, 10)] == [3]
+
+
+async def test_event_size_is_the_stored_text_in_utf8_bytes(tmp_path: pathlib.Path) -> None:
+    # Written by another program: not the compact form trioflow writes.
+    text = ' { "é" : [1, 2] } '
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        write_raw(
+            path,
+            "INSERT INTO trioflow_events (seq, id, type, key, data, created_at)"
+            " VALUES (1, ?, 't', NULL, ?, 0)",
+            new_ids(1)[0].bytes,
+            text,
+        )
+        [event] = await store.read(0, 10)
+        assert event.data == {"é": [1, 2]}
+        assert event.size == len(text.encode()) == 19
+
+
+async def test_a_page_bounded_by_bytes_stops_reading_rows(tmp_path: pathlib.Path) -> None:
+    megabyte = 1_000_000
+    ids = new_ids(20)
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        await store.append([encode("big", "x" * megabyte, None, ids[n]) for n in range(20)])
+        tracemalloc.start()
         try:
-            raw.execute("UPDATE trioflow_events SET data = 'not json'")
+            page = await store.read(0, 20, max_bytes=2 * megabyte + 100)
+            _, peak = tracemalloc.get_traced_memory()
         finally:
-            raw.close()
-        with pytest.raises(StoreError, match="event 1 cannot be decoded"):
-            await store.read(0, 10)
+            tracemalloc.stop()
+    assert [event.seq for event in page] == [1, 2]
+    # Two events kept (text and decoded value each), at most the next row's
+    # text looked at and dropped: nowhere near the 20 MB of the whole page.
+    assert peak < 6 * megabyte, f"peak {peak:,} bytes"
 
 
 async def test_large_arguments_are_clamped(tmp_path: pathlib.Path) -> None:
@@ -400,7 +865,7 @@ _WRITER = """
 import json, random, sys
 import trio
 from trioflow._events import encode, new_ids
-from trioflow.stores.sqlite import SQLiteStore
+from trioflow.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
 async def main(path, writer, total):
     rng = random.Random(writer)
@@ -429,38 +894,50 @@ trio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 """
 
 
-@pytest.mark.slow
-def test_two_processes_append_to_one_file(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "shared.db"
-    per_writer = 500
-    writers = [
+def run_together(arguments: list[list[str]], script: str) -> list[str]:
+    """Run ``script`` once per argument list, released at once; return their stdouts.
+
+    Each child prints "ready", waits for a line on stdin, does its work and
+    exits; a child that fails fails the test with its stderr.
+    """
+    children = [
         subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), str(writer), str(per_writer)],
+            [sys.executable, "-c", script, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for writer in (0, 1)
+        for args in arguments
     ]
     try:
-        for process in writers:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            assert line == "ready\n", process.communicate(timeout=60)[1]
-        for process in writers:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        outputs = [process.communicate(timeout=120) for process in writers]
+        for child in children:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line == "ready\n", child.communicate(timeout=60)[1]
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outputs = [child.communicate(timeout=120) for child in children]
     finally:
-        for process in writers:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    for process, (_, stderr) in zip(writers, outputs, strict=True):
-        assert process.returncode == 0, stderr
-    reported = [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    for child, (_, stderr) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, stderr
+    return [stdout for stdout, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_append_to_one_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "shared.db"
+    per_writer = 500
+    outputs = run_together(
+        [[str(path), str(writer), str(per_writer)] for writer in (0, 1)], _WRITER
+    )
+    reported = [json.loads(stdout.splitlines()[-1]) for stdout in outputs]
 
     async def read_back() -> list[Event]:
         store = SQLiteStore(path)

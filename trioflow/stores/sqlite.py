@@ -9,9 +9,12 @@ lock (``busy_timeout`` bounds that wait).
 
 Why reads are gap-free even with several writing processes: ``append`` first
 takes SQLite's write lock (``BEGIN IMMEDIATE``), then numbers its batch from
-``MAX(seq) + 1`` and commits. The lock serialises writers, so batches commit
-in sequence-number order and every snapshot a reader sees holds a prefix of
-the log. For the same reason sequence numbers have no holes.
+one above the highest number given so far and commits. The lock serialises
+writers, so batches commit in sequence-number order and every snapshot a
+reader sees holds a prefix of the log. For the same reason sequence numbers
+have no holes. The highest number given is the highest event present or, if
+the newest events were deleted, the high-water mark a trigger keeps above
+every deleted event: a number is never given twice.
 
 SQLite cannot tell one process about another's commits, so `wait_for_append`
 polls: every 5 ms at first, then twice as long after each empty poll, up to
@@ -30,8 +33,8 @@ import os
 import sqlite3
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Literal
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Literal, TypeVar
 
 import trio
 
@@ -42,11 +45,14 @@ from .._errors import (
     StoreUnavailableError,
     UnknownStoreError,
 )
-from .._events import Event, NewEvent
+from .._events import Event, NewEvent, utf8_size
 from ._base import Appended, Store
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
 #: The schema version this module creates and understands.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DEFAULT_POLL_INTERVAL = 0.1
 #: Seconds before `SQLiteStore.wait_for_append` first polls; it doubles up to `poll_interval`.
@@ -63,34 +69,76 @@ _decode = json.JSONDecoder().decode
 _URL_OPTIONS = "synchronous=full|normal, poll_interval=<seconds > 0>, busy_timeout=<seconds >= 0>"
 _URL_FORMS = "sqlite:///relative/path.db or sqlite:////absolute/path.db"
 
-_CREATE_SCHEMA = (
-    # One row, enforced by the CHECK, so the version can never be ambiguous.
-    """
-    CREATE TABLE trioflow_schema (
-        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
-        version INTEGER NOT NULL
-    )
-    """,
-    # seq is the rowid: range scans by seq and MAX(seq) are B-tree seeks.
-    """
-    CREATE TABLE trioflow_events (
-        seq INTEGER PRIMARY KEY,
-        id BLOB(16) UNIQUE NOT NULL,
-        type TEXT NOT NULL,
-        key TEXT,
-        data TEXT NOT NULL,
-        created_at INTEGER NOT NULL
-    )
-    """,
-    """
-    CREATE TABLE trioflow_cursors (
-        consumer TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    )
-    """,
-)
+#: What brings a file from the version before to each version. A file's
+#: migrations run in one transaction under the write lock, so processes that
+#: open an old file at once migrate it once. Version 1 creates the tables.
+_MIGRATIONS: Mapping[int, Sequence[str]] = {
+    1: (
+        # One row, enforced by the CHECK, so the version can never be ambiguous.
+        """
+        CREATE TABLE trioflow_schema (
+            singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+            version INTEGER NOT NULL
+        )
+        """,
+        "INSERT INTO trioflow_schema (singleton, version) VALUES (1, 1)",
+        # seq is the rowid: range scans by seq and MAX(seq) are B-tree seeks.
+        """
+        CREATE TABLE trioflow_events (
+            seq INTEGER PRIMARY KEY,
+            id BLOB(16) UNIQUE NOT NULL,
+            type TEXT NOT NULL,
+            key TEXT,
+            data TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE trioflow_cursors (
+            consumer TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        )
+        """,
+    ),
+    2: (
+        # Sequence numbers are never given twice. The next number is one above
+        # both the highest event present and the high-water mark, which covers
+        # every event ever deleted: before an event above it is deleted, a
+        # trigger raises it to the highest event present. Deleting the newest
+        # events thus no longer makes numbering restart below consumers'
+        # cursors, appends pay nothing for it, and deleting old events (the
+        # mark already covers them) costs one lookup per event.
+        """
+        CREATE TABLE IF NOT EXISTS trioflow_sequence (
+            singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+            high_water INTEGER NOT NULL
+        )
+        """,
+        """
+        INSERT INTO trioflow_sequence (singleton, high_water)
+        SELECT 1, COALESCE(MAX(seq), 0) FROM trioflow_events WHERE true
+        ON CONFLICT (singleton) DO UPDATE SET high_water = MAX(high_water, excluded.high_water)
+        """,
+        """
+        CREATE TRIGGER IF NOT EXISTS trioflow_events_high_water
+        BEFORE DELETE ON trioflow_events
+        WHEN OLD.seq > (SELECT high_water FROM trioflow_sequence)
+        BEGIN
+            UPDATE trioflow_sequence SET high_water = (SELECT MAX(seq) FROM trioflow_events);
+        END
+        """,
+    ),
+}
 _HEAD = "SELECT COALESCE(MAX(seq), 0) FROM trioflow_events"
+# The head, and the high-water mark: the next number is one above both.
+_NUMBERING = (
+    "SELECT (SELECT COALESCE(MAX(seq), 0) FROM trioflow_events),"
+    " (SELECT COALESCE(MAX(high_water), 0) FROM trioflow_sequence)"
+)
+_CURSORS_PAST = (
+    "SELECT consumer, seq FROM trioflow_cursors WHERE seq > ? ORDER BY seq DESC, consumer"
+)
 _INSERT = (
     "INSERT INTO trioflow_events (seq, id, type, key, data, created_at) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -102,6 +150,9 @@ _LOAD_CURSORS = "SELECT consumer, seq FROM trioflow_cursors"
 _UPSERT_CURSOR = (
     "INSERT INTO trioflow_cursors (consumer, seq, updated_at) VALUES (?, ?, ?)"
     " ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
+    # A stored cursor never moves backwards: a late commit of an older
+    # position leaves the row as it is.
+    " WHERE excluded.seq >= trioflow_cursors.seq"
 )
 
 # Primary result codes meaning "cannot reach or use the file right now": the
@@ -130,7 +181,13 @@ class SQLiteStore(Store):
     Several processes on one machine may open the same file at once: their
     appends queue behind SQLite's write lock and every process reads the same
     log. The file must not live on a network file system (WAL needs shared
-    memory between processes). Sequence numbers start at 1 and have no holes.
+    memory between processes). Sequence numbers start at 1 and have no holes;
+    they are never given twice, even after the newest events are deleted.
+
+    The file is created readable and writable by its owner only (0600). Each
+    write and each poll of `wait_for_append` checks that the path still names
+    the file that was opened: if it was deleted or replaced meanwhile, they
+    raise `StoreError` rather than write where no one will find it.
 
     One instance may be open once at a time; open a second instance on the
     same path to get an independent handle.
@@ -166,6 +223,19 @@ class SQLiteStore(Store):
             raise ConfigurationError(
                 f"SQLite store path must be a non-empty str or os.PathLike[str], got {path!r}"
             )
+        if "\x00" in path:
+            # sqlite3 would only fail at open, with a bare ValueError.
+            raise ConfigurationError(
+                f"SQLite store path {path!r} holds a NUL character, which no file name can; "
+                "remove it (in a sqlite: URL, %00 stands for NUL)"
+            )
+        try:
+            os.fsencode(path)
+        except UnicodeError:
+            raise ConfigurationError(
+                f"SQLite store path {path!r} cannot be encoded as a file name (it holds a lone "
+                "surrogate character); use a path of valid Unicode text"
+            ) from None
         if path == ":memory:":
             # Each connection would get its own, separate in-memory database.
             raise ConfigurationError(
@@ -186,6 +256,8 @@ class SQLiteStore(Store):
         self._read_limiter = trio.CapacityLimiter(1)
         self._is_open = False
         self._appended = trio.Event()
+        # The opened file's absolute path, device and inode (see _check_file).
+        self._opened: tuple[str, int, int] | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -201,7 +273,16 @@ class SQLiteStore(Store):
         Raises:
             UnknownStoreError: The URL is not a valid SQLite store URL.
         """
-        parts = urllib.parse.urlsplit(url)
+        if not isinstance(url, str):
+            raise UnknownStoreError(f"a store URL must be a str, got {url!r}; use {_URL_FORMS}")
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            # An unbalanced or misplaced "[" or "]", read as an IPv6 host.
+            raise UnknownStoreError(
+                f"SQLite store URL {url!r} is malformed (a '[' or ']' before the path?); "
+                f"use {_URL_FORMS}"
+            ) from None
         if parts.scheme.lower() != "sqlite":
             raise UnknownStoreError(f"store URL {url!r} is not a sqlite: URL; use {_URL_FORMS}")
         if parts.netloc or not parts.path.startswith("/"):
@@ -282,13 +363,18 @@ class SQLiteStore(Store):
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[None]:
-        """Connect, create the schema if missing, check its version; close on exit.
+        """Connect, create or migrate the schema, check the cursors; close on exit.
+
+        A file of an older schema version is migrated in place, under the
+        write lock.
 
         Raises:
             ConfigurationError: This instance is already open.
             StoreUnavailableError: The directory does not exist, the file is
                 not a SQLite database, or it cannot be opened or locked.
             SchemaVersionError: The file was written by a newer trioflow.
+            StoreError: A consumer's cursor is past every sequence number the
+                file has given (the file was reset or replaced under it).
         """
         if self._is_open:
             raise ConfigurationError(
@@ -320,8 +406,9 @@ class SQLiteStore(Store):
         Raises:
             StoreUnavailableError: The write lock was not free within
                 ``busy_timeout``, or the file cannot be used.
-            StoreError: The batch was rolled back for another reason (an event
-                id already in the store, say).
+            StoreError: The batch was rolled back for another reason: an event
+                id already in the store, say, or the path no longer names the
+                file that was opened (it was deleted or replaced).
         """
         batch = list(events)
         if not batch:
@@ -333,17 +420,27 @@ class SQLiteStore(Store):
             )
         writer = self._connection(self._writer)
         with self._errors(f"appending {len(batch)} events"):
-            after, created_at = await trio.to_thread.run_sync(
-                _append, writer, batch, limiter=self._write_limiter
+            after, first, created_at = await trio.to_thread.run_sync(
+                self._write, _append, writer, batch, limiter=self._write_limiter
             )
         self._appended.set()
         self._appended = trio.Event()
-        return Appended(
-            after=after, seqs=range(after + 1, after + 1 + len(batch)), created_at=created_at
-        )
+        return Appended(after=after, seqs=range(first, first + len(batch)), created_at=created_at)
 
-    async def read(self, after: int, limit: int) -> Sequence[Event]:
-        """Return up to ``limit`` events with ``seq > after``, in sequence order."""
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
+        """Return up to ``limit`` events with ``seq > after``, in sequence order.
+
+        With ``max_bytes``, the page ends before the event that would take its
+        total `Event.size` past ``max_bytes`` (the first event always comes):
+        rows are fetched one at a time and the fetching stops there, so a page
+        of large events holds only what fits in memory, not ``limit`` of them.
+
+        Raises:
+            StoreError: A stored event cannot be decoded (the message names
+                its sequence number).
+        """
         if limit <= 0:
             # SQLite reads LIMIT -1 as "no limit"; the contract means none.
             await trio.lowlevel.checkpoint()
@@ -355,14 +452,19 @@ class SQLiteStore(Store):
                 reader,
                 min(max(after, -1), _MAX_INT64),
                 min(limit, _MAX_INT64),
+                max_bytes,
                 limiter=self._read_limiter,
             )
 
     async def head(self) -> int:
-        """Return the highest committed sequence number (0 if the log is empty)."""
+        """Return the highest committed sequence number (0 if the log is empty).
+
+        Raises:
+            StoreError: The path no longer names the file that was opened.
+        """
         reader = self._connection(self._reader)
         with self._errors("reading the head"):
-            return await trio.to_thread.run_sync(_head, reader, limiter=self._read_limiter)
+            return await trio.to_thread.run_sync(self._head, reader, limiter=self._read_limiter)
 
     async def load_cursors(self) -> dict[str, int]:
         """Return every consumer's committed cursor, by consumer name."""
@@ -371,7 +473,10 @@ class SQLiteStore(Store):
             return await trio.to_thread.run_sync(_load_cursors, reader, limiter=self._read_limiter)
 
     async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        """Set the given consumers' cursors in one transaction (insert or replace).
+        """Set the given consumers' cursors in one transaction (insert or move forward).
+
+        A cursor below the one stored is ignored: a stored cursor never moves
+        backwards, whichever process or handle commits.
 
         Durable when this returns with ``synchronous="full"``; with
         ``"normal"``, a power loss may undo the last commits.
@@ -383,7 +488,7 @@ class SQLiteStore(Store):
         writer = self._connection(self._writer)
         with self._errors(f"committing {len(items)} cursors"):
             await trio.to_thread.run_sync(
-                _commit_cursors, writer, items, limiter=self._write_limiter
+                self._write, _commit_cursors, writer, items, limiter=self._write_limiter
             )
 
     async def wait_for_append(self, after: int) -> int:
@@ -394,6 +499,10 @@ class SQLiteStore(Store):
         `poll_interval` seconds. A caller that keeps finding events (another
         process publishing) thus keeps polling every few milliseconds. An
         append through this instance ends the wait at once.
+
+        Raises:
+            StoreError: The path no longer names the file that was opened:
+                no other process's events will come.
         """
         delay = min(_FIRST_POLL, self.poll_interval)
         while True:
@@ -418,7 +527,7 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
-        """Translate sqlite3's exceptions into trioflow's, at this one boundary."""
+        """Translate sqlite3's (and the file system's) exceptions into trioflow's, here only."""
         try:
             yield
         except sqlite3.Error as exc:
@@ -431,10 +540,18 @@ class SQLiteStore(Store):
                     + hint.format(busy_timeout=self._busy_timeout)
                 ) from exc
             raise StoreError(f"SQLite store {self._path!r}: {action} failed: {exc}") from exc
+        except OSError as exc:
+            # From the file checks around sqlite3 (a working directory that
+            # no longer exists, a file that went while it was being opened).
+            raise StoreUnavailableError(
+                f"SQLite store {self._path!r}: {action} failed: {exc}; check that the file's "
+                "directory exists and that this process may use it"
+            ) from exc
 
     async def _close(self) -> None:
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
+        self._opened = None
         # Through the limiters, so a call still running in a worker thread
         # finishes before its connection is closed under it.
         if reader is not None:
@@ -470,6 +587,7 @@ class SQLiteStore(Store):
                 f"SQLite store {self._path!r}: directory {directory!r} does not exist; "
                 "create it first (trioflow creates the file, not its directory)"
             )
+        self._create_private(path)
         writer = self._new_connection(path)
         try:
             (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchall()[0]
@@ -479,6 +597,10 @@ class SQLiteStore(Store):
                     f"(it stays in {mode!r} mode); use a file on a local file system"
                 )
             self._ensure_schema(writer)
+            # Once the writer has the file open: from now on each write and
+            # each poll checks that the path still names this file.
+            opened = os.stat(path)
+            self._opened = (path, opened.st_dev, opened.st_ino)
             reader = self._new_connection(path)
             try:
                 # A guard: the reader must never write, writes go through the
@@ -492,71 +614,188 @@ class SQLiteStore(Store):
             raise
         return writer, reader
 
-    def _ensure_schema(self, writer: sqlite3.Connection) -> None:
-        # IMMEDIATE: processes opening a new file at once must not both create
-        # the schema; the second waits, then finds it.
-        writer.execute("BEGIN IMMEDIATE")
-        try:
-            exists = writer.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trioflow_schema'"
-            ).fetchall()
-            if exists:
-                rows = writer.execute("SELECT version FROM trioflow_schema").fetchall()
-                version = rows[0][0] if len(rows) == 1 else None
-                if isinstance(version, int) and version > SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"SQLite store {self._path!r} has schema version {version}, written by "
-                        f"a newer trioflow (this one knows version {SCHEMA_VERSION}); upgrade "
-                        "trioflow, or point the store at another file"
-                    )
-                if version != SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"SQLite store {self._path!r} has an unknown schema version "
-                        f"({version!r}); it was not written by trioflow: point the store at "
-                        "another file"
-                    )
-            else:
-                for statement in _CREATE_SCHEMA:
-                    writer.execute(statement)
-                writer.execute(
-                    "INSERT INTO trioflow_schema (singleton, version) VALUES (1, ?)",
-                    (SCHEMA_VERSION,),
-                )
-            writer.execute("COMMIT")
-        except BaseException:
-            _rollback(writer)
-            raise
+    def _write(
+        self,
+        work: Callable[[sqlite3.Connection, _T], _R],
+        writer: sqlite3.Connection,
+        argument: _T,
+    ) -> _R:
+        """Run ``work`` in a write transaction on the file opened (in a worker thread)."""
+        with _write_transaction(writer):
+            # Under the write lock, just before the writes it guards.
+            self._check_file()
+            return work(writer, argument)
 
-    def _read(self, reader: sqlite3.Connection, after: int, limit: int) -> list[Event]:
+    def _head(self, reader: sqlite3.Connection) -> int:
+        self._check_file()
+        # fetchall, not fetchone: it steps the statement to its end, which ends
+        # the read transaction instead of leaving the snapshot pinned.
+        head: int = reader.execute(_HEAD).fetchall()[0][0]
+        return head
+
+    def _check_file(self) -> None:
+        """Raise StoreError unless the path still names the file that was opened.
+
+        SQLite goes on writing to a file deleted, moved or replaced while it
+        is open, and publishes would go on succeeding into a file no one will
+        open again. A stat of the path (a microsecond or two) tells.
+        """
+        if self._opened is None:
+            return
+        path, device, inode = self._opened
+        try:
+            now = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreError(
+                f"SQLite store {self._path!r}: the database file was deleted or moved away "
+                "while the store was open, so nothing more is written: events and cursors "
+                "committed since are not in the file the path names now (there is none). "
+                "Stop every process using the store, put the file back with its -wal and -shm "
+                "files (or restore a backup, or start afresh), then start them again"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"SQLite store {self._path!r}: cannot check that the database file is still "
+                f"there ({exc}); check the permissions of its directory"
+            ) from exc
+        if (now.st_dev, now.st_ino) != (device, inode):
+            raise StoreError(
+                f"SQLite store {self._path!r}: the database file was replaced by another file "
+                f"while the store was open (device {device} inode {inode}, now device "
+                f"{now.st_dev} inode {now.st_ino}), so nothing more is written: events and "
+                "cursors committed since are in the file that was replaced, not in the file "
+                "the path names now. Stop every process using the store, keep the file you "
+                "want at the path (with its own -wal and -shm files), then start them again"
+            )
+
+    def _create_private(self, path: str) -> None:
+        """Create the file readable and writable by its owner only, unless it exists.
+
+        SQLite would create it 0644 under the usual umask: every user of the
+        machine could read the events. SQLite gives the -wal and -shm files
+        the database file's mode, so they are private too. An existing file
+        keeps the mode its owner chose.
+        """
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"SQLite store {self._path!r}: cannot create the file ({exc}); check that this "
+                "process may write in its directory"
+            ) from exc
+        # An empty file is an empty database to SQLite.
+        os.close(descriptor)
+
+    def _ensure_schema(self, writer: sqlite3.Connection) -> None:
+        """Create or migrate the schema, then check the cursors (in a worker thread)."""
+        # IMMEDIATE: processes opening a new or old file at once must not
+        # both create or migrate it; the second waits, then finds it done.
+        with _write_transaction(writer):
+            version = self._stored_version(writer)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    writer.execute(statement)
+                writer.execute("UPDATE trioflow_schema SET version = ?", (step,))
+        # After the commit: a file whose cursors fail the check is still
+        # migrated, and opens once they are fixed.
+        self._check_cursors(writer)
+
+    def _stored_version(self, writer: sqlite3.Connection) -> int:
+        """The file's schema version, 0 for a file without trioflow's tables."""
+        exists = writer.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trioflow_schema'"
+        ).fetchall()
+        if not exists:
+            return 0
+        rows = writer.execute("SELECT version FROM trioflow_schema").fetchall()
+        version = rows[0][0] if len(rows) == 1 else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"SQLite store {self._path!r} has schema version {version}, written by "
+                f"a newer trioflow (this one knows version {SCHEMA_VERSION}); upgrade "
+                "trioflow, or point the store at another file"
+            )
+        if not isinstance(version, int) or version < 1:
+            raise SchemaVersionError(
+                f"SQLite store {self._path!r} has an unknown schema version "
+                f"({version!r}); it was not written by trioflow: point the store at "
+                "another file"
+            )
+        return version
+
+    def _check_cursors(self, writer: sqlite3.Connection) -> None:
+        """Refuse a file whose cursors are past every sequence number it has given.
+
+        Those consumers would skip the events numbered up to their cursors:
+        the file was reset (its events and high-water mark deleted) or
+        replaced by another under cursors kept from before.
+        """
+        head, high_water = writer.execute(_NUMBERING).fetchall()[0]
+        given = max(head, high_water)
+        past = writer.execute(_CURSORS_PAST, (given,)).fetchall()
+        if not past:
+            return
+        named = ", ".join(f"{consumer!r} (at {seq})" for consumer, seq in past[:10])
+        more = f" and {len(past) - 10} more" if len(past) > 10 else ""
+        raise StoreError(
+            f"SQLite store {self._path!r}: the cursors of consumers {named}{more} are past "
+            f"{given}, the highest sequence number this file has given: the file was reset or "
+            "replaced under its cursors, and those consumers would skip the next events. If "
+            "it is the right file, have numbering continue above the cursors: run `UPDATE "
+            f"trioflow_sequence SET high_water = {past[0][1]}` on it (with the sqlite3 command, "
+            "say) while no process uses it; if it is not, point the store at the right file"
+        )
+
+    def _read(
+        self, reader: sqlite3.Connection, after: int, limit: int, max_bytes: int | None
+    ) -> list[Event]:
         """Fetch and build the events in the worker thread, off the trio thread."""
-        rows = reader.execute(_READ, (after, limit)).fetchall()
         events: list[Event] = []
         add = events.append
         new_uuid = uuid.UUID
+        budget = math.inf if max_bytes is None else max_bytes
+        total = 0
         # A batch shares one timestamp: build its datetime once.
         last_micros: int | None = None
         created_at = _EPOCH
-        seq = after
+        cursor = reader.execute(_READ, (after, limit))
         try:
-            for seq, raw_id, event_type, key, data, micros in rows:
-                if micros != last_micros:
-                    created_at = _EPOCH + micros * _MICROSECOND
-                    last_micros = micros
-                add(
-                    Event(
-                        seq=seq,
-                        id=new_uuid(bytes=raw_id),
-                        type=event_type,
-                        data=_decode(data),
-                        key=key,
-                        created_at=created_at,
+            # Row by row rather than fetchall: the loop stops at the byte
+            # budget without fetching the rest of the page.
+            for seq, raw_id, event_type, key, data, micros in cursor:
+                try:
+                    size = utf8_size(data)
+                    total += size
+                    if total > budget and events:
+                        break
+                    if micros != last_micros:
+                        created_at = _EPOCH + micros * _MICROSECOND
+                        last_micros = micros
+                    add(
+                        Event(
+                            seq=seq,
+                            id=new_uuid(bytes=raw_id),
+                            type=event_type,
+                            data=_decode(data),
+                            key=key,
+                            created_at=created_at,
+                            size=size,
+                        )
                     )
-                )
-        except (ValueError, TypeError) as exc:
-            raise StoreError(
-                f"SQLite store {self._path!r}: event {seq} cannot be decoded ({exc}); "
-                "the file was changed by something other than trioflow"
-            ) from exc
+                except Exception as exc:
+                    # Whatever the decoders raise (RecursionError for data
+                    # nested too deeply, TypeError for a blob...).
+                    raise StoreError(
+                        f"SQLite store {self._path!r}: event {seq} cannot be decoded "
+                        f"({type(exc).__name__}: {exc}); the file was changed by something "
+                        "other than trioflow: restore it from a backup, or delete that event"
+                    ) from exc
+        finally:
+            # Resets the statement, which ends the read transaction even when
+            # the loop stopped early (else the snapshot stays pinned).
+            cursor.close()
         return events
 
 
@@ -583,36 +822,41 @@ def _rollback(connection: sqlite3.Connection) -> None:
             connection.execute("ROLLBACK")
 
 
-def _append(writer: sqlite3.Connection, batch: list[NewEvent]) -> tuple[int, datetime.datetime]:
-    """Number and insert one batch in one transaction (in a worker thread)."""
-    # IMMEDIATE takes the write lock before MAX(seq) is read, so no other
-    # writer can commit between numbering and commit.
+@contextlib.contextmanager
+def _write_transaction(writer: sqlite3.Connection) -> Iterator[None]:
+    """Hold SQLite's write lock for the block: commit after it, roll back on error."""
+    # IMMEDIATE takes the write lock at once, so what the block reads cannot
+    # change before it commits.
     writer.execute("BEGIN IMMEDIATE")
     try:
-        after: int = writer.execute(_HEAD).fetchall()[0][0]
-        # Taken under the lock: created_at follows commit order across writers
-        # (as far as the wall clock does).
-        now = datetime.datetime.now(datetime.UTC)
-        micros = (now - _EPOCH) // _MICROSECOND
-        writer.executemany(
-            _INSERT,
-            [
-                (seq, new.id.bytes, new.type, new.key, new.payload, micros)
-                for seq, new in enumerate(batch, start=after + 1)
-            ],
-        )
+        yield
         writer.execute("COMMIT")
     except BaseException:
         _rollback(writer)
         raise
-    return after, now
 
 
-def _head(reader: sqlite3.Connection) -> int:
-    # fetchall, not fetchone: it steps the statement to its end, which ends
-    # the read transaction instead of leaving the snapshot pinned.
-    head: int = reader.execute(_HEAD).fetchall()[0][0]
-    return head
+def _append(
+    writer: sqlite3.Connection, batch: list[NewEvent]
+) -> tuple[int, int, datetime.datetime]:
+    """Number and insert one batch, in a write transaction (in a worker thread).
+
+    Returns the head before the batch, the first number it got, and its time.
+    """
+    after, high_water = writer.execute(_NUMBERING).fetchall()[0]
+    first = max(after, high_water) + 1
+    # Taken under the lock: created_at follows commit order across writers
+    # (as far as the wall clock does).
+    now = datetime.datetime.now(datetime.UTC)
+    micros = (now - _EPOCH) // _MICROSECOND
+    writer.executemany(
+        _INSERT,
+        [
+            (seq, new.id.bytes, new.type, new.key, new.payload, micros)
+            for seq, new in enumerate(batch, start=first)
+        ],
+    )
+    return after, first, now
 
 
 def _load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
@@ -620,11 +864,6 @@ def _load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
 
 
 def _commit_cursors(writer: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
-    writer.execute("BEGIN IMMEDIATE")
-    try:
-        micros = (datetime.datetime.now(datetime.UTC) - _EPOCH) // _MICROSECOND
-        writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
-        writer.execute("COMMIT")
-    except BaseException:
-        _rollback(writer)
-        raise
+    """Insert or move forward cursors, in a write transaction (in a worker thread)."""
+    micros = (datetime.datetime.now(datetime.UTC) - _EPOCH) // _MICROSECOND
+    writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
