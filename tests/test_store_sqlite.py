@@ -136,7 +136,10 @@ def test_url(
 def test_bad_url(parse: Callable[[str], object], url: str, message: str) -> None:
     with pytest.raises(UnknownStoreError, match=message) as caught:
         parse(url)
-    assert repr(url) in str(caught.value)
+    text = str(caught.value)
+    # The URL is named; where it cannot be parsed, the part a password could
+    # sit in is masked, and the rest is named.
+    assert repr(url) in text or ("***" in text and url.rsplit("/", 1)[-1] in text), text
 
 
 def test_from_url_rejects_another_scheme() -> None:
