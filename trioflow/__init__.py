@@ -20,11 +20,11 @@ from ._errors import UnknownStoreError as UnknownStoreError
 from ._events import MAX_DATA_BYTES as MAX_DATA_BYTES
 from ._events import MAX_DEPTH as MAX_DEPTH
 from ._events import Event as Event
-from ._flow import ConsumerStatistics as ConsumerStatistics
 from ._flow import Flow as Flow
-from ._flow import FlowStatistics as FlowStatistics
 from ._flow import open_flow as open_flow
 from ._flow import serve as serve
+from ._statistics import ConsumerStatistics as ConsumerStatistics
+from ._statistics import FlowStatistics as FlowStatistics
 from ._util import fixup_module_metadata as _fixup_module_metadata
 
 __version__ = "0.1.0"

@@ -1,19 +1,61 @@
 """Durable cursor commits, grouped across consumers and pipelined with handling.
 
-Every cursor write of a flow goes through its one `CursorWriter`, one write
-at a time, so a later write never lands under an earlier one; the stores
-ignore a cursor below the stored one besides, so a stored cursor never moves
-backwards, whatever order writes land in.
+The `CursorWriter` owns every consumer's cursor progress (`CursorProgress`:
+what is durable, what was asked for) and is the one path by which a flow
+writes cursors: one write at a time, so a later write never lands under an
+earlier one. The stores ignore a cursor below the stored one besides, so a
+stored cursor never moves backwards, whatever order writes land in.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import attrs
 import trio
 
 from ._errors import StoreError
-from ._state import ConsumerState
 from .stores._base import Store
+
+
+@attrs.define(eq=False)
+class CursorProgress:
+    """One consumer's cursor, as the `CursorWriter` knows it; others only read it.
+
+    ``processed`` figures are the consumer's count of handled events at the
+    time a position was asked for or became durable, which is what its
+    redelivery bound is measured in.
+    """
+
+    name: str
+    _committed: int = 0
+    _committed_processed: int = 0
+    _requested: int = 0
+    _requested_processed: int = 0
+    #: The failure of the last write that carried this consumer, until a
+    #: write of it succeeds.
+    _error: BaseException | None = None
+
+    @property
+    def committed(self) -> int:
+        """The durable cursor: the last position known to be in the store."""
+        return self._committed
+
+    @property
+    def committed_processed(self) -> int:
+        """The consumer's handled count when ``committed`` was reached."""
+        return self._committed_processed
+
+    @property
+    def requested(self) -> int:
+        """The latest position asked for (durable, or carried by a write to come)."""
+        return self._requested
+
+    @property
+    def requested_processed(self) -> int:
+        """The consumer's handled count when ``requested`` was asked for."""
+        return self._requested_processed
 
 
 @attrs.define(eq=False)
@@ -28,27 +70,57 @@ class CursorWriter:
     """
 
     store: Store
-    _pending: dict[str, tuple[ConsumerState, int, int]] = attrs.Factory(dict)
+    _pending: dict[str, tuple[CursorProgress, int, int]] = attrs.Factory(dict)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     #: Woken after every write, successful or not.
-    changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
-    #: How many tasks wait for durable cursors (`Flow.wait_idle`): while
-    #: any does, idle consumers request their commits at once.
-    flush_wanted: int = 0
+    _changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    #: How many tasks wait for durable cursors (`Flow.wait_idle`).
+    _flush_wanted: int = 0
     #: Held by every write: one at a time, so that a later write never lands
     #: under an earlier one (on a pooled store they use separate connections).
     _writing: trio.Lock = attrs.Factory(trio.Lock)
 
-    def request(self, state: ConsumerState, seq: int) -> None:
+    @property
+    def flush_wanted(self) -> bool:
+        """Whether a task waits for durable cursors: idle consumers then commit at once."""
+        return self._flush_wanted > 0
+
+    @contextlib.contextmanager
+    def wanting_flush(self) -> Iterator[None]:
+        """Make `flush_wanted` true for the length of the block."""
+        self._flush_wanted += 1
+        try:
+            yield
+        finally:
+            self._flush_wanted -= 1
+
+    async def wait_changed(self) -> None:
+        """Wait until the next write ends, successfully or not."""
+        await self._changed.park()
+
+    def loaded(self, progress: CursorProgress, cursor: int, position: int, processed: int) -> None:
+        """Note the cursor a consumer read from the store as it (re)started.
+
+        ``position`` and ``processed`` are the consumer's own, from before the
+        start; if nothing it handled is still to be made durable, its
+        redelivery bound counts from here.
+        """
+        if cursor > progress._committed:
+            progress._committed = cursor
+            progress._requested = max(progress._requested, cursor)
+        if position <= progress._committed:
+            progress._committed_processed = progress._requested_processed = processed
+
+    def request(self, progress: CursorProgress, seq: int, processed: int) -> None:
         """Ask for ``seq`` (the consumer's position) to become its durable cursor."""
-        if seq <= state.requested:
+        if seq <= progress._requested:
             return
-        state.requested = seq
-        state.requested_processed = state.processed
-        self._pending[state.spec.name] = (state, seq, state.processed)
+        progress._requested = seq
+        progress._requested_processed = processed
+        self._pending[progress.name] = (progress, seq, processed)
         self._wakeup.set()
 
-    async def wait_durable(self, state: ConsumerState, seq: int) -> None:
+    async def wait_durable(self, progress: CursorProgress, seq: int) -> None:
         """Wait until the consumer's durable cursor is at ``seq`` or beyond.
 
         ``seq`` must have been requested. Raises only when the write carrying
@@ -60,38 +132,38 @@ class CursorWriter:
                 restart (it keeps the position it reached).
         """
         await trio.lowlevel.checkpoint()
-        while state.committed < seq:
-            if state.requested < seq:
-                raise state.cursor_error or StoreError(
-                    f"the cursor write of consumer {state.spec.name!r} at {seq} failed"
+        while progress._committed < seq:
+            if progress._requested < seq:
+                raise progress._error or StoreError(
+                    f"the cursor write of consumer {progress.name!r} at {seq} failed"
                 )
-            await self.changed.park()
+            await self._changed.park()
 
-    async def commit(self, state: ConsumerState) -> None:
-        """Make the consumer's current position durable, and wait for it."""
-        self.request(state, state.position)
-        await self.wait_durable(state, state.position)
+    async def commit(self, progress: CursorProgress, seq: int, processed: int) -> None:
+        """Make ``seq`` the consumer's durable cursor, and wait for it."""
+        self.request(progress, seq, processed)
+        await self.wait_durable(progress, seq)
 
-    async def commit_first(self, state: ConsumerState, seq: int) -> None:
+    async def commit_first(self, progress: CursorProgress, seq: int, processed: int) -> None:
         """Store the first cursor of a consumer the store holds none for."""
         async with self._writing:
-            await self.store.commit_cursors({state.spec.name: seq})
-        self._landed(state, seq, state.processed)
-        self.changed.unpark_all()
+            await self.store.commit_cursors({progress.name: seq})
+        self._landed(progress, seq, processed)
+        self._changed.unpark_all()
 
-    async def commit_now(self, states: list[ConsumerState]) -> None:
-        """Write the given consumers' positions directly (the final flush).
+    async def flush(self, positions: Iterable[tuple[CursorProgress, int, int]]) -> None:
+        """Write the given (progress, position, processed) directly: the final flush.
 
         Waits for a write under way, so that it cannot land afterwards with
         older positions.
         """
         async with self._writing:
-            cursors = {s.spec.name: s.position for s in states if s.position > s.committed}
-            if cursors:
-                await self.store.commit_cursors(cursors)
-                for state in states:
-                    self._landed(state, state.position, state.processed)
-                self.changed.unpark_all()
+            due = [(p, seq, processed) for p, seq, processed in positions if seq > p._committed]
+            if due:
+                await self.store.commit_cursors({p.name: seq for p, seq, _ in due})
+                for progress, seq, processed in due:
+                    self._landed(progress, seq, processed)
+                self._changed.unpark_all()
 
     async def run(self) -> None:
         """Write requested cursors until cancelled."""
@@ -106,24 +178,24 @@ class CursorWriter:
         try:
             await self.store.commit_cursors({name: seq for name, (_, seq, _) in batch.items()})
         except Exception as exc:
-            for name, (state, _, _) in batch.items():
-                state.cursor_error = exc
+            for name, (progress, _, _) in batch.items():
+                progress._error = exc
                 if name not in self._pending:
                     # Let the next request carry this position again; a
                     # request made meanwhile carries a later one already.
-                    state.requested = state.committed
-                    state.requested_processed = state.committed_processed
+                    progress._requested = progress._committed
+                    progress._requested_processed = progress._committed_processed
         else:
-            for state, seq, processed in batch.values():
-                self._landed(state, seq, processed)
-        self.changed.unpark_all()
+            for progress, seq, processed in batch.values():
+                self._landed(progress, seq, processed)
+        self._changed.unpark_all()
 
     @staticmethod
-    def _landed(state: ConsumerState, seq: int, processed: int) -> None:
-        state.cursor_error = None
-        if seq > state.committed:
-            state.committed = seq
-            state.committed_processed = processed
-        if seq > state.requested:
-            state.requested = seq
-            state.requested_processed = processed
+    def _landed(progress: CursorProgress, seq: int, processed: int) -> None:
+        progress._error = None
+        if seq > progress._committed:
+            progress._committed = seq
+            progress._committed_processed = processed
+        if seq > progress._requested:
+            progress._requested = seq
+            progress._requested_processed = processed

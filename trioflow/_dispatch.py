@@ -6,6 +6,11 @@ the publishers, and sends the new events, as one `Batch`, to the memory
 channel of every attached consumer. Events appended by other processes or
 flows are read from the store and fanned out the same way, so consumers see
 one stream in sequence order whoever published.
+
+Each consumer's side of the fan-out is a `Subscription`, which this module
+owns: its channel, what it holds (events and bytes), and whether it is fed
+at all (a bounded consumer too far behind is detached, and re-attaches once
+it has caught up from the store, level with the dispatcher's head).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import trio
 
 from ._errors import FlowClosedError, OutcomeUnknownError, StoreError
 from ._events import Event, NewEvent
-from ._state import ConsumerState
 from .stores._base import Store
 
 logger = logging.getLogger("trioflow")
@@ -48,6 +52,94 @@ class Batch:
     size: int = 0
 
 
+@attrs.define(eq=False)
+class Subscription:
+    """One consumer's feed from the dispatcher: its channel and what it holds.
+
+    The dispatcher offers it batches; the consumer takes them. Whether it is
+    attached (fed live) changes only here: the dispatcher detaches it when a
+    batch would pass its bounds, and attaches it when it is level.
+    """
+
+    name: str
+    #: The event types it takes, or None for all.
+    types: frozenset[str] | None
+    #: The most events and bytes it may hold, or None.
+    buffer: int | None
+    buffer_bytes: int | None
+    _send: trio.MemorySendChannel[Batch] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[Batch] = attrs.field(init=False)
+    _buffered: int = 0
+    _buffered_bytes: int = 0
+    _attached: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Batch](math.inf)
+
+    @property
+    def attached(self) -> bool:
+        """False while it is too far behind to be fed live (bounded mode)."""
+        return self._attached
+
+    @property
+    def buffered(self) -> int:
+        """Events sent to its channel and not yet taken."""
+        return self._buffered
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Their total `Event.size` (counted for bounded consumers only)."""
+        return self._buffered_bytes
+
+    def take_nowait(self) -> Batch:
+        """The next batch, or raise `trio.WouldBlock`."""
+        return self._taken(self._receive.receive_nowait())
+
+    async def take(self) -> Batch:
+        """Wait for the next batch."""
+        return self._taken(await self._receive.receive())
+
+    def attach(self) -> None:
+        """Be fed live again (a consumer starting, from whatever position)."""
+        self._attached = True
+
+    def _taken(self, batch: Batch) -> Batch:
+        self._buffered -= len(batch.events)
+        self._buffered_bytes -= batch.size
+        return batch
+
+    def _offer(self, after: int, upto: int, events: Sequence[Event]) -> None:
+        """Send it the events it takes of ``after < seq <= upto``, or detach it."""
+        if not self._attached:
+            return
+        types = self.types
+        selected = events if types is None else [e for e in events if e.type in types]
+        size = 0
+        limit_bytes = self.buffer_bytes
+        if limit_bytes is not None:
+            size = sum(event.size for event in selected)
+        limit = self.buffer
+        if (limit is not None and self._buffered + len(selected) > limit) or (
+            limit_bytes is not None and self._buffered_bytes + size > limit_bytes
+        ):
+            # Too far behind: stop buffering; it catches up from the store.
+            # The empty batch wakes it if it is idle, and its `after` tells
+            # it to read everything up to here from the store.
+            self._attached = False
+            self._send.send_nowait(Batch(upto, upto, ()))
+            logger.info(
+                "consumer %r holds %d events (%d bytes) in memory, more would pass its "
+                "buffer; it will catch up from the store",
+                self.name,
+                self._buffered,
+                self._buffered_bytes,
+            )
+            return
+        self._buffered += len(selected)
+        self._buffered_bytes += size
+        self._send.send_nowait(Batch(after, upto, selected, size))
+
+
 @attrs.define(eq=False, slots=True)
 class _Publish:
     events: Sequence[NewEvent]
@@ -65,16 +157,14 @@ class Dispatcher:
     """Group commit and fan-out. See the module docstring."""
 
     store: Store
-    consumers: Sequence[ConsumerState]
     page_size: int
     page_bytes: int
     max_batch: int
     #: Seconds to wait before the n-th attempt to read the head at start-up.
     retry_delay: Callable[[int], float]
-    #: The last sequence number fanned out to consumers (or known when the
-    #: flow started): every event up to here is in the store.
-    head: int = 0
-    published: int = 0
+    _head: int = 0
+    _published: int = 0
+    _subscriptions: list[Subscription] = attrs.Factory(list)
     _pending: collections.deque[_Publish] = attrs.Factory(collections.deque)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _poll_requested: bool = False
@@ -82,6 +172,41 @@ class Dispatcher:
     _poll_ok: bool = True
     _committing: bool = False
     _settled: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    @property
+    def head(self) -> int:
+        """The last sequence number fanned out to consumers (or known when the
+        flow started): every event up to here is in the store."""
+        return self._head
+
+    @property
+    def published(self) -> int:
+        """Events this flow committed since it started."""
+        return self._published
+
+    def subscribe(
+        self,
+        name: str,
+        *,
+        types: frozenset[str] | None,
+        buffer: int | None,
+        buffer_bytes: int | None,
+    ) -> Subscription:
+        """A new feed for a consumer, attached: it gets every batch from now on."""
+        subscription = Subscription(name, types, buffer, buffer_bytes)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def attach_if_level(self, subscription: Subscription, position: int) -> bool:
+        """Feed ``subscription`` live again if ``position`` is level with the head.
+
+        No checkpoint between a consumer's last replayed event and this call:
+        the next batch the dispatcher sends then starts exactly at its head.
+        """
+        if position < self._head:
+            return False
+        subscription._attached = True
+        return True
 
     async def submit(self, events: Sequence[NewEvent]) -> Sequence[int]:
         """Commit ``events`` in the next group commit; return their sequence numbers.
@@ -130,7 +255,7 @@ class Dispatcher:
         failures = 0
         while True:
             try:
-                self.head = await self.store.head()
+                self._head = await self.store.head()
                 break
             except StoreError as exc:
                 failures += 1
@@ -200,10 +325,10 @@ class Dispatcher:
             request.seqs = appended.seqs[start : start + len(request.events)]
             start += len(request.events)
             request.done.set()
-        self.published += len(events)
+        self._published += len(events)
         if not events:
             return
-        if appended.after > self.head:
+        if appended.after > self._head:
             # Others appended since our last look: fan theirs out first.
             await self._fan_out_from_store(until=appended.after)
         persisted = appended.events
@@ -220,9 +345,9 @@ class Dispatcher:
 
     async def _fan_out_from_store(self, *, until: float) -> bool:
         """Fan out events others appended, up to ``until``; False if a read failed."""
-        while self.head < until:
+        while self._head < until:
             try:
-                page = await self.store.read(self.head, self.page_size, max_bytes=self.page_bytes)
+                page = await self.store.read(self._head, self.page_size, max_bytes=self.page_bytes)
             except StoreError as exc:
                 # Consumers fill any gap from the store themselves (batches
                 # say where they start); the next poll tries again.
@@ -231,38 +356,11 @@ class Dispatcher:
             page = [event for event in page if event.seq <= until]
             if not page:
                 return True
-            self._fan_out(self.head, page)
+            self._fan_out(self._head, page)
         return True
 
     def _fan_out(self, after: int, events: Sequence[Event]) -> None:
         upto = events[-1].seq
-        for state in self.consumers:
-            if not state.attached:
-                continue
-            types = state.spec.types
-            selected = events if types is None else [e for e in events if e.type in types]
-            size = 0
-            limit_bytes = state.spec.buffer_bytes
-            if limit_bytes is not None:
-                size = sum(event.size for event in selected)
-            limit = state.spec.buffer
-            if (limit is not None and state.buffered + len(selected) > limit) or (
-                limit_bytes is not None and state.buffered_bytes + size > limit_bytes
-            ):
-                # Too far behind: stop buffering; it catches up from the store.
-                # The empty batch wakes it if it is idle, and its `after`
-                # tells it to read everything up to here from the store.
-                state.attached = False
-                state.send.send_nowait(Batch(upto, upto, ()))
-                logger.info(
-                    "consumer %r holds %d events (%d bytes) in memory, more would pass its "
-                    "buffer; it will catch up from the store",
-                    state.spec.name,
-                    state.buffered,
-                    state.buffered_bytes,
-                )
-                continue
-            state.buffered += len(selected)
-            state.buffered_bytes += size
-            state.send.send_nowait(Batch(after, upto, selected, size))
-        self.head = upto
+        for subscription in self._subscriptions:
+            subscription._offer(after, upto, events)
+        self._head = upto

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from functools import partial
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -24,57 +23,11 @@ from ._cursors import CursorWriter
 from ._dispatch import Dispatcher
 from ._errors import ConfigurationError, FlowClosedError, StoreError
 from ._events import ENCODE_CHUNK, JSON, NewEvent, check_items, encode, encode_many, new_ids
-from ._state import ConsumerState
+from ._statistics import FlowStatistics
 from ._store_calls import SlowCalls, WatchedStore
 from ._watchdog import consumer_task_name, flow_task_name, watch_blocking
 
 logger = logging.getLogger("trioflow")
-
-
-@attrs.frozen(kw_only=True)
-class ConsumerStatistics:
-    """A snapshot of one consumer, from `Flow.statistics`.
-
-    Attributes:
-        cursor: Its durably committed cursor (last processed sequence number).
-        position: The last sequence number it has handled (or skipped), which
-            may be ahead of ``cursor`` until the next commit.
-        head: The last sequence number the flow has fanned out.
-        lag: ``head - position``: events it has yet to handle.
-        buffered: Events waiting in its memory channel.
-        buffered_bytes: Their total size (`Event.size`), counted for consumers
-            with a ``buffer`` or ``buffer_bytes`` bound (0 for the others).
-        attached: False while it catches up from the store (bounded mode).
-        processed: Events its handler finished, since the flow started.
-        failures: Times its handler (or the store under it) failed.
-        restarts: Times it was restarted after a failure.
-    """
-
-    cursor: int
-    position: int
-    head: int
-    lag: int
-    buffered: int
-    buffered_bytes: int
-    attached: bool
-    processed: int
-    failures: int
-    restarts: int
-
-
-@attrs.frozen(kw_only=True)
-class FlowStatistics:
-    """A snapshot of a flow, from `Flow.statistics`.
-
-    Attributes:
-        head: The last sequence number the flow has fanned out.
-        published: Events this flow has published since it started.
-        consumers: Each consumer's statistics, by name.
-    """
-
-    head: int
-    published: int
-    consumers: Mapping[str, ConsumerStatistics]
 
 
 class Flow:
@@ -89,10 +42,8 @@ class Flow:
             None if app.store_wait_warning is None else SlowCalls(app.store_wait_warning)
         )
         store = WatchedStore(app.store, self._slow_calls)
-        self._states = [ConsumerState.new(spec) for spec in app.consumers.values()]
         self._dispatcher = Dispatcher(
             store=store,
-            consumers=self._states,
             page_size=app.page_size,
             page_bytes=app.page_bytes,
             max_batch=app.max_batch,
@@ -110,6 +61,7 @@ class Flow:
             commit_interval=app.commit_interval,
             restart_delay=app.restart.delay,
         )
+        self._consumers = [self._runner.add(spec) for spec in app.consumers.values()]
         self._store = store
         #: Who may publish: everyone; only the flow's own handlers (while it
         #: stops, until they return); nobody.
@@ -193,19 +145,16 @@ class Flow:
         if target > self._dispatcher.head:
             self._dispatcher.request_poll()
         cursors = self._cursors
-        cursors.flush_wanted += 1
-        try:
+        with cursors.wanting_flush():
             while True:
-                behind = [state for state in self._states if state.committed < target]
+                behind = [c for c in self._consumers if c.committed < target]
                 if not behind:
                     return
                 # Idle consumers commit lazily; ask for their positions now
                 # (consumers that go idle later see `flush_wanted`).
-                for state in behind:
-                    cursors.request(state, state.position)
-                await cursors.changed.park()
-        finally:
-            cursors.flush_wanted -= 1
+                for consumer in behind:
+                    consumer.request_commit()
+                await cursors.wait_changed()
 
     def statistics(self) -> FlowStatistics:
         """Return a snapshot of the flow and of every consumer."""
@@ -213,21 +162,7 @@ class Flow:
         return FlowStatistics(
             head=head,
             published=self._dispatcher.published,
-            consumers={
-                s.spec.name: ConsumerStatistics(
-                    cursor=s.committed,
-                    position=s.position,
-                    head=head,
-                    lag=max(head - s.position, 0),
-                    buffered=s.buffered,
-                    buffered_bytes=s.buffered_bytes,
-                    attached=s.attached,
-                    processed=s.processed,
-                    failures=s.failures,
-                    restarts=s.restarts,
-                )
-                for s in self._states
-            },
+            consumers={c.name: c.statistics(head) for c in self._consumers},
         )
 
     def _check_open(self) -> None:
@@ -247,15 +182,11 @@ class Flow:
         tasks.append(("cursors", self._cursors.run, False, "cursor writer"))
         for key, run, reports_started, name in tasks:
             await nursery.start(self._guarded, key, run, reports_started, name=flow_task_name(name))
-        for state in self._states:
+        for consumer in self._consumers:
             await nursery.start(
-                self._guarded,
-                state,
-                partial(self._runner.supervise, state),
-                True,
-                name=consumer_task_name(state.spec.name),
+                self._guarded, consumer, consumer.run, True, name=consumer_task_name(consumer.name)
             )
-        if self._states:
+        if self._consumers:
             await nursery.start(
                 self._guarded, "watcher", self._watch, False, name=flow_task_name("watcher")
             )
@@ -327,25 +258,21 @@ class Flow:
         # they return; nobody else may.
         self._accepting = "handlers"
         await self._drain(grace)
-        runner = self._runner
-        runner.stopping = True
-        runner.stop_deadline = trio.current_time() + grace
+        self._runner.stop(trio.current_time() + grace)
         started = []
-        for state in self._states:
-            if state.handler_scope is not None:
-                state.handler_scope.deadline = runner.stop_deadline
-            scope = self._scopes.pop(state, None)
+        for consumer in self._consumers:
+            scope = self._scopes.pop(consumer, None)
             if scope is not None:
                 scope.cancel()
-                started.append(state)
+                started.append(consumer)
         with trio.move_on_after(grace + 1):
-            for state in started:
-                await state.finished.wait()
+            for consumer in started:
+                await consumer.wait_finished()
         self._accepting = "none"
         await self._drain(grace)
         with trio.move_on_after(grace) as flush:
             try:
-                await self._cursors.commit_now(self._states)
+                await self._cursors.flush(c.final_position() for c in self._consumers)
             except StoreError as exc:
                 logger.warning(
                     "could not flush consumer cursors (%s); they resume from their last "

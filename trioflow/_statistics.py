@@ -1,0 +1,53 @@
+"""Snapshots of a running flow: frozen values, taken by `Flow.statistics`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class ConsumerStatistics:
+    """A snapshot of one consumer, from `Flow.statistics`.
+
+    Attributes:
+        cursor: Its durably committed cursor (last processed sequence number).
+        position: The last sequence number it has handled (or skipped), which
+            may be ahead of ``cursor`` until the next commit.
+        head: The last sequence number the flow has fanned out.
+        lag: ``head - position``: events it has yet to handle.
+        buffered: Events waiting in its memory channel.
+        buffered_bytes: Their total size (`Event.size`), counted for consumers
+            with a ``buffer`` or ``buffer_bytes`` bound (0 for the others).
+        attached: False while it catches up from the store (bounded mode).
+        processed: Events its handler finished, since the flow started.
+        failures: Times its handler (or the store under it) failed.
+        restarts: Times it was restarted after a failure.
+    """
+
+    cursor: int
+    position: int
+    head: int
+    lag: int
+    buffered: int
+    buffered_bytes: int
+    attached: bool
+    processed: int
+    failures: int
+    restarts: int
+
+
+@attrs.frozen(kw_only=True)
+class FlowStatistics:
+    """A snapshot of a flow, from `Flow.statistics`.
+
+    Attributes:
+        head: The last sequence number the flow has fanned out.
+        published: Events this flow has published since it started.
+        consumers: Each consumer's statistics, by name.
+    """
+
+    head: int
+    published: int
+    consumers: Mapping[str, ConsumerStatistics]
