@@ -8,6 +8,7 @@ cursor. After any crash every consumer resumes from its cursor by replay.
 from ._app import App as App
 from ._app import ConsumerSpec as ConsumerSpec
 from ._app import RestartPolicy as RestartPolicy
+from ._dead_letters import DeadLetter as DeadLetter
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import FlowClosedError as FlowClosedError
 from ._errors import InvalidEventError as InvalidEventError
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigurationError",
     "ConsumerSpec",
     "ConsumerStatistics",
+    "DeadLetter",
     "Event",
     "Flow",
     "FlowClosedError",

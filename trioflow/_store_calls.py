@@ -24,6 +24,7 @@ from typing import TypeVar
 import attrs
 import trio
 
+from ._dead_letters import DeadLetter
 from ._errors import StoreError, TrioflowError
 from ._events import Event, NewEvent
 from .stores._base import Appended, Store, StoreWrapper
@@ -143,3 +144,36 @@ class WatchedStore(StoreWrapper):
 
     async def wait_for_append(self, after: int) -> int:
         return await self._call(None, lambda: self.inner.wait_for_append(after))
+
+    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+        await self._call(
+            f"record_dead_letter ({letter.consumer}, seq {letter.seq})",
+            lambda: self.inner.record_dead_letter(letter, cursor=cursor),
+        )
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        return await self._call("dead_letters", lambda: self.inner.dead_letters(consumer))
+
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        return await self._call(
+            f"requeue_dead_letters ({consumer})",
+            lambda: self.inner.requeue_dead_letters(consumer, seqs, after=after),
+        )
+
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        return await self._call(
+            f"due_dead_letters ({consumer})", lambda: self.inner.due_dead_letters(consumer)
+        )
+
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        return await self._call(
+            f"discard_dead_letters ({consumer})",
+            lambda: self.inner.discard_dead_letters(consumer, seqs),
+        )
+
+    async def forget_consumer(self, consumer: str) -> None:
+        await self._call(
+            f"forget_consumer ({consumer})", lambda: self.inner.forget_consumer(consumer)
+        )

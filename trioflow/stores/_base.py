@@ -1,8 +1,9 @@
 """The store contract: the narrow interface every storage backend meets.
 
-A store keeps two things: the event log (events with strictly increasing
-sequence numbers) and the consumers' cursors (the last sequence number each
-durable consumer has processed). The runtime never talks to a database in any
+A store keeps three things: the event log (events with strictly increasing
+sequence numbers), the consumers' cursors (the last sequence number each
+durable consumer has processed) and their dead letters (events a consumer
+gave up on, `trioflow.DeadLetter`). The runtime never talks to a database in any
 other way, so a new backend is one class that passes
 `trioflow.testing.StoreContract`.
 
@@ -29,6 +30,10 @@ Contract, for every implementation:
   either committed the whole batch or nothing.
 * Event ids are unique; a store may refuse a batch that repeats one (the
   runtime generates random UUIDs, so it never does).
+* Dead letters are kept per consumer and sequence number (recording one
+  again replaces it). Recording one and moving its consumer's cursor past it
+  happen in one transaction: after a crash the event is either still to be
+  delivered or its dead letter is recorded, never neither.
 * Failures surface as `trioflow.StoreError` (or a subclass), never as a
   driver's own exception type.
 """
@@ -42,6 +47,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from .._dead_letters import DeadLetter
 from .._events import Event, NewEvent
 
 
@@ -119,6 +125,44 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+        """Keep ``letter`` (replacing one for the same consumer and seq) and, in the same
+        transaction, move its consumer's cursor forward to ``cursor`` (never back;
+        None: leave the cursor alone, for a requeued letter that failed again).
+        """
+
+    @abc.abstractmethod
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
+
+    @abc.abstractmethod
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        """Hand these letters back to ``consumer`` once ``after`` seconds have passed.
+
+        Sets each one's ``due_at`` to the store's clock plus ``after`` (a
+        letter already requeued gets the new time). Returns the seqs that were
+        dead letters of ``consumer``, in ascending order; the others are
+        ignored.
+        """
+
+    @abc.abstractmethod
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        """Return ``consumer``'s requeued letters whose ``due_at`` has come, by seq."""
+
+    @abc.abstractmethod
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        """Delete these letters of ``consumer``; return the seqs that existed, ascending."""
+
+    @abc.abstractmethod
+    async def forget_consumer(self, consumer: str) -> None:
+        """Delete ``consumer``'s cursor and dead letters: it starts afresh if it comes back.
+
+        The one way a stored cursor moves back (to none).
+        """
+
+    @abc.abstractmethod
     async def wait_for_append(self, after: int) -> int:
         """Wait until the head may have moved past ``after``; return the head as last read.
 
@@ -149,6 +193,26 @@ class StoreWrapper(Store):
 
     def open(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self.inner.open()
+
+    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+        await self.inner.record_dead_letter(letter, cursor=cursor)
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        return await self.inner.dead_letters(consumer)
+
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        return await self.inner.requeue_dead_letters(consumer, seqs, after=after)
+
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        return await self.inner.due_dead_letters(consumer)
+
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        return await self.inner.discard_dead_letters(consumer, seqs)
+
+    async def forget_consumer(self, consumer: str) -> None:
+        await self.inner.forget_consumer(consumer)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self.inner!r}>"

@@ -6,8 +6,10 @@ import contextlib
 import datetime
 from collections.abc import AsyncIterator, Mapping, Sequence
 
+import attrs
 import trio
 
+from .._dead_letters import DeadLetter
 from .._events import Event, NewEvent
 from ._base import Appended, Store, within_bytes
 
@@ -24,6 +26,7 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._events: list[Event] = []
         self._cursors: dict[str, int] = {}
+        self._dead: dict[tuple[str, int], DeadLetter] = {}
         self._appended = trio.Event()
 
     @contextlib.asynccontextmanager
@@ -72,6 +75,52 @@ class MemoryStore(Store):
         for name, seq in cursors.items():
             if seq > stored.get(name, -1):
                 stored[name] = seq
+
+    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+        await trio.lowlevel.checkpoint()
+        self._dead[letter.consumer, letter.seq] = letter
+        if cursor is not None and cursor > self._cursors.get(letter.consumer, -1):
+            self._cursors[letter.consumer] = cursor
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        await trio.lowlevel.checkpoint()
+        return [
+            letter
+            for key, letter in sorted(self._dead.items())
+            if consumer is None or key[0] == consumer
+        ]
+
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=after)
+        found = sorted({seq for seq in seqs if (consumer, seq) in self._dead})
+        for seq in found:
+            self._dead[consumer, seq] = attrs.evolve(self._dead[consumer, seq], due_at=due)
+        return found
+
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        await trio.lowlevel.checkpoint()
+        now = datetime.datetime.now(datetime.UTC)
+        return [
+            letter
+            for key, letter in sorted(self._dead.items())
+            if key[0] == consumer and letter.due_at is not None and letter.due_at <= now
+        ]
+
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        found = sorted({seq for seq in seqs if (consumer, seq) in self._dead})
+        for seq in found:
+            del self._dead[consumer, seq]
+        return found
+
+    async def forget_consumer(self, consumer: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._cursors.pop(consumer, None)
+        for key in [key for key in self._dead if key[0] == consumer]:
+            del self._dead[key]
 
     async def wait_for_append(self, after: int) -> int:
         while len(self._events) <= after:

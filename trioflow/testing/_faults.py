@@ -17,14 +17,35 @@ from typing import Literal, TypeVar
 import attrs
 import trio
 
+from .._dead_letters import DeadLetter
 from .._errors import ConfigurationError, OutcomeUnknownError, StoreError, StoreUnavailableError
 from .._events import Event, NewEvent
 from ..stores._base import Appended, Store, StoreWrapper
 from ..stores.memory import MemoryStore
 
-_METHODS = ("append", "read", "head", "load_cursors", "commit_cursors", "wait_for_append")
+_METHODS = (
+    "append",
+    "read",
+    "head",
+    "load_cursors",
+    "commit_cursors",
+    "wait_for_append",
+    "record_dead_letter",
+    "dead_letters",
+    "requeue_dead_letters",
+    "due_dead_letters",
+    "discard_dead_letters",
+    "forget_consumer",
+)
 #: The calls with an effect in the store: only they can lose an answer or land late.
-_EFFECTS = ("append", "commit_cursors")
+_EFFECTS = (
+    "append",
+    "commit_cursors",
+    "record_dead_letter",
+    "requeue_dead_letters",
+    "discard_dead_letters",
+    "forget_consumer",
+)
 
 T = TypeVar("T")
 
@@ -215,3 +236,30 @@ class FaultyStore(StoreWrapper):
 
     async def wait_for_append(self, after: int) -> int:
         return await self._call("wait_for_append", lambda: self.inner.wait_for_append(after))
+
+    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+        await self._call(
+            "record_dead_letter", lambda: self.inner.record_dead_letter(letter, cursor=cursor)
+        )
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        return await self._call("dead_letters", lambda: self.inner.dead_letters(consumer))
+
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        return await self._call(
+            "requeue_dead_letters",
+            lambda: self.inner.requeue_dead_letters(consumer, seqs, after=after),
+        )
+
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        return await self._call("due_dead_letters", lambda: self.inner.due_dead_letters(consumer))
+
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        return await self._call(
+            "discard_dead_letters", lambda: self.inner.discard_dead_letters(consumer, seqs)
+        )
+
+    async def forget_consumer(self, consumer: str) -> None:
+        await self._call("forget_consumer", lambda: self.inner.forget_consumer(consumer))
