@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -304,3 +306,50 @@ async def test_math_inf_store_wait_warning_is_refused() -> None:
     with pytest.raises(trioflow.ConfigurationError, match="store_wait_warning"):
         trioflow.App(MemoryStore(), store_wait_warning=math.inf)
     await trio.lowlevel.checkpoint()
+
+
+# A flow cancelled from outside just as its tasks report "started". Run in a
+# child process: the bug this guards against hangs beyond any cancellation.
+_CANCELLED_WHILE_STARTING = """
+import contextlib, trio, trioflow
+from trioflow.stores.memory import MemoryStore
+
+class CancelsAsItOpens(MemoryStore):
+    scope = None
+
+    @contextlib.asynccontextmanager
+    async def open(self):
+        async with super().open():
+            # No checkpoint from here until the flow's first task starts.
+            self.scope.cancel()
+            yield
+
+async def main():
+    store = CancelsAsItOpens()
+    app = trioflow.App(store)
+
+    @app.consumer("c")
+    async def handle(event):
+        pass
+
+    with trio.CancelScope() as scope:
+        store.scope = scope
+        async with trioflow.open_flow(app):
+            raise AssertionError("the flow started though it was cancelled")
+    assert scope.cancelled_caught
+    print("ended")
+
+trio.run(main)
+"""
+
+
+def test_a_flow_cancelled_as_its_tasks_start_ends() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _CANCELLED_WHILE_STARTING],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ended"

@@ -291,14 +291,23 @@ class Flow:
 
 @attrs.define(eq=False)
 class _ShieldOnStart:
-    """Passes "started" on to ``nursery.start``, shielding the task from then on."""
+    """Passes "started" on to ``nursery.start``, shielding the task from then on.
+
+    Only once the task has moved into the flow's nursery: if the caller of
+    ``nursery.start`` is being cancelled, trio leaves the task where it is to
+    be cancelled with it, and a shield would keep it (and the caller) forever.
+    """
 
     scope: trio.CancelScope
     status: trio.TaskStatus[None]
 
     def started(self, value: None = None) -> None:
-        self.scope.shield = True
+        task = trio.lowlevel.current_task()
+        before = task.parent_nursery
         self.status.started()
+        # No checkpoint since started(): nothing can have cancelled it yet.
+        if task.parent_nursery is not before:
+            self.scope.shield = True
 
 
 @contextlib.asynccontextmanager
