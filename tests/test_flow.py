@@ -110,7 +110,7 @@ async def test_consumers_resume_from_their_cursors_without_duplicates() -> None:
     assert seen == list(range(1, 31))
 
 
-async def test_failing_handler_is_restarted_and_the_event_redelivered(
+async def test_a_failing_handler_is_retried_in_place(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app()
@@ -129,19 +129,26 @@ async def test_failing_handler_is_restarted_and_the_event_redelivered(
         stats = flow.statistics().consumers["flaky"]
     assert attempts == [1, 2, 3, 3, 3, 4, 5]
     assert other == [1, 2, 3, 4, 5]
-    assert (stats.failures, stats.restarts, stats.processed, stats.cursor) == (2, 2, 5, 5)
+    # Retried in the same incarnation: no restart, nothing read again.
+    assert (stats.failures, stats.restarts, stats.processed, stats.cursor) == (2, 0, 5, 5)
+    assert stats.stall is None
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(failures) == 2
-    assert "'flaky'" in failures[0].getMessage()
-    assert "seq=3" in failures[0].getMessage()
+    assert [r.getMessage() for r in failures] == [
+        "consumer 'flaky' failed on seq=3 (type 'a'), attempt 1: RuntimeError: boom; "
+        "retrying in 0.10s",
+        "consumer 'flaky' failed on seq=3 (type 'a'), attempt 2: RuntimeError: boom; "
+        "retrying in 0.20s",
+    ]
+    # The traceback once, then a line per attempt.
     assert failures[0].exc_info is not None
     assert "boom" in str(failures[0].exc_info[1])
+    assert failures[1].exc_info is None
 
 
-async def test_restart_backoff_is_exponential_and_capped(
+async def test_retry_backoff_is_exponential_and_capped(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    app = make_app(restart=trioflow.RestartPolicy(initial=1.0, maximum=4.0, multiplier=2.0))
+    app = make_app(retry=trioflow.Retry(initial=1.0, maximum=4.0, multiplier=2.0))
     times: list[float] = []
 
     @app.consumer("c")
@@ -159,7 +166,7 @@ async def test_restart_backoff_is_exponential_and_capped(
 
 
 async def test_backoff_resets_after_success(autojump_clock: trio.testing.MockClock) -> None:
-    app = make_app(restart=trioflow.RestartPolicy(initial=1.0, maximum=100.0))
+    app = make_app(retry=trioflow.Retry(initial=1.0, maximum=100.0))
     times: dict[int, list[float]] = {}
 
     @app.consumer("c")

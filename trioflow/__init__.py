@@ -7,16 +7,21 @@ cursor. After any crash every consumer resumes from its cursor by replay.
 
 from ._app import App as App
 from ._app import ConsumerSpec as ConsumerSpec
-from ._app import RestartPolicy as RestartPolicy
 from ._dead_letters import DeadLetter as DeadLetter
+from ._errors import BackpressureError as BackpressureError
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import ConsumerStateError as ConsumerStateError
 from ._errors import FlowClosedError as FlowClosedError
+from ._errors import HandlerTimeoutError as HandlerTimeoutError
 from ._errors import InvalidEventError as InvalidEventError
 from ._errors import OutcomeUnknownError as OutcomeUnknownError
+from ._errors import Reject as Reject
 from ._errors import SchemaVersionError as SchemaVersionError
 from ._errors import StoreError as StoreError
 from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import TrioflowError as TrioflowError
+from ._errors import UnknownConsumerError as UnknownConsumerError
+from ._errors import UnknownDeadLetterError as UnknownDeadLetterError
 from ._errors import UnknownStoreError as UnknownStoreError
 from ._events import MAX_DATA_BYTES as MAX_DATA_BYTES
 from ._events import MAX_DEPTH as MAX_DEPTH
@@ -24,6 +29,8 @@ from ._events import Event as Event
 from ._flow import Flow as Flow
 from ._flow import open_flow as open_flow
 from ._flow import serve as serve
+from ._policies import RestartPolicy as RestartPolicy
+from ._policies import Retry as Retry
 from ._statistics import ConsumerStatistics as ConsumerStatistics
 from ._statistics import FlowStatistics as FlowStatistics
 from ._util import fixup_module_metadata as _fixup_module_metadata
@@ -34,21 +41,28 @@ __all__ = [
     "MAX_DATA_BYTES",
     "MAX_DEPTH",
     "App",
+    "BackpressureError",
     "ConfigurationError",
     "ConsumerSpec",
+    "ConsumerStateError",
     "ConsumerStatistics",
     "DeadLetter",
     "Event",
     "Flow",
     "FlowClosedError",
     "FlowStatistics",
+    "HandlerTimeoutError",
     "InvalidEventError",
     "OutcomeUnknownError",
+    "Reject",
     "RestartPolicy",
+    "Retry",
     "SchemaVersionError",
     "StoreError",
     "StoreUnavailableError",
     "TrioflowError",
+    "UnknownConsumerError",
+    "UnknownDeadLetterError",
     "UnknownStoreError",
     "open_flow",
     "serve",

@@ -6,12 +6,21 @@ import inspect
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import attrs
 
 from ._errors import ConfigurationError, InvalidEventError
 from ._events import Event, check_type
+from ._policies import (
+    OVERFLOWS,
+    DeliveryPolicy,
+    OnExhausted,
+    Overflow,
+    RestartPolicy,
+    Retry,
+    delivery_policy,
+)
 from .stores._base import Store
 from .stores._url import default_store_url, store_from_url
 
@@ -29,37 +38,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 @attrs.frozen(kw_only=True)
-class RestartPolicy:
-    """How long a failed consumer waits before it is restarted.
-
-    The n-th consecutive restart waits ``initial * multiplier ** (n - 1)``
-    seconds, never more than ``maximum``. The count resets once the consumer
-    handles an event successfully.
-    """
-
-    initial: float = attrs.field(default=0.1)
-    maximum: float = attrs.field(default=5.0)
-    multiplier: float = attrs.field(default=2.0)
-
-    @initial.validator
-    @maximum.validator
-    def _check_positive(self, attribute: attrs.Attribute[float], value: float) -> None:
-        if not (isinstance(value, int | float) and 0 <= value < math.inf):
-            raise ConfigurationError(
-                f"RestartPolicy.{attribute.name} must be a finite number >= 0, got {value!r}"
-            )
-
-    @multiplier.validator
-    def _check_multiplier(self, attribute: attrs.Attribute[float], value: float) -> None:
-        if not (isinstance(value, int | float) and 1 <= value < math.inf):
-            raise ConfigurationError(f"RestartPolicy.multiplier must be >= 1, got {value!r}")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before restart number ``attempt`` (counted from 1)."""
-        return float(min(self.maximum, self.initial * self.multiplier ** max(attempt - 1, 0)))
-
-
-@attrs.frozen(kw_only=True)
 class ConsumerSpec:
     """A registered consumer, as `App.consumer` recorded it.
 
@@ -71,7 +49,10 @@ class ConsumerSpec:
         buffer: The most events held for it in memory, or None (unbounded).
         buffer_bytes: The most event data (bytes) held for it in memory, or
             None (unbounded).
+        overflow: What happens when it would hold more than ``buffer``.
         commit_every: Commit its cursor at least every this many handled events.
+        policy: What it does when its handler fails: retries, timeout, and
+            what happens once an event's attempts run out.
     """
 
     name: str
@@ -80,7 +61,19 @@ class ConsumerSpec:
     start: StartFrom
     buffer: int | None
     buffer_bytes: int | None
+    overflow: Overflow
     commit_every: int
+    policy: DeliveryPolicy
+
+
+def check_consumer_name(name: object) -> str:
+    """Return ``name`` if it is a valid consumer name, else raise ConfigurationError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"invalid consumer name {name!r}: use 1 to 128 letters, digits, '_', '.', ':' "
+            "or '-', starting with a letter or digit"
+        )
+    return name
 
 
 def _positive_int(what: str, value: object) -> int:
@@ -124,7 +117,10 @@ class App:
             event data, unless one ``publish_many`` alone is larger).
         shutdown_grace: Seconds in-flight handlers get to finish when the flow
             stops, and again for the final cursor flush.
-        restart: How long failed consumers wait before restarting.
+        restart: How long a consumer waits before it restarts after a store
+            error (handler failures are retried in place, by ``retry``).
+        retry: Default for consumers: how an event their handler failed on is
+            retried, in place (`Retry`).
         store_wait_warning: Log a warning, naming the call, when a store call
             has waited this many seconds (and again at doubling intervals
             while it waits): a lock held by a long transaction, a busy disk or
@@ -158,6 +154,7 @@ class App:
         max_batch: int = 10_000,
         shutdown_grace: float = 10.0,
         restart: RestartPolicy | None = None,
+        retry: Retry | None = None,
         store_wait_warning: float | None = 5.0,
         blocking_warning: float | None = 0.1,
     ) -> None:
@@ -173,6 +170,9 @@ class App:
         self.max_batch = _positive_int("max_batch", max_batch)
         self.shutdown_grace = _positive_float("shutdown_grace", shutdown_grace)
         self.restart = RestartPolicy() if restart is None else restart
+        self.retry = Retry() if retry is None else retry
+        if not isinstance(self.retry, Retry):
+            raise ConfigurationError(f"retry must be a trioflow.Retry, got {retry!r}")
         if not isinstance(self.restart, RestartPolicy):
             raise ConfigurationError(f"restart must be a RestartPolicy, got {restart!r}")
         self.store_wait_warning = (
@@ -206,19 +206,19 @@ class App:
         start: StartFrom = "earliest",
         buffer: int | None = None,
         buffer_bytes: int | None = None,
+        overflow: Overflow = "catch-up",
         commit_every: int | None = None,
+        retry: Retry | None = None,
+        retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
+        timeout: float | None = None,
+        on_exhausted: OnExhausted = "retry-forever",
     ) -> Callable[[H], H]: ...
 
     def consumer(
         self,
         name: str | H | None = None,
         /,
-        *,
-        types: Iterable[str] | None = None,
-        start: StartFrom = "earliest",
-        buffer: int | None = None,
-        buffer_bytes: int | None = None,
-        commit_every: int | None = None,
+        **options: Any,
     ) -> H | Callable[[H], H]:
         """Register an async function as a durable consumer.
 
@@ -234,56 +234,74 @@ class App:
             start: Where a consumer with no stored cursor begins: ``"earliest"``
                 (replay the whole log) or ``"latest"`` (only events published
                 after the flow started).
-            buffer: Hold at most this many events in memory for this consumer;
-                when it falls further behind it catches up from the store
-                instead. None (default): unbounded.
+            buffer: Hold at most this many events in memory for this consumer.
+                None (default): unbounded.
             buffer_bytes: Hold at most this much event data (`Event.size`, in
                 bytes) in memory for this consumer, as ``buffer`` does for a
                 count. Default: 64 MiB when ``buffer`` is set, else unbounded.
+            overflow: What happens when a bounded consumer would hold more:
+                ``"catch-up"`` (default): it is fed no more and later reads
+                what it missed from the store; ``"block"``: this flow's
+                publishers wait until it has room (backpressure; needs
+                ``buffer``).
             commit_every: Override the App's ``commit_every`` for this consumer.
+            retry: How a failed event is retried, in place (default: the App's
+                ``retry``).
+            retry_on: Retry only these errors (an Exception class or a tuple of
+                them); others give up at once (``on_exhausted``). Needs
+                ``on_exhausted`` ``"dead-letter"`` or ``"halt"``.
+            timeout: Seconds each handler call may take; it is then cancelled
+                and the attempt counts as failed. None (default): no limit.
+            on_exhausted: When an event's attempts run out (or its handler
+                raises `Reject`): ``"retry-forever"`` (default: never skip,
+                keep retrying with the capped backoff), ``"dead-letter"``
+                (record it as a dead letter, move on) or ``"halt"`` (stop at
+                it until `Flow.resume`).
 
         Returns:
             The function itself, unchanged.
 
         Raises:
             ConfigurationError: The name is invalid or taken, the function is
-                not async, or an option is invalid.
+                not async or cannot take an event, or an option is invalid.
         """
         if callable(name):
-            return self._register(
-                name,
-                name=None,
-                types=None,
-                start="earliest",
-                buffer=None,
-                buffer_bytes=None,
-                commit_every=None,
-            )
+            if options:
+                raise ConfigurationError(
+                    "give options with the consumer's name: @app.consumer('name', ...)"
+                )
+            self._register(self.make_spec(name))
+            return name
 
         def decorate(handler: H) -> H:
-            return self._register(
-                handler,
-                name=name,
-                types=types,
-                start=start,
-                buffer=buffer,
-                buffer_bytes=buffer_bytes,
-                commit_every=commit_every,
-            )
+            self._register(self.make_spec(handler, name, **options))
+            return handler
 
         return decorate
 
-    def _register(
+    def make_spec(
         self,
-        handler: H,
+        handler: Handler,
+        name: str | None = None,
         *,
-        name: str | None,
-        types: Iterable[str] | None,
-        start: StartFrom,
-        buffer: int | None,
-        buffer_bytes: int | None,
-        commit_every: int | None,
-    ) -> H:
+        types: Iterable[str] | None = None,
+        start: StartFrom = "earliest",
+        buffer: int | None = None,
+        buffer_bytes: int | None = None,
+        overflow: Overflow = "catch-up",
+        commit_every: int | None = None,
+        retry: Retry | None = None,
+        retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
+        timeout: float | None = None,
+        on_exhausted: OnExhausted = "retry-forever",
+    ) -> ConsumerSpec:
+        """Check a consumer's handler and options, with this App's defaults, and
+        return its `ConsumerSpec` without registering it (`Flow.add_consumer`
+        does so for a running flow). The options are `consumer`'s.
+
+        Raises:
+            ConfigurationError: The name, handler or an option is invalid.
+        """
         if not _is_async_callable(handler):
             raise ConfigurationError(
                 f"consumer handler {handler!r} is not an async function; define it with "
@@ -292,16 +310,7 @@ class App:
         _check_takes_one_event(handler)
         if name is None:
             name = getattr(handler, "__name__", None)
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ConfigurationError(
-                f"invalid consumer name {name!r}: use 1 to 128 letters, digits, '_', '.', ':' "
-                "or '-', starting with a letter or digit"
-            )
-        if name in self._consumers:
-            raise ConfigurationError(
-                f"a consumer named {name!r} is already registered on this App; "
-                "consumer names must be unique"
-            )
+        name = check_consumer_name(name)
         if isinstance(types, str):
             raise ConfigurationError(
                 f"types must be a collection of event types, not the str {types!r}; "
@@ -319,19 +328,41 @@ class App:
             _positive_int("buffer_bytes", buffer_bytes)
         elif buffer is not None:
             buffer_bytes = DEFAULT_BUFFER_BYTES
-        spec = ConsumerSpec(
+        if overflow not in OVERFLOWS:
+            raise ConfigurationError(
+                f"overflow must be one of {', '.join(map(repr, OVERFLOWS))}, got {overflow!r}"
+            )
+        if overflow == "block" and buffer is None:
+            raise ConfigurationError(
+                "overflow='block' makes publishers wait while this consumer holds `buffer` "
+                "events: give it a buffer (buffer=1000, say)"
+            )
+        return ConsumerSpec(
             name=name,
             handler=handler,
             types=type_set,
             start=start,
             buffer=buffer,
             buffer_bytes=buffer_bytes,
+            overflow=overflow,
             commit_every=self.commit_every
             if commit_every is None
             else _positive_int("commit_every", commit_every),
+            policy=delivery_policy(
+                retry=self.retry if retry is None else retry,
+                retry_on=retry_on,
+                timeout=timeout,
+                on_exhausted=on_exhausted,
+            ),
         )
-        self._consumers[name] = spec
-        return handler
+
+    def _register(self, spec: ConsumerSpec) -> None:
+        if spec.name in self._consumers:
+            raise ConfigurationError(
+                f"a consumer named {spec.name!r} is already registered on this App; "
+                "consumer names must be unique"
+            )
+        self._consumers[spec.name] = spec
 
 
 def _is_async_callable(obj: object) -> bool:

@@ -1,4 +1,4 @@
-"""One consumer's life: recover from its cursor, replay, go live, restart on failure.
+"""One consumer's life: recover from its cursor, replay, go live, apply its policy.
 
 Start-up and restart are one code path (`Consumer._incarnation`): load the
 durable cursor, replay from the store up to the live stream, then take
@@ -8,10 +8,13 @@ restarted): it reads them from the store before going on. Events at or below
 its position are skipped. Together these make the seam between replay and
 live exact: no gap, no duplicate.
 
-A handler that raises ends the incarnation: its cancel scope is cancelled,
-its position (the last event handled successfully) is committed, and after a
-backoff a new incarnation starts from the durable cursor, so the failed event
-is delivered again and nothing else in the flow notices.
+A handler failure (an exception, or its timeout) is retried in place, after
+the backoff of the consumer's `DeliveryPolicy`, before any later event; when
+the policy gives up, the event becomes a dead letter (recorded with the
+cursor moved past it, in one store transaction) or the consumer halts at it
+until resumed. A store error ends the incarnation: its cancel scope is
+cancelled and, after a backoff, a new incarnation starts from the durable
+cursor (or the position already reached, if further), by the start-up path.
 
 Who owns what: a `Consumer` owns its position and counters; its feed belongs
 to the dispatcher (`Subscription`), its cursor progress to the cursor writer
@@ -21,19 +24,30 @@ to the dispatcher (`Subscription`), its cursor progress to the cursor writer
 from __future__ import annotations
 
 import contextvars
+import datetime
 import logging
+import math
+import traceback
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import attrs
 import trio
 
 from ._app import ConsumerSpec
 from ._cursors import CursorProgress, CursorWriter
-from ._dispatch import Batch, Dispatcher, Subscription
-from ._errors import StoreError
+from ._dead_letters import (
+    MAX_MESSAGE_LENGTH,
+    MAX_TRACEBACK_LENGTH,
+    DeadLetter,
+    DeadLetterReason,
+)
+from ._dispatch import Batch, Dispatcher, Subscription, feeding
+from ._errors import ConsumerStateError, HandlerTimeoutError, StoreError
 from ._events import Event
 from ._pages import PageReader
-from ._statistics import ConsumerStatistics
+from ._statistics import ConsumerStatistics, Stall
+from ._store_calls import SlowCalls
 from .stores._base import Store
 
 logger = logging.getLogger("trioflow")
@@ -65,13 +79,22 @@ class _StartedOnce:
             self.status.started()
 
 
-class HandlerFailed(Exception):
-    """A consumer's handler raised; carries the event it failed on."""
+class _Halted(Exception):
+    """The policy halts the consumer at ``event`` (internal: ends its incarnation)."""
 
-    def __init__(self, event: Event, error: Exception) -> None:
-        super().__init__(event, error)
+    def __init__(self, event: Event, error: BaseException, attempts: int) -> None:
+        super().__init__(event, error, attempts)
         self.event = event
         self.error = error
+        self.attempts = attempts
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__qualname__}: {error}"
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 @attrs.define(eq=False)
@@ -85,6 +108,8 @@ class ConsumerRunner:
     page_bytes: int
     commit_interval: float
     restart_delay: Callable[[int], float]
+    #: Where handlers that outlive their timeout are reported.
+    slow_calls: SlowCalls
     _consumers: list[Consumer] = attrs.Factory(list)
     _stopping: bool = False
     _stop_deadline: float = float("inf")
@@ -115,12 +140,21 @@ class ConsumerRunner:
             spec=spec,
             runner=self,
             feed=self.dispatcher.subscribe(
-                spec.name, types=spec.types, buffer=spec.buffer, buffer_bytes=spec.buffer_bytes
+                spec.name,
+                types=spec.types,
+                buffer=spec.buffer,
+                buffer_bytes=spec.buffer_bytes,
+                overflow=spec.overflow,
             ),
             cursor=CursorProgress(spec.name),
         )
         self._consumers.append(consumer)
         return consumer
+
+    def remove(self, consumer: Consumer) -> None:
+        """Forget a consumer whose task has ended; the dispatcher feeds it no more."""
+        self._consumers.remove(consumer)
+        self.dispatcher.unsubscribe(consumer._feed)
 
     def stop(self, deadline: float) -> None:
         """Start no new event; let handlers in flight run until ``deadline``."""
@@ -138,15 +172,29 @@ class Consumer:
     _runner: ConsumerRunner
     _feed: Subscription
     _cursor: CursorProgress
-    #: Last sequence number handled (or skipped by the type filter), in memory.
+    #: Last sequence number handled (or skipped by the type filter, or given
+    #: up on as a dead letter), in memory.
     _position: int = 0
     _processed: int = 0
     _failures: int = 0
     _restarts: int = 0
+    _dead_lettered: int = 0
     #: trio.current_time() of its last cursor commit request on a schedule.
     _requested_at: float = 0.0
     #: The shielded scope around its current handlers, while it has one.
     _handler_scope: trio.CancelScope | None = None
+    #: The wait before the next attempt at a failed event, while it waits.
+    _backoff_scope: trio.CancelScope | None = None
+    #: Stopping on its own (removed from the flow), not with the whole flow,
+    #: and when its handlers in flight are cancelled then (trio time).
+    _stopping: bool = False
+    _stop_deadline: float = math.inf
+    #: The event it is held up at, and whether it halted there.
+    _stall: Stall | None = None
+    _halted: bool = False
+    _resumed: trio.Event = attrs.Factory(trio.Event)
+    #: When to look for requeued dead letters next (trio time).
+    _requeue_check_at: float = -math.inf
     _finished: trio.Event = attrs.Factory(trio.Event)
 
     @property
@@ -158,6 +206,11 @@ class Consumer:
     def committed(self) -> int:
         """Its durable cursor."""
         return self._cursor.committed
+
+    @property
+    def halted(self) -> bool:
+        """Whether it halted at an event and waits for `resume`."""
+        return self._halted
 
     def statistics(self, head: int) -> ConsumerStatistics:
         """A snapshot, with ``head`` the last sequence number the flow fanned out."""
@@ -172,6 +225,9 @@ class Consumer:
             processed=self._processed,
             failures=self._failures,
             restarts=self._restarts,
+            dead_lettered=self._dead_lettered,
+            halted=self._halted,
+            stall=self._stall,
         )
 
     def request_commit(self) -> None:
@@ -182,6 +238,30 @@ class Consumer:
         """What the final flush of a stopping flow writes for it."""
         return self._cursor, self._position, self._processed
 
+    def resume(self) -> None:
+        """Start a halted consumer again, from the event it halted at.
+
+        Raises:
+            ConsumerStateError: It is not halted.
+        """
+        if not self._halted:
+            raise ConsumerStateError(
+                f"consumer {self.name!r} is not halted, so there is nothing to resume; "
+                f"statistics().consumers[{self.name!r}].halted says when it is"
+            )
+        self._resumed.set()
+
+    def requeued(self, after: float) -> None:
+        """Dead letters of it were requeued, due in ``after`` seconds: look for them then."""
+        self._requeue_check_at = min(self._requeue_check_at, trio.current_time() + after)
+        self._feed.wake()
+
+    def stop(self, deadline: float) -> None:
+        """Stop on its own (it leaves the flow): no new event; handlers get until ``deadline``."""
+        self._stopping = True
+        self._stop_deadline = deadline
+        self._stop_handling(deadline)
+
     async def wait_finished(self) -> None:
         """Wait until its task has ended."""
         await self._finished.wait()
@@ -189,9 +269,14 @@ class Consumer:
     def _stop_handling(self, deadline: float) -> None:
         if self._handler_scope is not None:
             self._handler_scope.deadline = deadline
+        if self._backoff_scope is not None:
+            self._backoff_scope.cancel()
+
+    def _must_stop(self) -> bool:
+        return self._stopping or self._runner.stopping
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled, restarting after failures.
+        """Run until cancelled, restarting after store errors, waiting while halted.
 
         Reports itself started once its first incarnation has loaded its
         cursor; a store failure before that is retried with the same backoff
@@ -199,23 +284,18 @@ class Consumer:
         """
         runner = self._runner
         handler_of.set(runner)
+        feeding.set(self._feed)
         status = _StartedOnce(task_status)
         attempt = 0
         try:
             while True:
                 committed_before = self._cursor.committed
+                halted: _Halted | None = None
                 with trio.CancelScope() as scope:
                     try:
                         await self._incarnation(status)
-                    except HandlerFailed as failed:
-                        self._failures += 1
-                        logger.error(
-                            "consumer %r failed on seq=%d (type %r); restarting from its cursor",
-                            self.name,
-                            failed.event.seq,
-                            failed.event.type,
-                            exc_info=failed.error,
-                        )
+                    except _Halted as exc:
+                        halted = exc
                     except StoreError as exc:
                         self._failures += 1
                         logger.error(
@@ -224,13 +304,17 @@ class Consumer:
                             exc,
                         )
                     finally:
-                        self._handler_scope = None
+                        self._handler_scope = self._backoff_scope = None
                     # Everything the incarnation started goes with it.
                     scope.cancel()
-                if runner.stopping:
+                if self._must_stop():
                     # The stop sequence commits every position itself.
                     return
                 await self._save_position()
+                if halted is not None:
+                    await self._halt(halted)
+                    attempt = 0
+                    continue
                 # Only durable progress resets the backoff: a consumer whose
                 # cursor writes keep failing backs off to the cap.
                 attempt = 1 if self._cursor.committed > committed_before else attempt + 1
@@ -238,6 +322,35 @@ class Consumer:
                 await trio.sleep(runner.restart_delay(attempt))
         finally:
             self._finished.set()
+
+    async def _halt(self, halted: _Halted) -> None:
+        """Stay halted at the event until resumed; then a new incarnation retries it."""
+        event = halted.event
+        self._halted = True
+        self._stall = Stall(
+            seq=event.seq,
+            type=event.type,
+            attempts=halted.attempts,
+            last_error=_describe(halted.error),
+            next_attempt_at=None,
+        )
+        # Nothing is held for it while it waits: it catches up from the store.
+        self._runner.dispatcher.detach(self._feed)
+        logger.error(
+            "consumer %r halted at seq=%d (type %r) after %d attempt(s); every other consumer "
+            "goes on; resume it with `await flow.resume(%r)` (or by starting a new flow)",
+            self.name,
+            event.seq,
+            event.type,
+            halted.attempts,
+            self.name,
+            exc_info=halted.error,
+        )
+        await self._resumed.wait()
+        self._resumed = trio.Event()
+        self._halted = False
+        self._stall = None
+        logger.info("consumer %r resumed at seq=%d", self.name, event.seq)
 
     async def _save_position(self) -> None:
         if self._position > self._cursor.committed:
@@ -261,9 +374,11 @@ class Consumer:
         runner.cursors.loaded(self._cursor, cursor, self._position, self._processed)
         # Events an earlier incarnation handled stay handled, whether or not
         # their cursor write landed: the position never moves back, so a
-        # restart redelivers only the event that failed.
+        # restart redelivers nothing it finished.
         self._position = max(self._position, self._cursor.committed)
         self._feed.attach()
+        # Dead letters requeued while it was away are handled once it is live.
+        self._requeue_check_at = -math.inf
         head = runner.dispatcher.head
         if not task_status.done and cursor > head:
             logger.warning(
@@ -280,6 +395,8 @@ class Consumer:
         await self._catch_up()
         feed = self._feed
         while True:
+            if trio.current_time() >= self._requeue_check_at:
+                await self._handle_requeued()
             try:
                 batch = feed.take_nowait()
             except trio.WouldBlock:
@@ -301,7 +418,8 @@ class Consumer:
         for durable cursors, else once ``commit_interval`` has passed since the
         last request, unless events come first. A flow that handles one event
         at a time thus writes cursors every ``commit_interval``, not once per
-        event, and never has a cursor write between two events.
+        event, and never has a cursor write between two events. Requeued dead
+        letters coming due end the wait too (with an empty batch).
         """
         cursors = self._runner.cursors
         while self._position > self._cursor.requested:
@@ -310,9 +428,13 @@ class Consumer:
                 self._requested_at = trio.current_time()
                 cursors.request(self._cursor, self._position, self._processed)
                 break
-            with trio.move_on_at(due):
+            with trio.move_on_at(min(due, self._requeue_check_at)):
                 return await self._feed.take()
-        return await self._feed.take()
+            if trio.current_time() >= self._requeue_check_at:
+                return Batch(0, 0, ())
+        with trio.move_on_at(self._requeue_check_at):
+            return await self._feed.take()
+        return Batch(0, 0, ())
 
     async def _catch_up(self) -> None:
         """Replay from the store until level with the live stream, then attach."""
@@ -350,6 +472,8 @@ class Consumer:
                     f"to {until} were committed; check that the store is not a lagging replica"
                 )
             await self._handle(page, page[-1].seq)
+            if self._must_stop():
+                return
             now = trio.current_time()
             if progress and now - reported >= PROGRESS_EVERY:
                 reported = now
@@ -364,10 +488,11 @@ class Consumer:
                 )
 
     async def _handle(self, events: Sequence[Event], upto: int) -> None:
-        """Run the handler on each new event, in order; then move to ``upto``.
+        """Run the handler on each new event, in order, with the policy; then move to ``upto``.
 
         Handlers run shielded: an outside cancellation never interrupts one
-        mid-event. Stopping sets a deadline on the shield (the grace period).
+        mid-event. Stopping sets a deadline on the shield (the grace period),
+        and cancels a wait between attempts at a failed event.
 
         Cursor commits are requested every ``commit_every // 2`` handled
         events without waiting; the consumer waits for one only before it
@@ -377,25 +502,35 @@ class Consumer:
         runner, spec, cursor = self._runner, self.spec, self._cursor
         handler = spec.handler
         types = spec.types
+        timed = spec.policy.timeout is not None
         commit_every = spec.commit_every
         request_every = max(commit_every // 2, 1)
         cursors = runner.cursors
-        with trio.CancelScope(shield=True, deadline=runner.stop_deadline) as scope:
+        deadline = min(runner.stop_deadline, self._stop_deadline)
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
             self._handler_scope = scope
             for event in events:
                 seq = event.seq
                 if seq <= self._position:
                     continue
-                if runner.stopping:
+                if self._must_stop():
                     break
                 if types is None or event.type in types:
                     if self._processed - cursor.committed_processed >= commit_every:
                         cursors.request(cursor, self._position, self._processed)
                         await cursors.wait_durable(cursor, self._position)
                     try:
-                        await handler(event)
+                        if timed:
+                            await self._call_timed(event)
+                        else:
+                            await handler(event)
                     except Exception as exc:
-                        raise HandlerFailed(event, exc) from exc
+                        outcome = await self._after_failure(event, exc, requeued=False)
+                        if outcome == "stopped":
+                            break
+                        if outcome == "dead-lettered":
+                            self._position = seq
+                            continue
                     self._processed += 1
                     self._position = seq
                     if self._processed - cursor.requested_processed >= request_every:
@@ -411,6 +546,180 @@ class Consumer:
                     self._requested_at = now
                     cursors.request(cursor, self._position, self._processed)
         self._handler_scope = None
-        if runner.stopping:
+        if self._must_stop():
             # Leave the rest to the stop sequence, which cancels this task.
             await trio.sleep_forever()
+
+    async def _call_timed(self, event: Event) -> None:
+        """Call the handler, cancelled after the policy's timeout (a failed attempt)."""
+        timeout = self.spec.policy.timeout
+        assert timeout is not None
+        started = trio.current_time()
+        # Reported if it goes on well past its timeout: cancellation cannot
+        # stop a blocking call, or code that catches trio.Cancelled.
+        with (
+            self._runner.slow_calls.track(
+                still=f"the handler of consumer {self.name!r} on seq={event.seq} is still "
+                f"running {{elapsed:.1f}}s after it started, though it was cancelled at its "
+                f"timeout of {timeout:g}s: it ignores cancellation (a blocking call, or code "
+                "that catches trio.Cancelled)",
+                done=f"the handler of consumer {self.name!r} on seq={event.seq} returned "
+                "{elapsed:.1f}s after it started",
+                after=2 * timeout,
+            ),
+            trio.move_on_after(timeout) as scope,
+        ):
+            await self.spec.handler(event)
+        if scope.cancelled_caught:
+            raise HandlerTimeoutError(
+                self.name, event.seq, event.type, timeout, trio.current_time() - started
+            )
+
+    async def _call(self, event: Event) -> None:
+        if self.spec.policy.timeout is None:
+            await self.spec.handler(event)
+        else:
+            await self._call_timed(event)
+
+    async def _after_failure(
+        self, event: Event, error: Exception, *, requeued: bool
+    ) -> Literal["handled", "dead-lettered", "stopped"]:
+        """Apply the policy to an event whose handler just failed: retry it in place
+        until it succeeds, or give it up (a dead letter; or halt, by raising `_Halted`).
+        Returns ``"stopped"`` when the consumer stops while it waits to retry."""
+        policy = self.spec.policy
+        attempts = 1
+        first_failed_at = _utcnow()
+        while True:
+            self._failures += 1
+            decision = policy.after_failure(error, attempts)
+            if decision.action == "halt":
+                raise _Halted(event, error, attempts)
+            if decision.action == "dead-letter":
+                assert decision.reason is not None
+                await self._dead_letter(
+                    event, error, attempts, first_failed_at, decision.reason, requeued=requeued
+                )
+                self._stall = None
+                return "dead-lettered"
+            self._stall = Stall(
+                seq=event.seq,
+                type=event.type,
+                attempts=attempts,
+                last_error=_describe(error),
+                next_attempt_at=_utcnow() + datetime.timedelta(seconds=decision.delay),
+            )
+            logger.error(
+                "consumer %r failed on seq=%d (type %r), attempt %d: %s; retrying in %.2fs",
+                self.name,
+                event.seq,
+                event.type,
+                attempts,
+                _describe(error),
+                decision.delay,
+                # The whole traceback once; the attempts after, one line each.
+                exc_info=error if attempts == 1 else None,
+            )
+            with trio.CancelScope() as backoff:
+                self._backoff_scope = backoff
+                if self._must_stop():
+                    backoff.cancel()
+                await trio.sleep(decision.delay)
+            self._backoff_scope = None
+            if backoff.cancelled_caught or self._must_stop():
+                return "stopped"
+            attempts += 1
+            try:
+                await self._call(event)
+            except Exception as exc:
+                error = exc
+                continue
+            self._stall = None
+            return "handled"
+
+    async def _dead_letter(
+        self,
+        event: Event,
+        error: Exception,
+        attempts: int,
+        first_failed_at: datetime.datetime,
+        reason: DeadLetterReason,
+        *,
+        requeued: bool,
+    ) -> None:
+        letter = DeadLetter(
+            consumer=self.name,
+            seq=event.seq,
+            event_id=event.id,
+            type=event.type,
+            attempts=attempts,
+            first_failed_at=first_failed_at,
+            last_failed_at=_utcnow(),
+            reason=reason,
+            error_type=f"{type(error).__module__}.{type(error).__qualname__}",
+            message=str(error)[:MAX_MESSAGE_LENGTH],
+            traceback="".join(traceback.format_exception(error))[-MAX_TRACEBACK_LENGTH:],
+        )
+        cursors = self._runner.cursors
+        if requeued:
+            # Behind its cursor already: the letter alone is written again.
+            await cursors.record_dead_letter(self._cursor, letter, None, self._processed)
+        else:
+            await cursors.record_dead_letter(self._cursor, letter, event.seq, self._processed)
+        self._dead_lettered += 1
+        logger.error(
+            "consumer %r gave up on seq=%d (type %r) after %d attempt(s) (%s: %s) and recorded "
+            "it as a dead letter; see `await flow.dead_letters(%r)`",
+            self.name,
+            event.seq,
+            event.type,
+            attempts,
+            reason,
+            _describe(error),
+            self.name,
+        )
+
+    async def _handle_requeued(self) -> None:
+        """Handle its requeued dead letters that are due, in seq order, with its policy.
+
+        Each one handled is removed from the store; one that fails for good is
+        a dead letter again (parked), or halts the consumer.
+        """
+        runner = self._runner
+        self._requeue_check_at = math.inf
+        store = runner.store
+        for letter in await store.due_dead_letters(self.name):
+            page = await store.read(letter.seq - 1, 1)
+            if not page or page[0].seq != letter.seq:
+                logger.error(
+                    "consumer %r: the event of requeued dead letter seq=%d is no longer in the "
+                    "store; the dead letter stays (discard it with `flow.discard`)",
+                    self.name,
+                    letter.seq,
+                )
+                continue
+            event = page[0]
+            deadline = min(runner.stop_deadline, self._stop_deadline)
+            with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                self._handler_scope = scope
+                try:
+                    await self._call(event)
+                except Exception as exc:
+                    outcome = await self._after_failure(event, exc, requeued=True)
+                else:
+                    outcome = "handled"
+                if outcome == "handled":
+                    await store.discard_dead_letters(self.name, [letter.seq])
+                    self._processed += 1
+            self._handler_scope = None
+            if outcome == "stopped" or self._must_stop():
+                return
+        # Letters requeued to come due later: look again then.
+        later = [
+            letter.due_at
+            for letter in await store.dead_letters(self.name)
+            if letter.due_at is not None
+        ]
+        if later:
+            wait = (min(later) - _utcnow()).total_seconds()
+            self._requeue_check_at = trio.current_time() + max(wait, 0.0)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import attrs
 import trio
 
+from ._dead_letters import DeadLetter
 from ._errors import StoreError
 from .stores._base import Store
 
@@ -150,6 +151,17 @@ class CursorWriter:
             await self.store.commit_cursors({progress.name: seq})
         self._landed(progress, seq, processed)
         self._changed.unpark_all()
+
+    async def record_dead_letter(
+        self, progress: CursorProgress, letter: DeadLetter, seq: int | None, processed: int
+    ) -> None:
+        """Record ``letter`` and, in the same store transaction, move the cursor to ``seq``
+        (None: leave it), through the one write path."""
+        async with self._writing:
+            await self.store.record_dead_letter(letter, cursor=seq)
+        if seq is not None:
+            self._landed(progress, seq, processed)
+            self._changed.unpark_all()
 
     async def flush(self, positions: Iterable[tuple[CursorProgress, int, int]]) -> None:
         """Write the given (progress, position, processed) directly: the final flush.

@@ -16,6 +16,7 @@ it has caught up from the store, level with the dispatcher's head).
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -23,8 +24,9 @@ from collections.abc import Callable, Sequence
 import attrs
 import trio
 
-from ._errors import FlowClosedError, OutcomeUnknownError, StoreError
+from ._errors import BackpressureError, FlowClosedError, OutcomeUnknownError, StoreError
 from ._events import Event, NewEvent
+from ._policies import Overflow
 from .stores._base import Store
 
 logger = logging.getLogger("trioflow")
@@ -67,6 +69,11 @@ class Subscription:
     #: The most events and bytes it may hold, or None.
     buffer: int | None
     buffer_bytes: int | None
+    #: Past its bounds: detach it (it catches up from the store), or make the
+    #: flow's publishers wait until it has room (`Dispatcher`).
+    overflow: Overflow
+    #: Woken whenever it takes a batch (the dispatcher waits there for room).
+    _room: trio.lowlevel.ParkingLot
     _send: trio.MemorySendChannel[Batch] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[Batch] = attrs.field(init=False)
     _buffered: int = 0
@@ -103,9 +110,25 @@ class Subscription:
         """Be fed live again (a consumer starting, from whatever position)."""
         self._attached = True
 
+    def wake(self) -> None:
+        """Wake the consumer if it waits for a batch (with an empty one it skips)."""
+        self._send.send_nowait(Batch(0, 0, ()))
+
+    @property
+    def full(self) -> bool:
+        """Whether it blocks publishers: ``overflow="block"``, attached, holding ``buffer``."""
+        return (
+            self.overflow == "block"
+            and self._attached
+            and self.buffer is not None
+            and self._buffered >= self.buffer
+        )
+
     def _taken(self, batch: Batch) -> Batch:
         self._buffered -= len(batch.events)
         self._buffered_bytes -= batch.size
+        if self.overflow == "block":
+            self._room.unpark_all()
         return batch
 
     def _offer(self, after: int, upto: int, events: Sequence[Event]) -> None:
@@ -119,8 +142,9 @@ class Subscription:
         if limit_bytes is not None:
             size = sum(event.size for event in selected)
         limit = self.buffer
-        if (limit is not None and self._buffered + len(selected) > limit) or (
-            limit_bytes is not None and self._buffered_bytes + size > limit_bytes
+        if self.overflow == "catch-up" and (
+            (limit is not None and self._buffered + len(selected) > limit)
+            or (limit_bytes is not None and self._buffered_bytes + size > limit_bytes)
         ):
             # Too far behind: stop buffering; it catches up from the store.
             # The empty batch wakes it if it is idle, and its `after` tells
@@ -140,9 +164,17 @@ class Subscription:
         self._send.send_nowait(Batch(after, upto, selected, size))
 
 
+#: The feed of the consumer whose handler (or a task it started) runs here, if any.
+feeding: contextvars.ContextVar[Subscription | None] = contextvars.ContextVar(
+    "trioflow_feeding", default=None
+)
+
+
 @attrs.define(eq=False, slots=True)
 class _Publish:
     events: Sequence[NewEvent]
+    #: The feed of the consumer whose handler published, if one did.
+    publisher: Subscription | None = None
     done: trio.Event = attrs.Factory(trio.Event)
     seqs: Sequence[int] = ()
     error: BaseException | None = None
@@ -165,6 +197,9 @@ class Dispatcher:
     _head: int = 0
     _published: int = 0
     _subscriptions: list[Subscription] = attrs.Factory(list)
+    #: Where group commits wait for room in blocking subscriptions.
+    _room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    _blocking: bool = True
     _pending: collections.deque[_Publish] = attrs.Factory(collections.deque)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _poll_requested: bool = False
@@ -191,11 +226,30 @@ class Dispatcher:
         types: frozenset[str] | None,
         buffer: int | None,
         buffer_bytes: int | None,
+        overflow: Overflow = "catch-up",
     ) -> Subscription:
         """A new feed for a consumer, attached: it gets every batch from now on."""
-        subscription = Subscription(name, types, buffer, buffer_bytes)
+        subscription = Subscription(name, types, buffer, buffer_bytes, overflow, self._room)
         self._subscriptions.append(subscription)
         return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Feed ``subscription`` no more (its consumer left the flow)."""
+        self._subscriptions.remove(subscription)
+        self._room.unpark_all()
+
+    def stop_blocking(self) -> None:
+        """Let publishes through whatever the blocking consumers hold (the flow stops)."""
+        self._blocking = False
+        self._room.unpark_all()
+
+    def detach(self, subscription: Subscription) -> None:
+        """Feed ``subscription`` no more until it is level again (a halted consumer).
+
+        A detached consumer blocks no publisher.
+        """
+        subscription._attached = False
+        self._room.unpark_all()
 
     def attach_if_level(self, subscription: Subscription, position: int) -> bool:
         """Feed ``subscription`` live again if ``position`` is level with the head.
@@ -213,8 +267,12 @@ class Dispatcher:
 
         The caller checks first that the flow accepts them (`Flow` does,
         before encoding).
+
+        Raises:
+            BackpressureError: A handler of a consumer with ``overflow="block"``
+                published while that consumer is full.
         """
-        request = _Publish(events)
+        request = _Publish(events, feeding.get())
         self._pending.append(request)
         self._wakeup.set()
         try:
@@ -274,7 +332,9 @@ class Dispatcher:
                 if self._pending:
                     self._committing = True
                     try:
-                        await self._commit_pending()
+                        await self._wait_for_room()
+                        if self._pending:
+                            await self._commit_pending()
                     finally:
                         self._committing = False
                 if self._poll_requested:
@@ -288,6 +348,32 @@ class Dispatcher:
                 request.done.set()
             self._pending.clear()
             self._settled.unpark_all()
+
+    async def _wait_for_room(self) -> None:
+        """Hold this flow's publishes while a blocking consumer is full (backpressure).
+
+        A publish made by the handler of a full consumer fails instead: it
+        would wait for that very consumer, which waits for its handler.
+        """
+        while self._blocking:
+            full = [s for s in self._subscriptions if s.full]
+            if not full:
+                return
+            for request in list(self._pending):
+                if request.publisher in full:
+                    self._pending.remove(request)
+                    assert request.publisher is not None
+                    request.error = BackpressureError(
+                        f"a handler of consumer {request.publisher.name!r} published while that "
+                        f"consumer holds its buffer of {request.publisher.buffer} events "
+                        "(overflow='block'): waiting for room would wait for this very "
+                        "handler. Nothing was persisted; publish from another task, or give "
+                        "the consumer a larger buffer or overflow='catch-up'"
+                    )
+                    request.done.set()
+            if not self._pending:
+                return
+            await self._room.park()
 
     async def _commit_pending(self) -> None:
         taken: list[_Publish] = []

@@ -5,9 +5,15 @@ catch them all at once::
 
     TrioflowError
     ├── ConfigurationError      bad App or consumer settings: name, handler, options
-    │   └── UnknownStoreError   a store URL this version cannot open
+    │   ├── UnknownStoreError   a store URL this version cannot open
+    │   └── UnknownConsumerError    a consumer name this flow does not run
     ├── InvalidEventError       an event that cannot be published (type, key, data)
     ├── FlowClosedError         publishing on a flow that has stopped or is stopping
+    ├── BackpressureError       a handler publishing would wait for its own consumer
+    ├── ConsumerStateError      resuming a consumer that is not halted, and the like
+    ├── UnknownDeadLetterError  requeuing or discarding a seq that is no dead letter
+    ├── HandlerTimeoutError     a handler ran past its consumer's timeout
+    ├── Reject                  raised by a handler: never retry this event
     └── StoreError              the store failed or refused an operation
         ├── StoreUnavailableError   cannot reach or open the store; retrying may help
         ├── SchemaVersionError      the store holds a schema this version does not know
@@ -49,8 +55,72 @@ class InvalidEventError(TrioflowError):
     """
 
 
+class UnknownConsumerError(ConfigurationError):
+    """The flow runs no consumer of that name."""
+
+
 class FlowClosedError(TrioflowError):
     """The flow has stopped (or is stopping) and accepts no more events."""
+
+
+class BackpressureError(TrioflowError):
+    """A handler published while its own consumer (``overflow="block"``) is full.
+
+    The publish would wait for that consumer to take events, which it cannot
+    do while its handler waits: a deadlock. Nothing was persisted.
+    """
+
+
+class ConsumerStateError(TrioflowError):
+    """A consumer is not in the state an operation needs (resuming one that is not halted)."""
+
+
+class UnknownDeadLetterError(TrioflowError):
+    """A sequence number given to requeue or discard is not a dead letter of that consumer.
+
+    Nothing was changed.
+    """
+
+
+class HandlerTimeoutError(TrioflowError):
+    """A handler did not return within its consumer's ``timeout``; it was cancelled.
+
+    Counts as a failure of that attempt, as an exception would.
+
+    Attributes:
+        consumer: The consumer's name.
+        seq: The event's sequence number.
+        timeout: The consumer's timeout, in seconds.
+        elapsed: How long the handler ran, in seconds.
+    """
+
+    def __init__(self, consumer: str, seq: int, event_type: str, timeout: float, elapsed: float):
+        super().__init__(
+            f"the handler of consumer {consumer!r} did not return within its timeout of "
+            f"{timeout:g}s on seq={seq} (type {event_type!r}); it was cancelled after "
+            f"{elapsed:.3g}s"
+        )
+        self.consumer = consumer
+        self.seq = seq
+        self.timeout = timeout
+        self.elapsed = elapsed
+
+
+class Reject(TrioflowError):
+    """Raised by a handler for an event it knows it can never handle.
+
+    Its remaining attempts are skipped: the event is recorded as a dead letter
+    (``on_exhausted="dead-letter"``, reason ``"rejected"``) or the consumer
+    halts at it (``"halt"``, and ``"retry-forever"``, which never skips an
+    event and would retry it in vain).
+
+    Args:
+        reason: Why, for the log and the dead letter's message.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class StoreError(TrioflowError):

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
 import trio
 
-from ._app import App
-from ._consumer import ConsumerRunner, handler_of
+from ._app import App, Handler, check_consumer_name
+from ._consumer import Consumer, ConsumerRunner, handler_of
 from ._cursors import CursorWriter
+from ._dead_letters import DeadLetter
 from ._dispatch import Dispatcher
-from ._errors import ConfigurationError, FlowClosedError, StoreError
+from ._errors import (
+    ConfigurationError,
+    FlowClosedError,
+    StoreError,
+    UnknownConsumerError,
+    UnknownDeadLetterError,
+)
 from ._events import ENCODE_CHUNK, JSON, NewEvent, check_items, encode, encode_many, new_ids
 from ._statistics import FlowStatistics
 from ._store_calls import SlowCalls, WatchedStore
@@ -38,9 +46,7 @@ class Flow:
 
     def __init__(self, app: App) -> None:
         self._app = app
-        self._slow_calls = (
-            None if app.store_wait_warning is None else SlowCalls(app.store_wait_warning)
-        )
+        self._slow_calls = SlowCalls(store_threshold=app.store_wait_warning)
         store = WatchedStore(app.store, self._slow_calls)
         self._dispatcher = Dispatcher(
             store=store,
@@ -60,8 +66,11 @@ class Flow:
             page_bytes=app.page_bytes,
             commit_interval=app.commit_interval,
             restart_delay=app.restart.delay,
+            slow_calls=self._slow_calls,
         )
-        self._consumers = [self._runner.add(spec) for spec in app.consumers.values()]
+        self._consumers = {spec.name: self._runner.add(spec) for spec in app.consumers.values()}
+        #: The flow's nursery, once started: consumers added later run in it.
+        self._nursery: trio.Nursery | None = None
         self._store = store
         #: Who may publish: everyone; only the flow's own handlers (while it
         #: stops, until they return); nobody.
@@ -147,7 +156,7 @@ class Flow:
         cursors = self._cursors
         with cursors.wanting_flush():
             while True:
-                behind = [c for c in self._consumers if c.committed < target]
+                behind = [c for c in self._consumers.values() if c.committed < target]
                 if not behind:
                     return
                 # Idle consumers commit lazily; ask for their positions now
@@ -162,8 +171,155 @@ class Flow:
         return FlowStatistics(
             head=head,
             published=self._dispatcher.published,
-            consumers={c.name: c.statistics(head) for c in self._consumers},
+            consumers={name: c.statistics(head) for name, c in self._consumers.items()},
         )
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        """The dead letters in the store: of ``consumer``, or of every consumer.
+
+        Includes those of consumers other processes run. Ordered by consumer,
+        then sequence number.
+        """
+        if consumer is not None:
+            check_consumer_name(consumer)
+        return await self._store.dead_letters(consumer)
+
+    async def requeue(self, consumer: str, seqs: Iterable[int], *, after: float = 0.0) -> None:
+        """Hand dead letters back to ``consumer``, to be handled again with its policy.
+
+        The consumer handles them (in seq order, once it is level with the live
+        stream, before its next live batch) and removes each one it handles;
+        one that fails for good becomes a dead letter again. They come out of
+        stream order by nature: a requeued event is handled after later ones.
+
+        Args:
+            consumer: The consumer's name. If this flow runs it, it is woken at
+                once (or after ``after``); a consumer another process runs
+                finds them when it next (re)starts.
+            seqs: Sequence numbers of its dead letters.
+            after: Hand them back only after this many seconds (an outage that
+                needs time to clear).
+
+        Raises:
+            UnknownDeadLetterError: A seq is not a dead letter of ``consumer``;
+                nothing was requeued.
+        """
+        if (
+            isinstance(after, bool)
+            or not isinstance(after, int | float)
+            or not 0 <= after < math.inf
+        ):
+            raise ConfigurationError(
+                f"after must be a finite number of seconds >= 0, got {after!r}"
+            )
+        wanted = await self._dead_letter_seqs(consumer, seqs, "requeue")
+        await self._store.requeue_dead_letters(consumer, wanted, after=after)
+        running = self._consumers.get(consumer)
+        if running is not None:
+            running.requeued(after)
+
+    async def discard(self, consumer: str, seqs: Iterable[int]) -> None:
+        """Delete dead letters of ``consumer``: their events are not handled again by it.
+
+        Raises:
+            UnknownDeadLetterError: A seq is not a dead letter of ``consumer``;
+                nothing was discarded.
+        """
+        wanted = await self._dead_letter_seqs(consumer, seqs, "discard")
+        await self._store.discard_dead_letters(consumer, wanted)
+
+    async def resume(self, consumer: str) -> None:
+        """Start a halted consumer again, from the event it halted at.
+
+        Raises:
+            UnknownConsumerError: This flow runs no consumer of that name.
+            ConsumerStateError: It is not halted.
+        """
+        self._consumer(consumer).resume()
+        await trio.lowlevel.checkpoint()
+
+    async def add_consumer(self, name: str, handler: Handler, **options: Any) -> None:
+        """Start a consumer in this running flow, as ``@app.consumer(name, **options)`` would.
+
+        It takes the same options, with the same checks, and recovers like any
+        other: from its stored cursor, or from ``start``. Returns once it has
+        loaded its cursor. It runs until the flow stops or `remove_consumer`.
+
+        Raises:
+            ConfigurationError: The name is taken in this flow, or the handler
+                or an option is invalid.
+        """
+        self._check_open()
+        spec = self._app.make_spec(handler, name, **options)
+        if spec.name in self._consumers:
+            raise ConfigurationError(
+                f"this flow already runs a consumer named {spec.name!r}; remove it first "
+                "or choose another name"
+            )
+        nursery = self._nursery
+        assert nursery is not None, "the flow is running"
+        consumer = self._consumers[spec.name] = self._runner.add(spec)
+        try:
+            await nursery.start(
+                self._guarded, consumer, consumer.run, True, name=consumer_task_name(spec.name)
+            )
+        except BaseException:
+            del self._consumers[spec.name]
+            self._runner.remove(consumer)
+            raise
+        await self._start_watcher()
+
+    async def remove_consumer(self, name: str, *, forget: bool = False) -> None:
+        """Stop a consumer of this flow gracefully and let it go.
+
+        Its handler in flight gets ``shutdown_grace`` seconds to return, and
+        its position is committed, as when the flow stops. With ``forget``
+        its cursor and dead letters are deleted too: a consumer of that name
+        added later starts afresh.
+
+        Raises:
+            UnknownConsumerError: This flow runs no consumer of that name.
+        """
+        consumer = self._consumer(name)
+        grace = self._app.shutdown_grace
+        consumer.stop(trio.current_time() + grace)
+        scope = self._scopes.pop(consumer, None)
+        if scope is not None:
+            scope.cancel()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(grace + 1):
+                await consumer.wait_finished()
+            del self._consumers[name]
+            self._runner.remove(consumer)
+            with trio.move_on_after(grace):
+                await self._cursors.flush([consumer.final_position()])
+            if forget:
+                await self._store.forget_consumer(name)
+
+    def _consumer(self, name: str) -> Consumer:
+        consumer = self._consumers.get(name)
+        if consumer is None:
+            raise UnknownConsumerError(
+                f"this flow runs no consumer named {name!r}; it runs "
+                f"{', '.join(map(repr, self._consumers)) or 'none'}"
+            )
+        return consumer
+
+    async def _dead_letter_seqs(self, consumer: str, seqs: Iterable[int], what: str) -> list[int]:
+        check_consumer_name(consumer)
+        given = None if isinstance(seqs, str | bytes) else _list_or_none(seqs)
+        ints = [seq for seq in given or () if type(seq) is int]
+        if not given or len(ints) != len(given):
+            raise ConfigurationError(f"seqs must be one or more int sequence numbers, got {seqs!r}")
+        wanted = sorted(set(ints))
+        held = {letter.seq for letter in await self._store.dead_letters(consumer)}
+        missing = [seq for seq in wanted if seq not in held]
+        if missing:
+            raise UnknownDeadLetterError(
+                f"consumer {consumer!r} has no dead letter at seq {', '.join(map(str, missing))}; "
+                f"nothing was {what}d; list them with `await flow.dead_letters({consumer!r})`"
+            )
+        return wanted
 
     def _check_open(self) -> None:
         accepting = self._accepting
@@ -176,18 +332,24 @@ class Flow:
     async def _start(self, nursery: trio.Nursery) -> None:
         # Named so that the blocking watchdog can say whose step held the loop.
         tasks: list[tuple[object, Callable[..., Awaitable[None]], bool, str]] = []
-        if self._slow_calls is not None:
-            tasks.append(("slow calls", self._slow_calls.run, False, "slow store calls"))
+        tasks.append(("slow calls", self._slow_calls.run, False, "slow calls"))
         tasks.append(("dispatcher", self._dispatcher.run, True, "dispatcher"))
         tasks.append(("cursors", self._cursors.run, False, "cursor writer"))
         for key, run, reports_started, name in tasks:
             await nursery.start(self._guarded, key, run, reports_started, name=flow_task_name(name))
-        for consumer in self._consumers:
+        self._nursery = nursery
+        for consumer in list(self._consumers.values()):
             await nursery.start(
                 self._guarded, consumer, consumer.run, True, name=consumer_task_name(consumer.name)
             )
         if self._consumers:
-            await nursery.start(
+            await self._start_watcher()
+
+    async def _start_watcher(self) -> None:
+        """Start the watcher of other processes' events, once: consumers need it."""
+        if "watcher" not in self._scopes:
+            assert self._nursery is not None
+            await self._nursery.start(
                 self._guarded, "watcher", self._watch, False, name=flow_task_name("watcher")
             )
 
@@ -257,10 +419,12 @@ class Flow:
         # Handlers may still publish (the next step of a chain, say) until
         # they return; nobody else may.
         self._accepting = "handlers"
+        # Consumers stop taking events: publishers no longer wait for room.
+        self._dispatcher.stop_blocking()
         await self._drain(grace)
         self._runner.stop(trio.current_time() + grace)
         started = []
-        for consumer in self._consumers:
+        for consumer in self._consumers.values():
             scope = self._scopes.pop(consumer, None)
             if scope is not None:
                 scope.cancel()
@@ -272,7 +436,7 @@ class Flow:
         await self._drain(grace)
         with trio.move_on_after(grace) as flush:
             try:
-                await self._cursors.flush(c.final_position() for c in self._consumers)
+                await self._cursors.flush(c.final_position() for c in self._consumers.values())
             except StoreError as exc:
                 logger.warning(
                     "could not flush consumer cursors (%s); they resume from their last "
@@ -364,3 +528,7 @@ async def serve(app: App, *, task_status: trio.TaskStatus[Flow] = trio.TASK_STAT
     async with open_flow(app) as flow:
         task_status.started(flow)
         await trio.sleep_forever()
+
+
+def _list_or_none(items: object) -> list[object] | None:
+    return list(items) if isinstance(items, Iterable) else None

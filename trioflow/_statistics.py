@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 
 import attrs
+
+
+@attrs.frozen(kw_only=True)
+class Stall:
+    """An event a consumer is held up at: its handler keeps failing on it, or it halted.
+
+    Attributes:
+        seq: The event's sequence number.
+        type: The event's type.
+        attempts: Failed calls of its handler for it so far.
+        last_error: The last error, as ``"Type: message"``.
+        next_attempt_at: When it is tried again (aware UTC); None when halted.
+    """
+
+    seq: int
+    type: str
+    attempts: int
+    last_error: str
+    next_attempt_at: datetime.datetime | None
 
 
 @attrs.frozen(kw_only=True)
@@ -23,7 +43,12 @@ class ConsumerStatistics:
         attached: False while it catches up from the store (bounded mode).
         processed: Events its handler finished, since the flow started.
         failures: Times its handler (or the store under it) failed.
-        restarts: Times it was restarted after a failure.
+        restarts: Times it was restarted after a store error.
+        dead_lettered: Events it recorded as dead letters, since the flow started.
+        halted: Whether it stopped at an event (``on_exhausted="halt"``) and
+            waits for `Flow.resume`.
+        stall: The event it is held up at (retrying it, or halted at it), or
+            None.
     """
 
     cursor: int
@@ -36,6 +61,9 @@ class ConsumerStatistics:
     processed: int
     failures: int
     restarts: int
+    dead_lettered: int
+    halted: bool
+    stall: Stall | None
 
 
 @attrs.frozen(kw_only=True)

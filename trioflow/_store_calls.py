@@ -36,28 +36,53 @@ T = TypeVar("T")
 
 @attrs.define(eq=False)
 class _Call:
-    what: str
+    #: What to log while it goes on, and when it ends, with ``{elapsed}``.
+    still: str
+    done: str
     started: float
-    #: When to log (again) that it is still waiting.
+    after: float
+    #: When to log (again) that it goes on.
     due: float
     warned: int = 0
 
 
 @attrs.define(eq=False)
 class SlowCalls:
-    """The store calls under way, and the task that reports the slow ones."""
+    """Calls under way that may outlast what they should, and the task that reports them.
 
-    threshold: float
+    Store calls are tracked against ``store_threshold`` (None: not at all);
+    other calls (a handler past its timeout) give their own time.
+    """
+
+    store_threshold: float | None
     _calls: dict[int, _Call] = attrs.Factory(dict)
     _tokens: Iterator[int] = attrs.Factory(itertools.count)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
 
     @contextlib.contextmanager
-    def track(self, what: str) -> Iterator[None]:
-        """Note a call under way for the length of the block."""
+    def track_store_call(self, what: str) -> Iterator[None]:
+        """Note a store call under way for the length of the block."""
+        if self.store_threshold is None:
+            yield
+            return
+        with self.track(
+            still=f"store call {what} has waited {{elapsed:.1f}}s and goes on waiting: the "
+            "store may be blocked (a lock held by a long transaction, a busy disk, a network "
+            "that stopped answering)",
+            done=f"store call {what} finished after {{elapsed:.1f}}s",
+            after=self.store_threshold,
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def track(self, *, still: str, done: str, after: float) -> Iterator[None]:
+        """Note a call under way for the length of the block; log ``still`` if it
+        lasts ``after`` seconds (and at doubling intervals), then ``done``."""
         now = trio.current_time()
         token = next(self._tokens)
-        self._calls[token] = _Call(what=what, started=now, due=now + self.threshold)
+        self._calls[token] = _Call(
+            still=still, done=done, started=now, after=after, due=now + after
+        )
         if len(self._calls) == 1:
             self._wakeup.set()
         try:
@@ -65,14 +90,10 @@ class SlowCalls:
         finally:
             call = self._calls.pop(token)
             if call.warned:
-                logger.warning(
-                    "store call %s finished after %.1fs",
-                    call.what,
-                    trio.current_time() - call.started,
-                )
+                logger.warning(call.done.format(elapsed=trio.current_time() - call.started))
 
     async def run(self) -> None:
-        """Log every call still waiting past its due time, until cancelled."""
+        """Log every call still going past its due time, until cancelled."""
         while True:
             if not self._calls:
                 await self._wakeup.wait()
@@ -82,14 +103,8 @@ class SlowCalls:
             for call in self._calls.values():
                 if call.due <= now:
                     call.warned += 1
-                    call.due = call.started + self.threshold * 2**call.warned
-                    logger.warning(
-                        "store call %s has waited %.1fs and goes on waiting: the store may be "
-                        "blocked (a lock held by a long transaction, a busy disk, a network "
-                        "that stopped answering)",
-                        call.what,
-                        now - call.started,
-                    )
+                    call.due = call.started + call.after * 2**call.warned
+                    logger.warning(call.still.format(elapsed=now - call.started))
             with trio.move_on_at(min(call.due for call in self._calls.values())):
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
@@ -102,15 +117,15 @@ class WatchedStore(StoreWrapper):
     contained all the same.
     """
 
-    def __init__(self, inner: Store, calls: SlowCalls | None) -> None:
+    def __init__(self, inner: Store, calls: SlowCalls) -> None:
         super().__init__(inner)
         self._calls = calls
 
     async def _call(self, what: str | None, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            if what is None or self._calls is None:
+            if what is None:
                 return await call()
-            with self._calls.track(what):
+            with self._calls.track_store_call(what):
                 return await call()
         except TrioflowError:
             raise
