@@ -111,7 +111,7 @@ class Record:
 
     #: (tag, size, outcome, seqs): outcome is "ok", "failed" or "unknown".
     publishes: list[tuple[int, int, str, Sequence[int]]] = attrs.Factory(list)
-    #: consumer -> [(what, seq, life)], what in start/end/fail.
+    #: consumer -> [(what, seq, life)], what in start/end/fail/cancel.
     handled: dict[str, list[tuple[str, int, int]]] = attrs.Factory(dict)
     #: consumer -> the cursors written for it, in the order they landed.
     cursors: dict[str, list[int]] = attrs.Factory(dict)
@@ -158,7 +158,12 @@ def run_fault_scenario(
             ) -> None:
                 log.append(("start", event.seq, life[0]))
                 calls[0] += 1
-                await trio.sleep(plan.delays[calls[0] % len(plan.delays)] * time_scale)
+                try:
+                    await trio.sleep(plan.delays[calls[0] % len(plan.delays)] * time_scale)
+                except trio.Cancelled:
+                    # Past the grace period of a stop: not handled.
+                    log.append(("cancel", event.seq, life[0]))
+                    raise
                 if plan.fail_every and calls[0] % plan.fail_every == 0:
                     log.append(("fail", event.seq, life[0]))
                     raise RuntimeError(f"planned failure at {event.seq}")
@@ -272,7 +277,7 @@ def check_fault_scenario(
                 events[::2], events[1::2], strict=True
             ):
                 assert what == "start" and next_seq == seq, f"{name}: {events}"
-                assert next_what in ("end", "fail"), f"{name}: {events}"
+                assert next_what in ("end", "fail", "cancel"), f"{name}: {events}"
             # Every expected event handled, in order, with bounded redelivery.
             assert sorted({seq for seq, _ in ends}) == expected, f"{name}: lost events"
             previous_seq, previous_life = 0, 0

@@ -955,3 +955,32 @@ def test_two_processes_append_to_one_file(tmp_path: pathlib.Path) -> None:
         assert [event.data["n"] for event in mine] == list(range(per_writer))
         assert [event.seq for event in mine] == reported[writer]
         assert {event.key for event in mine} == {str(writer)}
+
+
+async def test_opening_a_new_file_waits_for_a_writer_holding_it(tmp_path: pathlib.Path) -> None:
+    """Switching a new file to WAL mode waits for other connections, up to busy_timeout.
+
+    SQLite fails that switch at once, without its busy handler, while another
+    connection holds the file's write lock in rollback-journal mode (as
+    another process opening the same new file does, creating the schema):
+    processes opening one new file together failed with "database is locked".
+    """
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        # A write transaction on the file, still in rollback-journal mode.
+        other.execute("BEGIN IMMEDIATE")
+
+        async def release_soon() -> None:
+            await trio.sleep(0.2)
+            other.execute("COMMIT")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_soon)
+            async with SQLiteStore(path, busy_timeout=30).open():
+                pass
+    finally:
+        other.close()
+    store = SQLiteStore(path)
+    async with store.open():
+        assert await store.head() == 0

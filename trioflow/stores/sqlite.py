@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sqlite3
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -590,7 +591,7 @@ class SQLiteStore(Store):
         self._create_private(path)
         writer = self._new_connection(path)
         try:
-            (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchall()[0]
+            mode = self._switch_to_wal(writer)
             if str(mode).lower() != "wal":
                 raise StoreUnavailableError(
                     f"SQLite store {self._path!r}: cannot switch the database to WAL mode "
@@ -613,6 +614,31 @@ class SQLiteStore(Store):
             writer.close()
             raise
         return writer, reader
+
+    def _switch_to_wal(self, writer: sqlite3.Connection) -> object:
+        """Put the file in WAL mode (it stays so); return the journal mode it is in.
+
+        SQLite does not wait for its busy handler here: while another
+        connection reads a file still in rollback mode (another process
+        opening the same new file, say), the switch fails at once with
+        SQLITE_BUSY. So this retries, as the busy handler would, up to
+        ``busy_timeout``. It runs in a worker thread.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchall()[0]
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+                if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            else:
+                return mode
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
 
     def _write(
         self,
