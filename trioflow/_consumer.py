@@ -57,6 +57,8 @@ PROGRESS_EVERY = 5.0
 #: Events in the first page a replay reads; each next page is twice as large,
 #: up to the flow's ``page_size``.
 FIRST_PAGE = 32
+#: Seconds between looks for requeued dead letters while some are not yet due.
+REQUEUE_RECHECK = 5.0
 
 
 #: The runner of the flow whose consumer task this is, if any: publishing
@@ -721,5 +723,7 @@ class Consumer:
             if letter.due_at is not None
         ]
         if later:
+            # By this host's clock, which may differ from the store's: look
+            # again at least every few seconds.
             wait = (min(later) - _utcnow()).total_seconds()
-            self._requeue_check_at = trio.current_time() + max(wait, 0.0)
+            self._requeue_check_at = trio.current_time() + min(max(wait, 0.0), REQUEUE_RECHECK)

@@ -27,6 +27,7 @@ class MemoryStore(Store):
         self._events: list[Event] = []
         self._cursors: dict[str, int] = {}
         self._dead: dict[tuple[str, int], DeadLetter] = {}
+        self._clock_origin: tuple[trio.lowlevel.TrioToken, datetime.datetime, float] | None = None
         self._appended = trio.Event()
 
     @contextlib.asynccontextmanager
@@ -90,11 +91,24 @@ class MemoryStore(Store):
             if consumer is None or key[0] == consumer
         ]
 
+    def _now(self) -> datetime.datetime:
+        """The clock of dead letters' due times: the wall clock, moving with trio's.
+
+        So a test under trio's MockClock sees requeued letters come due as
+        virtual time passes.
+        """
+        token = trio.lowlevel.current_trio_token()
+        if self._clock_origin is None or self._clock_origin[0] is not token:
+            # A new trio run (a new clock): start from the wall clock again.
+            self._clock_origin = (token, datetime.datetime.now(datetime.UTC), trio.current_time())
+        _, wall, trio_time = self._clock_origin
+        return wall + datetime.timedelta(seconds=trio.current_time() - trio_time)
+
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
     ) -> list[int]:
         await trio.lowlevel.checkpoint()
-        due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=after)
+        due = self._now() + datetime.timedelta(seconds=after)
         found = sorted({seq for seq in seqs if (consumer, seq) in self._dead})
         for seq in found:
             self._dead[consumer, seq] = attrs.evolve(self._dead[consumer, seq], due_at=due)
@@ -102,7 +116,7 @@ class MemoryStore(Store):
 
     async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
         await trio.lowlevel.checkpoint()
-        now = datetime.datetime.now(datetime.UTC)
+        now = self._now()
         return [
             letter
             for key, letter in sorted(self._dead.items())
