@@ -197,6 +197,7 @@ class Consumer:
     _resumed: trio.Event = attrs.Factory(trio.Event)
     #: When to look for requeued dead letters next (trio time).
     _requeue_check_at: float = -math.inf
+    _in_requeues: bool = False
     _finished: trio.Event = attrs.Factory(trio.Event)
 
     @property
@@ -208,6 +209,11 @@ class Consumer:
     def committed(self) -> int:
         """Its durable cursor."""
         return self._cursor.committed
+
+    @property
+    def requeues_pending(self) -> bool:
+        """Whether requeued dead letters may be due that it has not handled yet."""
+        return self._requeue_check_at <= trio.current_time() or self._in_requeues
 
     @property
     def halted(self) -> bool:
@@ -687,6 +693,15 @@ class Consumer:
         Each one handled is removed from the store; one that fails for good is
         a dead letter again (parked), or halts the consumer.
         """
+        self._in_requeues = True
+        try:
+            await self._handle_due_requeues()
+        finally:
+            self._in_requeues = False
+            # `Flow.wait_idle` waits for requeued letters too.
+            self._runner.cursors.nudge()
+
+    async def _handle_due_requeues(self) -> None:
         runner = self._runner
         self._requeue_check_at = math.inf
         store = runner.store

@@ -96,8 +96,12 @@ class CursorWriter:
             self._flush_wanted -= 1
 
     async def wait_changed(self) -> None:
-        """Wait until the next write ends, successfully or not."""
+        """Wait until the next write ends, successfully or not, or a `nudge`."""
         await self._changed.park()
+
+    def nudge(self) -> None:
+        """Wake `wait_changed`'s waiters: a consumer finished work they may wait for."""
+        self._changed.unpark_all()
 
     def loaded(self, progress: CursorProgress, cursor: int, position: int, processed: int) -> None:
         """Note the cursor a consumer read from the store as it (re)started.

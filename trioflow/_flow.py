@@ -157,7 +157,7 @@ class Flow:
         with cursors.wanting_flush():
             while True:
                 behind = [c for c in self._consumers.values() if c.committed < target]
-                if not behind:
+                if not behind and not any(c.requeues_pending for c in self._consumers.values()):
                     return
                 # Idle consumers commit lazily; ask for their positions now
                 # (consumers that go idle later see `flush_wanted`).
