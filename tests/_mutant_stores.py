@@ -383,5 +383,6 @@ def _suite(store_class: type[MemoryStore]) -> type[test_store_contract.TestMemor
     return type(name, (test_store_contract.TestMemoryStore,), namespace)
 
 
-for _store_class in [MemoryStore, *MUTANTS]:
+_STORE_CLASSES: list[type[MemoryStore]] = [MemoryStore, *MUTANTS]
+for _store_class in _STORE_CLASSES:
     globals()[f"Test{_store_class.__name__}"] = _suite(_store_class)

@@ -29,7 +29,7 @@ from trioflow._errors import (
 from trioflow._events import Event, NewEvent, encode, new_ids
 from trioflow.stores import store_from_url
 from trioflow.stores.sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
-from trioflow.testing._store_contract import make_letter
+from trioflow.testing._store_contract import check_a_first_dead_letter, make_letter
 
 
 def make_events(count: int) -> list[NewEvent]:
@@ -533,11 +533,7 @@ async def test_an_old_file_is_migrated_in_place(tmp_path: pathlib.Path, version:
         assert await store.load_cursors() == {"audit": 7, "mailer": 3}
         events = await read_everything(store)
         assert [(event.seq, event.data) for event in events] == [(n, {"n": n}) for n in range(1, 8)]
-        assert await store.dead_letters() == []
-        letter = make_letter("mailer", 5)
-        await store.record_dead_letter(letter, cursor=5)
-        assert await store.dead_letters() == [letter]
-        assert await store.load_cursors() == {"audit": 7, "mailer": 5}
+        await check_a_first_dead_letter(store, "mailer", 5)
         assert list((await store.append(make_events(1))).seqs) == [8]
     assert read_raw(path, "SELECT version FROM trioflow_schema") == [(SCHEMA_VERSION,)]
     assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(7,)]
@@ -600,7 +596,7 @@ import sys
 import trio
 from trioflow._events import encode, new_ids
 from trioflow.stores.sqlite import SQLiteStore
-from trioflow.testing._store_contract import make_letter
+from trioflow.testing._store_contract import check_a_first_dead_letter, make_letter
 
 async def main(path):
     print("ready", flush=True)

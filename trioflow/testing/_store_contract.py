@@ -1155,6 +1155,16 @@ def make_letter(consumer: str, seq: int, **changes: Any) -> DeadLetter:
     return attrs.evolve(letter, **changes)
 
 
+async def check_a_first_dead_letter(store: Store, consumer: str, seq: int) -> None:
+    """Check that ``store`` has no dead letter yet, and keeps one recorded with its cursor."""
+    cursors = await store.load_cursors()
+    assert await store.dead_letters() == []
+    letter = make_letter(consumer, seq)
+    await store.record_dead_letter(letter, cursor=seq)
+    assert await store.dead_letters() == [letter]
+    assert await store.load_cursors() == {**cursors, consumer: max(seq, cursors.get(consumer, seq))}
+
+
 def make_events(count: int, event_type: str = "test.event") -> list[NewEvent]:
     """Return ``count`` new events of one type, with data ``{"n": 0}``, ``{"n": 1}``..."""
     ids = new_ids(count)
