@@ -224,8 +224,8 @@ class StoreContract:
 
     pytestmark = pytest.mark.trio
 
-    #: True when events and cursors survive closing every handle and opening
-    #: the store again (set False for a store that lives in memory).
+    #: True when events, cursors and dead letters survive closing every handle
+    #: and opening the store again (set False for a store that lives in memory).
     persistent: ClassVar[bool] = True
 
     #: True when the store promises sequence numbers 1, 2, 3... without holes
