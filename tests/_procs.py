@@ -17,15 +17,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 import pytest
 import trio
+
+from trioflow.stores import Store, store_from_url
+from trioflow.testing._store_contract import make_events, read_all
 
 CHILDREN = Path(__file__).parent / "_children"
 
@@ -310,3 +314,74 @@ def check_consumer_rows(
                 f"stored {events[at : at + 3]}; went back: "
                 f"{[(a, b) for a, b in itertools.pairwise(seqs) if b <= a][:10]}; {context}"
             )
+
+
+async def sigkill_while_recording_dead_letters(
+    store_url: str,
+    child_url: Callable[[int], str],
+    tmp_path: Path,
+    *,
+    seed: int,
+    kills: int = 6,
+    settle: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """SIGKILL ``dead_letter_child.py`` as it records dead letters; check the store each time.
+
+    The store at ``store_url`` gets events to give up on first. Run ``n`` of the
+    child opens ``child_url(n)``, is killed at a random moment, and then
+    ``settle(n)`` waits, if need be, until its last statement is over; the
+    store is then checked with `check_dead_letters`.
+    """
+    rng = random.Random(seed)
+    log = tmp_path / "recorded.log"
+    store = store_from_url(store_url)
+    async with store.open():
+        for _ in range(10):
+            await store.append(make_events(1000))
+    for run in range(kills):
+        stderr = tmp_path / f"run{run}.stderr"
+        async with running(
+            "dead_letter_child.py", child_url(run), log, rng.randrange(2**32), stderr=stderr
+        ) as child:
+            await child.expect_line("ready", limit=30)
+            await trio.sleep(rng.uniform(0.05, 0.4))
+            await child.kill(limit=30)
+        if settle is not None:
+            await settle(run)
+        async with store.open():
+            recorded = await check_dead_letters(store, log, f"after kill {run}; in {tmp_path}")
+    # Each run recorded some: the kills fell among the writes, not before them.
+    assert recorded >= 3 * kills, f"only {recorded} dead letters recorded in {kills} runs"
+
+
+async def check_dead_letters(store: Store, log: Path, context: str) -> int:
+    """Each consumer's letters are exactly the events up to its cursor; return how many.
+
+    For every letter written, either its cursor moved past it and the letter
+    is there, or neither: a cursor past an event without its letter lost the
+    event, a letter past the cursor was kept without its cursor. Each letter
+    names its event, and every ``record_dead_letter`` that returned (a line
+    ``"<consumer> <seq>"`` of ``log``) is at or below its consumer's cursor.
+    """
+    events = {event.seq: event.id for event in await read_all(store)}
+    letters = await store.dead_letters()
+    cursors = await store.load_cursors()
+    returned: dict[str, int] = {}
+    for line in (await trio.Path(log).read_text()).splitlines():
+        consumer, seq = line.split()
+        returned[consumer] = max(returned.get(consumer, 0), int(seq))
+    for consumer in {*cursors, *returned, *(letter.consumer for letter in letters)}:
+        cursor = cursors.get(consumer, 0)
+        mine = {letter.seq: letter.event_id for letter in letters if letter.consumer == consumer}
+        below = {seq for seq in events if seq <= cursor}
+        where = f"consumer {consumer!r} at cursor {cursor}; {context}"
+        lost = sorted(below - set(mine))
+        assert not lost, f"the cursor is past events without their letters: {lost[:10]}; {where}"
+        loose = sorted(set(mine) - below)
+        assert not loose, f"letters past the cursor, which never moved: {loose[:10]}; {where}"
+        wrong = sorted(seq for seq, event_id in mine.items() if events[seq] != event_id)
+        assert not wrong, f"letters naming another event: {wrong[:10]}; {where}"
+        assert returned.get(consumer, 0) <= cursor, (
+            f"record_dead_letter returned for seq {returned[consumer]}, lost since; {where}"
+        )
+    return len(letters)

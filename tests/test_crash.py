@@ -20,7 +20,14 @@ import trio
 import trio.testing
 
 import trioflow
-from tests._procs import CRASH_CONSUMERS, check_crash_state, read_runs, running, sqlite_url
+from tests._procs import (
+    CRASH_CONSUMERS,
+    check_crash_state,
+    read_runs,
+    running,
+    sigkill_while_recording_dead_letters,
+    sqlite_url,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +95,13 @@ async def test_sigkill_loses_nothing_and_redelivers_at_most_commit_every(
         output = await child.finish(limit=120)
     assert output.split() == ["ready", "idle"], context
     check_state(db, logs, f"after the final run; {context}", total=TOTAL)
+
+
+async def test_sigkill_while_recording_dead_letters_keeps_each_with_its_cursor(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path / "events.db")
+    await sigkill_while_recording_dead_letters(url, lambda run: url, tmp_path, seed=1)
 
 
 async def test_graceful_stop_mid_stream_flushes_cursors_and_redelivers_nothing(

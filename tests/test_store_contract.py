@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import pathlib
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import pytest
 
@@ -19,10 +20,12 @@ class TestMemoryStore(StoreContract):
     persistent = False
     seqs_without_holes = True
     store_urls = ("memory://",)
+    #: The class of the stores opened (tests/_mutant_stores.py runs broken ones).
+    store_class: ClassVar[type[MemoryStore]] = MemoryStore
 
     @contextlib.asynccontextmanager
     async def open_store(self) -> AsyncIterator[Store]:
-        store = MemoryStore()
+        store = self.store_class()
         async with store.open():
             yield store
 

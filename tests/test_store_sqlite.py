@@ -28,7 +28,8 @@ from trioflow._errors import (
 )
 from trioflow._events import Event, NewEvent, encode, new_ids
 from trioflow.stores import store_from_url
-from trioflow.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+from trioflow.stores.sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from trioflow.testing._store_contract import check_a_first_dead_letter, make_letter
 
 
 def make_events(count: int) -> list[NewEvent]:
@@ -212,11 +213,14 @@ async def test_pragmas(tmp_path: pathlib.Path) -> None:
             tables = raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
             assert sorted(tables) == [
                 ("trioflow_cursors",),
+                ("trioflow_dead_letters",),
                 ("trioflow_events",),
                 ("trioflow_schema",),
                 ("trioflow_sequence",),
             ]
-            assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(2,)]
+            assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [
+                (SCHEMA_VERSION,)
+            ]
         raw.close()
 
 
@@ -413,6 +417,28 @@ def make_version_1_file(path: pathlib.Path, events: int, cursors: dict[str, int]
         raw.close()
 
 
+def make_version_2_file(path: pathlib.Path, events: int, cursors: dict[str, int]) -> None:
+    """A file as trioflow left it at version 2: version 1's, migrated as version 2 did.
+
+    Migration steps never change once released, so step 2 is what every
+    version-2 file went through.
+    """
+    make_version_1_file(path, events, cursors)
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        for statement in _MIGRATIONS[2]:
+            raw.execute(statement)
+        raw.execute("UPDATE trioflow_schema SET version = 2")
+        raw.execute("COMMIT")
+    finally:
+        raw.close()
+
+
+#: The files of every released version before this one, as users have them.
+OLD_FILES = {1: make_version_1_file, 2: make_version_2_file}
+
+
 def read_raw(path: pathlib.Path, query: str) -> list[tuple[object, ...]]:
     raw = sqlite3.connect(path)
     try:
@@ -496,9 +522,10 @@ async def test_a_consumer_past_deleted_events_handles_the_next_ones(
     assert (audit_stats.cursor, audit_stats.lag) == (12, 0)
 
 
-async def test_a_version_1_file_is_migrated_in_place(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("version", sorted(OLD_FILES))
+async def test_an_old_file_is_migrated_in_place(tmp_path: pathlib.Path, version: int) -> None:
     path = tmp_path / "old.db"
-    make_version_1_file(path, 7, {"audit": 7, "mailer": 3})
+    OLD_FILES[version](path, 7, {"audit": 7, "mailer": 3})
     old_events = read_raw(path, "SELECT * FROM trioflow_events ORDER BY seq")
     store = SQLiteStore(path)
     async with store.open():
@@ -506,26 +533,54 @@ async def test_a_version_1_file_is_migrated_in_place(tmp_path: pathlib.Path) -> 
         assert await store.load_cursors() == {"audit": 7, "mailer": 3}
         events = await read_everything(store)
         assert [(event.seq, event.data) for event in events] == [(n, {"n": n}) for n in range(1, 8)]
+        await check_a_first_dead_letter(store, "mailer", 5)
         assert list((await store.append(make_events(1))).seqs) == [8]
-    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(SCHEMA_VERSION,)]
     assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(7,)]
     assert read_raw(path, "SELECT * FROM trioflow_events WHERE seq <= 7") == old_events
+    assert read_raw(
+        path, "SELECT name FROM sqlite_master WHERE tbl_name = 'trioflow_dead_letters' ORDER BY 1"
+    ) == [
+        ("sqlite_autoindex_trioflow_dead_letters_1",),
+        ("trioflow_dead_letters",),
+        ("trioflow_dead_letters_due",),
+    ]
     # Numbering continues above every number given, before and after.
     write_raw(path, "DELETE FROM trioflow_events WHERE seq > 2")
     async with store.open():
         assert list((await store.append(make_events(1))).seqs) == [9]
 
 
-async def test_migration_waits_for_the_write_lock(tmp_path: pathlib.Path) -> None:
+async def test_a_failed_migration_leaves_the_file_at_its_version(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "old.db"
-    make_version_1_file(path, 3, {})
+    make_version_2_file(path, 2, {"audit": 2})
+    # Another program's table, where version 3 puts its own.
+    write_raw(path, "CREATE TABLE trioflow_dead_letters (note TEXT)")
+    write_raw(path, "INSERT INTO trioflow_dead_letters VALUES ('mine')")
+    with pytest.raises(StoreError, match="already exists") as caught:
+        async with SQLiteStore(path).open():
+            pass
+    assert not isinstance(caught.value, StoreUnavailableError)
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT * FROM trioflow_dead_letters") == [("mine",)]
+    assert read_raw(path, "SELECT 1 FROM sqlite_master WHERE name LIKE '%_due'") == []
+    write_raw(path, "DROP TABLE trioflow_dead_letters")
+    async with SQLiteStore(path).open():
+        pass
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(SCHEMA_VERSION,)]
+
+
+@pytest.mark.parametrize("version", sorted(OLD_FILES))
+async def test_migration_waits_for_the_write_lock(tmp_path: pathlib.Path, version: int) -> None:
+    path = tmp_path / "old.db"
+    OLD_FILES[version](path, 3, {})
     raw = sqlite3.connect(path, isolation_level=None)
     try:
         raw.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreUnavailableError, match="locked"):
             async with SQLiteStore(path, busy_timeout=0.05).open():
                 pass
-        assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(1,)]
+        assert raw.execute("SELECT version FROM trioflow_schema").fetchall() == [(version,)]
         raw.execute("ROLLBACK")
     finally:
         raw.close()
@@ -535,35 +590,48 @@ async def test_migration_waits_for_the_write_lock(tmp_path: pathlib.Path) -> Non
 
 
 # Opens the store named on the command line once "go" comes on stdin, and
-# prints the number its first append got.
+# prints the number its first append got, having dead-lettered it.
 _MIGRATOR = """
 import sys
 import trio
 from trioflow._events import encode, new_ids
 from trioflow.stores.sqlite import SQLiteStore
+from trioflow.testing._store_contract import check_a_first_dead_letter, make_letter
 
 async def main(path):
     print("ready", flush=True)
     await trio.to_thread.run_sync(sys.stdin.readline)
     async with (store := SQLiteStore(path)).open():
         appended = await store.append([encode("new", None, None, new_ids(1)[0])])
-    print(appended.seqs[0], flush=True)
+        seq = appended.seqs[0]
+        await store.record_dead_letter(make_letter("mailer", seq), cursor=seq)
+    print(seq, flush=True)
 
 trio.run(main, sys.argv[1])
 """
 
 
 @pytest.mark.slow
-def test_processes_opening_a_version_1_file_at_once_migrate_it_once(
-    tmp_path: pathlib.Path,
+@pytest.mark.parametrize("version", sorted(OLD_FILES))
+def test_processes_opening_an_old_file_at_once_migrate_it_once(
+    tmp_path: pathlib.Path, version: int
 ) -> None:
     path = tmp_path / "old.db"
-    make_version_1_file(path, 5, {"audit": 5})
+    OLD_FILES[version](path, 5, {"audit": 5})
     outputs = run_together([[str(path)]] * 4, _MIGRATOR)
     assert sorted(int(stdout.split()[-1]) for stdout in outputs) == [6, 7, 8, 9]
-    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(SCHEMA_VERSION,)]
     assert read_raw(path, "SELECT high_water FROM trioflow_sequence") == [(5,)]
-    assert read_raw(path, "SELECT consumer, seq FROM trioflow_cursors") == [("audit", 5)]
+    assert read_raw(path, "SELECT consumer, seq FROM trioflow_cursors ORDER BY 1") == [
+        ("audit", 5),
+        ("mailer", 9),
+    ]
+    assert read_raw(path, "SELECT seq FROM trioflow_dead_letters ORDER BY 1") == [
+        (6,),
+        (7,),
+        (8,),
+        (9,),
+    ]
 
 
 async def test_cursors_past_the_high_water_mark_are_refused_at_open(
@@ -601,7 +669,7 @@ async def test_a_version_1_file_with_cursors_past_its_events_is_refused(
         async with SQLiteStore(path).open():
             pass
     # The migration itself was committed; only the open was refused.
-    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(2,)]
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(SCHEMA_VERSION,)]
 
 
 # -- the file deleted or replaced under a running flow -----------------------------
@@ -665,6 +733,14 @@ async def test_polls_and_cursor_commits_notice_a_deleted_file(tmp_path: pathlib.
             await store.commit_cursors({"audit": 2})
         with pytest.raises(StoreError, match="deleted or moved away"):
             await store.append(make_events(1))
+        for write in (
+            store.record_dead_letter(make_letter("audit", 2), cursor=2),
+            store.requeue_dead_letters("audit", [2]),
+            store.discard_dead_letters("audit", [2]),
+            store.forget_consumer("audit"),
+        ):
+            with pytest.raises(StoreError, match="deleted or moved away"):
+                await write
         # Reads still come from the file that was opened.
         assert len(await store.read(0, 10)) == 2
         # Moved back, it is the store's file again.
@@ -808,6 +884,29 @@ async def test_an_undecodable_event_is_a_store_error_naming_its_seq(
         assert [event.seq for event in await store.read(2, 10)] == [3]
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [("event_id", b"short"), ("event_id", "text"), ("first_failed_at", "soon"), ("due_at", 2**62)],
+)
+async def test_an_undecodable_dead_letter_is_a_store_error_naming_it(
+    tmp_path: pathlib.Path, damage: tuple[str, object]
+) -> None:
+    column, value = damage
+    store = SQLiteStore(tmp_path / "letters.db")
+    async with store.open():
+        for seq in (1, 2):
+            await store.record_dead_letter(make_letter("audit", seq), cursor=seq)
+        change = f"UPDATE trioflow_dead_letters SET {column} = ? WHERE seq = 2"
+        write_raw(pathlib.Path(store.path), change, value)
+        for lookup in (store.dead_letters(), store.dead_letters("audit")):
+            with pytest.raises(StoreError, match="letter of consumer 'audit' at seq 2 cannot"):
+                await lookup
+        assert [letter.seq for letter in await store.dead_letters("nobody")] == []
+        # Discarding it is the way out.
+        assert await store.discard_dead_letters("audit", [2]) == [2]
+        assert [letter.seq for letter in await store.dead_letters()] == [1]
+
+
 async def test_event_size_is_the_stored_text_in_utf8_bytes(tmp_path: pathlib.Path) -> None:
     # Written by another program: not the compact form trioflow writes.
     text = ' { "é" : [1, 2] } '
@@ -851,6 +950,14 @@ async def test_large_arguments_are_clamped(tmp_path: pathlib.Path) -> None:
         assert len(await store.read(-(2**70), 2**70)) == 3
         assert list(await store.read(2**70, 10)) == []
         assert list(await store.read(0, -1)) == []
+        await store.record_dead_letter(make_letter("audit", 2), cursor=None)
+        # No letter can have a seq SQLite cannot hold: such seqs are none of them.
+        for change in (store.requeue_dead_letters, store.discard_dead_letters):
+            assert await change("audit", [2**63, 2, -(2**70)]) == [2]
+        with pytest.raises(StoreError, match="SQLite keeps integers") as caught:
+            await store.record_dead_letter(make_letter("audit", 2**64), cursor=2**64)
+        assert "consumer 'audit' at seq 18446744073709551616" in str(caught.value)
+        assert await store.dead_letters() == []
 
 
 def test_repr(tmp_path: pathlib.Path) -> None:

@@ -79,6 +79,20 @@ def require_server() -> str:
     return url
 
 
+async def wait_sessions_gone(admin: Driver, tag: str) -> None:
+    """Wait until the server has no session of ``tag`` left (its last statement is over).
+
+    PostgreSQL finishes a statement whose client was killed: tag a child's
+    sessions with ``application_name`` and wait for them before reading.
+    """
+    with trio.fail_after(30):
+        # Polling the server's view: there is nothing to wait on locally.
+        while await admin.fetchval(  # noqa: ASYNC110
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", tag
+        ):
+            await trio.sleep(0.02)
+
+
 async def _drop_schemas(url: str, schemas: Iterable[str]) -> None:
     async with open_admin(url) as driver:
         for schema in schemas:

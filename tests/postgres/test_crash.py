@@ -32,7 +32,9 @@ from tests._procs import (
     check_consumer_rows,
     check_crash_state,
     running,
+    sigkill_while_recording_dead_letters,
 )
+from tests.postgres._server import wait_sessions_gone
 from trioflow.stores._pg_driver import Driver
 
 pytestmark = pytest.mark.slow
@@ -55,16 +57,6 @@ async def read_store(
         row[0]: row[1] for row in await admin.fetch(f'SELECT consumer, seq FROM "{schema}".cursors')
     }
     return events, cursors
-
-
-async def wait_sessions_gone(admin: Driver, tag: str) -> None:
-    """Wait until the server has no session of ``tag`` left (its last statement is over)."""
-    with trio.fail_after(30):
-        # Polling the server's view: there is nothing to wait on locally.
-        while await admin.fetchval(  # noqa: ASYNC110
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", tag
-        ):
-            await trio.sleep(0.02)
 
 
 async def check_state(
@@ -172,3 +164,19 @@ async def test_three_publisher_processes_and_a_consumer_process(
     switches = sum(1 for a, b in itertools.pairwise(events) if a[1] != b[1])
     assert switches >= len(publishers), f"the publishers' events never interleaved; {context}"
     check_consumer_rows(logs, ("plain", "bounded"), events, context)
+
+
+async def test_sigkill_while_recording_dead_letters_keeps_each_with_its_cursor(
+    tmp_path: Path, make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    prefix = f"tf-dead-{uuid.uuid4().hex[:12]}"
+
+    def child_url(run: int) -> str:
+        return make_url(schema=schema, application_name=f"{prefix}-{run}")
+
+    async def settle(run: int) -> None:
+        await wait_sessions_gone(admin, f"{prefix}-{run}")
+
+    await sigkill_while_recording_dead_letters(
+        make_url(schema=schema), child_url, tmp_path, seed=1, settle=settle
+    )

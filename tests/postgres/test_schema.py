@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 import urllib.parse
 import uuid
@@ -17,9 +18,10 @@ from trioflow import (
     StoreError,
     StoreUnavailableError,
 )
+from trioflow.stores import postgres
 from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import SCHEMA_VERSION, PostgresStore
-from trioflow.testing._store_contract import make_events
+from trioflow.testing._store_contract import check_a_first_dead_letter, make_events, make_letter
 
 
 async def version_rows(admin: Driver, schema: str) -> list[tuple[int, object]]:
@@ -39,6 +41,7 @@ async def test_first_open_creates_the_schema(store_url: str, schema: str, admin:
     assert [(row[0], row[1]) for row in tables] == [
         ("cursors", "p"),
         ("cursors_unlogged", "u"),
+        ("dead_letters", "p"),
         ("events", "p"),
         ("schema_version", "p"),
     ]
@@ -73,6 +76,68 @@ async def test_concurrent_first_opens_do_not_race(
                 nursery.start_soon(open_one)
     assert opened == [0] * 6
     assert [version for version, _ in await version_rows(admin, schema)] == [SCHEMA_VERSION]
+
+
+async def make_version_1_schema(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema as trioflow left it at version 1, with events and cursors.
+
+    Made by this trioflow stopped at version 1: a migration never changes once
+    released, so that is what version 1 created.
+    """
+    with monkeypatch.context() as patch:
+        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        store = PostgresStore.from_url(url)
+        async with store.open():
+            await store.append(make_events(5))
+            await store.commit_cursors({"billing": 5, "audit": 2})
+
+
+async def test_a_version_1_schema_is_upgraded_in_place(
+    store_url: str, schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_version_1_schema(store_url, monkeypatch)
+    (old,) = await version_rows(admin, schema)
+    assert old[0] == 1
+    assert await admin.fetchval("SELECT to_regclass($1)", f'"{schema}".dead_letters') is None
+    events = await admin.fetch(f'SELECT * FROM "{schema}".events ORDER BY seq')
+    store = PostgresStore.from_url(store_url)
+    async with store.open():
+        assert await store.load_cursors() == {"billing": 5, "audit": 2}
+        await check_a_first_dead_letter(store, "audit", 3)
+        assert list((await store.append(make_events(1))).seqs) == [6]
+    ((version, migrated_at),) = await version_rows(admin, schema)
+    assert version == SCHEMA_VERSION == 2
+    before = old[1]
+    assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
+    assert migrated_at > before
+    assert (
+        await admin.fetch(f'SELECT * FROM "{schema}".events WHERE seq <= 5 ORDER BY seq') == events
+    )
+    # A trioflow still at version 1 refuses the upgraded schema.
+    with monkeypatch.context() as patch:
+        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        with pytest.raises(SchemaVersionError, match="upgrade trioflow"):
+            async with PostgresStore.from_url(store_url).open():
+                pass  # pragma: no cover
+
+
+async def test_concurrent_opens_upgrade_a_version_1_schema_once(
+    make_url: Callable[..., str], schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = make_url(schema=schema, pool_min_size=1, pool_max_size=2)
+    await make_version_1_schema(url, monkeypatch)
+
+    async def open_one(consumer: str) -> None:
+        store = PostgresStore.from_url(url)
+        async with store.open():
+            await store.record_dead_letter(make_letter(consumer, 1), cursor=1)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for number in range(6):
+                nursery.start_soon(open_one, f"c{number}")
+    assert [version for version, _ in await version_rows(admin, schema)] == [SCHEMA_VERSION]
+    assert await admin.fetchval(f'SELECT count(*) FROM "{schema}".dead_letters') == 6
 
 
 async def test_a_newer_schema_is_refused(store_url: str, schema: str, admin: Driver) -> None:

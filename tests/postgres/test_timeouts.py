@@ -8,7 +8,7 @@ reached.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -17,7 +17,7 @@ import trio
 from trioflow import OutcomeUnknownError, StoreError, StoreUnavailableError
 from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
-from trioflow.testing._store_contract import make_events
+from trioflow.testing._store_contract import make_events, make_letter
 
 #: The store's command_timeout in these tests, in seconds.
 LIMIT = 0.5
@@ -74,6 +74,39 @@ async def test_a_cursor_commit_blocked_by_a_row_lock(
     assert_says_what_timed_out(info.value, "committing the cursors of 2 consumer(s)")
     await timed_store.commit_cursors({"billing": 7})
     assert await timed_store.load_cursors() == {"billing": 7}
+
+
+async def test_dead_letter_calls_blocked_by_a_lock_say_which(
+    timed_store: PostgresStore, admin: Driver
+) -> None:
+    await timed_store.record_dead_letter(make_letter("billing", 1), cursor=1)
+    letters = f'"{timed_store.schema}".dead_letters'
+    store = timed_store
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "recording the dead letter of consumer 'billing' at seq 2": lambda: (
+            store.record_dead_letter(make_letter("billing", 2), cursor=2)
+        ),
+        "listing the dead letters": lambda: store.dead_letters(),
+        "listing the dead letters of consumer 'billing'": lambda: store.dead_letters("billing"),
+        "requeueing dead letters of consumer 'billing'": lambda: store.requeue_dead_letters(
+            "billing", [1]
+        ),
+        "looking for due dead letters of consumer 'billing'": lambda: store.due_dead_letters(
+            "billing"
+        ),
+        "discarding dead letters of consumer 'billing'": lambda: store.discard_dead_letters(
+            "billing", [1]
+        ),
+        "forgetting consumer 'billing'": lambda: store.forget_consumer("billing"),
+    }
+    async with holding(admin, f"LOCK TABLE {letters} IN ACCESS EXCLUSIVE MODE"):
+        for operation, call in calls.items():
+            with trio.fail_after(10), pytest.raises(StoreError) as info:
+                await call()
+            assert_says_what_timed_out(info.value, operation)
+    # None of them happened: not the letter's cursor either.
+    assert await timed_store.load_cursors() == {"billing": 1}
+    assert [letter.seq for letter in await timed_store.dead_letters()] == [1]
 
 
 async def test_an_append_blocked_by_a_lock_is_checked_and_said_not_committed(

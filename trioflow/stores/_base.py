@@ -129,11 +129,19 @@ class Store(abc.ABC):
         """Keep ``letter`` (replacing one for the same consumer and seq) and, in the same
         transaction, move its consumer's cursor forward to ``cursor`` (never back;
         None: leave the cursor alone, for a requeued letter that failed again).
+
+        The letter is kept as given, its ``due_at`` too: pass ``due_at=None`` to park
+        it. Recording the same letter and cursor again changes nothing, so a call
+        whose answer was lost may be retried.
         """
 
     @abc.abstractmethod
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
-        """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
+        """Return the dead letters of ``consumer`` (or of all), by consumer then seq.
+
+        Consumers come in the order of their names' code points (as Python sorts
+        `str`), whatever the database's collation.
+        """
 
     @abc.abstractmethod
     async def requeue_dead_letters(

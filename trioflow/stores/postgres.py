@@ -40,6 +40,7 @@ from typing import Final, Literal, get_args
 import attrs
 import trio
 
+from .._dead_letters import DeadLetter
 from .._errors import (
     ConfigurationError,
     OutcomeUnknownError,
@@ -77,7 +78,7 @@ logger = logging.getLogger("trioflow.stores.postgres")
 CursorDurability = Literal["sync", "async", "unlogged"]
 
 #: The schema version this trioflow writes and understands.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 DEFAULT_SCHEMA: Final = "trioflow"
 
@@ -103,6 +104,25 @@ _PASSTHROUGH_OPTIONS: Final = LIBPQ_OPTIONS
 
 # The largest max_bytes sent to the server (a bigint): any page is smaller.
 _MAX_BYTES_CAP: Final = 2**62
+# A bigint's range: a seq outside it is no dead letter's.
+_MIN_BIGINT: Final = -(2**63)
+_MAX_BIGINT: Final = 2**63 - 1
+
+#: The columns of a dead letter, in the order `DeadLetter` lists its fields.
+_LETTER_COLUMNS: Final = (
+    "consumer",
+    "seq",
+    "event_id",
+    "type",
+    "attempts",
+    "first_failed_at",
+    "last_failed_at",
+    "reason",
+    "error_type",
+    "message",
+    "traceback",
+    "due_at",
+)
 
 
 def _lock_key(schema: str) -> int:
@@ -255,6 +275,74 @@ class _Queries:
         )
 
     @property
+    def record_dead_letter(self) -> str:
+        # One statement, one transaction: the letter (replacing one of the
+        # same consumer and seq) and the consumer's cursor in the logged
+        # table, $13 (NULL: left alone). Logged, and committed with the
+        # server's synchronous_commit whatever cursor_durability says: see
+        # docs/postgres.md, "Dead letters".
+        columns = ", ".join(_LETTER_COLUMNS)
+        values = ", ".join(f"${number}" for number in range(1, len(_LETTER_COLUMNS) + 1))
+        replace = ", ".join(f"{column} = excluded.{column}" for column in _LETTER_COLUMNS[2:])
+        letter = (
+            f"INSERT INTO {self.q}.dead_letters ({columns}) VALUES ({values}) "
+            f"ON CONFLICT (consumer, seq) DO UPDATE SET {replace}"
+        )
+        cursor = self._upsert(
+            "cursors",
+            "(VALUES ($1::text, $13::bigint)) AS t(consumer, seq) WHERE t.seq IS NOT NULL",
+        )
+        return f"WITH letter AS ({letter}) {cursor}"
+
+    @property
+    def dead_letters(self) -> str:
+        # consumer is COLLATE "C": code-point order, whatever the database's.
+        return (
+            f"SELECT {', '.join(_LETTER_COLUMNS)} FROM {self.q}.dead_letters ORDER BY consumer, seq"
+        )
+
+    @property
+    def dead_letters_of(self) -> str:
+        return (
+            f"SELECT {', '.join(_LETTER_COLUMNS)} FROM {self.q}.dead_letters "
+            "WHERE consumer = $1 ORDER BY seq"
+        )
+
+    @property
+    def due_dead_letters(self) -> str:
+        # The database's clock, as requeue's: the host's plays no part.
+        return (
+            f"SELECT {', '.join(_LETTER_COLUMNS)} FROM {self.q}.dead_letters "
+            "WHERE consumer = $1 AND due_at <= now() ORDER BY seq"
+        )
+
+    @property
+    def requeue_dead_letters(self) -> str:
+        return (
+            f"WITH requeued AS (UPDATE {self.q}.dead_letters "
+            "SET due_at = now() + $3::float8 * interval '1 second' "
+            "WHERE consumer = $1 AND seq = ANY($2::bigint[]) RETURNING seq) "
+            "SELECT seq FROM requeued ORDER BY seq"
+        )
+
+    @property
+    def discard_dead_letters(self) -> str:
+        return (
+            f"WITH discarded AS (DELETE FROM {self.q}.dead_letters "
+            "WHERE consumer = $1 AND seq = ANY($2::bigint[]) RETURNING seq) "
+            "SELECT seq FROM discarded ORDER BY seq"
+        )
+
+    @property
+    def forget_consumer(self) -> str:
+        # One statement, one transaction: the letters and both copies of the cursor.
+        return (
+            f"WITH letters AS (DELETE FROM {self.q}.dead_letters WHERE consumer = $1), "
+            f"fast AS (DELETE FROM {self.q}.cursors_unlogged WHERE consumer = $1) "
+            f"DELETE FROM {self.q}.cursors WHERE consumer = $1"
+        )
+
+    @property
     def commit_cursors_unlogged_checkpoint(self) -> str:
         # One statement, one transaction: the unlogged rows for every consumer
         # and the logged checkpoint for those ($3, $4) whose checkpoint is due.
@@ -311,11 +399,33 @@ BEGIN
 END
 $append$;
 """,
+            # Dead letters, one row per consumer and seq. consumer sorts by
+            # code point ("C"), as the store contract lists letters. The
+            # partial index holds the requeued letters only: looking for due
+            # ones never scans the parked ones, however many pile up.
+            2: f"""
+CREATE TABLE {q}.dead_letters (
+    consumer text COLLATE "C" NOT NULL,
+    seq bigint NOT NULL,
+    event_id uuid NOT NULL,
+    type text NOT NULL,
+    attempts bigint NOT NULL,
+    first_failed_at timestamptz NOT NULL,
+    last_failed_at timestamptz NOT NULL,
+    reason text NOT NULL,
+    error_type text NOT NULL,
+    message text NOT NULL,
+    traceback text NOT NULL,
+    due_at timestamptz,
+    PRIMARY KEY (consumer, seq)
+);
+CREATE INDEX dead_letters_due ON {q}.dead_letters (consumer, due_at) WHERE due_at IS NOT NULL;
+""",
         }
 
 
 class PostgresStore(Store):
-    """An event log and cursor table in a PostgreSQL schema.
+    """An event log, cursor table and dead letters in a PostgreSQL schema.
 
     Processes on any number of machines may open stores on the same schema at
     once: they see each other's events in one order, and ``wait_for_append``
@@ -848,6 +958,97 @@ class PostgresStore(Store):
                     self._sql.commit_cursors_unlogged, names, seqs, operation=operation
                 )
 
+    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+        """Keep ``letter`` and move its consumer's cursor forward, in one statement.
+
+        See `Store.record_dead_letter`. Whatever ``cursor_durability`` says, the
+        cursor goes to the logged cursor table and the statement commits as
+        durably as the server's ``synchronous_commit`` makes it: a letter and
+        the cursor past it survive a server crash together. (An unlogged
+        cursor lost in a crash would redeliver an event that has a letter; a
+        lost letter under a kept cursor would lose the event.)
+
+        A connection lost while the statement ran leaves it committed or not;
+        recording the same letter and cursor again is safe.
+        """
+        driver = self._require_open()
+        await driver.execute(
+            self._sql.record_dead_letter,
+            *[getattr(letter, column) for column in _LETTER_COLUMNS],
+            cursor,
+            operation=f"recording the dead letter of consumer {letter.consumer!r} at seq "
+            f"{letter.seq}",
+        )
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
+        driver = self._require_open()
+        if consumer is None:
+            rows = await driver.fetch(self._sql.dead_letters, operation="listing the dead letters")
+        else:
+            rows = await driver.fetch(
+                self._sql.dead_letters_of,
+                consumer,
+                operation=f"listing the dead letters of consumer {consumer!r}",
+            )
+        return [_letter(row) for row in rows]
+
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        """Hand these letters back ``after`` seconds from now, by the database's clock.
+
+        See `Store.requeue_dead_letters`; one statement.
+        """
+        return await self._change_letters(
+            self._sql.requeue_dead_letters,
+            f"requeueing dead letters of consumer {consumer!r}",
+            consumer,
+            seqs,
+            float(after),
+        )
+
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        """Return ``consumer``'s requeued letters due by the database's clock, by seq."""
+        driver = self._require_open()
+        rows = await driver.fetch(
+            self._sql.due_dead_letters,
+            consumer,
+            operation=f"looking for due dead letters of consumer {consumer!r}",
+        )
+        return [_letter(row) for row in rows]
+
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        """Delete these letters of ``consumer``; return the seqs that existed, ascending."""
+        return await self._change_letters(
+            self._sql.discard_dead_letters,
+            f"discarding dead letters of consumer {consumer!r}",
+            consumer,
+            seqs,
+        )
+
+    async def forget_consumer(self, consumer: str) -> None:
+        """Delete ``consumer``'s dead letters and both copies of its cursor, in one statement."""
+        driver = self._require_open()
+        await driver.execute(
+            self._sql.forget_consumer, consumer, operation=f"forgetting consumer {consumer!r}"
+        )
+        # Should it come back, its first unlogged commit writes a checkpoint at once.
+        self._checkpointed_at.pop(consumer, None)
+
+    async def _change_letters(
+        self, query: str, operation: str, consumer: str, seqs: Sequence[int], *more: object
+    ) -> list[int]:
+        """Run ``query`` on the letters of ``consumer`` at ``seqs``; return the seqs it found."""
+        driver = self._require_open()
+        # A seq a bigint cannot hold is no letter's: left out rather than failing the call.
+        wanted = sorted({seq for seq in seqs if _MIN_BIGINT <= seq <= _MAX_BIGINT})
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return []
+        rows = await driver.fetch(query, consumer, wanted, *more, operation=operation)
+        return [row[0] for row in rows]
+
     async def wait_for_append(self, after: int) -> int:
         """Return the head once it is past ``after``: on NOTIFY, or after a fallback poll.
 
@@ -1075,6 +1276,11 @@ class PostgresStore(Store):
 
 
 _decode_json = json.JSONDecoder().decode
+
+
+def _letter(row: Record) -> DeadLetter:
+    """A `DeadLetter` from a row in `_LETTER_COLUMNS` order."""
+    return DeadLetter(**dict(zip(_LETTER_COLUMNS, row, strict=True)))
 
 
 def _url_problem(error: ValueError) -> str:

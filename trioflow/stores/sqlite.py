@@ -35,10 +35,11 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import trio
 
+from .._dead_letters import DeadLetter
 from .._errors import (
     ConfigurationError,
     SchemaVersionError,
@@ -53,7 +54,7 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 #: The schema version this module creates and understands.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _DEFAULT_POLL_INTERVAL = 0.1
 #: Seconds before `SQLiteStore.wait_for_append` first polls; it doubles up to `poll_interval`.
@@ -63,6 +64,7 @@ _DEFAULT_BUSY_TIMEOUT = 30.0
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
 # SQLite integers are signed 64-bit; larger Python ints cannot be bound.
+_MIN_INT64 = -(2**63)
 _MAX_INT64 = 2**63 - 1
 # The same decoder the publishing side uses, so replayed data equals live data.
 _decode = json.JSONDecoder().decode
@@ -72,7 +74,9 @@ _URL_FORMS = "sqlite:///relative/path.db or sqlite:////absolute/path.db"
 
 #: What brings a file from the version before to each version. A file's
 #: migrations run in one transaction under the write lock, so processes that
-#: open an old file at once migrate it once. Version 1 creates the tables.
+#: open an old file at once migrate it once, and a failed or interrupted one
+#: leaves the file at its old version. Version 1 creates the tables. Steps are
+#: never changed once released: files of every older version must migrate.
 _MIGRATIONS: Mapping[int, Sequence[str]] = {
     1: (
         # One row, enforced by the CHECK, so the version can never be ambiguous.
@@ -130,6 +134,37 @@ _MIGRATIONS: Mapping[int, Sequence[str]] = {
         END
         """,
     ),
+    3: (
+        # Dead letters: events a consumer gave up on, one row per consumer and
+        # seq, recorded with the consumer's cursor in one transaction. Times
+        # are microseconds since 1970 (UTC), as created_at; due_at is NULL
+        # while the letter is parked. No IF NOT EXISTS: a table of that name
+        # that trioflow did not make fails the migration (which then rolls
+        # back whole) instead of being taken for ours.
+        """
+        CREATE TABLE trioflow_dead_letters (
+            consumer TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            event_id BLOB NOT NULL,
+            type TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            first_failed_at INTEGER NOT NULL,
+            last_failed_at INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            error_type TEXT NOT NULL,
+            message TEXT NOT NULL,
+            traceback TEXT NOT NULL,
+            due_at INTEGER,
+            PRIMARY KEY (consumer, seq)
+        )
+        """,
+        # Only the requeued letters: looking for due ones never scans the
+        # parked ones, however many pile up.
+        """
+        CREATE INDEX trioflow_dead_letters_due ON trioflow_dead_letters (consumer, due_at)
+        WHERE due_at IS NOT NULL
+        """,
+    ),
 }
 _HEAD = "SELECT COALESCE(MAX(seq), 0) FROM trioflow_events"
 # The head, and the high-water mark: the next number is one above both.
@@ -155,6 +190,29 @@ _UPSERT_CURSOR = (
     # position leaves the row as it is.
     " WHERE excluded.seq >= trioflow_cursors.seq"
 )
+_DEAD_LETTER_COLUMNS = (
+    "consumer, seq, event_id, type, attempts, first_failed_at, last_failed_at, reason,"
+    " error_type, message, traceback, due_at"
+)
+_RECORD_DEAD_LETTER = (
+    f"INSERT OR REPLACE INTO trioflow_dead_letters ({_DEAD_LETTER_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Consumers in BINARY collation: UTF-8 bytes, which sort as code points do.
+_DEAD_LETTERS = f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters ORDER BY consumer, seq"
+_DEAD_LETTERS_OF = (
+    f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters WHERE consumer = ? ORDER BY seq"
+)
+_DUE_DEAD_LETTERS = (
+    f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters"
+    " WHERE consumer = ? AND due_at <= ? ORDER BY seq"
+)
+_REQUEUE_DEAD_LETTER = "UPDATE trioflow_dead_letters SET due_at = ? WHERE consumer = ? AND seq = ?"
+_DISCARD_DEAD_LETTER = "DELETE FROM trioflow_dead_letters WHERE consumer = ? AND seq = ?"
+_FORGET_CONSUMER = (
+    "DELETE FROM trioflow_dead_letters WHERE consumer = ?",
+    "DELETE FROM trioflow_cursors WHERE consumer = ?",
+)
 
 # Primary result codes meaning "cannot reach or use the file right now": the
 # caller may retry later. Everything else is a plain StoreError.
@@ -177,7 +235,7 @@ _UNAVAILABLE_CODES = {
 
 
 class SQLiteStore(Store):
-    """The event log and cursors in one SQLite file (WAL mode).
+    """The event log, cursors and dead letters in one SQLite file (WAL mode).
 
     Several processes on one machine may open the same file at once: their
     appends queue behind SQLite's write lock and every process reads the same
@@ -492,6 +550,81 @@ class SQLiteStore(Store):
                 self._write, _commit_cursors, writer, items, limiter=self._write_limiter
             )
 
+    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+        """Keep ``letter`` and move its consumer's cursor forward, in one write transaction.
+
+        See `Store.record_dead_letter`. Like `append`, the transaction runs to
+        its end in a worker thread even if the caller is cancelled meanwhile:
+        a cancelled call kept the letter and moved the cursor, or did neither.
+
+        Raises:
+            StoreUnavailableError: The write lock was not free within
+                ``busy_timeout``, or the file cannot be used.
+            StoreError: The path no longer names the file that was opened, or
+                a number does not fit SQLite's 64-bit integers.
+        """
+        writer = self._connection(self._writer)
+        with self._errors(
+            f"recording the dead letter of consumer {letter.consumer!r} at seq {letter.seq}"
+        ):
+            await trio.to_thread.run_sync(
+                self._write,
+                _record_dead_letter,
+                writer,
+                (letter, cursor),
+                limiter=self._write_limiter,
+            )
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
+        if consumer is None:
+            return await self._read_letters("listing the dead letters", _DEAD_LETTERS)
+        return await self._read_letters(
+            f"listing the dead letters of consumer {consumer!r}", _DEAD_LETTERS_OF, consumer
+        )
+
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        """Hand these letters back ``after`` seconds from now (this machine's clock).
+
+        See `Store.requeue_dead_letters`; one write transaction.
+        """
+        return await self._change_letters(
+            f"requeueing dead letters of consumer {consumer!r}",
+            _requeue_dead_letters,
+            consumer,
+            seqs,
+            after,
+        )
+
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        """Return ``consumer``'s requeued letters due by this machine's clock, by seq."""
+        return await self._read_letters(
+            f"looking for due dead letters of consumer {consumer!r}",
+            _DUE_DEAD_LETTERS,
+            consumer,
+            due=True,
+        )
+
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        """Delete these letters of ``consumer``; return the seqs that existed, ascending."""
+        return await self._change_letters(
+            f"discarding dead letters of consumer {consumer!r}",
+            _discard_dead_letters,
+            consumer,
+            seqs,
+            0.0,
+        )
+
+    async def forget_consumer(self, consumer: str) -> None:
+        """Delete ``consumer``'s cursor and dead letters, in one write transaction."""
+        writer = self._connection(self._writer)
+        with self._errors(f"forgetting consumer {consumer!r}"):
+            await trio.to_thread.run_sync(
+                self._write, _forget_consumer, writer, consumer, limiter=self._write_limiter
+            )
+
     async def wait_for_append(self, after: int) -> int:
         """Return once the head is past ``after``.
 
@@ -519,6 +652,35 @@ class SQLiteStore(Store):
 
     # -- internals ---------------------------------------------------------
 
+    async def _read_letters(
+        self, action: str, query: str, *parameters: object, due: bool = False
+    ) -> list[DeadLetter]:
+        reader = self._connection(self._reader)
+        with self._errors(action):
+            return await trio.to_thread.run_sync(
+                self._fetch_letters, reader, query, parameters, due, limiter=self._read_limiter
+            )
+
+    async def _change_letters(
+        self,
+        action: str,
+        work: Callable[[sqlite3.Connection, tuple[str, list[int], float]], list[int]],
+        consumer: str,
+        seqs: Sequence[int],
+        after: float,
+    ) -> list[int]:
+        """Run ``work`` on the letters of ``consumer`` at ``seqs`` in a write transaction."""
+        # A seq SQLite cannot hold is no letter's: left out rather than failing the call.
+        wanted = sorted({seq for seq in seqs if _MIN_INT64 <= seq <= _MAX_INT64})
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return []
+        writer = self._connection(self._writer)
+        with self._errors(action):
+            return await trio.to_thread.run_sync(
+                self._write, work, writer, (consumer, wanted, after), limiter=self._write_limiter
+            )
+
     def _connection(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
         if connection is None:
             raise StoreError(
@@ -541,6 +703,12 @@ class SQLiteStore(Store):
                     + hint.format(busy_timeout=self._busy_timeout)
                 ) from exc
             raise StoreError(f"SQLite store {self._path!r}: {action} failed: {exc}") from exc
+        except OverflowError as exc:
+            # sqlite3 binds Python ints as 64-bit integers only.
+            raise StoreError(
+                f"SQLite store {self._path!r}: {action} failed: {exc}; SQLite keeps integers "
+                f"from {_MIN_INT64} to {_MAX_INT64}"
+            ) from exc
         except OSError as exc:
             # From the file checks around sqlite3 (a working directory that
             # no longer exists, a file that went while it was being opened).
@@ -824,6 +992,25 @@ class SQLiteStore(Store):
             cursor.close()
         return events
 
+    def _fetch_letters(
+        self, reader: sqlite3.Connection, query: str, parameters: tuple[object, ...], due: bool
+    ) -> list[DeadLetter]:
+        """Fetch and build dead letters (in a worker thread); ``due``: those due by now."""
+        if due:
+            parameters = (*parameters, _micros(datetime.datetime.now(datetime.UTC)))
+        letters: list[DeadLetter] = []
+        for row in reader.execute(query, parameters).fetchall():
+            try:
+                letters.append(_letter(row))
+            except Exception as exc:
+                raise StoreError(
+                    f"SQLite store {self._path!r}: the dead letter of consumer {row[0]!r} at "
+                    f"seq {row[1]!r} cannot be decoded ({type(exc).__name__}: {exc}); the file "
+                    "was changed by something other than trioflow: restore it from a backup, "
+                    "or delete that row of trioflow_dead_letters"
+                ) from exc
+        return letters
+
 
 def _seconds(name: str, value: float, *, allow_zero: bool) -> float:
     """Return ``value`` as a float if it is a valid number of seconds."""
@@ -874,7 +1061,7 @@ def _append(
     # Taken under the lock: created_at follows commit order across writers
     # (as far as the wall clock does).
     now = datetime.datetime.now(datetime.UTC)
-    micros = (now - _EPOCH) // _MICROSECOND
+    micros = _micros(now)
     writer.executemany(
         _INSERT,
         [
@@ -891,5 +1078,90 @@ def _load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
 
 def _commit_cursors(writer: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
     """Insert or move forward cursors, in a write transaction (in a worker thread)."""
-    micros = (datetime.datetime.now(datetime.UTC) - _EPOCH) // _MICROSECOND
+    micros = _micros(datetime.datetime.now(datetime.UTC))
     writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
+
+
+def _micros(moment: datetime.datetime) -> int:
+    """Microseconds since 1970 (UTC); a naive time counts as local time, as asyncpg takes it."""
+    return (moment.astimezone(datetime.UTC) - _EPOCH) // _MICROSECOND
+
+
+def _time(micros: int) -> datetime.datetime:
+    return _EPOCH + micros * _MICROSECOND
+
+
+def _record_dead_letter(
+    writer: sqlite3.Connection, argument: tuple[DeadLetter, int | None]
+) -> None:
+    """Keep a letter and move its cursor, in a write transaction (in a worker thread)."""
+    letter, cursor = argument
+    due_at = None if letter.due_at is None else _micros(letter.due_at)
+    writer.execute(
+        _RECORD_DEAD_LETTER,
+        (
+            letter.consumer,
+            letter.seq,
+            letter.event_id.bytes,
+            letter.type,
+            letter.attempts,
+            _micros(letter.first_failed_at),
+            _micros(letter.last_failed_at),
+            letter.reason,
+            letter.error_type,
+            letter.message,
+            letter.traceback,
+            due_at,
+        ),
+    )
+    if cursor is not None:
+        _commit_cursors(writer, [(letter.consumer, cursor)])
+
+
+def _letter(row: tuple[Any, ...]) -> DeadLetter:
+    """A `DeadLetter` from a row of trioflow_dead_letters, in `_DEAD_LETTER_COLUMNS` order."""
+    consumer, seq, event_id, event_type, attempts, first, last, reason = row[:8]
+    error_type, message, traceback, due_at = row[8:]
+    return DeadLetter(
+        consumer=consumer,
+        seq=seq,
+        event_id=uuid.UUID(bytes=event_id),
+        type=event_type,
+        attempts=attempts,
+        first_failed_at=_time(first),
+        last_failed_at=_time(last),
+        reason=reason,
+        error_type=error_type,
+        message=message,
+        traceback=traceback,
+        due_at=None if due_at is None else _time(due_at),
+    )
+
+
+def _requeue_dead_letters(
+    writer: sqlite3.Connection, argument: tuple[str, list[int], float]
+) -> list[int]:
+    """Set the letters' due_at, in a write transaction (in a worker thread)."""
+    consumer, seqs, after = argument
+    # Taken under the write lock, as append takes created_at.
+    now = datetime.datetime.now(datetime.UTC)
+    due_at = _micros(now) + round(after * 1_000_000)
+    return [
+        seq
+        for seq in seqs
+        if writer.execute(_REQUEUE_DEAD_LETTER, (due_at, consumer, seq)).rowcount
+    ]
+
+
+def _discard_dead_letters(
+    writer: sqlite3.Connection, argument: tuple[str, list[int], float]
+) -> list[int]:
+    """Delete letters, in a write transaction (in a worker thread)."""
+    consumer, seqs, _ = argument
+    return [seq for seq in seqs if writer.execute(_DISCARD_DEAD_LETTER, (consumer, seq)).rowcount]
+
+
+def _forget_consumer(writer: sqlite3.Connection, consumer: str) -> None:
+    """Delete a consumer's letters and cursor, in a write transaction (in a worker thread)."""
+    for statement in _FORGET_CONSUMER:
+        writer.execute(statement, (consumer,))

@@ -11,15 +11,23 @@ import contextlib
 import datetime
 import itertools
 import random
-from collections.abc import Sequence
-from typing import Any, ClassVar
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, get_args
 
+import attrs
 import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .._dead_letters import (
+    MAX_MESSAGE_LENGTH,
+    MAX_TRACEBACK_LENGTH,
+    DeadLetter,
+    DeadLetterReason,
+)
 from .._errors import ConfigurationError, StoreError
 from .._events import JSON, MAX_DATA_BYTES, MAX_DEPTH, Event, NewEvent, encode, new_ids
 from ..stores._base import Appended, Store
@@ -95,7 +103,84 @@ _URL_DAMAGE = st.sampled_from(
 )
 
 #: The tests that only make sense for a persistent store.
-_PERSISTENCE_TESTS = frozenset({"test_everything_survives_reopening"})
+_PERSISTENCE_TESTS = frozenset(
+    {"test_everything_survives_reopening", "test_dead_letters_survive_reopening"}
+)
+
+#: How far a store's clock may be from this process's (a store may use its own).
+#: Loose, yet a unit error (milliseconds read as seconds, say) shows.
+_CLOCK_SLACK = datetime.timedelta(minutes=5)
+_HOUR = datetime.timedelta(hours=1)
+_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
+_FAILED_AT = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.UTC)
+
+
+# Dead letters for the model-based test: few consumers and seqs, so that steps
+# collide (the same letter recorded twice, requeued, discarded, forgotten).
+_DEAD_LETTER_CONSUMERS = ("a", "b", "ü 🎉")
+_times = st.datetimes(
+    min_value=datetime.datetime(1900, 1, 1),
+    max_value=datetime.datetime(2200, 1, 1),
+    timezones=st.just(datetime.UTC),
+)
+_consumers = st.sampled_from(_DEAD_LETTER_CONSUMERS)
+_letters = st.builds(
+    DeadLetter,
+    consumer=_consumers,
+    seq=st.integers(1, 6),
+    event_id=st.uuids(),
+    type=st.text(_chars, min_size=1, max_size=20),
+    attempts=st.integers(0, 2**31 - 1),
+    first_failed_at=_times,
+    last_failed_at=_times,
+    reason=st.sampled_from(_REASONS),
+    error_type=_text,
+    message=st.text(_chars, max_size=200),
+    traceback=st.text(_chars, max_size=200),
+)
+# Seqs to requeue or discard: some are letters, some are not.
+_seq_lists = st.lists(st.integers(0, 8), max_size=5)
+
+
+@attrs.frozen
+class _Record:
+    letter: DeadLetter
+    cursor: int | None
+
+
+@attrs.frozen
+class _Requeue:
+    consumer: str
+    seqs: list[int]
+    after: float
+
+
+@attrs.frozen
+class _Discard:
+    consumer: str
+    seqs: list[int]
+
+
+@attrs.frozen
+class _Forget:
+    consumer: str
+
+
+@attrs.frozen
+class _Commit:
+    consumer: str
+    seq: int
+
+
+_Step = _Record | _Requeue | _Discard | _Forget | _Commit
+_steps: st.SearchStrategy[_Step] = st.one_of(
+    st.builds(_Record, _letters, st.none() | st.integers(0, 10)),
+    # 0: due at once; an hour: not due while the test runs.
+    st.builds(_Requeue, _consumers, _seq_lists, st.sampled_from([0.0, 3600.0])),
+    st.builds(_Discard, _consumers, _seq_lists),
+    st.builds(_Forget, _consumers),
+    st.builds(_Commit, _consumers, st.integers(0, 10)),
+)
 
 
 class StoreContract:
@@ -139,8 +224,8 @@ class StoreContract:
 
     pytestmark = pytest.mark.trio
 
-    #: True when events and cursors survive closing every handle and opening
-    #: the store again (set False for a store that lives in memory).
+    #: True when events, cursors and dead letters survive closing every handle
+    #: and opening the store again (set False for a store that lives in memory).
     persistent: ClassVar[bool] = True
 
     #: True when the store promises sequence numbers 1, 2, 3... without holes
@@ -447,6 +532,394 @@ class StoreContract:
             assert second.after == first.seqs[-1]
             assert second.seqs[0] > first.seqs[-1]
 
+    # -- dead letters -------------------------------------------------------------
+
+    async def test_dead_letters_read_back_exactly(self) -> None:
+        """Every field of a dead letter survives the store: unicode, long texts, microseconds."""
+        long_traceback = ("Traceback ü 🎉 \\ \" '\n\t" * MAX_TRACEBACK_LENGTH)[
+            :MAX_TRACEBACK_LENGTH
+        ]
+        letters = [
+            make_letter("a", 1),
+            make_letter(
+                "consumer-ü/1 🎉",
+                2,
+                type="order.créé",
+                attempts=2**31 - 1,
+                reason="not-retried",
+                error_type="app.errors.Fehlerhaft_ß",
+                message="日本語 ✓ 🎉 \\ \" '\n\t" * 100,
+                traceback=long_traceback,
+                # Before 1970, and on either side of a second: rounding shows.
+                first_failed_at=datetime.datetime(
+                    1969, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.UTC
+                ),
+                last_failed_at=datetime.datetime(2100, 2, 3, 4, 5, 6, 1, tzinfo=datetime.UTC),
+            ),
+            make_letter(
+                "b",
+                2**53 + 1,
+                type="x" * 255,
+                attempts=0,
+                reason="rejected",
+                error_type="",
+                message="m" * MAX_MESSAGE_LENGTH,
+                traceback="",
+            ),
+            # Kept as given, a time to hand it back included.
+            make_letter("b", 7, due_at=_FAILED_AT + datetime.timedelta(days=3650, microseconds=7)),
+        ]
+        async with self.open_store() as store:
+            for letter in letters:
+                await store.record_dead_letter(letter, cursor=None)
+            got = await store.dead_letters()
+            assert got == sorted(letters, key=lambda letter: (letter.consumer, letter.seq))
+            assert await store.dead_letters(None) == got
+            for letter in got:
+                for moment in (letter.first_failed_at, letter.last_failed_at, letter.due_at):
+                    assert moment is None or moment.utcoffset() == datetime.timedelta(0)
+            assert {letter.reason for letter in got} == set(_REASONS)
+
+    async def test_dead_letters_are_listed_by_consumer_then_seq(self) -> None:
+        """All letters by consumer name (in code-point order), then seq; or one consumer's."""
+        # Orders a locale collation would give otherwise ("a" before "B"), and
+        # seqs a text sort would misplace (100 before 2).
+        names = ["b", "B", "a", "é", "f", "a b", "ab", "Z", "🎉", "a\u0301"]
+        keys = [(name, seq) for name in names for seq in (3, 1, 100, 2, 20)]
+        random.Random(7).shuffle(keys)
+        async with self.open_store() as store:
+            for name, seq in keys:
+                await store.record_dead_letter(make_letter(name, seq), cursor=None)
+            assert [(got.consumer, got.seq) for got in await store.dead_letters()] == sorted(keys)
+            for name in names:
+                assert [(got.consumer, got.seq) for got in await store.dead_letters(name)] == [
+                    (name, seq) for seq in (1, 2, 3, 20, 100)
+                ]
+            assert await store.dead_letters("nobody") == []
+            assert await store.dead_letters("") == []
+
+    async def test_dead_letter_recorded_again_replaces_the_first(self) -> None:
+        """One letter per consumer and seq: the last recorded, parked unless it says otherwise."""
+        first = make_letter("a", 5)
+        async with self.open_store() as store:
+            await store.record_dead_letter(first, cursor=5)
+            other = make_letter("b", 5)
+            await store.record_dead_letter(other, cursor=5)
+            assert await store.requeue_dead_letters("a", [5]) == [5]
+            # Handed back, it failed again: its new round is recorded, parked.
+            again = make_letter(
+                "a",
+                5,
+                event_id=first.event_id,
+                attempts=1,
+                reason="rejected",
+                message="again",
+                first_failed_at=_FAILED_AT + _HOUR,
+                last_failed_at=_FAILED_AT + _HOUR,
+            )
+            await store.record_dead_letter(again, cursor=None)
+            assert await store.dead_letters() == [again, other]
+            assert await store.due_dead_letters("a") == []
+            # The same letter and cursor once more (a retried call) change nothing.
+            await store.record_dead_letter(again, cursor=5)
+            assert await store.dead_letters() == [again, other]
+            assert await store.load_cursors() == {"a": 5, "b": 5}
+
+    async def test_dead_letter_moves_its_consumers_cursor_forward_never_back(self) -> None:
+        """``cursor`` moves the consumer's cursor forward only; None leaves it alone."""
+        async with self.open_store() as store:
+            await store.commit_cursors({"other": 4})
+            await store.record_dead_letter(make_letter("a", 3), cursor=None)
+            assert await store.load_cursors() == {"other": 4}
+            await store.record_dead_letter(make_letter("a", 5), cursor=5)
+            assert await store.load_cursors() == {"other": 4, "a": 5}
+            # Past the letter: the consumer skipped events not of its types.
+            await store.record_dead_letter(make_letter("a", 9), cursor=12)
+            assert await store.load_cursors() == {"other": 4, "a": 12}
+            await store.record_dead_letter(make_letter("a", 7), cursor=7)
+            assert await store.load_cursors() == {"other": 4, "a": 12}
+            await store.record_dead_letter(make_letter("a", 13), cursor=None)
+            assert await store.load_cursors() == {"other": 4, "a": 12}
+            await store.commit_cursors({"a": 10})
+            assert await store.load_cursors() == {"other": 4, "a": 12}
+            await store.record_dead_letter(make_letter("other", 2), cursor=2)
+            assert await store.load_cursors() == {"other": 4, "a": 12}
+            assert [got.seq for got in await store.dead_letters("a")] == [3, 5, 7, 9, 13]
+
+    async def test_a_cancelled_dead_letter_records_its_cursor_too_or_nothing(self) -> None:
+        """Cancelled at any of its checkpoints, ``record_dead_letter`` kept both, or neither."""
+        async with self.open_store() as store:
+            # Cancelled after 0, 1, 2... steps of the calling task, until one
+            # call runs to its end: every point where it yields is tried.
+            for steps in itertools.count():
+                assert steps < 10_000, "record_dead_letter never returned"
+                letter = make_letter("a", steps + 1)
+                returned = False
+                with trio.CancelScope() as scope, cancelled_after_steps(scope, steps):
+                    await store.record_dead_letter(letter, cursor=letter.seq)
+                    returned = True
+                kept = letter in await store.dead_letters("a")
+                moved = (await store.load_cursors()).get("a", 0) >= letter.seq
+                assert kept == moved, f"cancelled after {steps}: letter {kept}, cursor {moved}"
+                assert kept or not returned, f"returned after {steps} steps without the letter"
+                if returned:
+                    break
+
+    async def test_a_peer_never_sees_a_dead_letters_cursor_without_the_letter(self) -> None:
+        """While letters are recorded, a peer sees no cursor past a letter it cannot see."""
+        total = 40
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            recording = True
+
+            async def record() -> None:
+                nonlocal recording
+                for seq in range(1, total + 1):
+                    await store.record_dead_letter(make_letter("a", seq), cursor=seq)
+                recording = False
+
+            with trio.fail_after(self.patience):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(record)
+                    while True:
+                        # Noted first, so that the last look comes after the last letter.
+                        last_look = not recording
+                        # The cursor first: every letter up to it must be there after.
+                        cursor = (await peer.load_cursors()).get("a", 0)
+                        letters = {letter.seq for letter in await peer.dead_letters("a")}
+                        missing = sorted(set(range(1, cursor + 1)) - letters)
+                        assert not missing, f"cursor at {cursor}, letters {missing} not there"
+                        if last_look:
+                            break
+                        await trio.lowlevel.checkpoint()
+            assert (cursor, letters) == (total, set(range(1, total + 1)))
+
+    async def test_requeue_dead_letters_returns_the_consumers_letters_it_found(self) -> None:
+        """The seqs that are letters of that consumer, ascending and once; the rest ignored."""
+        async with self.open_store() as store:
+            letters = [make_letter("a", seq) for seq in (2, 4, 6, 8)]
+            others = [make_letter("b", seq) for seq in (3, 4)]
+            for letter in [*letters, *others]:
+                await store.record_dead_letter(letter, cursor=None)
+            found = await store.requeue_dead_letters("a", [8, 3, 4, 4, 100, -1, 0, 2, 8])
+            assert found == [2, 4, 8]
+            got = await store.dead_letters("a")
+            assert [attrs.evolve(letter, due_at=None) for letter in got] == letters
+            assert [letter.due_at is not None for letter in got] == [True, True, False, True]
+            # Another consumer's letter of the same seq stays parked.
+            assert await store.dead_letters("b") == others
+            assert await store.requeue_dead_letters("a", []) == []
+            assert await store.requeue_dead_letters("nobody", [2, 4]) == []
+            assert await store.requeue_dead_letters("b", (4, 3)) == [3, 4]
+
+    async def test_requeue_dead_letters_sets_due_at_by_the_store_clock(self) -> None:
+        """``due_at`` is the store's time plus ``after``, aware UTC; requeuing again resets it."""
+        async with self.open_store() as store:
+            for seq in (1, 2):
+                await store.record_dead_letter(make_letter("a", seq), cursor=seq)
+
+            async def requeue(seq: int, after: float) -> datetime.datetime:
+                before = datetime.datetime.now(datetime.UTC)
+                assert await store.requeue_dead_letters("a", [seq], after=after) == [seq]
+                until = datetime.datetime.now(datetime.UTC)
+                (letter,) = [got for got in await store.dead_letters("a") if got.seq == seq]
+                assert letter.due_at is not None
+                assert letter.due_at.utcoffset() == datetime.timedelta(0)
+                later = datetime.timedelta(seconds=after)
+                assert before + later - _CLOCK_SLACK <= letter.due_at, (after, letter.due_at)
+                assert letter.due_at <= until + later + _CLOCK_SLACK, (after, letter.due_at)
+                return letter.due_at
+
+            now = await requeue(1, 0.0)
+            in_an_hour = await requeue(2, 3600.0)
+            assert in_an_hour - now > _HOUR - _CLOCK_SLACK
+            assert [letter.seq for letter in await store.due_dead_letters("a")] == [1]
+            # Again: the new time replaces the old, earlier or later.
+            await requeue(2, 0.0)
+            await requeue(1, 3600.0)
+            assert [letter.seq for letter in await store.due_dead_letters("a")] == [2]
+            await requeue(2, 1.5)
+            await requeue(1, 0)
+
+    async def test_due_dead_letters_are_the_requeued_ones_whose_time_has_come(self) -> None:
+        """Requeued letters due now, by seq: never parked ones, nor those due later."""
+        async with self.open_store() as store:
+            for seq in range(1, 7):
+                await store.record_dead_letter(make_letter("a", seq), cursor=seq)
+            await store.record_dead_letter(make_letter("b", 2), cursor=2)
+            assert await store.due_dead_letters("a") == []
+            await store.requeue_dead_letters("a", [5, 2], after=0)
+            await store.requeue_dead_letters("a", [4], after=3600)
+            await store.requeue_dead_letters("b", [2])
+            everything = {(got.consumer, got.seq): got for got in await store.dead_letters()}
+            due = await store.due_dead_letters("a")
+            assert due == [everything["a", 2], everything["a", 5]]
+            # Reading them changes nothing.
+            assert await store.due_dead_letters("a") == due
+            assert await store.due_dead_letters("b") == [everything["b", 2]]
+            assert await store.due_dead_letters("nobody") == []
+            assert await store.discard_dead_letters("a", [2]) == [2]
+            assert await store.due_dead_letters("a") == [everything["a", 5]]
+            # Recorded again, a due letter is parked again.
+            await store.record_dead_letter(make_letter("a", 5), cursor=None)
+            assert await store.due_dead_letters("a") == []
+
+    async def test_discard_dead_letters_deletes_the_consumers_letters_it_found(self) -> None:
+        """The seqs that existed, ascending and once; other consumers' letters stay."""
+        async with self.open_store() as store:
+            await store.append(make_events(5))
+            for seq in (1, 2, 3, 4):
+                await store.record_dead_letter(make_letter("a", seq), cursor=seq)
+            others = [make_letter("b", seq) for seq in (2, 3)]
+            for letter in others:
+                await store.record_dead_letter(letter, cursor=3)
+            await store.requeue_dead_letters("a", [1])
+            assert await store.discard_dead_letters("a", [3, 9, 3, 1, -5, 0]) == [1, 3]
+            assert [got.seq for got in await store.dead_letters("a")] == [2, 4]
+            assert await store.dead_letters("b") == others
+            assert await store.due_dead_letters("a") == []
+            assert await store.discard_dead_letters("a", [1, 3]) == []
+            assert await store.discard_dead_letters("a", []) == []
+            assert await store.discard_dead_letters("nobody", [2]) == []
+            # Cursors stay where the letters moved them.
+            assert await store.load_cursors() == {"a": 4, "b": 3}
+            assert await store.discard_dead_letters("b", (3, 2)) == [2, 3]
+            assert [got.consumer for got in await store.dead_letters()] == ["a", "a"]
+
+    async def test_forget_consumer_deletes_its_cursor_and_dead_letters_only(self) -> None:
+        """The consumer's cursor and letters go, no one else's; it starts afresh."""
+        names = ["a", "A", "ab", "a%", "_"]
+        async with self.open_store() as store:
+            await store.append(make_events(10))
+            for number, name in enumerate(names):
+                for seq in (2, 5, 8):
+                    await store.record_dead_letter(make_letter(name, seq), cursor=seq + number)
+            await store.requeue_dead_letters("a", [5])
+            await store.requeue_dead_letters("A", [5])
+            await store.commit_cursors({"b": 6})
+            before = await store.dead_letters()
+            await store.forget_consumer("a")
+            assert await store.load_cursors() == {"A": 9, "ab": 10, "a%": 11, "_": 12, "b": 6}
+            assert await store.dead_letters() == [got for got in before if got.consumer != "a"]
+            assert await store.dead_letters("a") == []
+            assert await store.due_dead_letters("a") == []
+            assert [got.seq for got in await store.due_dead_letters("A")] == [5]
+            # Nothing left to forget, or nothing ever known: no error.
+            await store.forget_consumer("a")
+            await store.forget_consumer("nobody")
+            # The one way a cursor moves back: to none, then anywhere.
+            await store.commit_cursors({"a": 1})
+            assert (await store.load_cursors())["a"] == 1
+            await store.forget_consumer("b")
+            await store.record_dead_letter(make_letter("b", 3), cursor=3)
+            assert (await store.load_cursors())["b"] == 3
+
+    async def test_dead_letters_are_shared_with_a_peer(self) -> None:
+        """What one handle records, requeues, discards or forgets, another sees."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            await store.append(make_events(5))
+            letters = [make_letter("a", seq) for seq in (1, 2, 3)]
+            for letter in letters:
+                await store.record_dead_letter(letter, cursor=letter.seq)
+            assert await peer.dead_letters() == letters
+            assert await peer.load_cursors() == {"a": 3}
+            assert await peer.requeue_dead_letters("a", [1, 2, 4]) == [1, 2]
+            assert [got.seq for got in await store.due_dead_letters("a")] == [1, 2]
+            assert await store.discard_dead_letters("a", [2]) == [2]
+            assert [got.seq for got in await peer.due_dead_letters("a")] == [1]
+            assert [got.seq for got in await peer.dead_letters("a")] == [1, 3]
+            await peer.record_dead_letter(make_letter("a", 4), cursor=4)
+            assert await store.load_cursors() == {"a": 4}
+            await peer.forget_consumer("a")
+            assert await store.dead_letters() == []
+            assert await store.load_cursors() == {}
+
+    async def test_dead_letters_survive_reopening(self) -> None:
+        """Letters, parked and requeued, and their cursors outlive every handle."""
+        async with self.open_store() as store:
+            appended = await store.append(make_events(6))
+            seqs = list(appended.seqs)
+            for seq in seqs[:4]:
+                await store.record_dead_letter(make_letter("a", seq), cursor=seq)
+            await store.record_dead_letter(make_letter("b", seqs[1]), cursor=seqs[5])
+            await store.requeue_dead_letters("a", [seqs[0]])
+            await store.requeue_dead_letters("a", [seqs[1]], after=3600)
+            await store.forget_consumer("gone")
+            expected = await store.dead_letters()
+        async with self.open_peer(store) as again:
+            assert await again.dead_letters() == expected
+            assert await again.load_cursors() == {"a": seqs[3], "b": seqs[5]}
+            assert await again.due_dead_letters("a") == expected[:1]
+            await again.forget_consumer("b")
+        async with self.open_peer(store) as third:
+            assert await third.load_cursors() == {"a": seqs[3]}
+            assert await third.dead_letters() == expected[:4]
+
+    @settings(
+        max_examples=30,
+        deadline=None,
+        # The same test runs once per backend subclass, on purpose.
+        suppress_health_check=[HealthCheck.differing_executors],
+    )
+    @given(steps=st.lists(_steps, max_size=25))
+    async def test_random_dead_letter_operations_match_a_model(self, steps: list[_Step]) -> None:
+        """Records, requeues, discards, forgets and commits in any order, checked after each."""
+        letters: dict[tuple[str, int], DeadLetter] = {}
+        #: Per letter: "parked", "due" (requeued, due now) or "later" (in an hour).
+        state: dict[tuple[str, int], str] = {}
+        cursors: dict[str, int] = {}
+
+        def forward(consumer: str, seq: int | None) -> None:
+            if seq is not None and seq > cursors.get(consumer, -1):
+                cursors[consumer] = seq
+
+        def found(consumer: str, seqs: list[int]) -> list[int]:
+            return sorted({seq for seq in seqs if (consumer, seq) in letters})
+
+        async with self.open_store() as store:
+            for number, step in enumerate(steps):
+                match step:
+                    case _Record(letter=letter, cursor=cursor):
+                        await store.record_dead_letter(letter, cursor=cursor)
+                        key = (letter.consumer, letter.seq)
+                        letters[key], state[key] = letter, "parked"
+                        forward(letter.consumer, cursor)
+                    case _Requeue(consumer=consumer, seqs=seqs, after=after):
+                        expected = found(consumer, seqs)
+                        got = await store.requeue_dead_letters(consumer, seqs, after=after)
+                        assert got == expected, f"step {number}"
+                        for seq in expected:
+                            state[consumer, seq] = "due" if after == 0 else "later"
+                    case _Discard(consumer=consumer, seqs=seqs):
+                        expected = found(consumer, seqs)
+                        got = await store.discard_dead_letters(consumer, seqs)
+                        assert got == expected, f"step {number}"
+                        for seq in expected:
+                            del letters[consumer, seq], state[consumer, seq]
+                    case _Forget(consumer=consumer):
+                        await store.forget_consumer(consumer)
+                        cursors.pop(consumer, None)
+                        for key in [key for key in letters if key[0] == consumer]:
+                            del letters[key], state[key]
+                    case _Commit(consumer=consumer, seq=seq):
+                        await store.commit_cursors({consumer: seq})
+                        forward(consumer, seq)
+                where = f"after step {number}"
+                everything = await store.dead_letters()
+                by_key = {(got.consumer, got.seq): got for got in everything}
+                assert [attrs.evolve(got, due_at=None) for got in everything] == [
+                    letters[key] for key in sorted(letters)
+                ], where
+                assert {key: got.due_at is None for key, got in by_key.items()} == {
+                    key: kind == "parked" for key, kind in state.items()
+                }, where
+                assert await store.load_cursors() == cursors, where
+                for consumer in _DEAD_LETTER_CONSUMERS:
+                    mine = [key for key in sorted(letters) if key[0] == consumer]
+                    assert await store.dead_letters(consumer) == [by_key[key] for key in mine]
+                    assert await store.due_dead_letters(consumer) == [
+                        by_key[key] for key in mine if state[key] == "due"
+                    ], where
+
     # -- waiting and concurrency --------------------------------------------------
 
     async def test_wait_for_append_returns_when_head_is_already_past(self) -> None:
@@ -549,6 +1022,7 @@ class StoreContract:
 
     async def test_every_method_is_a_checkpoint(self) -> None:
         """Each method yields to the scheduler and honours a pending cancellation."""
+        letter = make_letter("a", 1)
         async with self.open_store() as store:
             await store.append(make_events(1))
             calls: list[tuple[str, Any]] = [
@@ -561,6 +1035,16 @@ class StoreContract:
                 ("append", lambda: store.append(make_events(1))),
                 ("append([])", lambda: store.append([])),
                 ("wait_for_append", lambda: store.wait_for_append(0)),
+                ("record_dead_letter", lambda: store.record_dead_letter(letter, cursor=1)),
+                ("record_dead_letter(None)", lambda: store.record_dead_letter(letter, cursor=None)),
+                ("dead_letters", lambda: store.dead_letters()),
+                ("dead_letters(consumer)", lambda: store.dead_letters("a")),
+                ("requeue_dead_letters", lambda: store.requeue_dead_letters("a", [1])),
+                ("requeue_dead_letters([])", lambda: store.requeue_dead_letters("a", [])),
+                ("due_dead_letters", lambda: store.due_dead_letters("a")),
+                ("discard_dead_letters", lambda: store.discard_dead_letters("a", [1])),
+                ("discard_dead_letters([])", lambda: store.discard_dead_letters("a", [])),
+                ("forget_consumer", lambda: store.forget_consumer("a")),
             ]
             for name, call in calls:
                 with trio.fail_after(self.patience), trio.testing.assert_checkpoints():
@@ -653,6 +1137,34 @@ class StoreContract:
 # -- helpers ---------------------------------------------------------------------
 
 
+def make_letter(consumer: str, seq: int, **changes: Any) -> DeadLetter:
+    """A parked dead letter of ``consumer`` for event ``seq``; ``changes`` replace fields."""
+    letter = DeadLetter(
+        consumer=consumer,
+        seq=seq,
+        event_id=uuid.uuid4(),
+        type="test.event",
+        attempts=3,
+        first_failed_at=_FAILED_AT,
+        last_failed_at=_FAILED_AT + datetime.timedelta(seconds=2, microseconds=1),
+        reason="exhausted",
+        error_type="builtins.ValueError",
+        message=f"event {seq} is not valid",
+        traceback='Traceback (most recent call last):\n  File "app.py", line 1\nValueError\n',
+    )
+    return attrs.evolve(letter, **changes)
+
+
+async def check_a_first_dead_letter(store: Store, consumer: str, seq: int) -> None:
+    """Check that ``store`` has no dead letter yet, and keeps one recorded with its cursor."""
+    cursors = await store.load_cursors()
+    assert await store.dead_letters() == []
+    letter = make_letter(consumer, seq)
+    await store.record_dead_letter(letter, cursor=seq)
+    assert await store.dead_letters() == [letter]
+    assert await store.load_cursors() == {**cursors, consumer: max(seq, cursors.get(consumer, seq))}
+
+
 def make_events(count: int, event_type: str = "test.event") -> list[NewEvent]:
     """Return ``count`` new events of one type, with data ``{"n": 0}``, ``{"n": 1}``..."""
     ids = new_ids(count)
@@ -672,6 +1184,40 @@ def assert_increasing(seqs: Sequence[int]) -> None:
     """Fail unless ``seqs`` is strictly increasing."""
     for earlier, later in itertools.pairwise(seqs):
         assert earlier < later, f"sequence numbers not increasing: {earlier} then {later}"
+
+
+@attrs.define(eq=False)
+class _CancelAfterSteps(trio.abc.Instrument):
+    """Cancels ``scope`` after ``steps`` steps of ``task`` (runs between two yields)."""
+
+    task: trio.lowlevel.Task
+    scope: trio.CancelScope
+    steps: int
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps -= 1
+            if self.steps == 0:
+                self.scope.cancel()
+
+
+@contextlib.contextmanager
+def cancelled_after_steps(scope: trio.CancelScope, steps: int) -> Iterator[None]:
+    """Cancel ``scope`` once this task has yielded ``steps`` times in the block (0: now).
+
+    The cancellation lands at the task's next checkpoint, whatever the other
+    tasks do: looping over ``steps`` tries every point where a call yields.
+    """
+    if steps <= 0:
+        scope.cancel()
+        yield
+        return
+    instrument = _CancelAfterSteps(trio.lowlevel.current_task(), scope, steps)
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        yield
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
 
 
 async def cancel_after_checkpoints(scope: trio.CancelScope, count: int) -> None:
