@@ -20,6 +20,7 @@ import trio.testing
 
 import trioflow
 from tests.test_flow import recorder
+from trioflow._cursors import CursorProgress, CursorWriter
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing import FaultyStore
 
@@ -141,6 +142,28 @@ async def test_failed_cursor_writes_never_rewind_a_cursor_or_redeliver(
     assert written == sorted(written), written
     # Only the failed event is handled twice.
     assert seen == [*range(1, 7), *range(6, 21)]
+
+
+async def test_no_cursor_write_follows_the_final_flush_with_an_older_position(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FaultyStore()
+    writer = CursorWriter(store=store)
+    progress = CursorProgress("c")
+    async with store.open(), trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        # The write of 2 lands a second late; meanwhile 4 is requested (and
+        # queued behind it); then the final flush writes 5, and gets the
+        # write lock before the queued request is taken.
+        store.delay_next("commit_cursors", 1.0, land_late=True)
+        writer.request(progress, 2, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        writer.request(progress, 4, 4)
+        await writer.flush([(progress, 5, 5)])
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert [commit["c"] for commit in store.cursor_commits] == [2, 5]
+    assert progress.committed == 5
 
 
 async def test_restarts_back_off_while_cursor_writes_keep_failing(

@@ -190,7 +190,17 @@ class CursorWriter:
 
     async def _write(self) -> None:
         self._wakeup = trio.Event()
-        batch, self._pending = self._pending, {}
+        # Requests a write since (the final flush, say) already carried past
+        # are dropped: the writer never sends a cursor it knows is behind.
+        batch = {
+            name: request
+            for name, request in self._pending.items()
+            if request[1] > request[0]._committed
+        }
+        self._pending = {}
+        if not batch:
+            self._changed.unpark_all()
+            return
         try:
             await self.store.commit_cursors({name: seq for name, (_, seq, _) in batch.items()})
         except Exception as exc:
