@@ -498,7 +498,7 @@ async def test_a_consumer_added_to_a_running_flow_recovers_like_any_other(
         with pytest.raises(trioflow.ConfigurationError, match="already runs a consumer"):
             await flow.add_consumer("late", late)
         with pytest.raises(trioflow.ConfigurationError, match="must be 'earliest'"):
-            await flow.add_consumer("other", late, start="middle")
+            await flow.add_consumer("other", late, start="middle")  # type: ignore[arg-type]
         assert set(flow.statistics().consumers) == {"late"}
     assert seen == [1, 3]
     assert await store.load_cursors() == {"late": 3}

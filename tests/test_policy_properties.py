@@ -29,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trioflow
+from trioflow._app import ConsumerOptions
+from trioflow._policies import ON_EXHAUSTED, OVERFLOWS, OnExhausted, Overflow
 from trioflow.stores.memory import MemoryStore
 
 TYPES = ("a", "b")
@@ -36,11 +38,11 @@ TYPES = ("a", "b")
 
 @attrs.frozen
 class ConsumerPlan:
-    on_exhausted: str
+    on_exhausted: OnExhausted
     attempts: int
     timeout: float | None
     buffer: int | None
-    overflow: str
+    overflow: Overflow
     types: frozenset[str] | None
     #: seq -> failed attempts before it succeeds; "poison" ones fail until healed.
     flaky: dict[int, int]
@@ -71,11 +73,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     def plan() -> ConsumerPlan:
         buffer = draw(st.none() | st.integers(1, 6))
         return ConsumerPlan(
-            on_exhausted=draw(st.sampled_from(["retry-forever", "dead-letter", "halt"])),
+            on_exhausted=draw(st.sampled_from(ON_EXHAUSTED)),
             attempts=draw(st.integers(1, 3)),
             timeout=draw(st.none() | st.just(1.0)),
             buffer=buffer,
-            overflow="catch-up" if buffer is None else draw(st.sampled_from(["catch-up", "block"])),
+            overflow="catch-up" if buffer is None else draw(st.sampled_from(OVERFLOWS)),
             types=draw(st.none() | st.frozensets(st.sampled_from(TYPES), min_size=1)),
             flaky=draw(st.dictionaries(seqs, st.integers(1, 3), max_size=3)),
             slow=draw(st.dictionaries(seqs, st.integers(1, 2), max_size=2)),
@@ -140,7 +142,7 @@ def run_scenario(scenario: Scenario) -> Run:
 
         return handle
 
-    def options(plan: ConsumerPlan) -> dict[str, object]:
+    def options(plan: ConsumerPlan) -> ConsumerOptions:
         return {
             "on_exhausted": plan.on_exhausted,
             "retry": trioflow.Retry(attempts=plan.attempts, initial=0.5, maximum=2.0),
@@ -153,7 +155,7 @@ def run_scenario(scenario: Scenario) -> Run:
     def build_app() -> trioflow.App:
         app = trioflow.App(store, page_size=4)
         for name, plan in zip(names, scenario.consumers, strict=True):
-            app.consumer(name, **options(plan))(handler_for(name, plan))  # type: ignore[call-overload]
+            app.consumer(name, **options(plan))(handler_for(name, plan))
         return app
 
     async def note_halts(flow: trioflow.Flow) -> None:

@@ -6,7 +6,7 @@ import inspect
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal, TypeVar, overload
+from typing import Literal, TypedDict, TypeVar, Unpack, overload
 
 import attrs
 
@@ -35,6 +35,22 @@ StartFrom = Literal["earliest", "latest"]
 DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+@attrs.frozen(kw_only=True)
+class ConsumerOptions(TypedDict, total=False):
+    """The options of `App.consumer` (and `Flow.add_consumer`), for type checkers."""
+
+    types: Iterable[str] | None
+    start: StartFrom
+    buffer: int | None
+    buffer_bytes: int | None
+    overflow: Overflow
+    commit_every: int | None
+    retry: Retry | None
+    retry_on: type[Exception] | tuple[type[Exception], ...] | None
+    timeout: float | None
+    on_exhausted: OnExhausted
 
 
 @attrs.frozen(kw_only=True)
@@ -198,27 +214,14 @@ class App:
 
     @overload
     def consumer(
-        self,
-        name: str | None = None,
-        /,
-        *,
-        types: Iterable[str] | None = None,
-        start: StartFrom = "earliest",
-        buffer: int | None = None,
-        buffer_bytes: int | None = None,
-        overflow: Overflow = "catch-up",
-        commit_every: int | None = None,
-        retry: Retry | None = None,
-        retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
-        timeout: float | None = None,
-        on_exhausted: OnExhausted = "retry-forever",
+        self, name: str | None = None, /, **options: Unpack[ConsumerOptions]
     ) -> Callable[[H], H]: ...
 
     def consumer(
         self,
         name: str | H | None = None,
         /,
-        **options: Any,
+        **options: Unpack[ConsumerOptions],
     ) -> H | Callable[[H], H]:
         """Register an async function as a durable consumer.
 

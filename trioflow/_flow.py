@@ -13,12 +13,12 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import attrs
 import trio
 
-from ._app import App, Handler, check_consumer_name
+from ._app import App, ConsumerOptions, Handler, check_consumer_name
 from ._consumer import Consumer, ConsumerRunner, handler_of
 from ._cursors import CursorWriter
 from ._dead_letters import DeadLetter
@@ -238,7 +238,9 @@ class Flow:
         self._consumer(consumer).resume()
         await trio.lowlevel.checkpoint()
 
-    async def add_consumer(self, name: str, handler: Handler, **options: Any) -> None:
+    async def add_consumer(
+        self, name: str, handler: Handler, **options: Unpack[ConsumerOptions]
+    ) -> None:
         """Start a consumer in this running flow, as ``@app.consumer(name, **options)`` would.
 
         It takes the same options, with the same checks, and recovers like any
