@@ -37,7 +37,6 @@ DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
-@attrs.frozen(kw_only=True)
 class ConsumerOptions(TypedDict, total=False):
     """The options of `App.consumer` (and `Flow.add_consumer`), for type checkers."""
 
