@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
@@ -58,6 +59,9 @@ class SlowCalls:
     _calls: dict[int, _Call] = attrs.Factory(dict)
     _tokens: Iterator[int] = attrs.Factory(itertools.count)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
+    #: When the reporting task wakes next (trio time). A new call wakes it
+    #: only if it is due earlier: the task does not run once per call.
+    _next_due: float = math.inf
 
     @contextlib.contextmanager
     def track_store_call(self, what: str) -> Iterator[None]:
@@ -80,10 +84,10 @@ class SlowCalls:
         lasts ``after`` seconds (and at doubling intervals), then ``done``."""
         now = trio.current_time()
         token = next(self._tokens)
-        self._calls[token] = _Call(
-            still=still, done=done, started=now, after=after, due=now + after
-        )
-        if len(self._calls) == 1:
+        due = now + after
+        self._calls[token] = _Call(still=still, done=done, started=now, after=after, due=due)
+        if due < self._next_due:
+            self._next_due = due
             self._wakeup.set()
         try:
             yield
@@ -95,19 +99,16 @@ class SlowCalls:
     async def run(self) -> None:
         """Log every call still going past its due time, until cancelled."""
         while True:
-            if not self._calls:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                continue
             now = trio.current_time()
             for call in self._calls.values():
                 if call.due <= now:
                     call.warned += 1
                     call.due = call.started + call.after * 2**call.warned
                     logger.warning(call.still.format(elapsed=now - call.started))
-            with trio.move_on_at(min(call.due for call in self._calls.values())):
+            self._next_due = min((call.due for call in self._calls.values()), default=math.inf)
+            self._wakeup = trio.Event()
+            with trio.move_on_at(self._next_due):
                 await self._wakeup.wait()
-                self._wakeup = trio.Event()
 
 
 class WatchedStore(StoreWrapper):
