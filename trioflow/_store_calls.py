@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
