@@ -33,14 +33,18 @@ _PLUS_TWO = datetime.timezone(datetime.timedelta(hours=2))
 class NoCursor(MemoryStore):
     """Records the letter, never its cursor."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await super().record_dead_letter(letter, cursor=None)
 
 
 class CursorBack(MemoryStore):
     """Sets the cursor even below the stored one."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await super().record_dead_letter(letter, cursor=None)
         if cursor is not None:
             self._cursors[letter.consumer] = cursor
@@ -49,14 +53,18 @@ class CursorBack(MemoryStore):
 class CursorFromNone(MemoryStore):
     """Takes a cursor of None for the letter's seq."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await super().record_dead_letter(letter, cursor=letter.seq if cursor is None else cursor)
 
 
 class CursorFirst(MemoryStore):
     """Moves the cursor, then keeps the letter, in two steps."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await self.commit_cursors({} if cursor is None else {letter.consumer: cursor})
         await super().record_dead_letter(letter, cursor=None)
 
@@ -64,7 +72,9 @@ class CursorFirst(MemoryStore):
 class LetterFirst(MemoryStore):
     """Keeps the letter, then moves the cursor, in two steps."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await super().record_dead_letter(letter, cursor=None)
         await self.commit_cursors({} if cursor is None else {letter.consumer: cursor})
 
@@ -72,7 +82,9 @@ class LetterFirst(MemoryStore):
 class FirstLetterWins(MemoryStore):
     """Keeps the first letter of a consumer and seq: recording again changes nothing."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         kept = self._dead.get((letter.consumer, letter.seq), letter)
         await super().record_dead_letter(kept, cursor=cursor)
 
@@ -80,7 +92,9 @@ class FirstLetterWins(MemoryStore):
 class KeepsDueAt(MemoryStore):
     """Recording a requeued letter again keeps it requeued."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         old = self._dead.get((letter.consumer, letter.seq))
         if old is not None and old.due_at is not None:
             letter = attrs.evolve(letter, due_at=old.due_at)
@@ -90,14 +104,18 @@ class KeepsDueAt(MemoryStore):
 class DropsDueAt(MemoryStore):
     """Parks every letter recorded, whatever its ``due_at``."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await super().record_dead_letter(attrs.evolve(letter, due_at=None), cursor=cursor)
 
 
 class Milliseconds(MemoryStore):
     """Keeps times to the millisecond, as some databases do."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         first, last = letter.first_failed_at, letter.last_failed_at
         letter = attrs.evolve(
             letter,
@@ -110,7 +128,9 @@ class Milliseconds(MemoryStore):
 class ShortTraceback(MemoryStore):
     """Keeps 8 KiB of a traceback."""
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         letter = attrs.evolve(letter, traceback=letter.traceback[-8192:])
         await super().record_dead_letter(letter, cursor=cursor)
 

@@ -244,8 +244,12 @@ class _LossyReadStore(MemoryStore):
 class _ForgetfulStore(MemoryStore):
     """Commits every cursor one event short."""
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        await super().commit_cursors({name: max(seq - 1, 0) for name, seq in cursors.items()})
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
+        return await super().commit_cursors(
+            {name: max(seq - 1, 0) for name, seq in cursors.items()}, fences=fences
+        )
 
 
 def _kind(store_class: type[Store]) -> StoreKind:

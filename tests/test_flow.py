@@ -334,9 +334,11 @@ async def test_max_batch_bounds_one_transaction() -> None:
 class SlowCursorStore(MemoryStore):
     """Cursor writes take a (virtual) second: consumers run ahead of them."""
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
         await trio.sleep(1)
-        await super().commit_cursors(cursors)
+        return await super().commit_cursors(cursors, fences=fences)
 
 
 @pytest.mark.parametrize("commit_every", [1, 2, 5, 100])
@@ -387,9 +389,11 @@ class CursorWriteLog(MemoryStore):
         super().__init__()
         self.writes: list[tuple[float, dict[str, int]]] = []
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
         self.writes.append((trio.current_time(), dict(cursors)))
-        await super().commit_cursors(cursors)
+        return await super().commit_cursors(cursors, fences=fences)
 
 
 async def test_an_idle_consumer_commits_within_commit_interval_not_per_event(
@@ -787,14 +791,15 @@ class LateCursorWrite(MemoryStore):
         super().__init__()
         self.hold = False
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
         if self.hold:
             self.hold = False
             with trio.CancelScope(shield=True):
                 await trio.sleep(1)
-                await super().commit_cursors(cursors)
-        else:
-            await super().commit_cursors(cursors)
+                return await super().commit_cursors(cursors, fences=fences)
+        return await super().commit_cursors(cursors, fences=fences)
 
 
 async def test_the_final_flush_never_lands_under_an_older_cursor_write(

@@ -14,6 +14,7 @@ catch them all at once::
     ├── UnknownDeadLetterError  requeuing or discarding a seq that is no dead letter
     ├── HandlerTimeoutError     a handler ran past its consumer's timeout
     ├── Reject                  raised by a handler: never retry this event
+    ├── LeaseLostError          another flow took over a consumer this flow owned
     └── StoreError              the store failed or refused an operation
         ├── StoreUnavailableError   cannot reach or open the store; retrying may help
         ├── SchemaVersionError      the store holds a schema this version does not know
@@ -121,6 +122,20 @@ class Reject(TrioflowError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class LeaseLostError(TrioflowError):
+    """This flow no longer owns a consumer: another flow took its lease over.
+
+    Raised by a fenced store write (a cursor commit, a dead letter) whose
+    lease token is no longer the consumer's; the flow stops handling that
+    consumer and stands by.
+    """
+
+    def __init__(self, message: str, *, keys: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        #: The consumers whose leases were lost.
+        self.keys = keys
 
 
 class StoreError(TrioflowError):

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import attrs
@@ -28,6 +28,7 @@ import trio
 from ._dead_letters import DeadLetter
 from ._errors import StoreError, TrioflowError
 from ._events import Event, NewEvent
+from ._leases import Lease
 from .stores._base import Appended, Store, StoreWrapper
 
 logger = logging.getLogger("trioflow")
@@ -154,18 +155,37 @@ class WatchedStore(StoreWrapper):
     async def load_cursors(self) -> dict[str, int]:
         return await self._call("load_cursors", self.inner.load_cursors)
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        names = ", ".join(sorted(cursors)[:5]) + (", ..." if len(cursors) > 5 else "")
-        await self._call(f"commit_cursors ({names})", lambda: self.inner.commit_cursors(cursors))
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
+        return await self._call(
+            f"commit_cursors ({_names(cursors)})",
+            lambda: self.inner.commit_cursors(cursors, fences=fences),
+        )
 
     async def wait_for_append(self, after: int) -> int:
         return await self._call(None, lambda: self.inner.wait_for_append(after))
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await self._call(
             f"record_dead_letter ({letter.consumer}, seq {letter.seq})",
-            lambda: self.inner.record_dead_letter(letter, cursor=cursor),
+            lambda: self.inner.record_dead_letter(letter, cursor=cursor, fence=fence),
         )
+
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        return await self._call(
+            f"claim_leases ({_names(keys)})", lambda: self.inner.claim_leases(holder, keys, ttl)
+        )
+
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        await self._call(
+            f"release_leases ({_names(keys)})", lambda: self.inner.release_leases(holder, keys)
+        )
+
+    async def leases(self) -> list[Lease]:
+        return await self._call("leases", self.inner.leases)
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self._call("dead_letters", lambda: self.inner.dead_letters(consumer))
@@ -193,3 +213,9 @@ class WatchedStore(StoreWrapper):
         await self._call(
             f"forget_consumer ({consumer})", lambda: self.inner.forget_consumer(consumer)
         )
+
+
+def _names(names: Iterable[str]) -> str:
+    """The first few of ``names``, sorted, for a log line."""
+    ordered = sorted(names)
+    return ", ".join(ordered[:5]) + (", ..." if len(ordered) > 5 else "")

@@ -1,9 +1,10 @@
 """The store contract: the narrow interface every storage backend meets.
 
-A store keeps three things: the event log (events with strictly increasing
+A store keeps four things: the event log (events with strictly increasing
 sequence numbers), the consumers' cursors (the last sequence number each
-durable consumer has processed) and their dead letters (events a consumer
-gave up on, `trioflow.DeadLetter`). The runtime never talks to a database in any
+durable consumer has processed), their dead letters (events a consumer
+gave up on, `trioflow.DeadLetter`) and their leases (which flow owns each
+consumer for now, `trioflow.Lease`). The runtime never talks to a database in any
 other way, so a new backend is one class that passes
 `trioflow.testing.StoreContract`.
 
@@ -34,6 +35,16 @@ Contract, for every implementation:
   again replaces it). Recording one and moving its consumer's cursor past it
   happen in one transaction: after a crash the event is either still to be
   delivered or its dead letter is recorded, never neither.
+* Leases (`trioflow.Lease`): ``claim_leases`` takes a key that is free, lapsed
+  or already the claimant's, and renews the claimant's own, in one
+  transaction, with the expiry by the store's clock. A key's fencing token
+  grows every time its lease passes to another holder or is taken again after
+  it lapsed, and never repeats (lease rows are never deleted).
+* Fenced writes: a cursor commit or dead letter carrying a fence (a token) for
+  its consumer lands only while that token is still the key's, and atomically
+  with that check: once a claim has given the key a new token, no write with
+  the old one lands, and a claim never slips between a fenced write's check
+  and its effect.
 * Failures surface as `trioflow.StoreError` (or a subclass), never as a
   driver's own exception type.
 """
@@ -49,6 +60,7 @@ import attrs
 
 from .._dead_letters import DeadLetter
 from .._events import Event, NewEvent
+from .._leases import Lease
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -117,15 +129,24 @@ class Store(abc.ABC):
         """Return every consumer's committed cursor, by consumer name."""
 
     @abc.abstractmethod
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
         """Durably set the given consumers' cursors (insert, or move forward).
 
         A cursor below the one stored is ignored: a stored cursor never moves
-        backwards.
+        backwards. A consumer named in ``fences`` is written only if its
+        lease's token is still the one given (whether or not the lease has
+        lapsed meanwhile); the others of the call are written regardless.
+
+        Returns:
+            The consumers whose fence no longer held: nothing was written for them.
         """
 
     @abc.abstractmethod
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         """Keep ``letter`` (replacing one for the same consumer and seq) and, in the same
         transaction, move its consumer's cursor forward to ``cursor`` (never back;
         None: leave the cursor alone, for a requeued letter that failed again).
@@ -133,7 +154,38 @@ class Store(abc.ABC):
         The letter is kept as given, its ``due_at`` too: pass ``due_at=None`` to park
         it. Recording the same letter and cursor again changes nothing, so a call
         whose answer was lost may be retried.
+
+        Raises:
+            LeaseLostError: ``fence`` is given and is no longer the token of the
+                consumer's lease; nothing was recorded.
         """
+
+    @abc.abstractmethod
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        """Take or renew ``holder``'s leases on ``keys`` for ``ttl`` seconds, in one transaction.
+
+        For each key: a key nobody holds, whose lease has lapsed, or that
+        ``holder`` holds already becomes ``holder``'s until the store's clock
+        plus ``ttl``. Its token stays the same when ``holder`` renews a lease
+        that has not lapsed, and otherwise becomes one more than the key's
+        last (1 for a new key). A key another holder holds is left alone.
+
+        Returns:
+            Every key's lease as it stands after the call (``holder``'s or
+            another's), by key.
+        """
+
+    @abc.abstractmethod
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        """Let go of ``holder``'s leases on ``keys`` now: they lapse at once.
+
+        Keys held by another holder are left alone. The token stays with the
+        key, so the next claimant's token is still a new one.
+        """
+
+    @abc.abstractmethod
+    async def leases(self) -> list[Lease]:
+        """Every lease that has not lapsed, by key."""
 
     @abc.abstractmethod
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
@@ -202,8 +254,19 @@ class StoreWrapper(Store):
     def open(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self.inner.open()
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
-        await self.inner.record_dead_letter(letter, cursor=cursor)
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
+        await self.inner.record_dead_letter(letter, cursor=cursor, fence=fence)
+
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        return await self.inner.claim_leases(holder, keys, ttl)
+
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        await self.inner.release_leases(holder, keys)
+
+    async def leases(self) -> list[Lease]:
+        return await self.inner.leases()
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self.inner.dead_letters(consumer)

@@ -10,7 +10,9 @@ import attrs
 import trio
 
 from .._dead_letters import DeadLetter
+from .._errors import LeaseLostError
 from .._events import Event, NewEvent
+from .._leases import Lease
 from ._base import Appended, Store, within_bytes
 
 
@@ -27,6 +29,7 @@ class MemoryStore(Store):
         self._events: list[Event] = []
         self._cursors: dict[str, int] = {}
         self._dead: dict[tuple[str, int], DeadLetter] = {}
+        self._leases: dict[str, Lease] = {}
         self._clock_origin: tuple[trio.lowlevel.TrioToken, datetime.datetime, float] | None = None
         self._appended = trio.Event()
 
@@ -70,15 +73,33 @@ class MemoryStore(Store):
         await trio.lowlevel.checkpoint()
         return dict(self._cursors)
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
         await trio.lowlevel.checkpoint()
+        refused = frozenset(
+            name for name in cursors if fences and name in fences and not self._holds(name, fences)
+        )
         stored = self._cursors
         for name, seq in cursors.items():
-            if seq > stored.get(name, -1):
+            if name not in refused and seq > stored.get(name, -1):
                 stored[name] = seq
+        return refused
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    def _holds(self, key: str, fences: Mapping[str, int]) -> bool:
+        lease = self._leases.get(key)
+        return lease is not None and lease.token == fences[key]
+
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await trio.lowlevel.checkpoint()
+        if fence is not None and not self._holds(letter.consumer, {letter.consumer: fence}):
+            raise LeaseLostError(
+                f"consumer {letter.consumer!r} is no longer this flow's: its lease passed "
+                f"to another flow, so its dead letter at seq {letter.seq} was not recorded",
+                keys=frozenset([letter.consumer]),
+            )
         self._dead[letter.consumer, letter.seq] = letter
         if cursor is not None and cursor > self._cursors.get(letter.consumer, -1):
             self._cursors[letter.consumer] = cursor
@@ -92,7 +113,7 @@ class MemoryStore(Store):
         ]
 
     def _now(self) -> datetime.datetime:
-        """The clock of dead letters' due times: the wall clock, moving with trio's.
+        """The clock of dead letters' due times and leases: the wall clock, moving with trio's.
 
         So a test under trio's MockClock sees requeued letters come due as
         virtual time passes.
@@ -135,6 +156,36 @@ class MemoryStore(Store):
         self._cursors.pop(consumer, None)
         for key in [key for key in self._dead if key[0] == consumer]:
             del self._dead[key]
+
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        await trio.lowlevel.checkpoint()
+        now = self._now()
+        expires_at = now + datetime.timedelta(seconds=ttl)
+        claimed = []
+        for key in sorted(set(keys)):
+            lease = self._leases.get(key)
+            if lease is None:
+                lease = Lease(key=key, holder=holder, token=1, expires_at=expires_at)
+            elif lease.holder == holder and lease.expires_at > now:
+                lease = attrs.evolve(lease, expires_at=expires_at)
+            elif lease.expires_at <= now:
+                lease = Lease(key=key, holder=holder, token=lease.token + 1, expires_at=expires_at)
+            self._leases[key] = lease
+            claimed.append(lease)
+        return claimed
+
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        now = self._now()
+        for key in keys:
+            lease = self._leases.get(key)
+            if lease is not None and lease.holder == holder and lease.expires_at > now:
+                self._leases[key] = attrs.evolve(lease, expires_at=now)
+
+    async def leases(self) -> list[Lease]:
+        await trio.lowlevel.checkpoint()
+        now = self._now()
+        return [lease for _, lease in sorted(self._leases.items()) if lease.expires_at > now]
 
     async def wait_for_append(self, after: int) -> int:
         while len(self._events) <= after:

@@ -20,6 +20,7 @@ import trio
 from .._dead_letters import DeadLetter
 from .._errors import ConfigurationError, OutcomeUnknownError, StoreError, StoreUnavailableError
 from .._events import Event, NewEvent
+from .._leases import Lease
 from ..stores._base import Appended, Store, StoreWrapper
 from ..stores.memory import MemoryStore
 
@@ -36,6 +37,9 @@ _METHODS = (
     "due_dead_letters",
     "discard_dead_letters",
     "forget_consumer",
+    "claim_leases",
+    "release_leases",
+    "leases",
 )
 #: The calls with an effect in the store: only they can lose an answer or land late.
 _EFFECTS = (
@@ -45,6 +49,8 @@ _EFFECTS = (
     "requeue_dead_letters",
     "discard_dead_letters",
     "forget_consumer",
+    "claim_leases",
+    "release_leases",
 )
 
 T = TypeVar("T")
@@ -227,20 +233,35 @@ class FaultyStore(StoreWrapper):
     async def load_cursors(self) -> dict[str, int]:
         return await self._call("load_cursors", self.inner.load_cursors)
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
-        async def commit() -> None:
-            await self.inner.commit_cursors(cursors)
-            self.cursor_commits.append(dict(cursors))
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
+        async def commit() -> frozenset[str]:
+            refused = await self.inner.commit_cursors(cursors, fences=fences)
+            self.cursor_commits.append({k: v for k, v in cursors.items() if k not in refused})
+            return refused
 
-        await self._call("commit_cursors", commit)
+        return await self._call("commit_cursors", commit)
 
     async def wait_for_append(self, after: int) -> int:
         return await self._call("wait_for_append", lambda: self.inner.wait_for_append(after))
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         await self._call(
-            "record_dead_letter", lambda: self.inner.record_dead_letter(letter, cursor=cursor)
+            "record_dead_letter",
+            lambda: self.inner.record_dead_letter(letter, cursor=cursor, fence=fence),
         )
+
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        return await self._call("claim_leases", lambda: self.inner.claim_leases(holder, keys, ttl))
+
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        await self._call("release_leases", lambda: self.inner.release_leases(holder, keys))
+
+    async def leases(self) -> list[Lease]:
+        return await self._call("leases", self.inner.leases)
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self._call("dead_letters", lambda: self.inner.dead_letters(consumer))

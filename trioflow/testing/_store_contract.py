@@ -28,8 +28,9 @@ from .._dead_letters import (
     DeadLetter,
     DeadLetterReason,
 )
-from .._errors import ConfigurationError, StoreError
+from .._errors import ConfigurationError, LeaseLostError, StoreError
 from .._events import JSON, MAX_DATA_BYTES, MAX_DEPTH, Event, NewEvent, encode, new_ids
+from .._leases import Lease
 from ..stores._base import Appended, Store
 from ..stores._url import store_from_url
 
@@ -854,6 +855,204 @@ class StoreContract:
             assert await third.load_cursors() == {"a": seqs[3]}
             assert await third.dead_letters() == expected[:4]
 
+    # -- leases and fenced writes ------------------------------------------------
+
+    async def test_a_new_key_is_claimed_with_token_one_until_the_store_clock_plus_ttl(
+        self,
+    ) -> None:
+        """The first claim of a key takes it, with token 1, expiring ``ttl`` from now."""
+        async with self.open_store() as store:
+            before = datetime.datetime.now(datetime.UTC)
+            leases = await store.claim_leases("h1", ["b", "a", "a"], 30.0)
+            after = datetime.datetime.now(datetime.UTC)
+            assert [(x.key, x.holder, x.token) for x in leases] == [("a", "h1", 1), ("b", "h1", 1)]
+            for lease in leases:
+                assert lease.expires_at.utcoffset() == datetime.timedelta(0)
+                offset = datetime.timedelta(seconds=30)
+                assert before + offset - _CLOCK_SLACK <= lease.expires_at
+                assert lease.expires_at <= after + offset + _CLOCK_SLACK
+            assert await store.leases() == leases
+            assert await store.claim_leases("h1", [], 30.0) == []
+
+    async def test_a_renewal_keeps_the_token_and_moves_the_expiry(self) -> None:
+        """The holder claiming its live lease again renews it: same token, later expiry."""
+        async with self.open_store() as store:
+            (first,) = await store.claim_leases("h1", ["a"], 1.0)
+            (renewed,) = await store.claim_leases("h1", ["a"], 3600.0)
+            assert (renewed.holder, renewed.token) == ("h1", first.token)
+            assert renewed.expires_at > first.expires_at
+
+    async def test_a_live_lease_stays_with_its_holder(self) -> None:
+        """Another holder's claim of a live lease changes nothing and reports the holder."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            (held,) = await store.claim_leases("h1", ["a"], 3600.0)
+            got = await peer.claim_leases("h2", ["a", "b"], 3600.0)
+            assert got[0] == held
+            assert (got[1].key, got[1].holder, got[1].token) == ("b", "h2", 1)
+            assert [(x.key, x.holder) for x in await store.leases()] == [("a", "h1"), ("b", "h2")]
+            # The holder still renews it.
+            (renewed,) = await store.claim_leases("h1", ["a"], 3600.0)
+            assert (renewed.holder, renewed.token) == ("h1", held.token)
+
+    async def test_a_lapsed_lease_goes_to_the_next_claimant_with_a_new_token(self) -> None:
+        """Once its time is up, any claimant takes a lease, its old holder too, with a new token."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            (first,) = await store.claim_leases("h1", ["a"], 0.05)
+            await trio.sleep(0.3)
+            assert await store.leases() == []
+            (taken,) = await peer.claim_leases("h2", ["a"], 0.05)
+            assert (taken.holder, taken.token) == ("h2", first.token + 1)
+            await trio.sleep(0.3)
+            (again,) = await peer.claim_leases("h2", ["a"], 3600.0)
+            assert (again.holder, again.token) == ("h2", first.token + 2)
+            # The first holder cannot take it back while it is live.
+            (still,) = await store.claim_leases("h1", ["a"], 3600.0)
+            assert still == again
+
+    async def test_release_lapses_a_lease_at_once_and_keeps_its_token(self) -> None:
+        """A released lease is free for the next claimant, whose token is a new one."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            (held,) = await store.claim_leases("h1", ["a"], 3600.0)
+            await store.claim_leases("h1", ["b"], 3600.0)
+            # Only the holder's release counts; unknown keys are ignored.
+            await peer.release_leases("h2", ["a", "nothing"])
+            assert [x.key for x in await store.leases()] == ["a", "b"]
+            await store.release_leases("h1", ["a", "nothing"])
+            assert [x.key for x in await peer.leases()] == ["b"]
+            (taken,) = await peer.claim_leases("h2", ["a"], 3600.0)
+            assert (taken.holder, taken.token) == ("h2", held.token + 1)
+            await store.release_leases("h1", [])
+
+    async def test_concurrent_claims_give_each_key_one_holder(self) -> None:
+        """Holders racing for the same keys through their own handles: one wins each key."""
+        async with (
+            self.open_store() as store,
+            self.open_peer(store) as p1,
+            self.open_peer(store) as p2,
+        ):
+            handles = [store, p1, p2]
+            results: dict[str, list[Any]] = {}
+
+            async def claim(index: int) -> None:
+                results[f"h{index}"] = await handles[index % 3].claim_leases(
+                    f"h{index}", ["a", "b", "c"], 3600.0
+                )
+
+            with trio.fail_after(self.patience):
+                async with trio.open_nursery() as nursery:
+                    for index in range(6):
+                        nursery.start_soon(claim, index)
+            final = await store.leases()
+            assert [x.key for x in final] == ["a", "b", "c"]
+            for lease in final:
+                assert lease.token == 1
+                winners = [h for h, got in results.items() if _lease_of(got, lease.key).holder == h]
+                assert winners == [lease.holder]
+                # Every claimant was told who holds it.
+                for got in results.values():
+                    assert _lease_of(got, lease.key).holder in results
+
+    async def test_fenced_cursor_commits_land_only_with_the_keys_token(self) -> None:
+        """A fence that still holds lets its cursor land; a stale or unknown one does not."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            (held,) = await store.claim_leases("h1", ["a"], 3600.0)
+            assert await store.commit_cursors({"a": 5}, fences={"a": held.token}) == frozenset()
+            refused = await store.commit_cursors(
+                {"a": 9, "b": 3, "free": 4}, fences={"a": held.token + 1, "b": 1}
+            )
+            assert refused == frozenset({"a", "b"})
+            assert await store.load_cursors() == {"a": 5, "free": 4}
+            await store.release_leases("h1", ["a"])
+            await peer.claim_leases("h2", ["a"], 3600.0)
+            assert await store.commit_cursors({"a": 7}, fences={"a": held.token}) == {"a"}
+            assert await peer.load_cursors() == {"a": 5, "free": 4}
+            assert await peer.commit_cursors({"a": 6}, fences={"a": held.token + 1}) == set()
+            assert await store.load_cursors() == {"a": 6, "free": 4}
+
+    async def test_a_fence_holds_after_its_lease_lapsed_until_another_claim(self) -> None:
+        """A write with the last token lands while nobody has claimed the lapsed lease."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            (held,) = await store.claim_leases("h1", ["a"], 0.05)
+            await trio.sleep(0.3)
+            assert await store.commit_cursors({"a": 2}, fences={"a": held.token}) == set()
+            await peer.claim_leases("h2", ["a"], 3600.0)
+            assert await store.commit_cursors({"a": 3}, fences={"a": held.token}) == {"a"}
+            assert await peer.load_cursors() == {"a": 2}
+
+    async def test_a_fenced_dead_letter_with_a_stale_token_records_nothing(self) -> None:
+        """A dead letter whose fence no longer holds raises LeaseLostError; letter and cursor stay."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            seqs = list((await store.append(make_events(3))).seqs)
+            (held,) = await store.claim_leases("h1", ["a"], 3600.0)
+            await store.record_dead_letter(
+                make_letter("a", seqs[0]), cursor=seqs[0], fence=held.token
+            )
+            await store.release_leases("h1", ["a"])
+            await peer.claim_leases("h2", ["a"], 3600.0)
+            with pytest.raises(LeaseLostError) as raised:
+                await store.record_dead_letter(
+                    make_letter("a", seqs[1]), cursor=seqs[1], fence=held.token
+                )
+            assert raised.value.keys == {"a"}
+            assert [x.seq for x in await peer.dead_letters()] == [seqs[0]]
+            assert await peer.load_cursors() == {"a": seqs[0]}
+            with pytest.raises(LeaseLostError):
+                await store.record_dead_letter(make_letter("nobody", seqs[1]), cursor=1, fence=1)
+            assert await peer.load_cursors() == {"a": seqs[0]}
+
+    async def test_no_fenced_write_lands_after_a_claim_that_took_its_key(self) -> None:
+        """A claimant that took a key over loads every cursor its old holder got to write.
+
+        Old holder's fenced commits race the new claim through separate
+        handles; whenever a commit was accepted, the claimant's load after its
+        claim shows it (the check and the write are one with the claim's order).
+        """
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            token = (await store.claim_leases("old", ["a"], 0.001))[0].token
+            for round_ in range(1, 31):
+                accepted: list[bool] = []
+                loaded: list[int] = []
+
+                async def commit(seq: int, fence: int) -> None:
+                    refused = await store.commit_cursors({"a": seq}, fences={"a": fence})
+                    accepted.append("a" not in refused)
+
+                async def take_over() -> None:
+                    await trio.sleep(0.002)
+                    (lease,) = await peer.claim_leases("new", ["a"], 0.001)
+                    if lease.holder == "new":
+                        loaded.append((await peer.load_cursors()).get("a", 0))
+
+                with trio.fail_after(self.patience):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(commit, round_, token)
+                        nursery.start_soon(take_over)
+                if accepted[0] and loaded:
+                    assert loaded[0] == round_, f"round {round_}: a fenced write landed late"
+                with trio.fail_after(self.patience):
+                    while True:
+                        await trio.sleep(0.002)
+                        (lease,) = await store.claim_leases("old", ["a"], 0.001)
+                        if lease.holder == "old":
+                            token = lease.token
+                            break
+
+    async def test_leases_are_shared_with_a_peer_and_survive_reopening(self) -> None:
+        """A peer sees every lease; tokens never repeat after the store is reopened."""
+        async with self.open_store() as store:
+            (held,) = await store.claim_leases("h1", ["a"], 3600.0)
+            await store.release_leases("h1", ["a"])
+            (again,) = await store.claim_leases("h1", ["a"], 3600.0)
+            assert again.token == held.token + 1
+            listed = await store.leases()
+        if not self.persistent:
+            return
+        async with self.open_peer(store) as peer:
+            assert await peer.leases() == listed
+            await peer.release_leases("h1", ["a"])
+            (third,) = await peer.claim_leases("h2", ["a"], 3600.0)
+            assert third.token == held.token + 2
+
     @settings(
         max_examples=30,
         deadline=None,
@@ -1045,6 +1244,15 @@ class StoreContract:
                 ("discard_dead_letters", lambda: store.discard_dead_letters("a", [1])),
                 ("discard_dead_letters([])", lambda: store.discard_dead_letters("a", [])),
                 ("forget_consumer", lambda: store.forget_consumer("a")),
+                ("claim_leases", lambda: store.claim_leases("h", ["a"], 60.0)),
+                ("claim_leases([])", lambda: store.claim_leases("h", [], 60.0)),
+                ("leases", lambda: store.leases()),
+                (
+                    "commit_cursors(fences)",
+                    lambda: store.commit_cursors({"a": 1}, fences={"a": 1}),
+                ),
+                ("release_leases", lambda: store.release_leases("h", ["a"])),
+                ("release_leases([])", lambda: store.release_leases("h", [])),
             ]
             for name, call in calls:
                 with trio.fail_after(self.patience), trio.testing.assert_checkpoints():
@@ -1163,6 +1371,11 @@ async def check_a_first_dead_letter(store: Store, consumer: str, seq: int) -> No
     await store.record_dead_letter(letter, cursor=seq)
     assert await store.dead_letters() == [letter]
     assert await store.load_cursors() == {**cursors, consumer: max(seq, cursors.get(consumer, seq))}
+
+
+def _lease_of(leases: Sequence[Lease], key: str) -> Lease:
+    (lease,) = [lease for lease in leases if lease.key == key]
+    return lease
 
 
 def make_events(count: int, event_type: str = "test.event") -> list[NewEvent]:
