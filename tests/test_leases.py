@@ -8,7 +8,7 @@ Multi-process tests (SIGKILL, SIGSTOP) live in tests/test_scale_out.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
@@ -374,3 +374,39 @@ async def test_a_claim_under_way_at_a_graceful_stop_does_not_take_the_lease_agai
         faulty.delay_next("claim_leases", 1.0, land_late=True)
         await trio.sleep(TTL / 3 + 0.01)
     assert await store.leases() == []
+
+
+async def test_an_owner_frozen_past_its_lease_starts_no_call_before_it_renews(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log: list[str] = []
+
+    class LoggedClaims(FaultyStore):
+        async def claim_leases(
+            self, holder: str, keys: Sequence[str], ttl: float
+        ) -> list[trioflow.Lease]:
+            log.append("claim")
+            return await super().claim_leases(holder, keys, ttl)
+
+    app = trioflow.App(LoggedClaims(MemoryStore()), lease_ttl=TTL)
+
+    @app.consumer("c")
+    async def handle(event: trioflow.Event) -> None:
+        log.append(f"start {event.seq}")
+        if event.seq == 1 and log.count("start 1") == 1:
+            # The process is stopped (SIGSTOP, a long pause) past its lease's
+            # time: the clock moves on, and no task runs meanwhile.
+            autojump_clock.jump(TTL)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("x", None), ("x", None)])
+        with trio.fail_after(3 * TTL):
+            await flow.wait_idle()
+    # Woken, it must not start its next call (2, in the batch it was in)
+    # before a claim has made it the owner again: another flow may own the
+    # consumer by then.
+    frozen = log.index("start 1")
+    after = log[frozen + 1 :]
+    next_start = next(i for i, entry in enumerate(after) if entry.startswith("start"))
+    assert "claim" in after[:next_start], log
+    assert "start 2" in after, log

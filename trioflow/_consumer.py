@@ -582,8 +582,9 @@ class Consumer:
                 if seq <= self._position:
                     continue
                 if self._must_stop() or not self._ownership.owned:
-                    # Lost: the cancellation reaches the incarnation at its
-                    # next checkpoint; no handler starts meanwhile.
+                    # Lost, or its lease's time ran out: the cancellation
+                    # reaches the incarnation at its next checkpoint (once the
+                    # keeper has run); no handler starts meanwhile.
                     break
                 if (types is None or event.type in types) and (
                     partition is None or partition_of(event.key, seq, partitions) == partition
@@ -698,7 +699,7 @@ class Consumer:
                     backoff.cancel()
                 await trio.sleep(decision.delay)
             self._backoff_scope = None
-            if backoff.cancelled_caught or self._must_stop():
+            if backoff.cancelled_caught or self._must_stop() or not self._ownership.owned:
                 return "stopped"
             attempts += 1
             try:

@@ -85,7 +85,18 @@ class Ownership:
 
     @property
     def owned(self) -> bool:
-        """Whether this flow owns it now and handles it."""
+        """Whether this flow owns it now and handles it.
+
+        Not once the time its last renewal gave it has run out, even before
+        the keeper has noticed: a process that was stopped (SIGSTOP, a long
+        pause) wakes up with that time long gone, and its consumers must not
+        start another call in the moment before the keeper runs.
+        """
+        return self._held and trio.current_time() < self._valid_until
+
+    @property
+    def _held(self) -> bool:
+        """Whether this flow holds it as its owner, as the keeper last knew (maybe lapsed)."""
         return self._token is not None and not self._leaving
 
     @property
@@ -115,7 +126,7 @@ class Ownership:
 
     def _leave(self) -> None:
         """Stop handling it here, keeping the token for the final flush."""
-        if self.owned:
+        if self._held:
             self._leaving = True
             for scope in self._scopes:
                 scope.cancel()
@@ -126,7 +137,9 @@ class Ownership:
         self._changed = trio.Event()
 
     def _gain(self, token: int, valid_until: float, holder: str) -> None:
-        changed = self._token != token or not self._known or self._leaving
+        # Renewed after its time ran out: consumers that saw it lapse look again.
+        lapsed = self._valid_until <= trio.current_time()
+        changed = self._token != token or not self._known or self._leaving or lapsed
         self._leaving = False
         self._token = token
         self._owner = holder
@@ -320,7 +333,7 @@ class LeaseKeeper:
     def _deadline(self) -> float:
         """When the first lease this flow owns must be given up without a renewal."""
         return min(
-            (own._valid_until for own in self._ownerships.values() if own.owned),
+            (own._valid_until for own in self._ownerships.values() if own._held),
             default=math.inf,
         )
 
@@ -391,7 +404,7 @@ class LeaseKeeper:
                     continue
                 if partition in owners and owners[partition] != self.holder:
                     others[own.key] = owners[partition]
-                if own.owned:
+                if own._held:
                     logger.info(
                         "consumer %r: this flow (%s) hands it over: the group's partitions are "
                         "shared anew",
@@ -431,7 +444,7 @@ class LeaseKeeper:
                     )
                     changed = True
                 own._gain(lease.token, valid_until, self.holder)
-            elif own.owned:
+            elif own._held:
                 logger.warning(
                     "consumer %r: flow %s took its lease over; this flow (%s) stops handling "
                     "it and stands by",
@@ -456,7 +469,7 @@ class LeaseKeeper:
     def _expire_overdue(self) -> None:
         now = trio.current_time()
         for own in self._ownerships.values():
-            if own.owned and own._valid_until <= now:
+            if own._held and own._valid_until <= now:
                 logger.warning(
                     "consumer %r: this flow (%s) could not renew its lease within %.1fs; it "
                     "stops handling it and stands by until it owns it again",
