@@ -58,8 +58,8 @@ class Child:
             f"child {self.process.args!r} exit status {self.process.returncode}, stderr:\n{stderr}"
         )
 
-    async def expect_line(self, expected: str, *, limit: float) -> None:
-        """Read stdout up to the next line and check that it is ``expected``."""
+    async def read_line(self, *, limit: float, what: str = "line") -> str:
+        """Read stdout up to the next line and return it (fail after ``limit`` seconds)."""
         assert self.process.stdout is not None
         with trio.move_on_after(limit):
             while b"\n" not in self._buffer:
@@ -69,8 +69,18 @@ class Child:
                 self._buffer += chunk
         line, newline, self._buffer = self._buffer.partition(b"\n")
         if not newline:
-            pytest.fail(f"no {expected!r} line within {limit}s (got {line!r}); " + self.describe())
-        assert line.decode() == expected, self.describe()
+            pytest.fail(f"no {what} within {limit}s (got {line!r}); " + self.describe())
+        return line.decode()
+
+    async def expect_line(self, expected: str, *, limit: float) -> None:
+        """Read stdout up to the next line and check that it is ``expected``."""
+        line = await self.read_line(limit=limit, what=f"{expected!r} line")
+        assert line == expected, self.describe()
+
+    async def send_line(self, line: str) -> None:
+        """Write ``line`` to the child's stdin (started with ``stdin=True``)."""
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(line.encode() + b"\n")
 
     async def finish(self, *, limit: float) -> str:
         """Wait for the child to exit 0; return what it printed."""
@@ -94,12 +104,18 @@ class Child:
 
 
 @contextlib.asynccontextmanager
-async def running(script: str, *args: object, stderr: Path) -> AsyncIterator[Child]:
-    """Run a child script with ``sys.executable``; kill it if still running on exit."""
+async def running(
+    script: str, *args: object, stderr: Path, stdin: bool = False
+) -> AsyncIterator[Child]:
+    """Run a child script with ``sys.executable``; kill it if still running on exit.
+
+    With ``stdin`` its stdin is a pipe (`Child.send_line`), else it is inherited.
+    """
     fd = os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         process = await trio.lowlevel.open_process(
             [sys.executable, str(CHILDREN / script), *map(str, args)],
+            stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=fd,
         )
@@ -114,6 +130,8 @@ async def running(script: str, *args: object, stderr: Path) -> AsyncIterator[Chi
             await process.wait()
             if process.stdout is not None:
                 await process.stdout.aclose()
+            if process.stdin is not None:
+                await process.stdin.aclose()
 
 
 def read_runs(path: Path) -> list[list[int]]:

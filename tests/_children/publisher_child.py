@@ -1,10 +1,18 @@
 """A process that only publishes: no consumers.
 
-Run as ``python publisher_child.py URL NAME COUNT SEED GO``. Opens the
-flow, prints ``ready``, waits until the file GO exists (so that several
-publishers start together and their appends interleave), then publishes COUNT
-events of type ``mp`` with data ``{"pub": NAME, "n": i}`` (i = 0 .. COUNT-1, in
-order), in batches of random size with some single publishes, and exits 0.
+Run as ``python publisher_child.py URL NAME COUNT SEED GO [KEYS PACE [STOP]]``.
+Opens the flow, prints ``ready``, waits until the file GO exists (so that
+several publishers start together and their appends interleave), then
+publishes COUNT events of type ``mp`` with data ``{"pub": NAME, "n": i}``
+(i = 0 .. COUNT-1, in order), in batches of random size with some single
+publishes, and exits 0.
+
+With KEYS (a number above 0) each event gets a key, one of ``k0`` ..
+``k<KEYS-1>`` at random (the same names in every publisher, so that their
+events of one key interleave); with PACE it sleeps up to twice PACE seconds
+(PACE on average) after each publish call, spreading its events over time;
+with STOP it stops early, after the publish call under way, once the file
+STOP exists.
 """
 
 from __future__ import annotations
@@ -17,9 +25,15 @@ import trio
 import trioflow
 
 
-async def main(url: str, name: str, count: int, seed: int, go: str) -> None:
+async def main(
+    url: str, name: str, count: int, seed: int, go: str, keys: int, pace: float, stop: str
+) -> None:
     rng = random.Random(seed)
     app = trioflow.App(store=url)
+
+    def key() -> str | None:
+        return f"k{rng.randrange(keys)}" if keys else None
+
     async with trioflow.open_flow(app) as flow:
         print("ready", flush=True)
         with trio.fail_after(60):
@@ -27,19 +41,24 @@ async def main(url: str, name: str, count: int, seed: int, go: str) -> None:
             while not await trio.Path(go).exists():  # noqa: ASYNC110
                 await trio.sleep(0.005)
         n = 0
-        while n < count:
+        while n < count and not (stop and await trio.Path(stop).exists()):
             if rng.random() < 0.2:
-                await flow.publish("mp", {"pub": name, "n": n})
+                await flow.publish("mp", {"pub": name, "n": n}, key=key())
                 n += 1
             else:
                 size = min(rng.randint(2, 60), count - n)
-                await flow.publish_many([("mp", {"pub": name, "n": n + i}) for i in range(size)])
+                await flow.publish_many(
+                    [("mp", {"pub": name, "n": n + i}, key()) for i in range(size)]
+                )
                 n += size
+            if pace:
+                await trio.sleep(rng.uniform(0, 2 * pace))
             # Yield now and then, so concurrent publishers interleave.
-            if rng.random() < 0.3:
+            elif rng.random() < 0.3:
                 await trio.sleep(0.001)
 
 
 if __name__ == "__main__":
     url, name, count, seed, go = sys.argv[1:6]
-    trio.run(main, url, name, int(count), int(seed), go)
+    keys, pace, stop = [*sys.argv[6:9], "0", "0", ""][:3]
+    trio.run(main, url, name, int(count), int(seed), go, int(keys), float(pace), stop)
