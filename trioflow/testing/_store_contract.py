@@ -980,7 +980,7 @@ class StoreContract:
             assert await peer.load_cursors() == {"a": 2}
 
     async def test_a_fenced_dead_letter_with_a_stale_token_records_nothing(self) -> None:
-        """A dead letter whose fence no longer holds raises LeaseLostError; letter and cursor stay."""
+        """A dead letter whose fence no longer holds raises LeaseLostError; nothing changes."""
         async with self.open_store() as store, self.open_peer(store) as peer:
             seqs = list((await store.append(make_events(3))).seqs)
             (held,) = await store.claim_leases("h1", ["a"], 3600.0)
@@ -1013,11 +1013,11 @@ class StoreContract:
                 accepted: list[bool] = []
                 loaded: list[int] = []
 
-                async def commit(seq: int, fence: int) -> None:
+                async def commit(seq: int, fence: int, accepted: list[bool]) -> None:
                     refused = await store.commit_cursors({"a": seq}, fences={"a": fence})
                     accepted.append("a" not in refused)
 
-                async def take_over() -> None:
+                async def take_over(loaded: list[int]) -> None:
                     await trio.sleep(0.002)
                     (lease,) = await peer.claim_leases("new", ["a"], 0.001)
                     if lease.holder == "new":
@@ -1025,8 +1025,8 @@ class StoreContract:
 
                 with trio.fail_after(self.patience):
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(commit, round_, token)
-                        nursery.start_soon(take_over)
+                        nursery.start_soon(commit, round_, token, accepted)
+                        nursery.start_soon(take_over, loaded)
                 if accepted[0] and loaded:
                     assert loaded[0] == round_, f"round {round_}: a fenced write landed late"
                 with trio.fail_after(self.patience):
