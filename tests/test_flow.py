@@ -452,7 +452,8 @@ async def test_two_flows_sharing_a_store_see_each_others_events() -> None:
 async def test_events_from_elsewhere_interleave_in_order() -> None:
     store = MemoryStore()
     a, b = make_app(store), make_app(store)
-    seen_a, seen_b = recorder(a, "c"), recorder(b, "c")
+    # Consumers of different names: one name runs in one flow at a time.
+    seen_a, seen_b = recorder(a, "ca"), recorder(b, "cb")
     async with trioflow.open_flow(a) as flow_a, trioflow.open_flow(b) as flow_b:
         async with trio.open_nursery() as nursery:
             for i in range(50):

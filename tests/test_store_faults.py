@@ -21,6 +21,7 @@ import trio.testing
 import trioflow
 from tests.test_flow import recorder
 from trioflow._cursors import CursorProgress, CursorWriter
+from trioflow._ownership import LeaseKeeper
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing import FaultyStore
 
@@ -148,9 +149,12 @@ async def test_no_cursor_write_follows_the_final_flush_with_an_older_position(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = FaultyStore()
-    writer = CursorWriter(store=store)
+    leases = LeaseKeeper(store=store, holder="h", ttl=3600.0, retry_delay=lambda _: 1.0)
+    writer = CursorWriter(store=store, leases=leases)
     progress = CursorProgress("c")
+    leases.ownership("c")
     async with store.open(), trio.open_nursery() as nursery:
+        await nursery.start(leases.run)
         nursery.start_soon(writer.run)
         # The write of 2 lands a second late; meanwhile 4 is requested (and
         # queued behind it); then the final flush writes 5, and gets the

@@ -43,8 +43,9 @@ from ._dead_letters import (
     DeadLetterReason,
 )
 from ._dispatch import Batch, Dispatcher, Subscription, feeding
-from ._errors import ConsumerStateError, HandlerTimeoutError, StoreError
+from ._errors import ConsumerStateError, HandlerTimeoutError, LeaseLostError, StoreError
 from ._events import Event
+from ._ownership import LeaseKeeper, Ownership
 from ._pages import PageReader
 from ._statistics import ConsumerStatistics, Stall
 from ._store_calls import SlowCalls
@@ -106,6 +107,7 @@ class ConsumerRunner:
     store: Store
     dispatcher: Dispatcher
     cursors: CursorWriter
+    leases: LeaseKeeper
     page_size: int
     page_bytes: int
     commit_interval: float
@@ -149,6 +151,7 @@ class ConsumerRunner:
                 overflow=spec.overflow,
             ),
             cursor=CursorProgress(spec.name),
+            ownership=self.leases.ownership(spec.name),
         )
         self._consumers.append(consumer)
         return consumer
@@ -174,6 +177,8 @@ class Consumer:
     _runner: ConsumerRunner
     _feed: Subscription
     _cursor: CursorProgress
+    #: Whether this flow owns it, as the lease keeper knows.
+    _ownership: Ownership
     #: Last sequence number handled (or skipped by the type filter, or given
     #: up on as a dead letter), in memory.
     _position: int = 0
@@ -216,6 +221,11 @@ class Consumer:
         return self._requeue_check_at <= trio.current_time() or self._in_requeues
 
     @property
+    def owned(self) -> bool:
+        """Whether this flow owns it now (else another flow does, or nobody yet)."""
+        return self._ownership.owned
+
+    @property
     def halted(self) -> bool:
         """Whether it halted at an event and waits for `resume`."""
         return self._halted
@@ -236,6 +246,8 @@ class Consumer:
             dead_lettered=self._dead_lettered,
             halted=self._halted,
             stall=self._stall,
+            owned=self._ownership.owned,
+            owner=self._ownership.owner,
         )
 
     def request_commit(self) -> None:
@@ -284,52 +296,92 @@ class Consumer:
         return self._stopping or self._runner.stopping
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled, restarting after store errors, waiting while halted.
+        """Run until cancelled: handle events while this flow owns the consumer, else stand by.
 
         Reports itself started once its first incarnation has loaded its
-        cursor; a store failure before that is retried with the same backoff
-        as a restart, and ``nursery.start`` waits (cancellably) meanwhile.
+        cursor, or once it is known to stand by (another flow owns it); a
+        store failure before that is retried with the same backoff as a
+        restart, and ``nursery.start`` waits (cancellably) meanwhile. When
+        this flow loses the consumer's lease, whatever it was doing is
+        cancelled (a handler in flight too) and it stands by; when it owns it
+        again it restarts from its durable cursor, by the start-up path.
         """
-        runner = self._runner
-        handler_of.set(runner)
+        handler_of.set(self._runner)
         feeding.set(self._feed)
         status = _StartedOnce(task_status)
-        attempt = 0
+        ownership = self._ownership
         try:
             while True:
-                committed_before = self._cursor.committed
-                halted: _Halted | None = None
-                with trio.CancelScope() as scope:
-                    try:
-                        await self._incarnation(status)
-                    except _Halted as exc:
-                        halted = exc
-                    except StoreError as exc:
-                        self._failures += 1
-                        logger.error(
-                            "consumer %r stopped on a store error; restarting from its cursor: %s",
-                            self.name,
-                            exc,
-                        )
-                    finally:
-                        self._handler_scope = self._backoff_scope = None
-                    # Everything the incarnation started goes with it.
-                    scope.cancel()
-                if self._must_stop():
-                    # The stop sequence commits every position itself.
-                    return
-                await self._save_position()
-                if halted is not None:
-                    await self._halt(halted)
-                    attempt = 0
+                if not ownership.owned:
+                    await self._stand_by(status)
                     continue
-                # Only durable progress resets the backoff: a consumer whose
-                # cursor writes keep failing backs off to the cap.
-                attempt = 1 if self._cursor.committed > committed_before else attempt + 1
-                self._restarts += 1
-                await trio.sleep(runner.restart_delay(attempt))
+                with trio.CancelScope() as owned, ownership.cancelling(owned):
+                    try:
+                        await self._run_owned(status)
+                        return
+                    except LeaseLostError:
+                        # A fenced write was refused; the keeper knows.
+                        pass
+                self._lease_lost()
         finally:
             self._finished.set()
+
+    async def _stand_by(self, status: _StartedOnce) -> None:
+        """Wait, holding no event, until this flow owns the consumer (or learns who does)."""
+        self._runner.dispatcher.detach(self._feed)
+        if self._ownership.known:
+            # open_flow need not wait for a consumer another flow runs.
+            status.started()
+        await self._ownership.wait_changed()
+
+    def _lease_lost(self) -> None:
+        """Forget what is owner's business: a halt, a stall, the backoff of restarts."""
+        self._runner.dispatcher.detach(self._feed)
+        self._stall = None
+        self._halted = False
+        self._resumed = trio.Event()
+        self._handler_scope = self._backoff_scope = None
+        self._runner.cursors.nudge()
+
+    async def _run_owned(self, status: _StartedOnce) -> None:
+        """The consumer's life as its owner: incarnations, restarted after store errors.
+
+        Returns when the flow (or the consumer alone) stops.
+        """
+        runner = self._runner
+        attempt = 0
+        while True:
+            committed_before = self._cursor.committed
+            halted: _Halted | None = None
+            with trio.CancelScope() as scope:
+                try:
+                    await self._incarnation(status)
+                except _Halted as exc:
+                    halted = exc
+                except StoreError as exc:
+                    self._failures += 1
+                    logger.error(
+                        "consumer %r stopped on a store error; restarting from its cursor: %s",
+                        self.name,
+                        exc,
+                    )
+                finally:
+                    self._handler_scope = self._backoff_scope = None
+                # Everything the incarnation started goes with it.
+                scope.cancel()
+            if self._must_stop():
+                # The stop sequence commits every position itself.
+                return
+            await self._save_position()
+            if halted is not None:
+                await self._halt(halted)
+                attempt = 0
+                continue
+            # Only durable progress resets the backoff: a consumer whose
+            # cursor writes keep failing backs off to the cap.
+            attempt = 1 if self._cursor.committed > committed_before else attempt + 1
+            self._restarts += 1
+            await trio.sleep(runner.restart_delay(attempt))
 
     async def _halt(self, halted: _Halted) -> None:
         """Stay halted at the event until resumed; then a new incarnation retries it."""
@@ -515,7 +567,10 @@ class Consumer:
         request_every = max(commit_every // 2, 1)
         cursors = runner.cursors
         deadline = min(runner.stop_deadline, self._stop_deadline)
-        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+        with (
+            trio.CancelScope(shield=True, deadline=deadline) as scope,
+            self._ownership.cancelling(scope),
+        ):
             self._handler_scope = scope
             for event in events:
                 seq = event.seq
@@ -717,7 +772,10 @@ class Consumer:
                 continue
             event = page[0]
             deadline = min(runner.stop_deadline, self._stop_deadline)
-            with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            with (
+                trio.CancelScope(shield=True, deadline=deadline) as scope,
+                self._ownership.cancelling(scope),
+            ):
                 self._handler_scope = scope
                 try:
                     await self._call(event)

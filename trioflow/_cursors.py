@@ -16,7 +16,8 @@ import attrs
 import trio
 
 from ._dead_letters import DeadLetter
-from ._errors import StoreError
+from ._errors import LeaseLostError, StoreError
+from ._ownership import LeaseKeeper
 from .stores._base import Store
 
 
@@ -71,6 +72,8 @@ class CursorWriter:
     """
 
     store: Store
+    #: Whose fencing tokens every write carries, and who learns of refusals.
+    leases: LeaseKeeper
     _pending: dict[str, tuple[CursorProgress, int, int]] = attrs.Factory(dict)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     #: Woken after every write, successful or not.
@@ -150,9 +153,18 @@ class CursorWriter:
         await self.wait_durable(progress, seq)
 
     async def commit_first(self, progress: CursorProgress, seq: int, processed: int) -> None:
-        """Store the first cursor of a consumer the store holds none for."""
+        """Store the first cursor of a consumer the store holds none for.
+
+        Raises:
+            LeaseLostError: This flow does not own the consumer (any more).
+        """
         async with self._writing:
-            await self.store.commit_cursors({progress.name: seq})
+            fences = self._fences([progress.name])
+            if not fences:
+                raise self._lost(progress.name, fences)
+            refused = await self.store.commit_cursors({progress.name: seq}, fences=fences)
+        if refused:
+            raise self._lost(progress.name, fences)
         self._landed(progress, seq, processed)
         self._changed.unpark_all()
 
@@ -160,9 +172,20 @@ class CursorWriter:
         self, progress: CursorProgress, letter: DeadLetter, seq: int | None, processed: int
     ) -> None:
         """Record ``letter`` and, in the same store transaction, move the cursor to ``seq``
-        (None: leave it), through the one write path."""
+        (None: leave it), through the one write path.
+
+        Raises:
+            LeaseLostError: This flow does not own the consumer (any more);
+                nothing was recorded.
+        """
         async with self._writing:
-            await self.store.record_dead_letter(letter, cursor=seq)
+            fences = self._fences([progress.name])
+            if not fences:
+                raise self._lost(progress.name, fences)
+            try:
+                await self.store.record_dead_letter(letter, cursor=seq, fence=fences[progress.name])
+            except LeaseLostError:
+                raise self._lost(progress.name, fences) from None
         if seq is not None:
             self._landed(progress, seq, processed)
             self._changed.unpark_all()
@@ -171,15 +194,37 @@ class CursorWriter:
         """Write the given (progress, position, processed) directly: the final flush.
 
         Waits for a write under way, so that it cannot land afterwards with
-        older positions.
+        older positions. Consumers this flow does not own are left out.
         """
         async with self._writing:
             due = [(p, seq, processed) for p, seq, processed in positions if seq > p._committed]
+            fences = self._fences([p.name for p, _, _ in due])
+            due = [item for item in due if item[0].name in fences]
             if due:
-                await self.store.commit_cursors({p.name: seq for p, seq, _ in due})
+                refused = await self.store.commit_cursors(
+                    {p.name: seq for p, seq, _ in due}, fences=fences
+                )
                 for progress, seq, processed in due:
-                    self._landed(progress, seq, processed)
+                    if progress.name in refused:
+                        self._lost(progress.name, fences)
+                    else:
+                        self._landed(progress, seq, processed)
                 self._changed.unpark_all()
+
+    def _fences(self, names: Iterable[str]) -> dict[str, int]:
+        """The fencing tokens of the consumers among ``names`` that this flow owns."""
+        tokens = {name: self.leases.token(name) for name in names}
+        return {name: token for name, token in tokens.items() if token is not None}
+
+    def _lost(self, name: str, fences: dict[str, int]) -> LeaseLostError:
+        """Tell the lease keeper a write for ``name`` was refused; the error to raise."""
+        if name in fences:
+            self.leases.lost(name, fences[name])
+        return LeaseLostError(
+            f"consumer {name!r} is no longer this flow's: another flow took its lease over, "
+            "so this flow's write for it was refused; this flow stands by",
+            keys=frozenset([name]),
+        )
 
     async def run(self) -> None:
         """Write requested cursors until cancelled."""
@@ -198,23 +243,35 @@ class CursorWriter:
             if request[1] > request[0]._committed
         }
         self._pending = {}
+        fences = self._fences(batch)
+        for name in [name for name in batch if name not in fences]:
+            # Not this flow's (any more): nothing to write for it.
+            self._failed(batch.pop(name)[0], self._lost(name, fences))
         if not batch:
             self._changed.unpark_all()
             return
         try:
-            await self.store.commit_cursors({name: seq for name, (_, seq, _) in batch.items()})
+            refused = await self.store.commit_cursors(
+                {name: seq for name, (_, seq, _) in batch.items()}, fences=fences
+            )
         except Exception as exc:
-            for name, (progress, _, _) in batch.items():
-                progress._error = exc
-                if name not in self._pending:
-                    # Let the next request carry this position again; a
-                    # request made meanwhile carries a later one already.
-                    progress._requested = progress._committed
-                    progress._requested_processed = progress._committed_processed
+            for progress, _, _ in batch.values():
+                self._failed(progress, exc)
         else:
-            for progress, seq, processed in batch.values():
-                self._landed(progress, seq, processed)
+            for name, (progress, seq, processed) in batch.items():
+                if name in refused:
+                    self._failed(progress, self._lost(name, fences))
+                else:
+                    self._landed(progress, seq, processed)
         self._changed.unpark_all()
+
+    def _failed(self, progress: CursorProgress, error: BaseException) -> None:
+        progress._error = error
+        if progress.name not in self._pending:
+            # Let the next request carry this position again; a request made
+            # meanwhile carries a later one already.
+            progress._requested = progress._committed
+            progress._requested_processed = progress._committed_processed
 
     @staticmethod
     def _landed(progress: CursorProgress, seq: int, processed: int) -> None:

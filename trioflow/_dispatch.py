@@ -124,6 +124,14 @@ class Subscription:
             and self._buffered >= self.buffer
         )
 
+    def _drop_held(self) -> None:
+        """Drop every batch in its channel (it catches up from the store instead)."""
+        while True:
+            try:
+                self._taken(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return
+
     def _taken(self, batch: Batch) -> Batch:
         self._buffered -= len(batch.events)
         self._buffered_bytes -= batch.size
@@ -244,11 +252,14 @@ class Dispatcher:
         self._room.unpark_all()
 
     def detach(self, subscription: Subscription) -> None:
-        """Feed ``subscription`` no more until it is level again (a halted consumer).
+        """Feed ``subscription`` no more until it is level again (a consumer that
+        halted, or stands by while another flow owns it); drop what it holds.
 
-        A detached consumer blocks no publisher.
+        A detached consumer blocks no publisher and holds no event: it reads
+        from the store what it missed when it goes on.
         """
         subscription._attached = False
+        subscription._drop_held()
         self._room.unpark_all()
 
     def attach_if_level(self, subscription: Subscription, position: int) -> bool:

@@ -31,11 +31,17 @@ from ._errors import (
     UnknownDeadLetterError,
 )
 from ._events import ENCODE_CHUNK, JSON, NewEvent, check_items, encode, encode_many, new_ids
+from ._leases import new_holder_id
+from ._ownership import LeaseKeeper
 from ._statistics import FlowStatistics
 from ._store_calls import SlowCalls, WatchedStore
 from ._watchdog import consumer_task_name, flow_task_name, watch_blocking
 
 logger = logging.getLogger("trioflow")
+
+#: Seconds between looks at the stored cursors of consumers another flow owns,
+#: while `Flow.wait_idle` waits for them.
+STANDBY_CHECK = 0.2
 
 
 class Flow:
@@ -55,13 +61,23 @@ class Flow:
             max_batch=app.max_batch,
             retry_delay=app.restart.delay,
         )
-        self._cursors = CursorWriter(store=store)
+        #: This flow's id as the holder of leases.
+        self._holder = new_holder_id()
+        self._leases = LeaseKeeper(
+            store=store,
+            holder=self._holder,
+            ttl=app.lease_ttl,
+            retry_delay=app.restart.delay,
+        )
+        self._cursors = CursorWriter(store=store, leases=self._leases)
+        self._leases.on_change = self._cursors.nudge
         #: The cancel scope of each of the flow's tasks, by task.
         self._scopes: dict[object, trio.CancelScope] = {}
         self._runner = ConsumerRunner(
             store=store,
             dispatcher=self._dispatcher,
             cursors=self._cursors,
+            leases=self._leases,
             page_size=app.page_size,
             page_bytes=app.page_bytes,
             commit_interval=app.commit_interval,
@@ -145,31 +161,52 @@ class Flow:
         return list(await self._dispatcher.submit(news))
 
     async def wait_idle(self) -> None:
-        """Wait until every consumer has processed and committed all that the
-        store held when this was called, including events other processes
-        appended. Waits as long as a consumer keeps failing; wrap it in a
-        timeout (`trio.fail_after`) if that matters.
+        """Wait until every consumer of this flow has processed and committed all
+        that the store held when this was called, including events other
+        processes appended.
+
+        A consumer another flow owns (`ConsumerStatistics.owned` is False)
+        counts once its stored cursor is there, whichever flow moved it: this
+        one looks at the store every `STANDBY_CHECK` seconds meanwhile (and,
+        if the owner died, takes over once its lease lapses). Waits as long as
+        a consumer keeps failing; wrap it in a timeout (`trio.fail_after`) if
+        that matters.
         """
         target = await self._store.head()
         if target > self._dispatcher.head:
             self._dispatcher.request_poll()
         cursors = self._cursors
+        stored: dict[str, int] | None = None
         with cursors.wanting_flush():
             while True:
-                behind = [c for c in self._consumers.values() if c.committed < target]
-                if not behind and not any(c.requeues_pending for c in self._consumers.values()):
+                consumers = list(self._consumers.values())
+                owned = [c for c in consumers if c.owned]
+                behind = [c for c in owned if c.committed < target]
+                standing_by = [
+                    c
+                    for c in consumers
+                    if not c.owned and (stored is None or stored.get(c.name, -1) < target)
+                ]
+                if not behind and not standing_by and not any(c.requeues_pending for c in owned):
                     return
                 # Idle consumers commit lazily; ask for their positions now
                 # (consumers that go idle later see `flush_wanted`).
                 for consumer in behind:
                     consumer.request_commit()
-                await cursors.wait_changed()
+                if standing_by:
+                    if stored is not None:
+                        with trio.move_on_after(STANDBY_CHECK):
+                            await cursors.wait_changed()
+                    stored = await self._store.load_cursors()
+                else:
+                    await cursors.wait_changed()
 
     def statistics(self) -> FlowStatistics:
         """Return a snapshot of the flow and of every consumer."""
         head = self._dispatcher.head
         return FlowStatistics(
             head=head,
+            holder=self._holder,
             published=self._dispatcher.published,
             consumers={name: c.statistics(head) for name, c in self._consumers.items()},
         )
@@ -295,6 +332,7 @@ class Flow:
             self._runner.remove(consumer)
             with trio.move_on_after(grace):
                 await self._cursors.flush([consumer.final_position()])
+                await self._leases.release([name])
             if forget:
                 await self._store.forget_consumer(name)
 
@@ -337,6 +375,8 @@ class Flow:
         tasks.append(("slow calls", self._slow_calls.run, False, "slow calls"))
         tasks.append(("dispatcher", self._dispatcher.run, True, "dispatcher"))
         tasks.append(("cursors", self._cursors.run, False, "cursor writer"))
+        # Before the consumers: each one starts knowing whether this flow owns it.
+        tasks.append(("leases", self._leases.run, True, "lease keeper"))
         for key, run, reports_started, name in tasks:
             await nursery.start(self._guarded, key, run, reports_started, name=flow_task_name(name))
         self._nursery = nursery
@@ -447,6 +487,9 @@ class Flow:
                 )
         if flush.cancelled_caught:
             logger.warning("could not flush consumer cursors within %.1fs", grace)
+        # Hand the consumers over to flows standing by at once.
+        with trio.move_on_after(grace):
+            await self._leases.release(list(self._consumers))
 
     async def _drain(self, grace: float) -> None:
         with trio.move_on_after(grace) as drain:

@@ -49,6 +49,11 @@ class ConsumerStatistics:
             waits for `Flow.resume`.
         stall: The event it is held up at (retrying it, or halted at it), or
             None.
+        owned: Whether this flow owns it (holds its lease) and handles its
+            events; False while another flow does, and this one stands by.
+        owner: The holder id of the flow that owns it as last seen (this
+            flow's `FlowStatistics.holder` when ``owned``), or None when
+            unknown (this flow lost it and has not seen the next owner yet).
     """
 
     cursor: int
@@ -64,6 +69,8 @@ class ConsumerStatistics:
     dead_lettered: int
     halted: bool
     stall: Stall | None
+    owned: bool
+    owner: str | None
 
 
 @attrs.frozen(kw_only=True)
@@ -72,10 +79,12 @@ class FlowStatistics:
 
     Attributes:
         head: The last sequence number the flow has fanned out.
+        holder: This flow's id as the holder of leases (``host:pid:random``).
         published: Events this flow has published since it started.
         consumers: Each consumer's statistics, by name.
     """
 
     head: int
+    holder: str
     published: int
     consumers: Mapping[str, ConsumerStatistics]

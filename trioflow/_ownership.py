@@ -1,0 +1,305 @@
+"""Which consumers this flow owns: its lease keeper.
+
+Every flow that runs a consumer name competes for that consumer's lease in
+the store; the one holding it handles events, the others stand by. The
+`LeaseKeeper` owns this flow's view of every lease (`Ownership`): it claims
+all of them in one store call every ``ttl / 3`` seconds (renewing the ones
+it holds, trying to take the others), and hands each one's fencing token to
+the writes made while it owns the consumer.
+
+An owner stops handling a consumer as soon as it learns it lost the lease:
+when a claim says another flow holds it, when a fenced write is refused, or
+when ``ttl`` seconds have passed since it sent its last successful renewal
+without a new one (measured on this host's monotonic clock from *before* the
+renewal was sent, so it gives up before the store's clock lets another flow
+take over). A consumer's cancel scope is cancelled then; it stands by and,
+once this flow owns it again, restarts from its durable cursor by the usual
+start-up path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import attrs
+import trio
+
+from ._errors import StoreError
+from ._leases import Lease
+from .stores._base import Store
+
+logger = logging.getLogger("trioflow")
+
+
+@attrs.define(eq=False)
+class Ownership:
+    """Whether this flow owns one consumer, as its `LeaseKeeper` knows; others only read it."""
+
+    key: str
+    #: The fencing token while this flow owns it, else None.
+    _token: int | None = None
+    #: The holder the store last named (this flow's id when it owns it).
+    _owner: str | None = None
+    #: Whether a claim has answered for it at least once.
+    _known: bool = False
+    #: trio time until which this flow may act as its owner without a renewal.
+    _valid_until: float = -math.inf
+    #: Cancelled when it is lost: the scopes of the work done as its owner.
+    _scopes: set[trio.CancelScope] = attrs.Factory(set)
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def token(self) -> int | None:
+        """The fencing token while this flow owns it, else None."""
+        return self._token
+
+    @property
+    def owned(self) -> bool:
+        """Whether this flow owns it now."""
+        return self._token is not None
+
+    @property
+    def owner(self) -> str | None:
+        """The holder id of its owner as last seen (this flow's own when it owns it)."""
+        return self._owner
+
+    @property
+    def known(self) -> bool:
+        """Whether the store has answered for it: this flow owns it or stands by."""
+        return self._known
+
+    async def wait_changed(self) -> None:
+        """Wait until it is gained, lost, or another owner is seen."""
+        await self._changed.wait()
+
+    @contextlib.contextmanager
+    def cancelling(self, scope: trio.CancelScope) -> Iterator[None]:
+        """Cancel ``scope`` when this flow loses it (at once if it does not own it now)."""
+        if self._token is None:
+            scope.cancel()
+        self._scopes.add(scope)
+        try:
+            yield
+        finally:
+            self._scopes.discard(scope)
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _gain(self, token: int, valid_until: float, holder: str) -> None:
+        changed = self._token != token or not self._known
+        self._token = token
+        self._owner = holder
+        self._valid_until = valid_until
+        self._known = True
+        if changed:
+            self._signal()
+
+    def _lose(self, owner: str | None) -> bool:
+        """Stand by; return whether it was owned until now."""
+        was_owned = self._token is not None
+        changed = was_owned or self._owner != owner or not self._known
+        self._token = None
+        self._valid_until = -math.inf
+        self._owner = owner
+        self._known = True
+        for scope in self._scopes:
+            scope.cancel()
+        if changed:
+            self._signal()
+        return was_owned
+
+
+@attrs.define(eq=False)
+class LeaseKeeper:
+    """Claims and renews this flow's leases; the one owner of its `Ownership`s."""
+
+    store: Store
+    #: This flow's holder id (`trioflow._leases.new_holder_id`).
+    holder: str
+    #: Seconds a lease lasts without renewal.
+    ttl: float
+    #: Backoff between claims that fail, by attempt (capped at ``ttl / 3``).
+    retry_delay: Callable[[int], float]
+    #: Called whenever an ownership changes (the flow's idle waiters look again).
+    on_change: Callable[[], None] = lambda: None
+    _ownerships: dict[str, Ownership] = attrs.Factory(dict)
+    _wakeup: trio.Event = attrs.Factory(trio.Event)
+    _failures: int = 0
+
+    @property
+    def renew_every(self) -> float:
+        """Seconds between claims: a third of the lease's time."""
+        return self.ttl / 3
+
+    def ownership(self, key: str) -> Ownership:
+        """The ownership of ``key``, claimed from now on (at once if the keeper runs)."""
+        own = self._ownerships.get(key)
+        if own is None:
+            own = self._ownerships[key] = Ownership(key)
+            self._wakeup.set()
+        return own
+
+    def token(self, key: str) -> int | None:
+        """The fencing token of ``key`` while this flow owns it, else None."""
+        own = self._ownerships.get(key)
+        return None if own is None else own.token
+
+    def lost(self, key: str, token: int) -> None:
+        """A write fenced with ``token`` was refused: another flow holds ``key`` now."""
+        own = self._ownerships.get(key)
+        if own is not None and own.token == token:
+            logger.warning(
+                "consumer %r: the store refused a write of this flow (%s): another flow took "
+                "its lease over; this flow stops handling it and stands by",
+                key,
+                self.holder,
+            )
+            own._lose(None)
+            self._notify()
+            self._wakeup.set()
+
+    async def release(self, keys: Sequence[str]) -> None:
+        """Stop claiming ``keys`` and let another flow take them at once (a graceful stop).
+
+        Failures are logged, not raised: a lease not released lapses after ``ttl``.
+        """
+        owned = []
+        for key in keys:
+            own = self._ownerships.pop(key, None)
+            if own is not None and own._lose(self.holder):
+                owned.append(key)
+        if not owned:
+            return
+        try:
+            await self.store.release_leases(self.holder, owned)
+        except StoreError as exc:
+            logger.warning(
+                "could not release the leases of %s (%s); other flows take them over once "
+                "they lapse, within %.1fs",
+                ", ".join(map(repr, owned)),
+                exc,
+                self.ttl,
+            )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Claim every lease every `renew_every` seconds, until cancelled.
+
+        Reports itself started once the store has answered for every lease
+        (a store failure before that is retried, and waited for cancellably).
+        """
+        started = False
+        while True:
+            self._wakeup = trio.Event()
+            await self._claim()
+            self._expire_overdue()
+            if not started and all(own.known for own in self._ownerships.values()):
+                started = True
+                task_status.started()
+            if self._failures:
+                delay = min(self.retry_delay(self._failures), self.renew_every)
+            else:
+                delay = self.renew_every
+            with trio.move_on_at(min(trio.current_time() + delay, self._deadline())):
+                await self._wakeup.wait()
+
+    def _deadline(self) -> float:
+        """When the first lease this flow owns must be given up without a renewal."""
+        return min(
+            (own._valid_until for own in self._ownerships.values() if own.owned),
+            default=math.inf,
+        )
+
+    async def _claim(self) -> None:
+        keys = sorted(self._ownerships)
+        if not keys:
+            await trio.lowlevel.checkpoint()
+            return
+        sent = trio.current_time()
+        # A claim that hangs must not keep this flow acting as an owner past
+        # its leases' time: give up waiting for it then.
+        with trio.move_on_at(self._deadline()):
+            try:
+                leases = await self.store.claim_leases(self.holder, keys, self.ttl)
+            except StoreError as exc:
+                self._failures += 1
+                if self._failures == 1 or self._failures % 10 == 0:
+                    logger.warning(
+                        "claiming the leases of this flow's consumers failed (%s), %d time(s) "
+                        "in a row; consumers it owns stop within %.1fs of its last renewal "
+                        "unless one succeeds",
+                        exc,
+                        self._failures,
+                        self.ttl,
+                    )
+                return
+        if self._failures and not self._deadline() < trio.current_time():
+            logger.info("claiming leases works again")
+        self._failures = 0
+        self._apply(leases, sent + self.ttl)
+
+    def _apply(self, leases: Sequence[Lease], valid_until: float) -> None:
+        changed = False
+        for lease in leases:
+            own = self._ownerships.get(lease.key)
+            if own is None:
+                # Released while the claim was under way.
+                continue
+            if lease.holder == self.holder:
+                if own.token is not None and own.token != lease.token:
+                    # It lapsed and this flow took it again: the work done
+                    # under the old token starts over.
+                    own._lose(self.holder)
+                if not own.owned:
+                    # Quietly at start-up; loudly when it takes over.
+                    logger.log(
+                        logging.INFO if own.known else logging.DEBUG,
+                        "consumer %r: this flow (%s) owns it now (lease token %d)",
+                        own.key,
+                        self.holder,
+                        lease.token,
+                    )
+                    changed = True
+                own._gain(lease.token, valid_until, self.holder)
+            elif own.owned:
+                logger.warning(
+                    "consumer %r: flow %s took its lease over; this flow (%s) stops handling "
+                    "it and stands by",
+                    own.key,
+                    lease.holder,
+                    self.holder,
+                )
+                own._lose(lease.holder)
+                changed = True
+            elif own.owner != lease.holder:
+                logger.info(
+                    "consumer %r: flow %s owns it; this flow (%s) stands by",
+                    own.key,
+                    lease.holder,
+                    self.holder,
+                )
+                own._lose(lease.holder)
+                changed = True
+        if changed:
+            self._notify()
+
+    def _expire_overdue(self) -> None:
+        now = trio.current_time()
+        for own in self._ownerships.values():
+            if own.owned and own._valid_until <= now:
+                logger.warning(
+                    "consumer %r: this flow (%s) could not renew its lease within %.1fs; it "
+                    "stops handling it and stands by until it owns it again",
+                    own.key,
+                    self.holder,
+                    self.ttl,
+                )
+                own._lose(None)
+                self._notify()
+
+    def _notify(self) -> None:
+        self.on_change()
