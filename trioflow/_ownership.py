@@ -9,10 +9,10 @@ the writes made while it owns the consumer.
 
 An owner stops handling a consumer as soon as it learns it lost the lease:
 when a claim says another flow holds it, when a fenced write is refused, or
-when ``ttl`` seconds have passed since it sent its last successful renewal
-without a new one (measured on this host's monotonic clock from *before* the
-renewal was sent, so it gives up before the store's clock lets another flow
-take over). A consumer's cancel scope is cancelled then; it stands by and,
+when ``0.9 * ttl`` seconds have passed since it sent its last successful
+renewal without a new one (measured on this host's monotonic clock from
+*before* the renewal was sent, so it gives up before the store's clock lets
+another flow take over). A consumer's cancel scope is cancelled then; it stands by and,
 once this flow owns it again, restarts from its durable cursor by the usual
 start-up path.
 """
@@ -32,6 +32,11 @@ from ._leases import Lease
 from .stores._base import Store
 
 logger = logging.getLogger("trioflow")
+
+#: An owner acts on a lease for this share of its time after it sent the
+#: claim that renewed it: a margin for clocks that run at slightly different
+#: rates, and for the scheduling of the cancellation.
+SAFETY = 0.9
 
 
 @attrs.define(eq=False)
@@ -222,6 +227,7 @@ class LeaseKeeper:
         sent = trio.current_time()
         # A claim that hangs must not keep this flow acting as an owner past
         # its leases' time: give up waiting for it then.
+        leases: Sequence[Lease] | None = None
         with trio.move_on_at(self._deadline()):
             try:
                 leases = await self.store.claim_leases(self.holder, keys, self.ttl)
@@ -237,10 +243,14 @@ class LeaseKeeper:
                         self.ttl,
                     )
                 return
+        if leases is None:
+            # Hung past the deadline: `_expire_overdue` gives the leases up.
+            self._failures += 1
+            return
         if self._failures and not self._deadline() < trio.current_time():
             logger.info("claiming leases works again")
         self._failures = 0
-        self._apply(leases, sent + self.ttl)
+        self._apply(leases, sent + self.ttl * SAFETY)
 
     def _apply(self, leases: Sequence[Lease], valid_until: float) -> None:
         changed = False
