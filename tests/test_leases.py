@@ -8,6 +8,7 @@ Multi-process tests (SIGKILL, SIGSTOP) live in tests/test_scale_out.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -37,6 +38,12 @@ def tracking_app(
         log.append(("end", event.seq, tag))
 
     return app
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds, looking every 10 ms (statistics have no event)."""
+    while not condition():  # noqa: ASYNC110
+        await trio.sleep(0.01)
 
 
 def ended(log: list[tuple[str, int, str]]) -> list[int]:
@@ -155,8 +162,7 @@ async def test_a_standby_takes_over_when_the_owner_stops_renewing(
         cut_at = trio.current_time()
         await flow_b.publish("x", 100)
         with trio.fail_after(3 * TTL):
-            while not flow_b.statistics().consumers["c"].owned:
-                await trio.sleep(0.1)
+            await until(lambda: flow_b.statistics().consumers["c"].owned)
         taken_over = trio.current_time() - cut_at
         assert not flow_a.statistics().consumers["c"].owned
         await flow_b.publish("x", 0)
@@ -241,8 +247,7 @@ async def test_a_flow_takes_a_consumer_back_and_restarts_from_the_stored_cursor(
         # The intruder handled 2 and 3, committed, and died.
         assert await store.commit_cursors({"c": 3}, fences={"c": 2}) == set()
         with trio.fail_after(3 * TTL):
-            while not flow.statistics().consumers["c"].owned:
-                await trio.sleep(0.1)
+            await until(lambda: flow.statistics().consumers["c"].owned)
         await flow.wait_idle()
     # 2 and 3 were the intruder's; a resumed from its cursor.
     assert ended(log) == [1, 4, 5]
@@ -342,8 +347,7 @@ async def test_claims_that_fail_are_logged_and_an_owner_gives_up_in_time(
         faulty.delay_next("claim_leases", 10 * TTL, times=10**6)
         start = trio.current_time()
         with trio.fail_after(2 * TTL):
-            while flow.statistics().consumers["c"].owned:
-                await trio.sleep(0.01)
+            await until(lambda: not flow.statistics().consumers["c"].owned)
         # Never later than a lease's time after the last renewal was sent.
         assert trio.current_time() - start <= TTL
     with caplog.at_level(logging.WARNING):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import inspect
+
 import trioflow
 
 
@@ -38,3 +41,14 @@ def test_every_error_derives_from_the_root() -> None:
 def test_the_publish_limits_are_public() -> None:
     assert trioflow.MAX_DEPTH == 128
     assert trioflow.MAX_DATA_BYTES == 64 * 1024 * 1024
+
+
+def test_leases_are_public() -> None:
+    lease = trioflow.Lease(
+        key="c", holder="h", token=1, expires_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    )
+    assert lease.token == 1
+    assert issubclass(trioflow.LeaseLostError, trioflow.TrioflowError)
+    assert not issubclass(trioflow.LeaseLostError, trioflow.StoreError)
+    assert trioflow.LeaseLostError("x", keys=frozenset({"c"})).keys == {"c"}
+    assert "lease_ttl" in inspect.signature(trioflow.App).parameters

@@ -14,6 +14,7 @@ from ._errors import ConsumerStateError as ConsumerStateError
 from ._errors import FlowClosedError as FlowClosedError
 from ._errors import HandlerTimeoutError as HandlerTimeoutError
 from ._errors import InvalidEventError as InvalidEventError
+from ._errors import LeaseLostError as LeaseLostError
 from ._errors import OutcomeUnknownError as OutcomeUnknownError
 from ._errors import Reject as Reject
 from ._errors import SchemaVersionError as SchemaVersionError
@@ -29,6 +30,7 @@ from ._events import Event as Event
 from ._flow import Flow as Flow
 from ._flow import open_flow as open_flow
 from ._flow import serve as serve
+from ._leases import Lease as Lease
 from ._policies import RestartPolicy as RestartPolicy
 from ._policies import Retry as Retry
 from ._statistics import ConsumerStatistics as ConsumerStatistics
@@ -53,6 +55,8 @@ __all__ = [
     "FlowStatistics",
     "HandlerTimeoutError",
     "InvalidEventError",
+    "Lease",
+    "LeaseLostError",
     "OutcomeUnknownError",
     "Reject",
     "RestartPolicy",

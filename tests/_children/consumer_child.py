@@ -20,7 +20,8 @@ import trioflow
 
 
 async def main(url: str, logs: str, expect: int) -> None:
-    app = trioflow.App(store=url)
+    # A short lease: a restarted child takes its consumers back soon after a kill.
+    app = trioflow.App(store=url, lease_ttl=1.0)
     done = {name: trio.Event() for name in ("plain", "bounded")}
 
     def add_consumer(name: str, buffer: int | None) -> None:

@@ -77,7 +77,8 @@ async def publish(
 
 async def main(url: str, logs: str, total: int, seed: int, pace: float, finish: bool) -> None:
     rng = random.Random(seed)
-    app = trioflow.App(store=url)
+    # A short lease: a restarted child takes its consumers back soon after a kill.
+    app = trioflow.App(store=url, lease_ttl=1.0)
     for name in CONSUMERS:
         fd = open_log(os.path.join(logs, f"{name}.log"))
         os.write(fd, b"restart\n")
