@@ -143,6 +143,8 @@ def run_fault_scenario(
             commit_interval=1.0 * time_scale,
             shutdown_grace=5.0 * time_scale,
             restart=trioflow.RestartPolicy(initial=0.2 * time_scale, maximum=2.0 * time_scale),
+            # A flow reopened after a stop whose release failed waits for the lapse.
+            lease_ttl=30.0 * time_scale,
         )
         life = [next(lives)]
         for index, plan in enumerate(scenario.flows[flow_index].consumers):

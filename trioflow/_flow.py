@@ -330,9 +330,12 @@ class Flow:
                 await consumer.wait_finished()
             del self._consumers[name]
             self._runner.remove(consumer)
-            with trio.move_on_after(grace):
-                await self._cursors.flush([consumer.final_position()])
-                await self._leases.release([name])
+            try:
+                with trio.move_on_after(grace):
+                    await self._cursors.flush([consumer.final_position()])
+            finally:
+                with trio.move_on_after(grace):
+                    await self._leases.release([name])
             if forget:
                 await self._store.forget_consumer(name)
 

@@ -236,11 +236,11 @@ class LeaseKeeper:
                 if self._failures == 1 or self._failures % 10 == 0:
                     logger.warning(
                         "claiming the leases of this flow's consumers failed (%s), %d time(s) "
-                        "in a row; consumers it owns stop within %.1fs of its last renewal "
+                        "in a row; consumers it owns stop %.1fs after its last renewal "
                         "unless one succeeds",
                         exc,
                         self._failures,
-                        self.ttl,
+                        self.ttl * SAFETY,
                     )
                 return
         if leases is None:
@@ -306,7 +306,7 @@ class LeaseKeeper:
                     "stops handling it and stands by until it owns it again",
                     own.key,
                     self.holder,
-                    self.ttl,
+                    self.ttl * SAFETY,
                 )
                 own._lose(None)
                 self._notify()
