@@ -359,3 +359,17 @@ def test_lease_ttl_is_checked() -> None:
         with pytest.raises(trioflow.ConfigurationError, match="lease_ttl"):
             trioflow.App("memory://", lease_ttl=bad)  # type: ignore[arg-type]
     assert trioflow.App("memory://").lease_ttl == 6.0
+
+
+async def test_a_claim_under_way_at_a_graceful_stop_does_not_take_the_lease_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    faulty = FaultyStore(store)
+    log: list[tuple[str, int, str]] = []
+    async with trioflow.open_flow(tracking_app(faulty, log, "a")) as flow:
+        assert flow.statistics().consumers["c"].owned
+        # The next renewal is slow to land; the flow stops meanwhile.
+        faulty.delay_next("claim_leases", 1.0, land_late=True)
+        await trio.sleep(TTL / 3 + 0.01)
+    assert await store.leases() == []

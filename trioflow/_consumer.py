@@ -576,7 +576,9 @@ class Consumer:
                 seq = event.seq
                 if seq <= self._position:
                     continue
-                if self._must_stop():
+                if self._must_stop() or not self._ownership.owned:
+                    # Lost: the cancellation reaches the incarnation at its
+                    # next checkpoint; no handler starts meanwhile.
                     break
                 if types is None or event.type in types:
                     if self._processed - cursor.committed_processed >= commit_every:

@@ -135,6 +135,9 @@ class LeaseKeeper:
     _ownerships: dict[str, Ownership] = attrs.Factory(dict)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _failures: int = 0
+    #: Held by a claim and by a release: a claim under way when leases are
+    #: released cannot land after the release and take them again.
+    _calling: trio.Lock = attrs.Factory(trio.Lock)
 
     @property
     def renew_every(self) -> float:
@@ -179,9 +182,11 @@ class LeaseKeeper:
             if own is not None and own._lose(self.holder):
                 owned.append(key)
         if not owned:
+            await trio.lowlevel.checkpoint()
             return
         try:
-            await self.store.release_leases(self.holder, owned)
+            async with self._calling:
+                await self.store.release_leases(self.holder, owned)
         except StoreError as exc:
             logger.warning(
                 "could not release the leases of %s (%s); other flows take them over once "
@@ -230,7 +235,8 @@ class LeaseKeeper:
         leases: Sequence[Lease] | None = None
         with trio.move_on_at(self._deadline()):
             try:
-                leases = await self.store.claim_leases(self.holder, keys, self.ttl)
+                async with self._calling:
+                    leases = await self.store.claim_leases(self.holder, keys, self.ttl)
             except StoreError as exc:
                 self._failures += 1
                 if self._failures == 1 or self._failures % 10 == 0:
