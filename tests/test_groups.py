@@ -5,10 +5,16 @@ from __future__ import annotations
 import random
 
 import attrs
+import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import trioflow
 from trioflow._groups import assign, partition_of
+from trioflow.stores.memory import MemoryStore
+from trioflow.testing import FaultyStore
 
 
 def test_a_key_has_the_same_partition_everywhere() -> None:
@@ -163,3 +169,179 @@ def test_members_joining_leaving_and_dying_settle_balanced_with_one_owner_each(
     # Quiet: another round moves nothing.
     group.round()
     assert {p: group.live(p) for p in range(partitions)} == owners
+
+
+# -- groups in running flows ----------------------------------------------------
+
+LEASE = 6.0
+
+
+def group_app(
+    store: trioflow.stores.Store,
+    log: list[tuple[str, int, str | None, int]],
+    tag: int,
+    *,
+    partitions: int = 8,
+    delay: float = 0.0,
+    **options: object,
+) -> trioflow.App:
+    """An App with group "g", whose handler logs (what, seq, key, tag) per call."""
+    app = trioflow.App(store, lease_ttl=LEASE)
+
+    @app.consumer("g", partitions=partitions, **options)  # type: ignore[call-overload, untyped-decorator]
+    async def handle(event: trioflow.Event) -> None:
+        log.append(("start", event.seq, event.key, tag))
+        try:
+            await trio.sleep(delay)
+        except trio.Cancelled:
+            log.append(("cancel", event.seq, event.key, tag))
+            raise
+        log.append(("end", event.seq, event.key, tag))
+
+    return app
+
+
+def check_per_key_order(log: list[tuple[str, int, str | None, int]], head: int) -> None:
+    """Every event handled; per key, first handled in seq order."""
+    firsts: list[tuple[int, str | None]] = []
+    seen: set[int] = set()
+    for what, seq, key, _ in log:
+        if what == "end" and seq not in seen:
+            seen.add(seq)
+            firsts.append((seq, key))
+    assert seen == set(range(1, head + 1))
+    last: dict[str, int] = {}
+    for seq, key in firsts:
+        if key is not None:
+            assert seq > last.get(key, 0), f"key {key}: {seq} first handled after a later one"
+            last[key] = seq
+
+
+def owned_partitions(flow: trioflow.Flow) -> set[str]:
+    return {name for name, stats in flow.statistics().consumers.items() if stats.owned}
+
+
+async def test_one_flow_runs_a_groups_partitions_concurrently_in_key_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log: list[tuple[str, int, str | None, int]] = []
+    app = group_app(MemoryStore(), log, 0, partitions=4, delay=1.0)
+    async with trioflow.open_flow(app) as flow:
+        assert len(owned_partitions(flow)) == 4
+        start = trio.current_time()
+        await flow.publish_many([("x", i, f"k{i % 8}") for i in range(40)])
+        await flow.wait_idle()
+        elapsed = trio.current_time() - start
+    check_per_key_order(log, 40)
+    assert len([entry for entry in log if entry[0] == "end"]) == 40
+    # Four partitions at once: far less than one second per event.
+    assert elapsed < 20, elapsed
+
+
+async def test_members_share_the_partitions_and_each_event_is_handled_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    log: list[tuple[str, int, str | None, int]] = []
+    apps = [group_app(store, log, tag) for tag in range(3)]
+    async with (
+        trioflow.open_flow(apps[0]) as f0,
+        trioflow.open_flow(apps[1]) as f1,
+        trioflow.open_flow(apps[2]) as f2,
+    ):
+        await trio.sleep(3 * LEASE)
+        counts = sorted(len(owned_partitions(f)) for f in (f0, f1, f2))
+        assert counts == [2, 3, 3]
+        owners = [owned_partitions(f) for f in (f0, f1, f2)]
+        assert set().union(*owners) == {f"g/{p}" for p in range(8)}
+        for i in range(60):
+            await (f0, f1, f2)[i % 3].publish("x", i, key=f"k{i % 7}" if i % 5 else None)
+        for flow in (f0, f1, f2):
+            await flow.wait_idle()
+    ends = [seq for what, seq, _, _ in log if what == "end"]
+    assert sorted(ends) == list(range(1, 61))
+    check_per_key_order(log, 60)
+
+
+async def test_a_member_that_leaves_or_dies_hands_its_partitions_to_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    log: list[tuple[str, int, str | None, int]] = []
+    faulty = FaultyStore(store)
+    apps = [group_app(store, log, 0), group_app(faulty, log, 1), group_app(store, log, 2)]
+    async with trioflow.open_flow(apps[0]) as f0, trioflow.open_flow(apps[2]) as f2:
+        async with trioflow.open_flow(apps[1]) as f1:
+            await trio.sleep(3 * LEASE)
+            assert sorted(len(owned_partitions(f)) for f in (f0, f1, f2)) == [2, 3, 3]
+            await f0.publish_many([("x", i, f"k{i}") for i in range(30)])
+            # f1 is cut off from the store: its claims fail.
+            faulty.fail_next("claim_leases", times=10**6)
+            faulty.fail_next("leases", times=10**6)
+            await trio.sleep(3 * LEASE)
+            assert owned_partitions(f1) == set()
+            assert sorted(len(owned_partitions(f)) for f in (f0, f2)) == [4, 4]
+            faulty.fail_next("claim_leases", times=0)
+        await f0.publish_many([("x", i, f"k{i}") for i in range(30, 60)])
+        await f0.wait_idle()
+        await f2.wait_idle()
+        assert sorted(len(owned_partitions(f)) for f in (f0, f2)) == [4, 4]
+    check_per_key_order(log, 60)
+
+
+async def test_a_group_keeps_the_partition_count_it_started_with(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    log: list[tuple[str, int, str | None, int]] = []
+    async with trioflow.open_flow(group_app(store, log, 0, partitions=8)):
+        pass
+    with pytest.raises(trioflow.ConfigurationError, match="has 8 partitions in the store, not 4"):
+        async with trioflow.open_flow(group_app(store, log, 1, partitions=4)):
+            pass
+    # Removed with forget=True, it may start again with another count.
+    app = group_app(store, log, 2, partitions=8)
+    async with trioflow.open_flow(app) as flow:
+        await flow.remove_consumer("g", forget=True)
+        assert flow.statistics().consumers == {}
+    async with trioflow.open_flow(group_app(store, log, 3, partitions=4)) as flow:
+        assert len(owned_partitions(flow)) == 4
+
+
+async def test_a_groups_dead_letters_are_listed_requeued_and_discarded_by_its_name(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    app = trioflow.App(store, lease_ttl=LEASE)
+    fixed = False
+    handled: list[int] = []
+
+    @app.consumer("g", partitions=4, retry=trioflow.Retry(attempts=1), on_exhausted="dead-letter")
+    async def handle(event: trioflow.Event) -> None:
+        if event.data == "poison" and not fixed:
+            raise RuntimeError("poison")
+        handled.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        seqs = await flow.publish_many([("x", "poison", f"k{i}") for i in range(4)])
+        await flow.wait_idle()
+        letters = await flow.dead_letters("g")
+        assert sorted(letter.seq for letter in letters) == seqs
+        assert {letter.consumer for letter in letters} <= {f"g/{p}" for p in range(4)}
+        fixed = True
+        await flow.requeue("g", seqs[:3])
+        await flow.wait_idle()
+        assert sorted(handled) == seqs[:3]
+        await flow.discard("g", seqs[3:])
+        assert await flow.dead_letters("g") == []
+        with pytest.raises(trioflow.UnknownDeadLetterError):
+            await flow.discard("g", seqs[:1])
+
+
+def test_partitions_are_checked() -> None:
+    app = trioflow.App("memory://")
+    for bad in (0, -1, 1025, 2.0, "8", True):
+        with pytest.raises(trioflow.ConfigurationError, match="partitions"):
+
+            @app.consumer("g", partitions=bad)  # type: ignore[arg-type]
+            async def handle(event: trioflow.Event) -> None: ...

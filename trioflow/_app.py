@@ -12,6 +12,7 @@ import attrs
 
 from ._errors import ConfigurationError, InvalidEventError
 from ._events import Event, check_type
+from ._groups import partition_key
 from ._policies import (
     OVERFLOWS,
     DeliveryPolicy,
@@ -50,6 +51,7 @@ class ConsumerOptions(TypedDict, total=False):
     retry_on: type[Exception] | tuple[type[Exception], ...] | None
     timeout: float | None
     on_exhausted: OnExhausted
+    partitions: int | None
 
 
 @attrs.frozen(kw_only=True)
@@ -68,6 +70,10 @@ class ConsumerSpec:
         commit_every: Commit its cursor at least every this many handled events.
         policy: What it does when its handler fails: retries, timeout, and
             what happens once an event's attempts run out.
+        partitions: For a consumer group, how many partitions its events are
+            divided into by key (`trioflow._groups.partition_of`); None for a
+            plain consumer.
+        partition: For one partition of a group, as a flow runs it: which one.
     """
 
     name: str
@@ -79,6 +85,17 @@ class ConsumerSpec:
     overflow: Overflow
     commit_every: int
     policy: DeliveryPolicy
+    partitions: int | None = None
+    partition: int | None = None
+
+    def partition_spec(self, partition: int) -> ConsumerSpec:
+        """The spec of one partition of this group: its own cursor and lease key."""
+        assert self.partitions is not None and 0 <= partition < self.partitions
+        return attrs.evolve(self, name=partition_key(self.name, partition), partition=partition)
+
+
+#: The most partitions a consumer group may have.
+MAX_PARTITIONS = 1024
 
 
 def check_consumer_name(name: object) -> str:
@@ -270,6 +287,13 @@ class App:
                 keep retrying with the capped backoff), ``"dead-letter"``
                 (record it as a dead letter, move on) or ``"halt"`` (stop at
                 it until `Flow.resume`).
+            partitions: Make it a consumer group of this many partitions (1 to
+                1024): events are divided by key (a stable hash; events
+                without a key by sequence number), each partition has its own
+                cursor and owner, and the flows running the consumer share
+                the partitions, running their own concurrently. Order holds
+                per key, not across keys. The count is fixed when the group
+                first runs (see docs/deploying.md).
 
         Returns:
             The function itself, unchanged.
@@ -307,6 +331,7 @@ class App:
         retry_on: type[Exception] | tuple[type[Exception], ...] | None = None,
         timeout: float | None = None,
         on_exhausted: OnExhausted = "retry-forever",
+        partitions: int | None = None,
     ) -> ConsumerSpec:
         """Check a consumer's handler and options, with this App's defaults, and
         return its `ConsumerSpec` without registering it (`Flow.add_consumer`
@@ -350,9 +375,18 @@ class App:
                 "overflow='block' makes publishers wait while this consumer holds `buffer` "
                 "events: give it a buffer (buffer=1000, say)"
             )
+        if partitions is not None and (
+            isinstance(partitions, bool)
+            or not isinstance(partitions, int)
+            or not 1 <= partitions <= MAX_PARTITIONS
+        ):
+            raise ConfigurationError(
+                f"partitions must be an int from 1 to {MAX_PARTITIONS}, got {partitions!r}"
+            )
         return ConsumerSpec(
             name=name,
             handler=handler,
+            partitions=partitions,
             types=type_set,
             start=start,
             buffer=buffer,

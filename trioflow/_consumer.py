@@ -45,6 +45,7 @@ from ._dead_letters import (
 from ._dispatch import Batch, Dispatcher, Subscription, feeding
 from ._errors import ConsumerStateError, HandlerTimeoutError, LeaseLostError, StoreError
 from ._events import Event
+from ._groups import partition_of
 from ._ownership import LeaseKeeper, Ownership
 from ._pages import PageReader
 from ._statistics import ConsumerStatistics, Stall
@@ -146,6 +147,9 @@ class ConsumerRunner:
             feed=self.dispatcher.subscribe(
                 spec.name,
                 types=spec.types,
+                partition=None
+                if spec.partition is None
+                else (spec.partition, spec.partitions or 1),
                 buffer=spec.buffer,
                 buffer_bytes=spec.buffer_bytes,
                 overflow=spec.overflow,
@@ -562,6 +566,7 @@ class Consumer:
         runner, spec, cursor = self._runner, self.spec, self._cursor
         handler = spec.handler
         types = spec.types
+        partition, partitions = spec.partition, spec.partitions or 1
         timed = spec.policy.timeout is not None
         commit_every = spec.commit_every
         request_every = max(commit_every // 2, 1)
@@ -580,7 +585,9 @@ class Consumer:
                     # Lost: the cancellation reaches the incarnation at its
                     # next checkpoint; no handler starts meanwhile.
                     break
-                if types is None or event.type in types:
+                if (types is None or event.type in types) and (
+                    partition is None or partition_of(event.key, seq, partitions) == partition
+                ):
                     if self._processed - cursor.committed_processed >= commit_every:
                         cursors.request(cursor, self._position, self._processed)
                         await cursors.wait_durable(cursor, self._position)

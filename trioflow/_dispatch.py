@@ -26,6 +26,7 @@ import trio
 
 from ._errors import BackpressureError, FlowClosedError, OutcomeUnknownError, StoreError
 from ._events import Event, NewEvent
+from ._groups import partition_of
 from ._policies import Overflow
 from .stores._base import Store
 
@@ -66,6 +67,8 @@ class Subscription:
     name: str
     #: The event types it takes, or None for all.
     types: frozenset[str] | None
+    #: The partition it takes, and of how many (a consumer group's), or None for all.
+    partition: tuple[int, int] | None
     #: The most events and bytes it may hold, or None.
     buffer: int | None
     buffer_bytes: int | None
@@ -145,6 +148,9 @@ class Subscription:
             return
         types = self.types
         selected = events if types is None else [e for e in events if e.type in types]
+        if self.partition is not None:
+            mine, partitions = self.partition
+            selected = [e for e in selected if partition_of(e.key, e.seq, partitions) == mine]
         size = 0
         limit_bytes = self.buffer_bytes
         if limit_bytes is not None:
@@ -232,12 +238,15 @@ class Dispatcher:
         name: str,
         *,
         types: frozenset[str] | None,
+        partition: tuple[int, int] | None = None,
         buffer: int | None,
         buffer_bytes: int | None,
         overflow: Overflow = "catch-up",
     ) -> Subscription:
         """A new feed for a consumer, attached: it gets every batch from now on."""
-        subscription = Subscription(name, types, buffer, buffer_bytes, overflow, self._room)
+        subscription = Subscription(
+            name, types, partition, buffer, buffer_bytes, overflow, self._room
+        )
         self._subscriptions.append(subscription)
         return subscription
 

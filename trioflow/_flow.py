@@ -18,7 +18,7 @@ from typing import Any, Literal, Unpack
 import attrs
 import trio
 
-from ._app import App, ConsumerOptions, Handler, check_consumer_name
+from ._app import App, ConsumerOptions, ConsumerSpec, Handler, check_consumer_name
 from ._consumer import Consumer, ConsumerRunner, handler_of
 from ._cursors import CursorWriter
 from ._dead_letters import DeadLetter
@@ -31,6 +31,7 @@ from ._errors import (
     UnknownDeadLetterError,
 )
 from ._events import ENCODE_CHUNK, JSON, NewEvent, check_items, encode, encode_many, new_ids
+from ._groups import partition_key
 from ._leases import new_holder_id
 from ._ownership import LeaseKeeper
 from ._statistics import FlowStatistics
@@ -84,7 +85,17 @@ class Flow:
             restart_delay=app.restart.delay,
             slow_calls=self._slow_calls,
         )
-        self._consumers = {spec.name: self._runner.add(spec) for spec in app.consumers.values()}
+        #: The flow's consumers by key: a plain consumer's name, or one
+        #: partition of a group (``name/p``, added at start).
+        self._consumers = {
+            spec.name: self._runner.add(spec)
+            for spec in app.consumers.values()
+            if spec.partitions is None
+        }
+        #: Its consumer groups, by name.
+        self._groups = {
+            spec.name: spec for spec in app.consumers.values() if spec.partitions is not None
+        }
         #: The flow's nursery, once started: consumers added later run in it.
         self._nursery: trio.Nursery | None = None
         self._store = store
@@ -217,9 +228,22 @@ class Flow:
         Includes those of consumers other processes run. Ordered by consumer,
         then sequence number.
         """
-        if consumer is not None:
-            check_consumer_name(consumer)
-        return await self._store.dead_letters(consumer)
+        if consumer is None:
+            return await self._store.dead_letters()
+        return await self._letters_of(check_consumer_name(consumer))
+
+    async def _letters_of(self, consumer: str) -> list[DeadLetter]:
+        """The dead letters of ``consumer``, and of its partitions if it is a group."""
+        if consumer not in self._groups:
+            letters = await self._store.dead_letters(consumer)
+            if letters:
+                return letters
+        prefix = partition_key(consumer, 0).removesuffix("0")
+        return [
+            letter
+            for letter in await self._store.dead_letters()
+            if letter.consumer == consumer or letter.consumer.startswith(prefix)
+        ]
 
     async def requeue(self, consumer: str, seqs: Iterable[int], *, after: float = 0.0) -> None:
         """Hand dead letters back to ``consumer``, to be handled again with its policy.
@@ -250,10 +274,11 @@ class Flow:
                 f"after must be a finite number of seconds >= 0, got {after!r}"
             )
         wanted = await self._dead_letter_seqs(consumer, seqs, "requeue")
-        await self._store.requeue_dead_letters(consumer, wanted, after=after)
-        running = self._consumers.get(consumer)
-        if running is not None:
-            running.requeued(after)
+        for key, key_seqs in wanted.items():
+            await self._store.requeue_dead_letters(key, key_seqs, after=after)
+            running = self._consumers.get(key)
+            if running is not None:
+                running.requeued(after)
 
     async def discard(self, consumer: str, seqs: Iterable[int]) -> None:
         """Delete dead letters of ``consumer``: their events are not handled again by it.
@@ -263,7 +288,8 @@ class Flow:
                 nothing was discarded.
         """
         wanted = await self._dead_letter_seqs(consumer, seqs, "discard")
-        await self._store.discard_dead_letters(consumer, wanted)
+        for key, key_seqs in wanted.items():
+            await self._store.discard_dead_letters(key, key_seqs)
 
     async def resume(self, consumer: str) -> None:
         """Start a halted consumer again, from the event it halted at.
@@ -272,7 +298,12 @@ class Flow:
             UnknownConsumerError: This flow runs no consumer of that name.
             ConsumerStateError: It is not halted.
         """
-        self._consumer(consumer).resume()
+        members = self._members(consumer)
+        halted = [member for member in members if member.halted]
+        if len(members) == 1 or not halted:
+            members[0].resume()
+        for member in halted:
+            member.resume()
         await trio.lowlevel.checkpoint()
 
     async def add_consumer(
@@ -290,23 +321,64 @@ class Flow:
         """
         self._check_open()
         spec = self._app.make_spec(handler, name, **options)
-        if spec.name in self._consumers:
+        if spec.name in self._consumers or spec.name in self._groups:
             raise ConfigurationError(
                 f"this flow already runs a consumer named {spec.name!r}; remove it first "
                 "or choose another name"
             )
         nursery = self._nursery
         assert nursery is not None, "the flow is running"
-        consumer = self._consumers[spec.name] = self._runner.add(spec)
+        added = await self._expand(spec)
         try:
-            await nursery.start(
-                self._guarded, consumer, consumer.run, True, name=consumer_task_name(spec.name)
-            )
+            for consumer in added:
+                await nursery.start(
+                    self._guarded,
+                    consumer,
+                    consumer.run,
+                    True,
+                    name=consumer_task_name(consumer.name),
+                )
         except BaseException:
-            del self._consumers[spec.name]
-            self._runner.remove(consumer)
+            for consumer in added:
+                scope = self._scopes.pop(consumer, None)
+                if scope is not None:
+                    scope.cancel()
+                del self._consumers[consumer.name]
+                self._runner.remove(consumer)
+            if self._groups.pop(spec.name, None) is not None:
+                with trio.CancelScope(shield=True):
+                    await self._leases.leave(spec.name)
             raise
         await self._start_watcher()
+
+    async def _expand(self, spec: ConsumerSpec) -> list[Consumer]:
+        """Add the consumer of ``spec``, or the partitions of a group (joining it)."""
+        if spec.partitions is None:
+            consumer = self._consumers[spec.name] = self._runner.add(spec)
+            return [consumer]
+        failures = 0
+        while True:
+            try:
+                await self._leases.join(spec.name, spec.partitions)
+                break
+            except StoreError as exc:
+                # As any start-up failure: retried, and cancellable meanwhile.
+                failures += 1
+                delay = self._app.restart.delay(failures)
+                logger.warning(
+                    "joining consumer group %r failed (%s); retrying in %.1fs",
+                    spec.name,
+                    exc,
+                    delay,
+                )
+                await trio.sleep(delay)
+        self._groups[spec.name] = spec
+        added = []
+        for partition in range(spec.partitions):
+            part = spec.partition_spec(partition)
+            consumer = self._consumers[part.name] = self._runner.add(part)
+            added.append(consumer)
+        return added
 
     async def remove_consumer(self, name: str, *, forget: bool = False) -> None:
         """Stop a consumer of this flow gracefully and let it go.
@@ -319,50 +391,69 @@ class Flow:
         Raises:
             UnknownConsumerError: This flow runs no consumer of that name.
         """
-        consumer = self._consumer(name)
+        members = self._members(name)
         grace = self._app.shutdown_grace
-        consumer.stop(trio.current_time() + grace)
-        scope = self._scopes.pop(consumer, None)
-        if scope is not None:
-            scope.cancel()
+        for consumer in members:
+            consumer.stop(trio.current_time() + grace)
+            scope = self._scopes.pop(consumer, None)
+            if scope is not None:
+                scope.cancel()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(grace + 1):
-                await consumer.wait_finished()
-            del self._consumers[name]
-            self._runner.remove(consumer)
+                for consumer in members:
+                    await consumer.wait_finished()
+            for consumer in members:
+                del self._consumers[consumer.name]
+                self._runner.remove(consumer)
             try:
                 with trio.move_on_after(grace):
-                    await self._cursors.flush([consumer.final_position()])
+                    await self._cursors.flush([c.final_position() for c in members])
             finally:
                 with trio.move_on_after(grace):
-                    await self._leases.release([name])
+                    if self._groups.pop(name, None) is not None:
+                        await self._leases.leave(name, forget=forget)
+                    else:
+                        await self._leases.release([name])
             if forget:
-                await self._store.forget_consumer(name)
+                for consumer in members:
+                    await self._store.forget_consumer(consumer.name)
 
-    def _consumer(self, name: str) -> Consumer:
+    def _members(self, name: str) -> list[Consumer]:
+        """The consumer ``name``, or the partitions of group ``name``."""
+        group = self._groups.get(name)
+        if group is not None and group.partitions is not None:
+            return [self._consumers[partition_key(name, p)] for p in range(group.partitions)]
         consumer = self._consumers.get(name)
         if consumer is None:
+            names = [n for n in self._consumers if "/" not in n] + list(self._groups)
             raise UnknownConsumerError(
                 f"this flow runs no consumer named {name!r}; it runs "
-                f"{', '.join(map(repr, self._consumers)) or 'none'}"
+                f"{', '.join(map(repr, names)) or 'none'}"
             )
-        return consumer
+        return [consumer]
 
-    async def _dead_letter_seqs(self, consumer: str, seqs: Iterable[int], what: str) -> list[int]:
+    async def _dead_letter_seqs(
+        self, consumer: str, seqs: Iterable[int], what: str
+    ) -> dict[str, list[int]]:
+        """The given seqs of ``consumer``'s dead letters, by the key they are kept under
+        (a group's partition)."""
         check_consumer_name(consumer)
         given = None if isinstance(seqs, str | bytes) else _list_or_none(seqs)
         ints = [seq for seq in given or () if type(seq) is int]
         if not given or len(ints) != len(given):
             raise ConfigurationError(f"seqs must be one or more int sequence numbers, got {seqs!r}")
         wanted = sorted(set(ints))
-        held = {letter.seq for letter in await self._store.dead_letters(consumer)}
+        held = {letter.seq: letter.consumer for letter in await self._letters_of(consumer)}
         missing = [seq for seq in wanted if seq not in held]
         if missing:
             raise UnknownDeadLetterError(
                 f"consumer {consumer!r} has no dead letter at seq {', '.join(map(str, missing))}; "
                 f"nothing was {what}d; list them with `await flow.dead_letters({consumer!r})`"
             )
-        return wanted
+        by_key: dict[str, list[int]] = {}
+        for seq in wanted:
+            by_key.setdefault(held[seq], []).append(seq)
+        return by_key
 
     def _check_open(self) -> None:
         accepting = self._accepting
@@ -380,6 +471,8 @@ class Flow:
         tasks.append(("cursors", self._cursors.run, False, "cursor writer"))
         # Before the consumers: each one starts knowing whether this flow owns it.
         tasks.append(("leases", self._leases.run, True, "lease keeper"))
+        for spec in list(self._groups.values()):
+            await self._expand(spec)
         for key, run, reports_started, name in tasks:
             await nursery.start(self._guarded, key, run, reports_started, name=flow_task_name(name))
         self._nursery = nursery
@@ -492,7 +585,9 @@ class Flow:
             logger.warning("could not flush consumer cursors within %.1fs", grace)
         # Hand the consumers over to flows standing by at once.
         with trio.move_on_after(grace):
-            await self._leases.release(list(self._consumers))
+            await self._leases.release([n for n in self._consumers if "/" not in n])
+            for group in list(self._groups):
+                await self._leases.leave(group)
 
     async def _drain(self, grace: float) -> None:
         with trio.move_on_after(grace) as drain:

@@ -16,6 +16,14 @@ import zlib
 from collections.abc import Mapping, Sequence
 
 
+def partition_key(name: str, partition: int) -> str:
+    """The cursor and lease key of one partition of group ``name``.
+
+    Consumer names cannot hold ``/``, so no consumer's key looks like it.
+    """
+    return f"{name}/{partition}"
+
+
 def partition_of(key: str | None, seq: int, partitions: int) -> int:
     """The partition of an event: by a stable hash of its key, else by its seq.
 

@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 import attrs
 import trio
 
-from ._errors import StoreError
+from ._errors import ConfigurationError, StoreError
+from ._groups import assign, partition_key
 from ._leases import Lease
 from .stores._base import Store
 
@@ -39,11 +40,28 @@ logger = logging.getLogger("trioflow")
 SAFETY = 0.9
 
 
+#: Seconds a group's partition count holds: for good.
+FOREVER = 100 * 365 * 24 * 3600.0
+
+
+def count_key(name: str) -> str:
+    """The lease key that records group ``name``'s partition count."""
+    return f"{name}#partitions"
+
+
+def member_key(name: str, holder: str) -> str:
+    """The lease key by which flow ``holder`` is a member of group ``name``."""
+    return f"{name}#member:{holder}"
+
+
 @attrs.define(eq=False)
 class Ownership:
     """Whether this flow owns one consumer, as its `LeaseKeeper` knows; others only read it."""
 
     key: str
+    #: The consumer group it is a partition of, if any: the keeper claims it
+    #: only while the group's assignment gives it to this flow.
+    group: str | None = None
     #: The fencing token while this flow owns it, else None.
     _token: int | None = None
     #: The holder the store last named (this flow's id when it owns it).
@@ -120,6 +138,13 @@ class Ownership:
 
 
 @attrs.define(eq=False)
+class _Group:
+    name: str
+    partitions: int
+    ownerships: list[Ownership]
+
+
+@attrs.define(eq=False)
 class LeaseKeeper:
     """Claims and renews this flow's leases; the one owner of its `Ownership`s."""
 
@@ -133,6 +158,7 @@ class LeaseKeeper:
     #: Called whenever an ownership changes (the flow's idle waiters look again).
     on_change: Callable[[], None] = lambda: None
     _ownerships: dict[str, Ownership] = attrs.Factory(dict)
+    _groups: dict[str, _Group] = attrs.Factory(dict)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _failures: int = 0
     #: Held by a claim and by a release: a claim under way when leases are
@@ -151,6 +177,57 @@ class LeaseKeeper:
             own = self._ownerships[key] = Ownership(key)
             self._wakeup.set()
         return own
+
+    async def join(self, name: str, partitions: int) -> Sequence[Ownership]:
+        """Make this flow a member of consumer group ``name``: the ownership of
+        each of its partitions, claimed as the group's assignment says.
+
+        The group's partition count is fixed in the store by its first member
+        (a lease that never lapses, held by ``partitions=N``).
+
+        Raises:
+            ConfigurationError: The group exists with another partition count.
+        """
+        count = f"partitions={partitions}"
+        async with self._calling:
+            (lease,) = await self.store.claim_leases(count, [count_key(name)], FOREVER)
+        if lease.holder != count:
+            stored = lease.holder.removeprefix("partitions=")
+            raise ConfigurationError(
+                f"consumer group {name!r} has {stored} partitions in the store, not "
+                f"{partitions}: a group's partition count is fixed when it first runs. "
+                f"Keep {stored}, or move to a new consumer name (docs/deploying.md)"
+            )
+        group = _Group(
+            name,
+            partitions,
+            [Ownership(partition_key(name, p), group=name) for p in range(partitions)],
+        )
+        self._groups[name] = group
+        for own in group.ownerships:
+            self._ownerships[own.key] = own
+        self._wakeup.set()
+        return group.ownerships
+
+    async def leave(self, name: str, *, forget: bool = False) -> None:
+        """Leave consumer group ``name``: release its partitions and membership at once.
+
+        With ``forget`` the partition count is released too: the group may be
+        created again with another count.
+        """
+        group = self._groups.pop(name, None)
+        if group is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.release(
+            [own.key for own in group.ownerships], also=[member_key(name, self.holder)]
+        )
+        if forget:
+            with contextlib.suppress(StoreError):
+                async with self._calling:
+                    await self.store.release_leases(
+                        f"partitions={group.partitions}", [count_key(name)]
+                    )
 
     def token(self, key: str) -> int | None:
         """The fencing token of ``key`` while this flow owns it, else None."""
@@ -171,12 +248,13 @@ class LeaseKeeper:
             self._notify()
             self._wakeup.set()
 
-    async def release(self, keys: Sequence[str]) -> None:
+    async def release(self, keys: Sequence[str], *, also: Sequence[str] = ()) -> None:
         """Stop claiming ``keys`` and let another flow take them at once (a graceful stop).
 
+        ``also``: other leases of this flow to release (a group membership).
         Failures are logged, not raised: a lease not released lapses after ``ttl``.
         """
-        owned = []
+        owned = list(also)
         for key in keys:
             own = self._ownerships.pop(key, None)
             if own is not None and own._lose(self.holder):
@@ -225,18 +303,22 @@ class LeaseKeeper:
         )
 
     async def _claim(self) -> None:
-        keys = sorted(self._ownerships)
-        if not keys:
+        if not self._ownerships:
             await trio.lowlevel.checkpoint()
             return
         sent = trio.current_time()
         # A claim that hangs must not keep this flow acting as an owner past
         # its leases' time: give up waiting for it then.
         leases: Sequence[Lease] | None = None
+        others: dict[str, str] = {}
         with trio.move_on_at(self._deadline()):
             try:
                 async with self._calling:
-                    leases = await self.store.claim_leases(self.holder, keys, self.ttl)
+                    keys = [k for k, own in self._ownerships.items() if own.group is None]
+                    if self._groups:
+                        wanted, others = await self._rebalance()
+                        keys += wanted
+                    leases = await self.store.claim_leases(self.holder, sorted(keys), self.ttl)
             except StoreError as exc:
                 self._failures += 1
                 if self._failures == 1 or self._failures % 10 == 0:
@@ -257,6 +339,49 @@ class LeaseKeeper:
             logger.info("claiming leases works again")
         self._failures = 0
         self._apply(leases, sent + self.ttl * SAFETY)
+        # Partitions the assignment gives to others: this flow stands by.
+        claimed = {lease.key for lease in leases}
+        for group in self._groups.values():
+            for own in group.ownerships:
+                if own.key not in claimed and (not own.known or own.owner != others.get(own.key)):
+                    own._lose(others.get(own.key))
+                    self._notify()
+
+    async def _rebalance(self) -> tuple[list[str], dict[str, str]]:
+        """Look at the groups' leases; let go of the partitions the assignment
+        moves elsewhere; return the keys to claim (memberships and partitions
+        assigned here) and the other members' partitions, by key."""
+        live = await self.store.leases()
+        wanted: list[str] = []
+        others: dict[str, str] = {}
+        moving: list[str] = []
+        for group in self._groups.values():
+            prefix = member_key(group.name, "")
+            members = {lease.holder for lease in live if lease.key.startswith(prefix)}
+            members.add(self.holder)
+            keys = {own.key: p for p, own in enumerate(group.ownerships)}
+            owners = {keys[lease.key]: lease.holder for lease in live if lease.key in keys}
+            mine = assign(group.partitions, sorted(members), owners)[self.holder]
+            wanted.append(member_key(group.name, self.holder))
+            for partition, own in enumerate(group.ownerships):
+                if partition in mine:
+                    wanted.append(own.key)
+                    continue
+                if partition in owners and owners[partition] != self.holder:
+                    others[own.key] = owners[partition]
+                if own.owned:
+                    logger.info(
+                        "consumer %r: this flow (%s) hands it over: the group's partitions are "
+                        "shared anew",
+                        own.key,
+                        self.holder,
+                    )
+                    own._lose(None)
+                    moving.append(own.key)
+        if moving:
+            self._notify()
+            await self.store.release_leases(self.holder, moving)
+        return wanted, others
 
     def _apply(self, leases: Sequence[Lease], valid_until: float) -> None:
         changed = False
