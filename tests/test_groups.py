@@ -345,3 +345,16 @@ def test_partitions_are_checked() -> None:
 
             @app.consumer("g", partitions=bad)  # type: ignore[arg-type]
             async def handle(event: trioflow.Event) -> None: ...
+
+
+async def test_a_group_replays_the_log_each_event_in_one_partition(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    async with trioflow.open_flow(trioflow.App(store)) as publisher:
+        await publisher.publish_many([("x", i, f"k{i % 5}" if i % 3 else None) for i in range(50)])
+    log: list[tuple[str, int, str | None, int]] = []
+    async with trioflow.open_flow(group_app(store, log, 0, partitions=3)) as flow:
+        await flow.wait_idle()
+    assert sorted(seq for what, seq, _, _ in log if what == "end") == list(range(1, 51))
+    check_per_key_order(log, 50)
