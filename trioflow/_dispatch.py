@@ -143,14 +143,15 @@ class Subscription:
         return batch
 
     def _offer(self, after: int, upto: int, events: Sequence[Event]) -> None:
-        """Send it the events it takes of ``after < seq <= upto``, or detach it."""
+        """Send it the events it takes of ``after < seq <= upto``, or detach it.
+
+        ``events`` are the batch's, or for a partition of a group the batch's
+        events of that partition (the dispatcher splits a batch once).
+        """
         if not self._attached:
             return
         types = self.types
         selected = events if types is None else [e for e in events if e.type in types]
-        if self.partition is not None:
-            mine, partitions = self.partition
-            selected = [e for e in selected if partition_of(e.key, e.seq, partitions) == mine]
         size = 0
         limit_bytes = self.buffer_bytes
         if limit_bytes is not None:
@@ -467,6 +468,19 @@ class Dispatcher:
 
     def _fan_out(self, after: int, events: Sequence[Event]) -> None:
         upto = events[-1].seq
+        #: The batch split by partition, per partition count: once per group,
+        #: not once per partition.
+        split: dict[int, list[list[Event]]] = {}
         for subscription in self._subscriptions:
-            subscription._offer(after, upto, events)
+            part = subscription.partition
+            if part is None:
+                subscription._offer(after, upto, events)
+                continue
+            mine, partitions = part
+            buckets = split.get(partitions)
+            if buckets is None:
+                buckets = split[partitions] = [[] for _ in range(partitions)]
+                for event in events:
+                    buckets[partition_of(event.key, event.seq, partitions)].append(event)
+            subscription._offer(after, upto, buckets[mine])
         self._head = upto
