@@ -1,14 +1,15 @@
 """What a scenario of the ``scenarios`` workload is, how Hypothesis draws one, and its inputs.
 
 A `Scenario` is a plain frozen value: its consumers (each a `ConsumerPlan`:
-slowdown, failure rate, type filter, buffer bound, ``commit_every``), how
-events are published (batch size, pause between batches), how big they are,
-and how many. `generate` draws a list of them with Hypothesis from an
-explicit seed, so that ``--seed S --scenarios M`` gives the same list every
-time. `prepare` turns one into the exact inputs of a run (every event's data
-and type, every handler's per-event sleep, the events whose first handling
-raises), drawn from the scenario's salts: the same for every store and for
-the raw-channel reference.
+slowdown, failures, type filter, buffer bound, ``commit_every``, delivery
+policy), how events are published (batch size, pause between batches), how
+big they are, and how many. `generate` draws a list of them with Hypothesis
+from an explicit seed, so that ``--seed S --scenarios M`` gives the same list
+every time. `prepare` turns one into the exact inputs of a run (every event's
+data and type, every handler's per-event sleep, the events whose first
+handling raises, the poison events that raise on every attempt), drawn from
+the scenario's salts: the same for every store and for the raw-channel
+reference.
 
 Hypothesis is imported where the scenarios are drawn, not at import time: it
 comes with trioflow's test extras, and listing the workloads must not need it.
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import attrs
+
+from trioflow._policies import ON_EXHAUSTED, OnExhausted
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -44,6 +47,14 @@ PAUSE_LENGTHS = (0.02, 0.05, 0.1, 0.2)
 PAUSE_CHANCES = (0.001, 0.005, 0.01)
 #: The share of a consumer's events whose first handling raises.
 FAILURE_RATES = (0.0, 0.0, 0.001, 0.01, 0.05)
+#: The share of a consumer's events that raise on every attempt (poison), for
+#: consumers that give up (``on_exhausted`` ``"dead-letter"`` or ``"halt"``).
+POISON_RATES = (0.0, 0.001, 0.01, 0.05)
+#: ``Retry(attempts=...)``: the calls per event before a consumer gives up.
+MAX_ATTEMPTS = 4
+#: A consumer's ``timeout``: none, or longer than any sleep planned, so that
+#: its cost is measured and a call it cuts short fails the check.
+TIMEOUTS = (None, 1.0)
 #: Events per publish call (1: ``publish``; more: ``publish_many``).
 BATCH_SIZES = (1, 2, 10, 50, 200, 1_000)
 #: Seconds the publisher awaits after each call (0: as fast as it can).
@@ -67,11 +78,14 @@ BUDGET_S = 0.6
 TIMER_RESOLUTION_S = 0.001
 #: What one durable cursor commit may cost on a disk store (an fsync).
 DURABLE_COMMIT_S = 0.002
-#: The restart backoff after a handler failure (`RESTART_INITIAL_S`, doubling
-#: up to `RESTART_MAXIMUM_S` for repeated failures): short, so that injected
-#: failures measure the restart path (cursor commit, reload, replay), not idling.
-RESTART_INITIAL_S = 0.005
-RESTART_MAXIMUM_S = 0.1
+#: The backoff before a failed event's next attempt (``Retry``), and before a
+#: restart after a store error (``RestartPolicy``): `BACKOFF_INITIAL_S`,
+#: doubling up to `BACKOFF_MAXIMUM_S`. Short, so that injected failures
+#: measure the retry path, not idling.
+BACKOFF_INITIAL_S = 0.005
+BACKOFF_MAXIMUM_S = 0.1
+#: Seconds between the run's looks for halted consumers to resume.
+HALT_WATCH_S = 0.002
 #: CPU per delivery (one event to one consumer) and per byte published.
 DELIVERY_COST_S = 15e-6
 BYTE_COST_S = 10e-9
@@ -91,11 +105,18 @@ class ConsumerPlan:
             or the length of a pause (``pauses``); 0 for ``none``.
         pause_chance: For ``pauses``: the chance of a pause per event.
         failure_rate: The share of its events whose first handling raises
-            (trioflow restarts it from its cursor; the retry succeeds).
+            (trioflow retries it in place; the second attempt succeeds).
         types: The event types it takes (sorted), or None for all.
         buffer: Its ``buffer=`` bound, or None (unbounded).
         commit_every: Its ``commit_every=``.
         salt: Seeds its per-event sleeps and failures.
+        on_exhausted: Its ``on_exhausted=``: what giving up on an event means.
+        attempts: Its ``Retry(attempts=...)``; with 1, an event whose first
+            handling raises is given up on at once.
+        timeout: Its ``timeout=`` (see `TIMEOUTS`).
+        poison_rate: The share of its events that raise on every attempt
+            (only when it gives up on events): each becomes a dead letter, or
+            halts it until the run heals the event and resumes it.
     """
 
     slowdown: Slowdown
@@ -106,6 +127,10 @@ class ConsumerPlan:
     buffer: int | None
     commit_every: int
     salt: int
+    on_exhausted: OnExhausted = "retry-forever"
+    attempts: int = 1
+    timeout: float | None = None
+    poison_rate: float = 0.0
 
     def takes(self, event_type: str) -> bool:
         """Whether its type filter lets ``event_type`` through."""
@@ -123,11 +148,24 @@ class ConsumerPlan:
             return self.pause_chance * self.delay_s
         return 0.0
 
+    def failure_cost(self) -> float:
+        """The expected seconds of backoff (and halting) per event it takes."""
+        poison = self.attempts * 2 * BACKOFF_INITIAL_S
+        if self.on_exhausted == "halt":
+            poison += HALT_WATCH_S
+        return self.failure_rate * BACKOFF_INITIAL_S + self.poison_rate * poison
+
     def describe(self) -> str:
-        """A short label: ``constant 1ms, fail 1%, types order.paid, buffer 8, commit 10``."""
+        """A short label: ``constant 1ms, fail 1%, poison 1%, dead-letter after 2, commit 10``."""
         parts = [_slowdown_label(self)]
         if self.failure_rate:
             parts.append(f"fail {self.failure_rate:.1%}")
+        if self.poison_rate:
+            parts.append(f"poison {self.poison_rate:.1%}")
+        if self.on_exhausted != "retry-forever":
+            parts.append(f"{self.on_exhausted} after {self.attempts}")
+        if self.timeout is not None:
+            parts.append(f"timeout {self.timeout:g}s")
         if self.types is not None:
             parts.append("types " + "+".join(self.types))
         if self.buffer is not None:
@@ -170,12 +208,18 @@ class Scenario:
         """One line: its size and publishing, and how many consumers of each slowdown."""
         kinds = [plan.slowdown for plan in self.consumers]
         slowdowns = ", ".join(f"{kinds.count(kind)} {kind}" for kind in SLOWDOWNS if kind in kinds)
-        failing = sum(1 for plan in self.consumers if plan.failure_rate)
+        failing = sum(1 for plan in self.consumers if plan.failure_rate or plan.poison_rate)
         bounded = sum(1 for plan in self.consumers if plan.buffer is not None)
+        policies = [plan.on_exhausted for plan in self.consumers]
+        giving_up = "".join(
+            f", {policies.count(policy)} {policy}"
+            for policy in ON_EXHAUSTED
+            if policy != "retry-forever" and policy in policies
+        )
         return (
             f"K={len(self.consumers)} N={self.events:,} {self.event_bytes:,}B "
             f"batch {self.batch_size} every {self.publish_interval_s * 1000:g}ms; "
-            f"{slowdowns}; {failing} failing, {bounded} bounded"
+            f"{slowdowns}; {failing} failing, {bounded} bounded{giving_up}"
         )
 
     def to_json(self) -> dict[str, object]:
@@ -194,11 +238,7 @@ def fit_events(
     """Cut ``requested`` to what fits `BUDGET_S` by the cost model above (at least `MIN_EVENTS`)."""
     slowest = max(
         plan.share()
-        * (
-            plan.mean_sleep()
-            + DURABLE_COMMIT_S / plan.commit_every
-            + plan.failure_rate * RESTART_INITIAL_S
-        )
+        * (plan.mean_sleep() + DURABLE_COMMIT_S / plan.commit_every + plan.failure_cost())
         for plan in consumers
     )
     per_event = (
@@ -230,6 +270,7 @@ def scenario_strategy() -> SearchStrategy[Scenario]:
             st.none()
             | st.lists(st.sampled_from(TYPES), min_size=1, max_size=len(TYPES) - 1, unique=True)
         )
+        on_exhausted = draw(st.sampled_from(ON_EXHAUSTED))
         return ConsumerPlan(
             slowdown=slowdown,
             delay_s=delay_s,
@@ -239,6 +280,13 @@ def scenario_strategy() -> SearchStrategy[Scenario]:
             buffer=draw(st.none() | st.integers(min_value=1, max_value=MAX_BUFFER)),
             commit_every=draw(st.integers(min_value=1, max_value=MAX_COMMIT_EVERY)),
             salt=draw(salts),
+            on_exhausted=on_exhausted,
+            attempts=draw(st.integers(min_value=1, max_value=MAX_ATTEMPTS)),
+            timeout=draw(st.sampled_from(TIMEOUTS)),
+            # A consumer that retries forever would never get past a poison event.
+            poison_rate=0.0
+            if on_exhausted == "retry-forever"
+            else draw(st.sampled_from(POISON_RATES)),
         )
 
     @st.composite
@@ -334,6 +382,8 @@ class Prepared:
         batches: The event indexes of each publish call, in order.
         sleeps: Per consumer: the seconds its handler sleeps on each event.
         failing: Per consumer: the indexes of its events whose first handling raises.
+        poison: Per consumer: the indexes of its events that raise on every
+            attempt (until healed), none of them in ``failing``.
     """
 
     types: Sequence[str]
@@ -341,10 +391,19 @@ class Prepared:
     batches: Sequence[range]
     sleeps: Sequence[Sequence[float]]
     failing: Sequence[frozenset[int]]
+    poison: Sequence[frozenset[int]]
 
     def expected(self, plan: ConsumerPlan) -> list[int]:
         """The indexes of the events ``plan``'s consumer takes, in order."""
         return [index for index, event_type in enumerate(self.types) if plan.takes(event_type)]
+
+    def given_up(self, number: int, plan: ConsumerPlan) -> list[int]:
+        """The indexes of the events consumer ``number`` (from 0) gives up on, in order:
+        its poison events, and with ``attempts=1`` those whose first handling raises."""
+        if plan.on_exhausted == "retry-forever":
+            return []
+        failing = self.failing[number] if plan.attempts == 1 else frozenset()
+        return sorted(self.poison[number] | failing)
 
 
 def prepare(scenario: Scenario) -> Prepared:
@@ -361,17 +420,27 @@ def prepare(scenario: Scenario) -> Prepared:
     ]
     sleeps: list[Sequence[float]] = []
     failing: list[frozenset[int]] = []
+    poison: list[frozenset[int]] = []
     for number, plan in enumerate(scenario.consumers):
         rng = random.Random(f"consumer:{scenario.salt}:{number}:{plan.salt}")
         sleeps.append(_sleeps(plan, n, rng))
-        failing.append(
-            frozenset(
-                index
-                for index, event_type in enumerate(types)
-                if plan.takes(event_type) and rng.random() < plan.failure_rate
-            )
-        )
-    return Prepared(types=types, data=data, batches=batches, sleeps=sleeps, failing=failing)
+        failing.append(_drawn(plan, types, plan.failure_rate, rng))
+        rng = random.Random(f"poison:{scenario.salt}:{number}:{plan.salt}")
+        poison.append(_drawn(plan, types, plan.poison_rate, rng) - failing[-1])
+    return Prepared(
+        types=types, data=data, batches=batches, sleeps=sleeps, failing=failing, poison=poison
+    )
+
+
+def _drawn(
+    plan: ConsumerPlan, types: Sequence[str], rate: float, rng: random.Random
+) -> frozenset[int]:
+    """The indexes of a share ``rate`` of the events ``plan`` takes, drawn with ``rng``."""
+    return frozenset(
+        index
+        for index, event_type in enumerate(types)
+        if plan.takes(event_type) and rng.random() < rate
+    )
 
 
 def _sleeps(plan: ConsumerPlan, n: int, rng: random.Random) -> Sequence[float]:

@@ -3,9 +3,11 @@
 Hypothesis draws ``--scenarios`` scenarios from ``--seed`` (see
 `benchmarks._scenario_plans`): 1 to 16 consumers, each with its slowdown
 (none, a constant or jittery awaited sleep per event, or occasional long
-pauses), a failure rate (its handler raises on some events; trioflow
-restarts it from its cursor), a type filter, a buffer bound and
-``commit_every``; events of tens of bytes to tens of KB, published in
+pauses), a failure rate (its handler raises the first time it gets some
+events), a delivery policy (``Retry`` attempts, ``on_exhausted``
+``"retry-forever"``, ``"dead-letter"`` or ``"halt"``, a ``timeout``), poison
+events for the consumers that give up (they raise on every attempt), a type
+filter, a buffer bound and ``commit_every``; events of tens of bytes to tens of KB, published in
 batches of 1 to 1,000 with or without pauses; as many events as fit about a
 second on the memory store. Every scenario runs for real, on the real clock.
 
@@ -20,8 +22,9 @@ Cases (``--case`` selects by id; ``raw`` always runs, the ratio needs it):
 ``trioflow`` (once per ``--store``)
     Every scenario through trioflow on a fresh store: ``publish`` or
     ``publish_many`` per call, consumers registered with the scenario's
-    ``types``, ``buffer`` and ``commit_every``, handlers that sleep and raise
-    as planned, until ``flow.wait_idle()``.
+    ``types``, ``buffer``, ``commit_every`` and policy, handlers that sleep
+    and raise as planned, until ``flow.wait_idle()``; a consumer that halts
+    has its event healed and is resumed at once.
 
 Per scenario: delivered ev/s is the events handled (each consumer counting
 the events of its types) over the time from the first publish until all were
@@ -32,13 +35,16 @@ ev/s and of the p99 latency, with the failures injected and the redeliveries;
 every scenario's own figures are in the JSON file, as ``sNN.<figure>``, and its
 parameters under the case's ``params``.
 
-Every scenario is checked (`check_log`): each consumer handled every event of
-its types exactly in sequence order, one at a time; an event was handled again
-only right after its handler raised on it (trioflow commits the consumer's
-position before restarting it, so the restart resumes at the failed event);
+Every scenario is checked (`check_log`, `GivenUp`): each consumer handled
+every event of its types exactly once in sequence order, one at a time, or
+gave up on it as planned; an event was given again only right after its
+handler raised on it (a retry in place, or a halted consumer resumed at it);
 only if trioflow logged a store error may a restart go back further, to at
-most ``commit_every`` events (the durable cursor). Any breach fails the
-benchmark, naming the scenario and the command that runs it alone.
+most ``commit_every`` events (the durable cursor). Its dead letters are
+exactly the events its plan gives up on, each after its ``attempts``; it
+halted at exactly those, with its cursor before each; every cursor ends at
+the head. Any breach fails the benchmark, naming the scenario and the
+command that runs it alone.
 """
 
 from __future__ import annotations
@@ -67,11 +73,13 @@ from trioflow.stores import Store
 from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int
 from ._report import Metric
 from ._scenario_plans import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAXIMUM_S,
     BUDGET_S,
+    HALT_WATCH_S,
     MAX_CONSUMERS,
     MAX_EVENTS,
-    RESTART_INITIAL_S,
-    RESTART_MAXIMUM_S,
+    ConsumerPlan,
     Prepared,
     Scenario,
     generate,
@@ -84,8 +92,8 @@ from ._stores import StoreKind
 Figures = Mapping[str, float]
 T = TypeVar("T")
 
-#: How a failed consumer is restarted (see `benchmarks._scenario_plans`).
-RESTART = trioflow.RestartPolicy(initial=RESTART_INITIAL_S, maximum=RESTART_MAXIMUM_S)
+#: How a consumer is restarted after a store error (see `benchmarks._scenario_plans`).
+RESTART = trioflow.RestartPolicy(initial=BACKOFF_INITIAL_S, maximum=BACKOFF_MAXIMUM_S)
 #: The defaults of ``--scenarios`` and ``--seed``.
 DEFAULT_SCENARIOS = 20
 DEFAULT_SEED = 1
@@ -103,13 +111,33 @@ class Recorder:
     `perf_counter` time of each return.
     """
 
-    __slots__ = ("busy", "done_at", "entries", "failing", "overlaps", "planned", "sleeps")
+    __slots__ = (
+        "busy",
+        "done_at",
+        "entries",
+        "failing",
+        "overlaps",
+        "planned",
+        "poison",
+        "raised_on",
+        "sleeps",
+    )
 
-    def __init__(self, sleeps: Sequence[float], failing: frozenset[int]) -> None:
+    def __init__(
+        self,
+        sleeps: Sequence[float],
+        failing: frozenset[int],
+        poison: frozenset[int] = frozenset(),
+        attempts: int = 1,
+    ) -> None:
         self.sleeps = sleeps
         #: Event indexes whose first handling still has to raise.
         self.failing = set(failing)
-        self.planned = len(failing)
+        #: Event indexes that raise on every attempt until healed.
+        self.poison = set(poison)
+        #: Raises planned: poison events raise on every attempt its consumer makes.
+        self.planned = len(failing) + attempts * len(poison)
+        self.raised_on: int | None = None
         self.entries: list[int] = []
         self.done_at: list[float] = []
         self.busy = False
@@ -126,14 +154,20 @@ class Recorder:
             delay = self.sleeps[index]
             if delay:
                 await trio.sleep(delay)
-            if index in self.failing:
+            if index in self.failing or index in self.poison:
                 self.failing.discard(index)
+                self.raised_on = index
                 self.entries.append(-event.seq)
                 raise InjectedFailure(f"planned failure on seq {event.seq}")
             self.entries.append(event.seq)
             self.done_at.append(perf_counter())
         finally:
             self.busy = False
+
+    def heal(self) -> None:
+        """The event it last raised on succeeds from now on (before a halted consumer resumes)."""
+        if self.raised_on is not None:
+            self.poison.discard(self.raised_on)
 
 
 # --- the check ----------------------------------------------------------------------------
@@ -150,6 +184,7 @@ class LogCheck:
         rewound: Events it had handled successfully and was given again
             after a restart (a restart from a cursor behind the failed event).
         problem: What broke the delivery guarantees, or None.
+        dead_lettered: Events it went past after they failed: its dead letters.
     """
 
     handled: int
@@ -157,22 +192,31 @@ class LogCheck:
     redeliveries: int
     rewound: int
     problem: str | None
+    dead_lettered: int = 0
 
 
-def check_log(entries: Sequence[int], expected: Sequence[int], *, max_rewind: int) -> LogCheck:
+def check_log(
+    entries: Sequence[int],
+    expected: Sequence[int],
+    *,
+    max_rewind: int,
+    lettered: frozenset[int] = frozenset(),
+) -> LogCheck:
     """Check a consumer's log (see `Recorder`) against the seqs it should handle, in order.
 
     The log must be the expected seqs in order, handled one after the other,
-    except that after a call that raised, the next call starts a new
-    incarnation from the consumer's cursor: at the failed event, or at most
-    ``max_rewind`` of its events before it. It must end having handled the
-    last expected event.
+    except that after a call that raised, the next call is on the failed
+    event again (a retry in place, or a halted consumer resumed), on the
+    event after it if it is one of its dead letters (``lettered``), or, after
+    a store error, at most ``max_rewind`` of its events before it (a restart
+    from its cursor). It must end having handled the last expected event, or
+    given up on it.
     """
     index_of = {seq: index for index, seq in enumerate(expected)}
     position = 0  # events of `expected` handled, in the current incarnation's view
     given = 0  # events of `expected` given to the handler at least once
     restarting = False
-    failures = redeliveries = rewound = handled = 0
+    failures = redeliveries = rewound = handled = dead_lettered = 0
 
     def result(problem: str | None) -> LogCheck:
         return LogCheck(
@@ -181,6 +225,7 @@ def check_log(entries: Sequence[int], expected: Sequence[int], *, max_rewind: in
             redeliveries=redeliveries,
             rewound=rewound,
             problem=problem,
+            dead_lettered=dead_lettered,
         )
 
     def next_seq() -> str:
@@ -191,7 +236,12 @@ def check_log(entries: Sequence[int], expected: Sequence[int], *, max_rewind: in
         index = index_of.get(seq)
         if index is None:
             return result(f"call {call} was given seq {seq}, not one of its events")
-        if restarting:
+        if restarting and index == position + 1 and expected[position] in lettered:
+            # It gave up on the failed event, a dead letter, and went on.
+            restarting = False
+            position += 1
+            dead_lettered += 1
+        elif restarting:
             failed = expected[position]
             if index > position:
                 return result(
@@ -221,12 +271,50 @@ def check_log(entries: Sequence[int], expected: Sequence[int], *, max_rewind: in
         else:
             failures += 1
             restarting = True
+    if restarting and expected[position] in lettered:
+        position += 1  # it gave up on its last event, a dead letter
+        dead_lettered += 1
     if position < len(expected):
         return result(
             f"handled {position:,} of its {len(expected):,} events; {next_seq()} "
             f"and {len(expected) - position - 1:,} more never came"
         )
     return result(None)
+
+
+@attrs.frozen(kw_only=True)
+class GivenUp:
+    """The events a consumer's plan gives up on, and what it gave up on in a run.
+
+    Attributes:
+        planned: The seqs its plan gives up on (`Prepared.given_up`), in order.
+        letters: Its dead letters after the run: seq -> attempts.
+        halts: (seq, cursor) each time it halted, as `statistics` showed it.
+    """
+
+    planned: Sequence[int] = ()
+    letters: Mapping[int, int] = attrs.Factory(dict)
+    halts: Sequence[tuple[int, int]] = ()
+
+    def problems(self, plan: ConsumerPlan) -> list[str]:
+        """How the run broke ``plan``'s policy: letters or halts not as planned."""
+        found = []
+        letters, halts = sorted(self.letters), [seq for seq, _ in self.halts]
+        for kind, seqs in (("dead-letter", letters), ("halt", halts)):
+            wanted = list(self.planned) if plan.on_exhausted == kind else []
+            if seqs != wanted:
+                found.append(f"{kind} at seqs {seqs[:10]}, planned {wanted[:10]}")
+        found.extend(
+            f"dead letter {seq} after {attempts} attempts, not {plan.attempts}"
+            for seq, attempts in self.letters.items()
+            if attempts != plan.attempts
+        )
+        found.extend(
+            f"halted at seq {seq} with its cursor at {cursor}, not before it"
+            for seq, cursor in self.halts
+            if cursor >= seq
+        )
+        return found
 
 
 def check_consumers(
@@ -237,8 +325,11 @@ def check_consumers(
     max_rewinds: Sequence[int],
     what: str,
     reproduce: str,
+    given_up: Sequence[GivenUp] | None = None,
 ) -> list[LogCheck]:
-    """Check every consumer's log (`check_log`); no overlapping calls; failures as planned.
+    """Check every consumer's log (`check_log`); no overlapping calls; failures as planned;
+    dead letters and halts as planned (``given_up``: none if None), each halt with
+    the cursor before the event.
 
     Raises:
         BenchmarkFailed: A consumer's log breaks the guarantees; the message
@@ -246,16 +337,19 @@ def check_consumers(
     """
     checks = []
     problems: list[str] = []
-    for number, (plan, seqs, recorder, max_rewind) in enumerate(
-        zip(scenario.consumers, expected, recorders, max_rewinds, strict=True), start=1
+    outcomes = given_up or [GivenUp()] * len(scenario.consumers)
+    for number, (plan, seqs, recorder, max_rewind, outcome) in enumerate(
+        zip(scenario.consumers, expected, recorders, max_rewinds, outcomes, strict=True), start=1
     ):
-        check = check_log(recorder.entries, seqs, max_rewind=max_rewind)
+        lettered = frozenset(outcome.letters)
+        check = check_log(recorder.entries, seqs, max_rewind=max_rewind, lettered=lettered)
         checks.append(check)
         found = [] if check.problem is None else [check.problem]
         if recorder.overlaps:
             found.append(f"{recorder.overlaps} calls started before the previous one returned")
         if check.problem is None and check.failures != recorder.planned:
             found.append(f"its handler raised {check.failures} times, {recorder.planned} planned")
+        found.extend(outcome.problems(plan))
         problems.extend(
             f"  consumer {consumer_name(number)} ({plan.describe()}): {problem}"
             for problem in found
@@ -293,6 +387,8 @@ class ScenarioFigures:
         redeliveries: Handler calls on an event given to it before.
         rewound: Events handled again that had been handled successfully.
         store_errors: Warnings and errors trioflow logged besides planned failures.
+        dead_letters: Events given up on as dead letters (as planned).
+        halts: Times a consumer halted at an event (as planned).
     """
 
     delivered_per_s: float
@@ -305,6 +401,8 @@ class ScenarioFigures:
     redeliveries: int
     rewound: int
     store_errors: int
+    dead_letters: int = 0
+    halts: int = 0
 
     def keyed(self, number: int) -> dict[str, float]:
         """These figures under ``s<number>.`` keys."""
@@ -378,8 +476,13 @@ def _evaluate(
     store_errors: int,
     what: str,
     reproduce: str,
+    given_up: Sequence[GivenUp] | None = None,
 ) -> ScenarioFigures:
-    """Check the run (raising `BenchmarkFailed`) and compute its figures."""
+    """Check the run (raising `BenchmarkFailed`) and compute its figures.
+
+    ``given_up``: each consumer's dead letters and halts (None: it has no
+    policy to check, as in the raw reference).
+    """
     seqs = timed.seqs
     if len(seqs) != scenario.events or any(b <= a for a, b in itertools.pairwise(seqs)):
         raise BenchmarkFailed(
@@ -388,8 +491,21 @@ def _evaluate(
             f"  scenario: {scenario!r}\n  run it alone: {reproduce}"
         )
     expected = [[seqs[index] for index in prepared.expected(plan)] for plan in scenario.consumers]
+    if given_up is not None:
+        given_up = [
+            attrs.evolve(
+                outcome, planned=[seqs[index] for index in prepared.given_up(number, plan)]
+            )
+            for number, (plan, outcome) in enumerate(zip(scenario.consumers, given_up, strict=True))
+        ]
     checks = check_consumers(
-        scenario, expected, recorders, max_rewinds=max_rewinds, what=what, reproduce=reproduce
+        scenario,
+        expected,
+        recorders,
+        max_rewinds=max_rewinds,
+        what=what,
+        reproduce=reproduce,
+        given_up=given_up,
     )
     deliveries = sum(map(len, expected))
     elapsed = timed.delivered - timed.started
@@ -405,6 +521,8 @@ def _evaluate(
         redeliveries=sum(check.redeliveries for check in checks),
         rewound=sum(check.rewound for check in checks),
         store_errors=store_errors,
+        dead_letters=sum(check.dead_lettered for check in checks),
+        halts=sum(len(outcome.halts) for outcome in given_up or ()),
     )
 
 
@@ -443,9 +561,26 @@ def _timed_out(
 # --- trioflow -------------------------------------------------------------------------------
 
 
+async def _resume_halted(
+    flow: trioflow.Flow, recorders: Sequence[Recorder], halts: Sequence[list[tuple[int, int]]]
+) -> None:
+    """Note each halt's (seq, cursor), heal its event and resume the consumer; until cancelled."""
+    names = [consumer_name(number) for number in range(1, len(recorders) + 1)]
+    while True:
+        await trio.sleep(HALT_WATCH_S)
+        for name, recorder, noted in zip(names, recorders, halts, strict=True):
+            stats = flow.statistics().consumers[name]
+            if stats.halted and stats.stall is not None:
+                noted.append((stats.stall.seq, stats.cursor))
+                recorder.heal()
+                # Its task runs again (and is no longer halted) in trio's
+                # next batch of tasks, long before this looks again.
+                await flow.resume(name)
+
+
 async def _flow_run(
     store: Store, scenario: Scenario, prepared: Prepared, recorders: Sequence[Recorder]
-) -> tuple[_Timed, trioflow.FlowStatistics]:
+) -> tuple[_Timed, trioflow.FlowStatistics, list[GivenUp]]:
     # Stopping is not measured; a short grace keeps a run quick should
     # stopping wait out its grace period.
     app = trioflow.App(store, shutdown_grace=1.0, restart=RESTART)
@@ -457,6 +592,11 @@ async def _flow_run(
             types=plan.types,
             buffer=plan.buffer,
             commit_every=plan.commit_every,
+            retry=trioflow.Retry(
+                attempts=plan.attempts, initial=BACKOFF_INITIAL_S, maximum=BACKOFF_MAXIMUM_S
+            ),
+            timeout=plan.timeout,
+            on_exhausted=plan.on_exhausted,
         )(recorder.handle)
     calls = [
         [(prepared.types[index], prepared.data[index]) for index in batch]
@@ -465,24 +605,37 @@ async def _flow_run(
     interval = scenario.publish_interval_s
     seqs: list[int] = []
     sent_at: list[float] = []
+    halts: list[list[tuple[int, int]]] = [[] for _ in recorders]
     async with trioflow.open_flow(app) as flow:
-        started = perf_counter()
-        for number, call in enumerate(calls, start=1):
-            sent_at.append(perf_counter())
-            if len(call) == 1:
-                seqs.append(await flow.publish(*call[0]))
-            else:
-                seqs.extend(await flow.publish_many(call))
-            if interval and number < len(calls):
-                await trio.sleep(interval)
-        published = perf_counter()
-        await flow.wait_idle()
-        delivered = perf_counter()
+        async with trio.open_nursery() as nursery:
+            if any(plan.on_exhausted == "halt" for plan in scenario.consumers):
+                nursery.start_soon(_resume_halted, flow, recorders, halts)
+            started = perf_counter()
+            for number, call in enumerate(calls, start=1):
+                sent_at.append(perf_counter())
+                if len(call) == 1:
+                    seqs.append(await flow.publish(*call[0]))
+                else:
+                    seqs.extend(await flow.publish_many(call))
+                if interval and number < len(calls):
+                    await trio.sleep(interval)
+            published = perf_counter()
+            await flow.wait_idle()
+            delivered = perf_counter()
+            nursery.cancel_scope.cancel()
         flow_statistics = flow.statistics()
+        letters = await flow.dead_letters()
     timed = _Timed(
         seqs=seqs, sent_at=sent_at, started=started, published=published, delivered=delivered
     )
-    return timed, flow_statistics
+    given_up = [
+        GivenUp(
+            letters={letter.seq: letter.attempts for letter in letters if letter.consumer == name},
+            halts=noted,
+        )
+        for name, noted in zip(flow_statistics.consumers, halts, strict=True)
+    ]
+    return timed, flow_statistics, given_up
 
 
 class _LogCapture(logging.Handler):
@@ -515,6 +668,8 @@ def _unplanned(records: Sequence[logging.LogRecord]) -> list[logging.LogRecord]:
         record
         for record in records
         if not (record.exc_info and isinstance(record.exc_info[1], InjectedFailure))
+        # Attempts after the first, and giving up, are one line each.
+        and f"{InjectedFailure.__name__}: planned failure" not in record.getMessage()
     ]
 
 
@@ -524,8 +679,10 @@ def _flow_scenario(
     what = f"trioflow on {kind.name}"
     reproduce = settings.reproduce(kind.name, scenario.number)
     recorders = [
-        Recorder(sleeps, failing)
-        for sleeps, failing in zip(prepared.sleeps, prepared.failing, strict=True)
+        Recorder(sleeps, failing, poison, plan.attempts)
+        for sleeps, failing, poison, plan in zip(
+            prepared.sleeps, prepared.failing, prepared.poison, scenario.consumers, strict=True
+        )
     ]
     with kind.fresh() as store, _trioflow_log() as records:
         outcome = _run_for(
@@ -533,12 +690,12 @@ def _flow_scenario(
         )
     if outcome is None:
         raise _timed_out(scenario, recorders, seconds, what, reproduce)
-    timed, flow_statistics = outcome
+    timed, flow_statistics, given_up = outcome
     unplanned = _unplanned(records)
     # The documented redelivery after a handler failure is the failed event
-    # alone: its position is committed before the restart. Only if that
-    # commit failed (trioflow logs it) may it resume from an older cursor,
-    # at most commit_every events back.
+    # alone, in place (a halted consumer resumes at it: its position is
+    # committed before it halts). Only after a store error (trioflow logs it)
+    # may a consumer restart from an older cursor, at most commit_every events back.
     max_rewinds = [plan.commit_every if unplanned else 0 for plan in scenario.consumers]
     figures = _evaluate(
         scenario,
@@ -549,6 +706,7 @@ def _flow_scenario(
         store_errors=len(unplanned),
         what=what,
         reproduce=reproduce,
+        given_up=given_up,
     )
     head = timed.seqs[-1]
     cursors = {name: c.cursor for name, c in flow_statistics.consumers.items()}
@@ -664,7 +822,8 @@ def spread(per_scenario: Sequence[ScenarioFigures]) -> dict[str, float]:
         figures[f"{name}_median"] = float(statistics.median(values)) if values else 0.0
         figures[f"{name}_p90"] = percentile(values, 0.9)
         figures[f"{name}_max"] = max(values, default=0.0)
-    for name in ("deliveries", "failures", "redeliveries", "rewound", "store_errors"):
+    totals = ("deliveries", "failures", "redeliveries", "rewound", "store_errors", "dead_letters")
+    for name in (*totals, "halts"):
         figures[name] = float(sum(getattr(one, name) for one in per_scenario))
     return figures
 
@@ -698,7 +857,7 @@ def run_scenarios(
             f"  {label} scenario {scenario.number} ({done}/{len(scenarios)}), "
             f"{scenario.describe()}: {one.delivered_per_s:,.0f} ev/s, "
             f"p50 {one.p50_ms:,.1f} ms, p99 {one.p99_ms:,.1f} ms, {one.failures} failures, "
-            f"{one.redeliveries} redelivered"
+            f"{one.redeliveries} redelivered, {one.dead_letters} dead letters, {one.halts} halts"
         )
     return {**spread(measured), **figures}
 

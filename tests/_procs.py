@@ -385,3 +385,142 @@ async def check_dead_letters(store: Store, log: Path, context: str) -> int:
             f"record_dead_letter returned for seq {returned[consumer]}, lost since; {where}"
         )
     return len(letters)
+
+
+#: The consumers of ``crash_child.py --poison``: name -> commit_every. Each
+#: gives up on a poison event after this many attempts, as a dead letter.
+POISON_CONSUMERS = {"each": 1, "batched": 10}
+POISON_ATTEMPTS = 2
+
+
+async def kill_at_random(child: Child, rng: random.Random, *, ready: bool) -> None:
+    """SIGKILL ``child`` at a random moment after it printed ``ready`` (always with
+    ``ready``, else half the time), or else maybe while it starts up."""
+    if ready or rng.random() < 0.5:
+        await child.expect_line("ready", limit=30)
+        await trio.sleep(rng.uniform(0.0, 1.0))
+    else:
+        # Maybe while it starts up, opens the store or replays.
+        await trio.sleep(rng.uniform(0.0, 1.5))
+    await child.kill(limit=30)
+
+
+async def sigkill_while_dead_lettering(
+    store_url: str,
+    child_url: Callable[[int], str],
+    tmp_path: Path,
+    *,
+    seed: int,
+    total: int,
+    holes: bool = False,
+    kills: int = 6,
+    pace: float = 0.02,
+    settle: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """SIGKILL ``crash_child.py --poison`` at random moments ``kills`` times, then let it finish.
+
+    Run ``n`` of the child opens ``child_url(n)``; after each run ``settle(n)``
+    waits, if need be, until its last statement is over, and the store at
+    ``store_url`` and the logs are checked with `check_poison_state`. The
+    last run publishes the rest of the ``total`` events and waits until its
+    consumers are idle. ``holes``: sequence numbers may skip (PostgreSQL).
+    """
+    rng = random.Random(seed)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    context = f"seed {seed} (rerun: TRIOFLOW_CRASH_SEED={seed}); logs in {tmp_path}"
+    store = store_from_url(store_url)
+    lettered: list[int] = []
+    for run in range(kills + 1):
+        final = run == kills
+        args = [child_url(run), logs, total, rng.randrange(2**32), pace, "--poison"]
+        async with running(
+            "crash_child.py",
+            *args,
+            *(["--finish"] if final else []),
+            stderr=tmp_path / f"run{run}.stderr",
+        ) as child:
+            if final:
+                output = await child.finish(limit=120)
+                assert output.split() == ["ready", "idle"], context
+            else:
+                await kill_at_random(child, rng, ready=run == 0)
+        if settle is not None:
+            await settle(run)
+        async with store.open():
+            letters = await check_poison_state(
+                store,
+                logs,
+                f"after {'the final run' if final else f'kill {run}'}; {context}",
+                holes=holes,
+                total=total if final else None,
+            )
+        lettered.append(letters)
+    # The kills fell among the dead letters, not all before them.
+    grew = sum(1 for before, after in itertools.pairwise([0, *lettered[:-1]]) if after > before)
+    assert grew >= 2, f"dead letters recorded after each kill: {lettered[:-1]}; {context}"
+
+
+async def check_poison_state(
+    store: Store, logs: Path, context: str, *, holes: bool, total: int | None = None
+) -> int:
+    """Check the store and logs of ``crash_child.py --poison``; return the dead letters.
+
+    The events that are not poison are checked as in any crash test
+    (`check_consumer_log`: in order in each run, none skipped, redelivered
+    within ``commit_every``). The poison events are the dead letters: each
+    consumer has one letter, given up after `POISON_ATTEMPTS` attempts, for
+    every poison event up to its cursor, none past it, and none missing
+    before an event it handled (it records the letter before it goes on).
+    With ``total`` (after a run that ended with ``wait_idle``) every event is
+    handled or lettered, and every cursor is at the head.
+    """
+    events = await read_all(store)
+    cursors = await store.load_cursors()
+    letters = await store.dead_letters()
+    check_counters(
+        [(event.seq, event.type, event.data["n"]) for event in events],
+        logs / "published.log",
+        context,
+        holes=holes,
+    )
+    head = events[-1].seq if events else 0
+    poison = {event.seq: event.id for event in events if event.data["poison"]}
+    expected = [event.seq for event in events if not event.data["poison"]]
+    for name, commit_every in POISON_CONSUMERS.items():
+        runs = read_runs(logs / f"{name}.log")
+        cursor = cursors.get(name, 0)
+        where = f"consumer {name!r} (commit_every={commit_every}) at cursor {cursor}; {context}"
+        assert cursor <= head, f"cursor past the head {head}; {where}"
+        check_consumer_log(runs, expected, cursor, commit_every, where)
+        mine = [letter for letter in letters if letter.consumer == name]
+        seqs = [letter.seq for letter in mine]
+        assert len(seqs) == len(set(seqs)), f"dead letters recorded twice: {seqs}; {where}"
+        wrong = [
+            letter
+            for letter in mine
+            if poison.get(letter.seq) != letter.event_id
+            or (letter.reason, letter.attempts) != ("exhausted", POISON_ATTEMPTS)
+        ]
+        assert not wrong, f"dead letters of the wrong events or attempts: {wrong[:3]}; {where}"
+        owed = {seq for seq in poison if seq <= cursor}
+        lost = sorted(owed - set(seqs))
+        assert not lost, f"the cursor is past poison events with no dead letter: {lost}; {where}"
+        loose = sorted(set(seqs) - owed)
+        assert not loose, f"dead letters past the cursor, which never moved: {loose}; {where}"
+        furthest = max((seq for run in runs for seq in run), default=0)
+        unrecorded = sorted(seq for seq in poison if cursor < seq < furthest)
+        assert not unrecorded, (
+            f"it handled {furthest}, past poison events {unrecorded} whose dead letters were "
+            f"not recorded first; {where}"
+        )
+        if total is not None:
+            handled = {seq for run in runs for seq in run}
+            assert handled == set(expected), (
+                f"never handled {sorted(set(expected) - handled)[:20]}; {where}"
+            )
+            assert cursor == head, f"cursor not at the head {head} after wait_idle; {where}"
+    if total is not None:
+        assert len(events) == total, f"{len(events)} events in the store, not {total}; {context}"
+        assert poison, f"no poison event among {total}; {context}"
+    return len(letters)

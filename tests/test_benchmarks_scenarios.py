@@ -22,6 +22,7 @@ from benchmarks._harness import BenchmarkFailed
 from benchmarks._scenario_plans import ConsumerPlan, Scenario, generate, prepare
 from benchmarks._stores import STORES
 from tests.test_benchmarks_smoke import bench_postgres as bench_postgres
+from trioflow._policies import OnExhausted
 
 #: Tiny scenarios: at most 30 events and 3 consumers each.
 TINY = ["--scenarios", "3", "--seed", "1", "--events", "30", "--consumers", "3"]
@@ -60,8 +61,12 @@ def _check_report(report: dict[str, object], store: str, stderr: str, stdout: st
         assert f"| {result['case']} " in stdout
     raw, flow = results
     assert raw["runs"][0]["failures"] == 0
-    # Every planned failure was raised once and redelivered exactly once.
-    assert flow["runs"][0]["redeliveries"] == flow["runs"][0]["failures"]
+    # Every planned failure was raised once and redelivered exactly once, but
+    # for the last failure of each event given up on as a dead letter.
+    assert (
+        flow["runs"][0]["redeliveries"] + flow["runs"][0]["dead_letters"]
+        == flow["runs"][0]["failures"]
+    )
     assert flow["runs"][0]["rewound"] == 0
     for label in ("raw", f"trioflow on {store}"):
         assert sum(f"  {label} scenario " in line for line in stderr.splitlines()) == 3
@@ -178,6 +183,74 @@ def test_check_log_accepts_redelivery_from_the_cursor() -> None:
     assert rewound == scenarios.LogCheck(
         handled=7, failures=1, redeliveries=3, rewound=2, problem=None
     )
+
+
+def test_check_log_goes_past_dead_letters_and_nothing_else() -> None:
+    # Given up on after two attempts each: seq 3 midway, seq 9 at the end.
+    lettered = scenarios.check_log(
+        [2, -3, -3, 5, 8, -9, -9], EXPECTED, max_rewind=0, lettered=frozenset({3, 9})
+    )
+    assert lettered == scenarios.LogCheck(
+        handled=3, failures=4, redeliveries=2, rewound=0, problem=None, dead_lettered=2
+    )
+    # Past an event that failed and is not a dead letter...
+    skipped = scenarios.check_log([2, -3, 5, 8, 9], EXPECTED, max_rewind=0, lettered=frozenset({5}))
+    assert skipped.problem is not None
+    assert re.search(r"failing on seq 3 it resumed at seq 5 .* skipping 1", skipped.problem)
+    # ...or past a dead letter it never failed on.
+    unfailed = scenarios.check_log([2, 5, 8, 9], EXPECTED, max_rewind=0, lettered=frozenset({3}))
+    assert unfailed.problem is not None
+    assert "given seq 5 where seq 3 was due" in unfailed.problem
+
+
+@pytest.mark.parametrize(
+    ("on_exhausted", "wrong", "right", "problem"),
+    [
+        (
+            "dead-letter",
+            scenarios.GivenUp(planned=[3, 8], letters={3: 2}),
+            scenarios.GivenUp(planned=[3, 8], letters={3: 2, 8: 2}),
+            r"dead-letter at seqs \[3\], planned \[3, 8\]",
+        ),
+        (
+            "dead-letter",
+            scenarios.GivenUp(planned=[3], letters={3: 1}),
+            scenarios.GivenUp(planned=[3], letters={3: 2}),
+            r"dead letter 3 after 1 attempts, not 2",
+        ),
+        (
+            "halt",
+            scenarios.GivenUp(planned=[3, 8], halts=[(3, 2)]),
+            scenarios.GivenUp(planned=[3, 8], halts=[(3, 2), (8, 5)]),
+            r"halt at seqs \[3\], planned \[3, 8\]",
+        ),
+        (
+            "halt",
+            scenarios.GivenUp(planned=[3], halts=[(3, 3)]),
+            scenarios.GivenUp(planned=[3], halts=[(3, 2)]),
+            r"halted at seq 3 with its cursor at 3, not before it",
+        ),
+        (
+            "halt",
+            scenarios.GivenUp(planned=[3], letters={3: 2}, halts=[(3, 2)]),
+            scenarios.GivenUp(planned=[3], halts=[(3, 2)]),
+            r"dead-letter at seqs \[3\], planned \[\]",
+        ),
+        (
+            "retry-forever",
+            scenarios.GivenUp(halts=[(3, 2)]),
+            scenarios.GivenUp(),
+            r"halt at seqs \[3\], planned \[\]",
+        ),
+    ],
+)
+def test_dead_letters_and_halts_must_be_as_planned(
+    on_exhausted: OnExhausted, wrong: scenarios.GivenUp, right: scenarios.GivenUp, problem: str
+) -> None:
+    plan = attrs.evolve(_plan(), on_exhausted=on_exhausted, attempts=2)
+
+    assert re.search(problem, "\n".join(wrong.problems(plan))), wrong.problems(plan)
+    assert right.problems(plan) == []
 
 
 def _plan(
@@ -301,13 +374,16 @@ def test_a_scenario_that_never_finishes_fails(
     assert "scenario 1 did not finish within" in capsys.readouterr().err
 
 
+#: What a test running one scenario says to reproduce it.
+SETTINGS = scenarios._Settings(seed=1, count=4, max_events=30, max_consumers=16, timeout=60.0)
+
+
 def test_trioflow_runs_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scenarios, "Recorder", _Forgetful)
     scenario = attrs.evolve(_scenario(_plan(), _plan(types=("order.paid",))), events=6)
-    settings = scenarios._Settings(seed=1, count=4, max_events=30, max_consumers=16, timeout=60.0)
 
     with pytest.raises(BenchmarkFailed) as failed:
-        scenarios._flow_scenario(STORES["memory"], scenario, prepare(scenario), 60.0, settings)
+        scenarios._flow_scenario(STORES["memory"], scenario, prepare(scenario), 60.0, SETTINGS)
 
     message = str(failed.value)
     assert message.startswith("trioflow on memory: scenario 4 broke the delivery guarantees")
@@ -315,3 +391,54 @@ def test_trioflow_runs_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
         message
     )
     assert "--store memory --case trioflow --seed 1 --scenarios 4 --events 30 --only 4" in message
+
+
+def _policy_scenario() -> Scenario:
+    """Consumers that dead-letter, halt and retry forever, with failures and poison events."""
+    return attrs.evolve(
+        _scenario(
+            attrs.evolve(
+                _plan(failure_rate=0.1),
+                on_exhausted="dead-letter",
+                attempts=2,
+                timeout=1.0,
+                poison_rate=0.2,
+            ),
+            attrs.evolve(
+                _plan(failure_rate=0.1, commit_every=1),
+                on_exhausted="halt",
+                attempts=1,
+                poison_rate=0.2,
+            ),
+            attrs.evolve(_plan(failure_rate=0.2), attempts=3),
+        ),
+        events=40,
+    )
+
+
+def test_trioflow_runs_dead_letter_and_halt_as_planned() -> None:
+    scenario = _policy_scenario()
+    prepared = prepare(scenario)
+    letters, halts = (prepared.given_up(number, scenario.consumers[number]) for number in (0, 1))
+    assert letters and halts and prepared.failing[2], "the draw plans no letter, halt or failure"
+
+    figures = scenarios._flow_scenario(STORES["memory"], scenario, prepared, 60.0, SETTINGS)
+
+    assert (figures.dead_letters, figures.halts) == (len(letters), len(halts))
+    assert figures.store_errors == figures.rewound == 0
+
+
+def test_a_lost_dead_letter_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_letters(self: trioflow.Flow, consumer: str | None = None) -> list[object]:
+        return []
+
+    monkeypatch.setattr(trioflow.Flow, "dead_letters", no_letters)
+    scenario = _policy_scenario()
+
+    with pytest.raises(BenchmarkFailed) as failed:
+        scenarios._flow_scenario(STORES["memory"], scenario, prepare(scenario), 60.0, SETTINGS)
+
+    message = str(failed.value)
+    assert re.search(r"consumer c01 \(.*\): after failing on seq \d+ .* skipping 1", message)
+    assert re.search(r"consumer c01 \(.*\): dead-letter at seqs \[\], planned \[\d+", message)
+    assert "consumer c02" not in message

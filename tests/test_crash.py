@@ -23,8 +23,10 @@ import trioflow
 from tests._procs import (
     CRASH_CONSUMERS,
     check_crash_state,
+    kill_at_random,
     read_runs,
     running,
+    sigkill_while_dead_lettering,
     sigkill_while_recording_dead_letters,
     sqlite_url,
 )
@@ -39,6 +41,8 @@ TOTAL = 3000
 KILLS = 8
 #: Mean seconds between a child's publish calls, so a run publishes a part only.
 PACE = 0.02
+#: Events the dead-lettering flow publishes over all its runs.
+POISON_TOTAL = 1200
 
 
 def read_store(db: Path) -> tuple[list[tuple[int, str, int]], dict[str, int]]:
@@ -74,13 +78,7 @@ async def test_sigkill_loses_nothing_and_redelivers_at_most_commit_every(
         async with running(
             "crash_child.py", sqlite_url(db), logs, TOTAL, child_seed, PACE, stderr=stderr
         ) as child:
-            if run == 0 or rng.random() < 0.5:
-                await child.expect_line("ready", limit=30)
-                await trio.sleep(rng.uniform(0.0, 1.0))
-            else:
-                # Maybe while it starts up, opens the store or replays.
-                await trio.sleep(rng.uniform(0.0, 1.5))
-            await child.kill(limit=30)
+            await kill_at_random(child, rng, ready=run == 0)
         check_state(db, logs, f"after kill {run}; {context}")
     async with running(
         "crash_child.py",
@@ -102,6 +100,16 @@ async def test_sigkill_while_recording_dead_letters_keeps_each_with_its_cursor(
 ) -> None:
     url = sqlite_url(tmp_path / "events.db")
     await sigkill_while_recording_dead_letters(url, lambda run: url, tmp_path, seed=1)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+async def test_sigkill_while_a_flow_dead_letters_poison_events_loses_none(
+    tmp_path: Path, seed: int
+) -> None:
+    url = sqlite_url(tmp_path / "events.db")
+    await sigkill_while_dead_lettering(
+        url, lambda run: url, tmp_path, seed=seed, total=POISON_TOTAL, kills=KILLS
+    )
 
 
 async def test_graceful_stop_mid_stream_flushes_cursors_and_redelivers_nothing(

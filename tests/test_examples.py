@@ -41,6 +41,37 @@ def test_quickstart_resumes_from_cursors_on_the_second_run(tmp_path: Path) -> No
     assert "audit   #1 " not in second
 
 
+def test_flaky_retries_in_place_dead_letters_the_poison_parcel_and_requeues_it(
+    tmp_path: Path,
+) -> None:
+    lines = run_example("flaky.py", tmp_path).splitlines()
+    assert (tmp_path / "trioflow.db").exists()
+    handled = [line.split(":", 1)[1].strip() for line in lines if line.startswith("  shipping ")]
+    # Each failure retried in place, before any later parcel; the poison
+    # parcel given up on after three calls; requeued, it is handled last.
+    assert handled == [
+        "courier booked for 10115",
+        "courier busy (retried in place)",
+        "courier booked for 20095",
+        *["postcode 99999 not served"] * 3,
+        "courier busy (retried in place)",
+        "courier booked for 80331",
+        "courier booked for 99999",
+    ], lines
+    assert [line for line in lines if line.startswith("  shipping #3 ")][-1].startswith(
+        "  shipping #3   parcel 3 (call 4)"
+    ), lines
+    assert "dead letters of 'shipping': 1" in lines
+    assert (
+        "  #3 exhausted after 3 attempts: __main__.CourierError: postcode 99999 is not served"
+    ) in lines
+    assert lines[-1] == "shipping: cursor 4, handled 4, failed calls 5, dead letters left 0"
+    # A second run ships four new parcels; no dead letter is left over.
+    again = run_example("flaky.py", tmp_path).splitlines()
+    assert "  #7 exhausted after 3 attempts: " in "\n".join(again)
+    assert again[-1] == "shipping: cursor 8, handled 4, failed calls 5, dead letters left 0"
+
+
 @pytest.mark.slow
 def test_service_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRIOFLOW_STORE"}

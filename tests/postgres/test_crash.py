@@ -2,10 +2,10 @@
 
 The same checks as tests/test_crash.py and tests/test_multiprocess.py make on
 SQLite, on the test server (a fresh schema per test): flows in child processes
-(``tests/_children``) are SIGKILLed at random moments and restarted;
-three publisher processes and a consumer process share one schema. The store,
-read directly, is the ground truth the children's logs are checked against
-(see ``tests/_procs.py``).
+(``tests/_children``) are SIGKILLed at random moments and restarted, also
+while their consumers dead-letter poison events; three publisher processes
+and a consumer process share one schema. The store, read directly, is the
+ground truth the children's logs are checked against (see ``tests/_procs.py``).
 
 Unlike SQLite, PostgreSQL finishes a statement whose client was killed: an
 append in flight at the kill may still commit a moment later. Before reading
@@ -25,13 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trio
 
 from tests._procs import (
     Row,
     check_consumer_rows,
     check_crash_state,
+    kill_at_random,
     running,
+    sigkill_while_dead_lettering,
     sigkill_while_recording_dead_letters,
 )
 from tests.postgres._server import wait_sessions_gone
@@ -45,6 +46,8 @@ TOTAL = 2000
 KILLS = 6
 #: Mean seconds between a child's publish calls, so a run publishes a part only.
 PACE = 0.02
+#: Events the dead-lettering flow publishes over all its runs.
+POISON_TOTAL = 1200
 
 
 async def read_store(
@@ -84,13 +87,7 @@ async def test_sigkill_loses_nothing_and_redelivers_at_most_commit_every(
         async with running(
             "crash_child.py", url, logs, TOTAL, rng.randrange(2**32), PACE, stderr=stderr
         ) as child:
-            if run == 0 or rng.random() < 0.5:
-                await child.expect_line("ready", limit=30)
-                await trio.sleep(rng.uniform(0.0, 1.0))
-            else:
-                # Maybe while it starts up, opens the store or replays.
-                await trio.sleep(rng.uniform(0.0, 1.5))
-            await child.kill(limit=30)
+            await kill_at_random(child, rng, ready=run == 0)
         await wait_sessions_gone(admin, tag)
         await check_state(admin, schema, logs, f"after kill {run}; {context}")
     async with running(
@@ -179,4 +176,28 @@ async def test_sigkill_while_recording_dead_letters_keeps_each_with_its_cursor(
 
     await sigkill_while_recording_dead_letters(
         make_url(schema=schema), child_url, tmp_path, seed=1, settle=settle
+    )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_sigkill_while_a_flow_dead_letters_poison_events_loses_none(
+    tmp_path: Path, seed: int, make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    prefix = f"tf-poison-{uuid.uuid4().hex[:12]}"
+
+    def child_url(run: int) -> str:
+        return make_url(schema=schema, poll_interval=0.2, application_name=f"{prefix}-{run}")
+
+    async def settle(run: int) -> None:
+        await wait_sessions_gone(admin, f"{prefix}-{run}")
+
+    await sigkill_while_dead_lettering(
+        make_url(schema=schema),
+        child_url,
+        tmp_path,
+        seed=seed,
+        total=POISON_TOTAL,
+        holes=True,
+        kills=KILLS,
+        settle=settle,
     )
