@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from trioflow._policies import ON_EXHAUSTED, OnExhausted
+import trioflow
+from trioflow._policies import ON_EXHAUSTED
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -127,7 +128,7 @@ class ConsumerPlan:
     buffer: int | None
     commit_every: int
     salt: int
-    on_exhausted: OnExhausted = "retry-forever"
+    on_exhausted: trioflow.OnExhausted = "retry-forever"
     attempts: int = 1
     timeout: float | None = None
     poison_rate: float = 0.0

@@ -22,7 +22,6 @@ from benchmarks._harness import BenchmarkFailed
 from benchmarks._scenario_plans import ConsumerPlan, Scenario, generate, prepare
 from benchmarks._stores import STORES
 from tests.test_benchmarks_smoke import bench_postgres as bench_postgres
-from trioflow._policies import OnExhausted
 
 #: Tiny scenarios: at most 30 events and 3 consumers each.
 TINY = ["--scenarios", "3", "--seed", "1", "--events", "30", "--consumers", "3"]
@@ -245,7 +244,10 @@ def test_check_log_goes_past_dead_letters_and_nothing_else() -> None:
     ],
 )
 def test_dead_letters_and_halts_must_be_as_planned(
-    on_exhausted: OnExhausted, wrong: scenarios.GivenUp, right: scenarios.GivenUp, problem: str
+    on_exhausted: trioflow.OnExhausted,
+    wrong: scenarios.GivenUp,
+    right: scenarios.GivenUp,
+    problem: str,
 ) -> None:
     plan = attrs.evolve(_plan(), on_exhausted=on_exhausted, attempts=2)
 

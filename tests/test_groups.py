@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import trioflow
 from trioflow._groups import assign, partition_of
+from trioflow.stores import Store
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing import FaultyStore
 
@@ -177,7 +178,7 @@ LEASE = 6.0
 
 
 def group_app(
-    store: trioflow.stores.Store,
+    store: Store,
     log: list[tuple[str, int, str | None, int]],
     tag: int,
     *,

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 import trioflow
+from trioflow.stores import Store
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing import FaultyStore
 
@@ -22,7 +23,7 @@ TTL = 6.0
 
 
 def tracking_app(
-    store: trioflow.stores.Store, log: list[tuple[str, int, str]], tag: str, **options: object
+    store: Store, log: list[tuple[str, int, str]], tag: str, **options: object
 ) -> trioflow.App:
     """An App whose consumer "c" logs (what, seq, tag) at the start and end of each call."""
     app = trioflow.App(store, lease_ttl=TTL, **options)  # type: ignore[arg-type]
@@ -31,7 +32,7 @@ def tracking_app(
     async def handle(event: trioflow.Event) -> None:
         log.append(("start", event.seq, tag))
         try:
-            await trio.sleep(event.data or 0)  # type: ignore[arg-type]
+            await trio.sleep(event.data or 0)
         except trio.Cancelled:
             log.append(("cancel", event.seq, tag))
             raise

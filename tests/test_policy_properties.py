@@ -29,8 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trioflow
-from trioflow._app import ConsumerOptions
-from trioflow._policies import ON_EXHAUSTED, OVERFLOWS, OnExhausted, Overflow
+from trioflow._policies import ON_EXHAUSTED, OVERFLOWS
 from trioflow.stores.memory import MemoryStore
 
 TYPES = ("a", "b")
@@ -38,11 +37,11 @@ TYPES = ("a", "b")
 
 @attrs.frozen
 class ConsumerPlan:
-    on_exhausted: OnExhausted
+    on_exhausted: trioflow.OnExhausted
     attempts: int
     timeout: float | None
     buffer: int | None
-    overflow: Overflow
+    overflow: trioflow.Overflow
     types: frozenset[str] | None
     #: seq -> failed attempts before it succeeds; "poison" ones fail until healed.
     flaky: dict[int, int]
@@ -142,7 +141,7 @@ def run_scenario(scenario: Scenario) -> Run:
 
         return handle
 
-    def options(plan: ConsumerPlan) -> ConsumerOptions:
+    def options(plan: ConsumerPlan) -> trioflow.ConsumerOptions:
         return {
             "on_exhausted": plan.on_exhausted,
             "retry": trioflow.Retry(attempts=plan.attempts, initial=0.5, maximum=2.0),

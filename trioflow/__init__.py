@@ -6,7 +6,9 @@ cursor. After any crash every consumer resumes from its cursor by replay.
 """
 
 from ._app import App as App
+from ._app import ConsumerOptions as ConsumerOptions
 from ._app import ConsumerSpec as ConsumerSpec
+from ._app import StartFrom as StartFrom
 from ._dead_letters import DeadLetter as DeadLetter
 from ._errors import BackpressureError as BackpressureError
 from ._errors import ConfigurationError as ConfigurationError
@@ -31,6 +33,8 @@ from ._flow import Flow as Flow
 from ._flow import open_flow as open_flow
 from ._flow import serve as serve
 from ._leases import Lease as Lease
+from ._policies import OnExhausted as OnExhausted
+from ._policies import Overflow as Overflow
 from ._policies import RestartPolicy as RestartPolicy
 from ._policies import Retry as Retry
 from ._statistics import ConsumerStatistics as ConsumerStatistics
@@ -45,6 +49,7 @@ __all__ = [
     "App",
     "BackpressureError",
     "ConfigurationError",
+    "ConsumerOptions",
     "ConsumerSpec",
     "ConsumerStateError",
     "ConsumerStatistics",
@@ -57,11 +62,14 @@ __all__ = [
     "InvalidEventError",
     "Lease",
     "LeaseLostError",
+    "OnExhausted",
     "OutcomeUnknownError",
+    "Overflow",
     "Reject",
     "RestartPolicy",
     "Retry",
     "SchemaVersionError",
+    "StartFrom",
     "StoreError",
     "StoreUnavailableError",
     "TrioflowError",

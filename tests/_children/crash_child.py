@@ -28,7 +28,6 @@ import sys
 import trio
 
 import trioflow
-from trioflow._app import ConsumerOptions
 from trioflow.stores import Store
 
 #: Consumer name -> (commit_every or None for the App default, types or None).
@@ -52,7 +51,7 @@ def poisoned(n: int) -> bool:
     return n % 13 == 5 or n % 100 in (60, 61, 62)
 
 
-def consumer_options(name: str, poison: bool) -> ConsumerOptions:
+def consumer_options(name: str, poison: bool) -> trioflow.ConsumerOptions:
     if poison:
         return {
             "commit_every": POISON_CONSUMERS[name],
@@ -64,7 +63,7 @@ def consumer_options(name: str, poison: bool) -> ConsumerOptions:
 
 
 def add_consumer(
-    app: trioflow.App, name: str, fd: int, rng: random.Random, options: ConsumerOptions
+    app: trioflow.App, name: str, fd: int, rng: random.Random, options: trioflow.ConsumerOptions
 ) -> None:
     @app.consumer(name, **options)
     async def handle(event: trioflow.Event) -> None:
