@@ -359,3 +359,25 @@ async def test_a_group_replays_the_log_each_event_in_one_partition(
         await flow.wait_idle()
     assert sorted(seq for what, seq, _, _ in log if what == "end") == list(range(1, 51))
     check_per_key_order(log, 50)
+
+
+async def test_a_member_joining_mid_stream_takes_partitions_without_redelivery(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    log: list[tuple[str, int, str | None, int]] = []
+    first = group_app(store, log, 0, partitions=4, delay=0.5)
+    second = group_app(store, log, 1, partitions=4, delay=0.5)
+    async with trioflow.open_flow(first) as flow:
+        await flow.publish_many([("x", i, f"k{i % 12}") for i in range(200)])
+        await trio.sleep(5)
+        async with trioflow.open_flow(second) as other:
+            await flow.wait_idle()
+            await other.wait_idle()
+            assert sorted(len(owned_partitions(f)) for f in (flow, other)) == [2, 2]
+    check_per_key_order(log, 200)
+    ends = [seq for what, seq, _, _ in log if what == "end"]
+    # Handed over with their positions committed: nothing handled twice
+    # (a handler cancelled mid-call is handled once, by the next owner).
+    assert sorted(ends) == list(range(1, 201))
+    assert {tag for what, _, _, tag in log if what == "end"} == {0, 1}

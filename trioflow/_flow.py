@@ -72,6 +72,7 @@ class Flow:
         )
         self._cursors = CursorWriter(store=store, leases=self._leases)
         self._leases.on_change = self._cursors.nudge
+        self._leases.hand_over = self._hand_over
         #: The cancel scope of each of the flow's tasks, by task.
         self._scopes: dict[object, trio.CancelScope] = {}
         self._runner = ConsumerRunner(
@@ -417,6 +418,24 @@ class Flow:
             if forget:
                 for consumer in members:
                     await self._store.forget_consumer(consumer.name)
+
+    async def _hand_over(self, keys: Sequence[str]) -> None:
+        """Commit the positions of partitions this flow hands over, before their
+        leases go: the next owner starts where these stopped."""
+        # Let their cancelled handlers unwind first.
+        await trio.lowlevel.checkpoint()
+        positions = [
+            self._consumers[key].final_position() for key in keys if key in self._consumers
+        ]
+        with trio.move_on_after(self._app.shutdown_grace):
+            try:
+                await self._cursors.flush(positions)
+            except StoreError as exc:
+                logger.warning(
+                    "could not commit the positions of the partitions this flow hands over "
+                    "(%s); their next owners start from their last committed cursors",
+                    exc,
+                )
 
     def _members(self, name: str) -> list[Consumer]:
         """The consumer ``name``, or the partitions of group ``name``."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import attrs
 import trio
@@ -68,6 +68,9 @@ class Ownership:
     _owner: str | None = None
     #: Whether a claim has answered for it at least once.
     _known: bool = False
+    #: Handing it over (a group's partition moving): no longer handled here,
+    #: its token still good for the final cursor flush until released.
+    _leaving: bool = False
     #: trio time until which this flow may act as its owner without a renewal.
     _valid_until: float = -math.inf
     #: Cancelled when it is lost: the scopes of the work done as its owner.
@@ -76,13 +79,14 @@ class Ownership:
 
     @property
     def token(self) -> int | None:
-        """The fencing token while this flow owns it, else None."""
+        """The fencing token while this flow holds its lease (also while it hands
+        it over, for the final cursor flush), else None."""
         return self._token
 
     @property
     def owned(self) -> bool:
-        """Whether this flow owns it now."""
-        return self._token is not None
+        """Whether this flow owns it now and handles it."""
+        return self._token is not None and not self._leaving
 
     @property
     def owner(self) -> str | None:
@@ -101,7 +105,7 @@ class Ownership:
     @contextlib.contextmanager
     def cancelling(self, scope: trio.CancelScope) -> Iterator[None]:
         """Cancel ``scope`` when this flow loses it (at once if it does not own it now)."""
-        if self._token is None:
+        if not self.owned:
             scope.cancel()
         self._scopes.add(scope)
         try:
@@ -109,12 +113,21 @@ class Ownership:
         finally:
             self._scopes.discard(scope)
 
+    def _leave(self) -> None:
+        """Stop handling it here, keeping the token for the final flush."""
+        if self.owned:
+            self._leaving = True
+            for scope in self._scopes:
+                scope.cancel()
+            self._signal()
+
     def _signal(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
     def _gain(self, token: int, valid_until: float, holder: str) -> None:
-        changed = self._token != token or not self._known
+        changed = self._token != token or not self._known or self._leaving
+        self._leaving = False
         self._token = token
         self._owner = holder
         self._valid_until = valid_until
@@ -126,6 +139,7 @@ class Ownership:
         """Stand by; return whether it was owned until now."""
         was_owned = self._token is not None
         changed = was_owned or self._owner != owner or not self._known
+        self._leaving = False
         self._token = None
         self._valid_until = -math.inf
         self._owner = owner
@@ -135,6 +149,10 @@ class Ownership:
         if changed:
             self._signal()
         return was_owned
+
+
+async def _nothing_to_hand_over(keys: Sequence[str]) -> None:
+    await trio.lowlevel.checkpoint()
 
 
 @attrs.define(eq=False)
@@ -157,6 +175,10 @@ class LeaseKeeper:
     retry_delay: Callable[[int], float]
     #: Called whenever an ownership changes (the flow's idle waiters look again).
     on_change: Callable[[], None] = lambda: None
+    #: Called with the keys of partitions this flow hands over, after their
+    #: consumers were told to stop and before the leases are released: the
+    #: flow commits their positions (still fenced by this flow's tokens).
+    hand_over: Callable[[Sequence[str]], Awaitable[None]] = _nothing_to_hand_over
     _ownerships: dict[str, Ownership] = attrs.Factory(dict)
     _groups: dict[str, _Group] = attrs.Factory(dict)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
@@ -354,7 +376,7 @@ class LeaseKeeper:
         live = await self.store.leases()
         wanted: list[str] = []
         others: dict[str, str] = {}
-        moving: list[str] = []
+        moving: list[Ownership] = []
         for group in self._groups.values():
             prefix = member_key(group.name, "")
             members = {lease.holder for lease in live if lease.key.startswith(prefix)}
@@ -376,11 +398,14 @@ class LeaseKeeper:
                         own.key,
                         self.holder,
                     )
-                    own._lose(None)
-                    moving.append(own.key)
+                    own._leave()
+                    moving.append(own)
         if moving:
             self._notify()
-            await self.store.release_leases(self.holder, moving)
+            await self.hand_over([own.key for own in moving])
+            for own in moving:
+                own._lose(None)
+            await self.store.release_leases(self.holder, [own.key for own in moving])
         return wanted, others
 
     def _apply(self, leases: Sequence[Lease], valid_until: float) -> None:
