@@ -1,11 +1,12 @@
-"""Flows competing for the same consumers, with faults: one owner at a time, nothing lost.
+"""Flows competing for the same consumers and group, with faults: one owner at a time.
 
 Several flows share a `MemoryStore` and run the same consumer names; each
 publishes, stops gracefully and opens again at random, and claims of some of
 them fail or hang at random (as for a process cut off from the store). Under
 MockClock the lease times are exact. Checked:
 
-* never two handler calls of one consumer at once, across all flows;
+* never two handler calls of one consumer (or one partition of a group) at
+  once, across all flows;
 * every event handled, and the consumer's stored cursor at the head at the end;
 * each owner's run handles events in strictly increasing order;
 * an event is handled again only by a run that took the consumer over, and
@@ -25,12 +26,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trioflow
+from trioflow._groups import partition_of
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing import FaultyStore
 
 TTL = 3.0
 COMMIT_EVERY = 3
 NAMES = ("c0", "c1")
+GROUP_PARTITIONS = 3
 
 
 @attrs.frozen
@@ -79,6 +82,20 @@ def test_competing_flows_keep_one_owner_and_lose_nothing(plans: list[FlowPlan], 
                 log.append((trio.current_time(), "end", name, event.seq, life[0]))
 
             app.consumer(name)(handle)
+        calls_g = itertools.count()
+
+        # A group: its partitions are what must not run twice at once.
+        @app.consumer("g", partitions=GROUP_PARTITIONS)
+        async def handle_g(event: trioflow.Event) -> None:
+            name = f"g/{partition_of(event.key, event.seq, GROUP_PARTITIONS)}"
+            log.append((trio.current_time(), "start", name, event.seq, life[0]))
+            try:
+                await trio.sleep(plan.delays[next(calls_g) % len(plan.delays)])
+            except trio.Cancelled:
+                log.append((trio.current_time(), "cancel", name, event.seq, life[0]))
+                raise
+            log.append((trio.current_time(), "end", name, event.seq, life[0]))
+
         return app, life
 
     async def run_flow(plan: FlowPlan) -> None:
@@ -97,7 +114,7 @@ def test_competing_flows_keep_one_owner_and_lose_nothing(plans: list[FlowPlan], 
             async with trioflow.open_flow(app) as flow:
                 while pending:
                     index, size = pending.pop(0)
-                    await flow.publish_many([("x", i) for i in range(size)])
+                    await flow.publish_many([("x", i, f"k{rng.randrange(5)}") for i in range(size)])
                     await trio.sleep(rng.choice([0.0, 1.0, TTL]))
                     if index in plan.reopen_after:
                         break
@@ -116,7 +133,13 @@ def test_competing_flows_keep_one_owner_and_lose_nothing(plans: list[FlowPlan], 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     head = len(store._events)
     cursors = trio.run(store.load_cursors)
-    for name in NAMES:
+    keys = {event.seq: event.key for event in store._events}
+    partitions = [f"g/{p}" for p in range(GROUP_PARTITIONS)]
+    for p, name in enumerate(partitions):
+        assert cursors[name] == head, name
+        handled = {seq for _, what, n, seq, _ in log if n == name and what == "end"}
+        assert handled == {s for s, k in keys.items() if partition_of(k, s, GROUP_PARTITIONS) == p}
+    for name in [*NAMES, *partitions]:
         calls = [(t, what, seq, run) for t, what, n, seq, run in log if n == name]
         # Never two calls at once.
         running = None
@@ -128,8 +151,9 @@ def test_competing_flows_keep_one_owner_and_lose_nothing(plans: list[FlowPlan], 
                 assert running == (seq, run), f"{name}: {what} of {(seq, run)}"
                 running = None
         ends = [(seq, run) for _, what, seq, run in calls if what == "end"]
-        assert sorted({seq for seq, _ in ends}) == list(range(1, head + 1)), f"{name}: lost"
-        assert cursors[name] == head
+        if name in NAMES:
+            assert sorted({seq for seq, _ in ends}) == list(range(1, head + 1)), f"{name}: lost"
+            assert cursors[name] == head
         # Per run, strictly increasing (a run that loses the consumer and
         # takes it back never goes back). Repeats only after a takeover (where
         # the handling run changes), at most COMMIT_EVERY each time.
