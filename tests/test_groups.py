@@ -381,3 +381,29 @@ async def test_a_member_joining_mid_stream_takes_partitions_without_redelivery(
     # (a handler cancelled mid-call is handled once, by the next owner).
     assert sorted(ends) == list(range(1, 201))
     assert {tag for what, _, _, tag in log if what == "end"} == {0, 1}
+
+
+async def test_a_partition_handed_over_is_never_handled_by_two_members_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    log: list[tuple[str, int, str | None, int]] = []
+    keys = [next(f"k{i}" for i in range(100) if partition_of(f"k{i}", 0, 2) == p) for p in (0, 1)]
+    first = group_app(store, log, 0, partitions=2, delay=10.0)
+    second = group_app(store, log, 1, partitions=2, delay=10.0)
+    async with trioflow.open_flow(first) as flow:
+        await flow.publish_many([("x", None, key) for key in keys])
+        await trio.sleep(1)
+        async with trioflow.open_flow(second) as other:
+            await flow.wait_idle()
+            await other.wait_idle()
+    for key in keys:
+        calls = [(what, seq, tag) for what, seq, k, tag in log if k == key]
+        running = None
+        for what, seq, tag in calls:
+            if what == "start":
+                assert running is None, f"{key}: {tag} started {seq} while {running} ran"
+                running = tag
+            else:
+                running = None
+    check_per_key_order(log, 2)
