@@ -18,9 +18,8 @@ from trioflow import (
     StoreError,
     StoreUnavailableError,
 )
-from trioflow.stores import postgres
-from trioflow.stores._pg_driver import Driver
-from trioflow.stores.postgres import SCHEMA_VERSION, PostgresStore
+from trioflow.stores.postgres import SCHEMA_VERSION, PostgresStore, _schema
+from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import check_a_first_dead_letter, make_events, make_letter
 
 
@@ -85,7 +84,7 @@ async def make_version_1_schema(url: str, monkeypatch: pytest.MonkeyPatch) -> No
     released, so that is what version 1 created.
     """
     with monkeypatch.context() as patch:
-        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        patch.setattr(_schema, "SCHEMA_VERSION", 1)
         store = PostgresStore.from_url(url)
         async with store.open():
             await store.append(make_events(5))
@@ -115,7 +114,7 @@ async def test_a_version_1_schema_is_upgraded_in_place(
     )
     # A trioflow still at version 1 refuses the upgraded schema.
     with monkeypatch.context() as patch:
-        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        patch.setattr(_schema, "SCHEMA_VERSION", 1)
         with pytest.raises(SchemaVersionError, match="upgrade trioflow"):
             async with PostgresStore.from_url(store_url).open():
                 pass  # pragma: no cover

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from trioflow import OutcomeUnknownError, StoreError, StoreUnavailableError
-from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import make_events, make_letter
 
 #: The store's command_timeout in these tests, in seconds.
