@@ -20,7 +20,7 @@ from ._sql import LOCK_CLASS_APPEND, LOCK_CLASS_MIGRATE, Queries
 logger = logging.getLogger("trioflow.stores.postgres")
 
 #: The schema version this trioflow writes and understands.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 DEFAULT_SCHEMA: Final = "trioflow"
 
@@ -116,6 +116,45 @@ CREATE TABLE {q}.dead_letters (
     PRIMARY KEY (consumer, seq)
 );
 CREATE INDEX dead_letters_due ON {q}.dead_letters (consumer, due_at) WHERE due_at IS NOT NULL;
+""",
+        # Leases, one row per key (a consumer's name), never deleted: a
+        # key's token only grows. key sorts by code point ("C"), as the
+        # store contract lists leases, and claims lock rows in that order.
+        # Every time is the database's: now(), the start of the claim's
+        # transaction (see docs/postgres.md, "Leases"). The claim is a
+        # function because its answer needs a second statement: the upsert's
+        # snapshot misses a row another claimant inserted and committed while
+        # this one waited for it; the SELECT after it, in READ COMMITTED, has
+        # a snapshot of its own that sees it.
+        3: f"""
+CREATE TABLE {q}.leases (
+    key text COLLATE "C" PRIMARY KEY,
+    holder text NOT NULL,
+    token bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE FUNCTION {q}.claim_leases(p_holder text, p_keys text[], p_ttl float8)
+RETURNS TABLE (o_key text, o_holder text, o_token bigint, o_expires_at timestamptz)
+LANGUAGE plpgsql AS $claim$
+BEGIN
+    -- Keys in code-point order: concurrent claims (and fenced writes, which
+    -- lock lease rows in the same order) never wait for each other in a cycle.
+    INSERT INTO {q}.leases AS held (key, holder, token, expires_at)
+    SELECT k.key, p_holder, 1, now() + p_ttl * interval '1 second'
+    FROM (SELECT DISTINCT u.key COLLATE "C" AS key FROM unnest(p_keys) AS u(key)) AS k
+    ORDER BY k.key
+    ON CONFLICT (key) DO UPDATE SET
+        holder = excluded.holder,
+        -- A live lease renewed by its holder keeps its token; a lease taken
+        -- over, or taken again after it lapsed, gets the next one.
+        token = CASE WHEN held.holder = excluded.holder AND held.expires_at > now()
+            THEN held.token ELSE held.token + 1 END,
+        expires_at = excluded.expires_at
+    WHERE held.holder = excluded.holder OR held.expires_at <= now();
+    RETURN QUERY SELECT l.key, l.holder, l.token, l.expires_at FROM {q}.leases AS l
+        WHERE l.key = ANY(p_keys) ORDER BY l.key;
+END
+$claim$;
 """,
     }
 

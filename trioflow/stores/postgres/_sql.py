@@ -241,3 +241,25 @@ class Queries:
         )
         checkpoint = self._upsert("cursors", "unnest($3::text[], $4::bigint[]) AS t(consumer, seq)")
         return f"WITH fast AS ({fast}) {checkpoint}"
+
+    @property
+    def claim_leases(self) -> str:
+        return (
+            f"SELECT o_key, o_holder, o_token, o_expires_at FROM {self.q}.claim_leases($1, $2, $3)"
+        )
+
+    @property
+    def release_leases(self) -> str:
+        # The database's clock, as the claims': lapsed at once.
+        return (
+            f"UPDATE {self.q}.leases SET expires_at = now() "
+            "WHERE key = ANY($2::text[]) AND holder = $1 AND expires_at > now()"
+        )
+
+    @property
+    def leases(self) -> str:
+        # key is COLLATE "C": code-point order, whatever the database's.
+        return (
+            f"SELECT key, holder, token, expires_at FROM {self.q}.leases "
+            "WHERE expires_at > now() ORDER BY key"
+        )

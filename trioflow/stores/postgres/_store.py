@@ -34,6 +34,7 @@ import trio
 from ..._dead_letters import DeadLetter
 from ..._errors import ConfigurationError, StoreError, StoreUnavailableError
 from ..._events import JSON, MAX_DEPTH, Event, NewEvent
+from ..._leases import Lease
 from .._base import Appended, Store
 from ._driver import Driver, DriverConfig, InDoubtError, Record, open_driver, simplify_group
 from ._listen import listen_forever
@@ -55,7 +56,7 @@ _MAX_BIGINT: Final = 2**63 - 1
 
 
 class PostgresStore(Store):
-    """An event log, cursor table and dead letters in a PostgreSQL schema.
+    """An event log, cursor table, dead letters and leases in a PostgreSQL schema.
 
     Processes on any number of machines may open stores on the same schema at
     once: they see each other's events in one order, and ``wait_for_append``
@@ -473,6 +474,47 @@ class PostgresStore(Store):
             f"{letter.seq}",
         )
 
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        """Take or renew ``holder``'s leases on ``keys`` by the database's clock, in one statement.
+
+        See `Store.claim_leases`. The expiry is the database's ``now()`` (the
+        start of the claim's transaction) plus ``ttl``: no host's clock plays
+        a part, so hosts whose clocks disagree still agree on who holds a key.
+        """
+        driver = self._require_open()
+        wanted = sorted(set(keys))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return []
+        rows = await driver.fetch(
+            self._sql.claim_leases,
+            holder,
+            wanted,
+            float(ttl),
+            operation=f"claiming the leases of {len(wanted)} consumer(s) for holder {holder!r}",
+        )
+        return [_lease(row) for row in rows]
+
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        """Let ``holder``'s leases on ``keys`` lapse now, by the database's clock."""
+        driver = self._require_open()
+        wanted = sorted(set(keys))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return
+        await driver.execute(
+            self._sql.release_leases,
+            holder,
+            wanted,
+            operation=f"releasing the leases of {len(wanted)} consumer(s) of holder {holder!r}",
+        )
+
+    async def leases(self) -> list[Lease]:
+        """Every lease that has not lapsed by the database's clock, by key."""
+        driver = self._require_open()
+        rows = await driver.fetch(self._sql.leases, operation="listing the leases")
+        return [_lease(row) for row in rows]
+
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
         driver = self._require_open()
@@ -609,6 +651,11 @@ class PostgresStore(Store):
 
 
 _decode_json = json.JSONDecoder().decode
+
+
+def _lease(row: Record) -> Lease:
+    """A `Lease` from a row of key, holder, token and expiry."""
+    return Lease(key=row[0], holder=row[1], token=row[2], expires_at=row[3])
 
 
 def _letter(row: Record) -> DeadLetter:
