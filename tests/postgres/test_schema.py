@@ -124,7 +124,9 @@ async def test_a_version_2_schema_is_upgraded_in_place(
         assert await store.commit_cursors({"billing": 7}, fences={"billing": 2}) == {"billing"}
     ((version, migrated_at),) = await version_rows(admin, schema)
     assert version == SCHEMA_VERSION == 3
-    assert migrated_at > old[1]
+    before = old[1]
+    assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
+    assert migrated_at > before
     for table in ("events", "dead_letters"):
         assert await admin.fetch(f'SELECT * FROM "{schema}".{table} ORDER BY 1, 2') == kept[table]
     # A trioflow still at version 2 refuses the upgraded schema.

@@ -144,45 +144,39 @@ class Queries:
             "updated_at = excluded.updated_at"
         )
 
-    @property
-    def commit_cursors_sync(self) -> str:
-        return self._upsert("cursors", "unnest($1::text[], $2::bigint[]) AS t(consumer, seq)")
+    def record_dead_letter(self, *, fenced: bool = False) -> str:
+        """Keep a letter ($1 to $12) and move its consumer's cursor to $13 (NULL: left alone).
 
-    @property
-    def commit_cursors_async(self) -> str:
-        # set_config(..., true) lasts until the end of this statement's own
-        # transaction, so its commit does not wait for the WAL flush.
-        return self._upsert(
-            "cursors",
-            "unnest($1::text[], $2::bigint[]) AS t(consumer, seq) CROSS JOIN "
-            "(SELECT set_config('synchronous_commit', 'off', true)) AS settings",
-        )
-
-    @property
-    def commit_cursors_unlogged(self) -> str:
-        return self._upsert(
-            "cursors_unlogged", "unnest($1::text[], $2::bigint[]) AS t(consumer, seq)"
-        )
-
-    @property
-    def record_dead_letter(self) -> str:
-        # One statement, one transaction: the letter (replacing one of the
-        # same consumer and seq) and the consumer's cursor in the logged
-        # table, $13 (NULL: left alone). Logged, and committed with the
-        # server's synchronous_commit whatever cursor_durability says: see
-        # docs/postgres.md, "Dead letters".
+        One statement, one transaction. Logged, and committed with the
+        server's synchronous_commit whatever cursor_durability says: see
+        docs/postgres.md, "Dead letters". ``fenced``: only while $14 is the
+        token of the consumer's lease, checked under a lock on the lease row
+        (see `commit_cursors`); the statement then returns whether it held.
+        """
         columns = ", ".join(LETTER_COLUMNS)
         values = ", ".join(f"${number}" for number in range(1, len(LETTER_COLUMNS) + 1))
         replace = ", ".join(f"{column} = excluded.{column}" for column in LETTER_COLUMNS[2:])
+        guard = " AND EXISTS (SELECT FROM lease)" if fenced else ""
         letter = (
-            f"INSERT INTO {self.q}.dead_letters ({columns}) VALUES ({values}) "
-            f"ON CONFLICT (consumer, seq) DO UPDATE SET {replace}"
+            f"INSERT INTO {self.q}.dead_letters ({columns}) "
+            + (
+                f"SELECT {values} WHERE EXISTS (SELECT FROM lease) "
+                if fenced
+                else f"VALUES ({values}) "
+            )
+            + f"ON CONFLICT (consumer, seq) DO UPDATE SET {replace}"
         )
         cursor = self._upsert(
             "cursors",
-            "(VALUES ($1::text, $13::bigint)) AS t(consumer, seq) WHERE t.seq IS NOT NULL",
+            f"(VALUES ($1::text, $13::bigint)) AS t(consumer, seq) WHERE t.seq IS NOT NULL{guard}",
         )
-        return f"WITH letter AS ({letter}) {cursor}"
+        if not fenced:
+            return f"WITH letter AS ({letter}) {cursor}"
+        lease = f"SELECT key FROM {self.q}.leases WHERE key = $1 AND token = $14 FOR SHARE"
+        return (
+            f"WITH lease AS MATERIALIZED ({lease}), letter AS ({letter}), moved AS ({cursor}) "
+            "SELECT EXISTS (SELECT FROM lease)"
+        )
 
     @property
     def dead_letters(self) -> str:
@@ -232,15 +226,54 @@ class Queries:
             f"DELETE FROM {self.q}.cursors WHERE consumer = $1"
         )
 
-    @property
-    def commit_cursors_unlogged_checkpoint(self) -> str:
-        # One statement, one transaction: the unlogged rows for every consumer
-        # and the logged checkpoint for those ($3, $4) whose checkpoint is due.
-        fast = self._upsert(
-            "cursors_unlogged", "unnest($1::text[], $2::bigint[]) AS t(consumer, seq)"
+    def commit_cursors(self, durability: str, *, checkpoint: bool, fenced: bool) -> str:
+        """Move cursors ($1 names, $2 seqs) forward in one statement, one transaction.
+
+        ``durability`` is the store's ``cursor_durability``. ``checkpoint``
+        (unlogged only): also write the logged checkpoint of the consumers
+        $3 at $4. ``fenced``: write a consumer of the fenced ones (the next
+        two parameters: names in code-point order, and their tokens) only
+        while its lease's token is the one given; the statement returns the
+        refused ones. The lease rows are locked FOR SHARE, so a claim that
+        would give one a new token waits until this transaction ends, and
+        the token checked is the latest committed one (READ COMMITTED
+        re-reads a row it had to wait for): no claim commits between the
+        check and the write. FOR KEY SHARE would not do: a claim's update
+        leaves the key alone, so it takes FOR NO KEY UPDATE, which FOR KEY
+        SHARE does not block.
+        """
+        cursors = "unnest($1::text[], $2::bigint[]) AS t(consumer, seq)"
+        if durability == "async":
+            # set_config(..., true) lasts until the end of this statement's own
+            # transaction, so its commit does not wait for the WAL flush.
+            cursors += (
+                " CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS settings"
+            )
+        sources = {"cursors_unlogged" if durability == "unlogged" else "cursors": cursors}
+        if checkpoint:
+            sources["cursors"] = "unnest($3::text[], $4::bigint[]) AS t(consumer, seq)"
+        held = " WHERE t.consumer NOT IN (SELECT consumer FROM refused)" if fenced else ""
+        *firsts, last = [self._upsert(table, source + held) for table, source in sources.items()]
+        if not fenced:
+            # The unlogged rows for every consumer and, when due, the logged checkpoint.
+            return "".join(f"WITH fast AS ({first}) " for first in firsts) + last
+        names, tokens = ("$5", "$6") if checkpoint else ("$3", "$4")
+        lease = (
+            f"SELECT key, token FROM {self.q}.leases WHERE key = ANY({names}::text[]) "
+            "ORDER BY key FOR SHARE"
         )
-        checkpoint = self._upsert("cursors", "unnest($3::text[], $4::bigint[]) AS t(consumer, seq)")
-        return f"WITH fast AS ({fast}) {checkpoint}"
+        refused = (
+            f"SELECT f.consumer FROM unnest({names}::text[], {tokens}::bigint[]) "
+            "AS f(consumer, token) LEFT JOIN lease ON lease.key = f.consumer "
+            "WHERE lease.token IS DISTINCT FROM f.token"
+        )
+        writes = "".join(
+            f", write_{number} AS ({write})" for number, write in enumerate([*firsts, last])
+        )
+        return (
+            f"WITH lease AS MATERIALIZED ({lease}), refused AS MATERIALIZED ({refused}){writes} "
+            "SELECT consumer FROM refused"
+        )
 
     @property
     def claim_leases(self) -> str:

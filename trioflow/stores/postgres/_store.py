@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from ..._dead_letters import DeadLetter
-from ..._errors import ConfigurationError, StoreError, StoreUnavailableError
+from ..._errors import ConfigurationError, LeaseLostError, StoreError, StoreUnavailableError
 from ..._events import JSON, MAX_DEPTH, Event, NewEvent
 from ..._leases import Lease
 from .._base import Appended, Store
@@ -412,47 +412,60 @@ class PostgresStore(Store):
         rows = await driver.fetch(self._sql.load_cursors, operation="loading the cursors")
         return {row[0]: row[1] for row in rows}
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
         """Move the given cursors forward, as durably as ``cursor_durability`` says.
 
         A cursor below the stored one is ignored: stored cursors never move
         backwards (in the unlogged table and its logged checkpoint alike).
+        One statement, fenced or not: a consumer in ``fences`` is written
+        only while its lease's token is the one given, checked under a lock
+        on its lease row that holds off any claim until the write commits
+        (see docs/postgres.md, "Leases and fenced writes").
+
+        Returns:
+            The consumers whose fence no longer held: nothing was written for them.
         """
         driver = self._require_open()
         if not cursors:
             await trio.lowlevel.checkpoint()
-            return
+            return frozenset()
         names = list(cursors)
-        seqs = [cursors[name] for name in names]
-        operation = f"committing the cursors of {len(names)} consumer(s)"
-        if self.cursor_durability == "sync":
-            await driver.execute(self._sql.commit_cursors_sync, names, seqs, operation=operation)
-        elif self.cursor_durability == "async":
-            await driver.execute(self._sql.commit_cursors_async, names, seqs, operation=operation)
-        else:
-            now = trio.current_time()
+        args: list[object] = [names, [cursors[name] for name in names]]
+        now = trio.current_time()
+        due = []
+        if self.cursor_durability == "unlogged":
             due = [
                 name
                 for name in names
                 if now - self._checkpointed_at.get(name, -math.inf) >= self._checkpoint_interval
             ]
             if due:
-                await driver.execute(
-                    self._sql.commit_cursors_unlogged_checkpoint,
-                    names,
-                    seqs,
-                    due,
-                    [cursors[name] for name in due],
-                    operation=operation,
-                )
-                for name in due:
-                    self._checkpointed_at[name] = now
-            else:
-                await driver.execute(
-                    self._sql.commit_cursors_unlogged, names, seqs, operation=operation
-                )
+                args += [due, [cursors[name] for name in due]]
+        # Code-point order, the order the lease rows are locked in by claims too.
+        fenced = sorted(name for name in names if fences is not None and name in fences)
+        if fenced:
+            assert fences is not None
+            args += [fenced, [fences[name] for name in fenced]]
+        query = self._sql.commit_cursors(
+            self.cursor_durability, checkpoint=bool(due), fenced=bool(fenced)
+        )
+        operation = f"committing the cursors of {len(names)} consumer(s)"
+        refused: frozenset[str] = frozenset()
+        if fenced:
+            rows = await driver.fetch(query, *args, operation=operation)
+            refused = frozenset(row[0] for row in rows)
+        else:
+            await driver.execute(query, *args, operation=operation)
+        for name in due:
+            if name not in refused:
+                self._checkpointed_at[name] = now
+        return refused
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         """Keep ``letter`` and move its consumer's cursor forward, in one statement.
 
         See `Store.record_dead_letter`. Whatever ``cursor_durability`` says, the
@@ -460,19 +473,34 @@ class PostgresStore(Store):
         durably as the server's ``synchronous_commit`` makes it: a letter and
         the cursor past it survive a server crash together. (An unlogged
         cursor lost in a crash would redeliver an event that has a letter; a
-        lost letter under a kept cursor would lose the event.)
+        lost letter under a kept cursor would lose the event.) With ``fence``,
+        the lease's token is checked in the same statement, as
+        `commit_cursors` checks it.
 
         A connection lost while the statement ran leaves it committed or not;
         recording the same letter and cursor again is safe.
+
+        Raises:
+            LeaseLostError: ``fence`` is no longer the token of the consumer's
+                lease; nothing was recorded.
         """
         driver = self._require_open()
-        await driver.execute(
-            self._sql.record_dead_letter,
-            *[getattr(letter, column) for column in LETTER_COLUMNS],
-            cursor,
-            operation=f"recording the dead letter of consumer {letter.consumer!r} at seq "
-            f"{letter.seq}",
+        args = [*[getattr(letter, column) for column in LETTER_COLUMNS], cursor]
+        operation = f"recording the dead letter of consumer {letter.consumer!r} at seq {letter.seq}"
+        if fence is None:
+            await driver.execute(self._sql.record_dead_letter(), *args, operation=operation)
+            return
+        held = await driver.fetchval(
+            self._sql.record_dead_letter(fenced=True), *args, fence, operation=operation
         )
+        if not held:
+            raise LeaseLostError(
+                f"consumer {letter.consumer!r} is no longer this flow's: its lease passed to "
+                f"another flow (its token is no longer {fence}), so its dead letter at seq "
+                f"{letter.seq} was not recorded and its cursor was not moved; the flow that "
+                "holds the lease now handles the event",
+                keys=frozenset([letter.consumer]),
+            )
 
     async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
         """Take or renew ``holder``'s leases on ``keys`` by the database's clock, in one statement.
