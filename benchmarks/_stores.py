@@ -31,7 +31,7 @@ from trioflow.stores import Store, store_from_url
 if TYPE_CHECKING:
     # Imported where used: a trioflow without the PostgreSQL store still runs
     # the other stores' benchmarks.
-    from trioflow.stores._pg_driver import DriverConfig
+    from trioflow.stores.postgres._driver import DriverConfig
 
 #: The environment variable naming the PostgreSQL server to measure, and its
 #: default (the hand-written program, which must not import trio, has its own copy).
@@ -111,7 +111,7 @@ def _masked(url: str) -> str:
 
 
 def _admin_config(url: str) -> DriverConfig:
-    from trioflow.stores._pg_driver import DriverConfig
+    from trioflow.stores.postgres._driver import DriverConfig
 
     return DriverConfig(
         dsn=url, display=_masked(url), min_size=1, max_size=1, connect_timeout=_PROBE_TIMEOUT
@@ -120,7 +120,7 @@ def _admin_config(url: str) -> DriverConfig:
 
 async def _probe_postgres(url: str) -> tuple[str | None, str | None]:
     from trioflow import StoreError
-    from trioflow.stores._pg_driver import open_driver
+    from trioflow.stores.postgres._driver import open_driver
 
     config = _admin_config(url)
     try:
@@ -158,7 +158,7 @@ def postgres_server_version() -> str | None:
 
 
 async def _drop_schema(url: str, schema: str) -> None:
-    from trioflow.stores._pg_driver import open_driver
+    from trioflow.stores.postgres._driver import open_driver
 
     async with open_driver(_admin_config(url)) as driver:
         await driver.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -19,7 +19,7 @@ import trio
 
 from tests._servers import server_missing
 from trioflow import StoreError
-from trioflow.stores._pg_driver import Driver, DriverConfig, open_driver
+from trioflow.stores.postgres._driver import Driver, DriverConfig, open_driver
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

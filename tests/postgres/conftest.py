@@ -23,8 +23,8 @@ import pytest
 from tests._servers import server_missing
 from tests.postgres._cluster import Cluster, ClusterUnavailable
 from tests.postgres._server import drop_schemas, open_admin, require_server, with_options
-from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres._driver import Driver
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ from tests._procs import (
     sigkill_while_recording_dead_letters,
 )
 from tests.postgres._server import wait_sessions_gone
-from trioflow.stores._pg_driver import Driver
+from trioflow.stores.postgres._driver import Driver
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,8 @@ from collections.abc import Callable
 import pytest
 
 from tests.postgres._cluster import Cluster
-from trioflow.stores import postgres
-from trioflow.stores._pg_driver import Driver
-from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres import PostgresStore, _store
+from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import make_events, make_letter
 
 
@@ -87,7 +86,7 @@ async def test_due_times_come_from_the_database_clock(
 ) -> None:
     clock = types.SimpleNamespace(**vars(datetime))
     clock.datetime = _TenYearsBehind
-    monkeypatch.setattr(postgres, "datetime", clock)
+    monkeypatch.setattr(_store, "datetime", clock)
     for seq in (1, 2):
         await store.record_dead_letter(make_letter("a", seq), cursor=seq)
     before = await admin.fetchval("SELECT now()")

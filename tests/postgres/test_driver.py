@@ -13,7 +13,12 @@ import trio.testing
 import trio_asyncio  # type: ignore[import-untyped]
 
 from trioflow import StoreError, StoreUnavailableError
-from trioflow.stores._pg_driver import Driver, DriverConfig, StatementTimeoutError, open_driver
+from trioflow.stores.postgres._driver import (
+    Driver,
+    DriverConfig,
+    StatementTimeoutError,
+    open_driver,
+)
 
 # A cancelled call must come back this fast (the bound is cleanup_timeout,
 # 5 s by default; a healthy server answers a cancel request in milliseconds).

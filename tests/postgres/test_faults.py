@@ -39,8 +39,8 @@ import trioflow
 from tests._procs import check_consumer_log, check_runs, split_runs
 from tests.postgres._cluster import Cluster, StopMode
 from tests.postgres._proxy import LosingProxy, open_proxy
-from trioflow.stores._pg_driver import Driver, DriverConfig, open_driver
 from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres._driver import Driver, DriverConfig, open_driver
 from trioflow.testing._store_contract import make_events, read_all
 
 #: Consumer name -> (commit_every, types or None).

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from trioflow import StoreError
 from trioflow._events import Event, NewEvent
-from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import make_events, read_all
 
 

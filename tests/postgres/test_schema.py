@@ -18,9 +18,8 @@ from trioflow import (
     StoreError,
     StoreUnavailableError,
 )
-from trioflow.stores import postgres
-from trioflow.stores._pg_driver import Driver
-from trioflow.stores.postgres import SCHEMA_VERSION, PostgresStore
+from trioflow.stores.postgres import SCHEMA_VERSION, PostgresStore, _schema
+from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import check_a_first_dead_letter, make_events, make_letter
 
 
@@ -43,6 +42,7 @@ async def test_first_open_creates_the_schema(store_url: str, schema: str, admin:
         ("cursors_unlogged", "u"),
         ("dead_letters", "p"),
         ("events", "p"),
+        ("leases", "p"),
         ("schema_version", "p"),
     ]
     assert [version for version, _ in await version_rows(admin, schema)] == [SCHEMA_VERSION]
@@ -85,11 +85,56 @@ async def make_version_1_schema(url: str, monkeypatch: pytest.MonkeyPatch) -> No
     released, so that is what version 1 created.
     """
     with monkeypatch.context() as patch:
-        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        patch.setattr(_schema, "SCHEMA_VERSION", 1)
         store = PostgresStore.from_url(url)
         async with store.open():
             await store.append(make_events(5))
             await store.commit_cursors({"billing": 5, "audit": 2})
+
+
+async def make_version_2_schema(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema as trioflow left it at version 2: events, cursors and a dead letter."""
+    with monkeypatch.context() as patch:
+        patch.setattr(_schema, "SCHEMA_VERSION", 2)
+        store = PostgresStore.from_url(url)
+        async with store.open():
+            await store.append(make_events(5))
+            await store.commit_cursors({"billing": 5, "audit": 2})
+            await store.record_dead_letter(make_letter("audit", 3), cursor=3)
+
+
+async def test_a_version_2_schema_is_upgraded_in_place(
+    store_url: str, schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_version_2_schema(store_url, monkeypatch)
+    (old,) = await version_rows(admin, schema)
+    assert old[0] == 2
+    assert await admin.fetchval("SELECT to_regclass($1)", f'"{schema}".leases') is None
+    kept = {
+        table: await admin.fetch(f'SELECT * FROM "{schema}".{table} ORDER BY 1, 2')
+        for table in ("events", "cursors", "dead_letters")
+    }
+    store = PostgresStore.from_url(store_url)
+    async with store.open():
+        assert await store.load_cursors() == {"billing": 5, "audit": 3}
+        assert [letter.seq for letter in await store.dead_letters("audit")] == [3]
+        (lease,) = await store.claim_leases("h1", ["billing"], 3600.0)
+        assert (lease.holder, lease.token) == ("h1", 1)
+        assert await store.commit_cursors({"billing": 6}, fences={"billing": 1}) == set()
+        assert await store.commit_cursors({"billing": 7}, fences={"billing": 2}) == {"billing"}
+    ((version, migrated_at),) = await version_rows(admin, schema)
+    assert version == SCHEMA_VERSION == 3
+    before = old[1]
+    assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
+    assert migrated_at > before
+    for table in ("events", "dead_letters"):
+        assert await admin.fetch(f'SELECT * FROM "{schema}".{table} ORDER BY 1, 2') == kept[table]
+    # A trioflow still at version 2 refuses the upgraded schema.
+    with monkeypatch.context() as patch:
+        patch.setattr(_schema, "SCHEMA_VERSION", 2)
+        with pytest.raises(SchemaVersionError, match="upgrade trioflow"):
+            async with PostgresStore.from_url(store_url).open():
+                pass  # pragma: no cover
 
 
 async def test_a_version_1_schema_is_upgraded_in_place(
@@ -106,7 +151,7 @@ async def test_a_version_1_schema_is_upgraded_in_place(
         await check_a_first_dead_letter(store, "audit", 3)
         assert list((await store.append(make_events(1))).seqs) == [6]
     ((version, migrated_at),) = await version_rows(admin, schema)
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     before = old[1]
     assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
     assert migrated_at > before
@@ -115,29 +160,39 @@ async def test_a_version_1_schema_is_upgraded_in_place(
     )
     # A trioflow still at version 1 refuses the upgraded schema.
     with monkeypatch.context() as patch:
-        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        patch.setattr(_schema, "SCHEMA_VERSION", 1)
         with pytest.raises(SchemaVersionError, match="upgrade trioflow"):
             async with PostgresStore.from_url(store_url).open():
                 pass  # pragma: no cover
 
 
-async def test_concurrent_opens_upgrade_a_version_1_schema_once(
-    make_url: Callable[..., str], schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("old_version", [1, 2])
+async def test_concurrent_opens_upgrade_an_old_schema_once(
+    make_url: Callable[..., str],
+    schema: str,
+    admin: Driver,
+    monkeypatch: pytest.MonkeyPatch,
+    old_version: int,
 ) -> None:
     url = make_url(schema=schema, pool_min_size=1, pool_max_size=2)
-    await make_version_1_schema(url, monkeypatch)
+    make_old = {1: make_version_1_schema, 2: make_version_2_schema}[old_version]
+    await make_old(url, monkeypatch)
 
     async def open_one(consumer: str) -> None:
         store = PostgresStore.from_url(url)
         async with store.open():
             await store.record_dead_letter(make_letter(consumer, 1), cursor=1)
+            await store.claim_leases(consumer, [consumer], 3600.0)
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             for number in range(6):
                 nursery.start_soon(open_one, f"c{number}")
     assert [version for version, _ in await version_rows(admin, schema)] == [SCHEMA_VERSION]
-    assert await admin.fetchval(f'SELECT count(*) FROM "{schema}".dead_letters') == 6
+    assert await admin.fetchval(f'SELECT count(*) FROM "{schema}".dead_letters') == 6 + (
+        old_version == 2
+    )
+    assert await admin.fetchval(f'SELECT count(*) FROM "{schema}".leases') == 6
 
 
 async def test_a_newer_schema_is_refused(store_url: str, schema: str, admin: Driver) -> None:

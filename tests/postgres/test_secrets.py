@@ -15,8 +15,8 @@ import trioflow
 from trioflow import StoreError, UnknownStoreError
 from trioflow.stores import store_from_url
 from trioflow.stores._masking import mask_dsn
-from trioflow.stores._pg_driver import Driver, exception_chain
 from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres._driver import Driver, exception_chain
 
 SECRET = "s3cret"
 

@@ -12,8 +12,8 @@ import trio.testing
 
 from trioflow import StoreError, StoreUnavailableError
 from trioflow._events import MAX_DEPTH, encode
-from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import make_events
 
 # Long enough that a test passing within it proves NOTIFY, not polling, woke it.

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from trioflow import OutcomeUnknownError, StoreError, StoreUnavailableError
-from trioflow.stores._pg_driver import Driver
 from trioflow.stores.postgres import PostgresStore
+from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import make_events, make_letter
 
 #: The store's command_timeout in these tests, in seconds.
@@ -142,3 +142,32 @@ async def test_an_append_that_cannot_be_checked_says_its_outcome_is_unknown(
         assert "ran past command_timeout" in str(info.value)
         assert "look for event id" in str(info.value)
         assert await store.head() == 0
+
+
+async def test_lease_calls_blocked_by_a_lock_say_which(
+    timed_store: PostgresStore, admin: Driver
+) -> None:
+    (lease,) = await timed_store.claim_leases("web-1", ["billing"], 3600.0)
+    leases = f'"{timed_store.schema}".leases'
+    store = timed_store
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "claiming the leases of 2 consumer(s) for holder 'web-2'": lambda: store.claim_leases(
+            "web-2", ["billing", "audit"], 60.0
+        ),
+        "releasing the leases of 1 consumer(s) of holder 'web-1'": lambda: store.release_leases(
+            "web-1", ["billing"]
+        ),
+        "committing the cursors of 1 consumer(s)": lambda: store.commit_cursors(
+            {"billing": 3}, fences={"billing": lease.token}
+        ),
+    }
+    # A row lock, as a claim in flight holds: claims, releases and fenced
+    # writes all wait for it.
+    async with holding(admin, f"SELECT * FROM {leases} WHERE key = 'billing' FOR UPDATE"):
+        for operation, call in calls.items():
+            with trio.fail_after(10), pytest.raises(StoreError) as info:
+                await call()
+            assert_says_what_timed_out(info.value, operation)
+    # None of them happened.
+    assert await timed_store.leases() == [lease]
+    assert await timed_store.load_cursors() == {}

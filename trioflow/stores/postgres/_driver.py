@@ -1,9 +1,9 @@
 """The PostgreSQL driver bridge: asyncpg, run from trio through trio-asyncio.
 
-Layers, each depending only on the one below: `trioflow.stores.postgres`
-(the Store) -> this module -> asyncpg on a trio-asyncio event loop (made lean by
-`trioflow.stores._aio_loop`). This and that module are the only ones of trioflow
-that import asyncpg or trio_asyncio, and this is the only place where their
+Layers, each depending only on the one below: the store
+(`trioflow.stores.postgres`) -> this module -> asyncpg on a trio-asyncio event
+loop (made lean by `trioflow.stores._aio_loop`). This and that module are the
+only ones of trioflow that import asyncpg or trio_asyncio, and this is the only place where their
 exceptions are seen: `map_exceptions` turns them into
 `trioflow.StoreError` and its subclasses at one boundary.
 
@@ -37,9 +37,9 @@ import attrs
 import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
-from .._errors import StoreError, StoreUnavailableError
-from ._aio_loop import open_lean_loop
-from ._masking import dsn_secrets, mask_dsn, scrub
+from ..._errors import StoreError, StoreUnavailableError
+from .._aio_loop import open_lean_loop
+from .._masking import dsn_secrets, mask_dsn, scrub
 
 __all__ = [
     "Driver",
