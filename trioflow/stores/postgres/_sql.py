@@ -283,10 +283,15 @@ class Queries:
 
     @property
     def release_leases(self) -> str:
-        # The database's clock, as the claims': lapsed at once.
+        # The database's clock, as the claims': lapsed at once. The rows are
+        # locked in key order first, as claims and fenced writes lock them,
+        # so that a release never deadlocks with a claim of the same keys.
         return (
-            f"UPDATE {self.q}.leases SET expires_at = now() "
-            "WHERE key = ANY($2::text[]) AND holder = $1 AND expires_at > now()"
+            f"WITH locked AS (SELECT key FROM {self.q}.leases "
+            "WHERE key = ANY($2::text[]) AND holder = $1 AND expires_at > now() "
+            "ORDER BY key FOR UPDATE) "
+            f"UPDATE {self.q}.leases AS l SET expires_at = now() "
+            "FROM locked WHERE l.key = locked.key AND l.holder = $1"
         )
 
     @property
