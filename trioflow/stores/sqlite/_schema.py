@@ -10,7 +10,7 @@ from ._connections import write_transaction
 from ._sql import CURSORS_PAST, NUMBERING
 
 #: The schema version this module creates and understands.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: What brings a file from the version before to each version. A file's
 #: migrations run in one transaction under the write lock, so processes that
@@ -103,6 +103,21 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
         """
         CREATE INDEX trioflow_dead_letters_due ON trioflow_dead_letters (consumer, due_at)
         WHERE due_at IS NOT NULL
+        """,
+    ),
+    4: (
+        # Leases: which flow owns each consumer for now, and its fencing
+        # token. Rows are never deleted, so a key's token never repeats.
+        # expires_at is microseconds since 1970 (UTC) by this machine's
+        # clock. WITHOUT ROWID: a fenced write looks a key up in one B-tree.
+        # No IF NOT EXISTS, as for version 3.
+        """
+        CREATE TABLE trioflow_leases (
+            key TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            token INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        ) WITHOUT ROWID
         """,
     ),
 }

@@ -13,11 +13,13 @@ import json
 import math
 import sqlite3
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from ..._dead_letters import DeadLetter
-from ..._errors import StoreError
+from ..._errors import LeaseLostError, StoreError
 from ..._events import Event, NewEvent, utf8_size
+from ..._leases import Lease
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
@@ -26,6 +28,8 @@ MIN_INT64 = -(2**63)
 MAX_INT64 = 2**63 - 1
 # The same decoder the publishing side uses, so replayed data equals live data.
 _decode = json.JSONDecoder().decode
+# The latest expiry a datetime can hold: a lease claimed for longer gets it.
+_LATEST = (datetime.datetime.max.replace(tzinfo=datetime.UTC) - _EPOCH) // _MICROSECOND
 
 _HEAD = "SELECT COALESCE(MAX(seq), 0) FROM trioflow_events"
 # The head, and the high-water mark: the next number is one above both.
@@ -70,6 +74,25 @@ DUE_DEAD_LETTERS = (
 )
 _REQUEUE_DEAD_LETTER = "UPDATE trioflow_dead_letters SET due_at = ? WHERE consumer = ? AND seq = ?"
 _DISCARD_DEAD_LETTER = "DELETE FROM trioflow_dead_letters WHERE consumer = ? AND seq = ?"
+_LEASE_TOKENS = "SELECT key, token FROM trioflow_leases WHERE key IN"
+_LEASE = "SELECT key, holder, token, expires_at FROM trioflow_leases WHERE key = ?"
+# A key nobody holds is taken with token 1; a lapsed one (whoever held it)
+# with the next token; the holder's own live one is renewed with its token;
+# another holder's live one is left alone (the WHERE).
+_CLAIM_LEASE = (
+    "INSERT INTO trioflow_leases (key, holder, token, expires_at) VALUES (?1, ?2, 1, ?3)"
+    " ON CONFLICT (key) DO UPDATE SET"
+    " token = CASE WHEN expires_at <= ?4 THEN token + 1 ELSE token END,"
+    " holder = excluded.holder, expires_at = excluded.expires_at"
+    " WHERE expires_at <= ?4 OR holder = excluded.holder"
+)
+_RELEASE_LEASE = (
+    "UPDATE trioflow_leases SET expires_at = ?1 WHERE key = ?2 AND holder = ?3 AND expires_at > ?1"
+)
+# Keys in BINARY collation: by code point, as Python sorts str.
+_LIVE_LEASES = (
+    "SELECT key, holder, token, expires_at FROM trioflow_leases WHERE expires_at > ? ORDER BY key"
+)
 _FORGET_CONSUMER = (
     "DELETE FROM trioflow_dead_letters WHERE consumer = ?",
     "DELETE FROM trioflow_cursors WHERE consumer = ?",
@@ -101,10 +124,48 @@ def load_cursors(reader: sqlite3.Connection) -> dict[str, int]:
     return dict(reader.execute(_LOAD_CURSORS).fetchall())
 
 
-def commit_cursors(writer: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
-    """Insert or move forward cursors, in a write transaction (in a worker thread)."""
+def commit_cursors(
+    writer: sqlite3.Connection, argument: tuple[list[tuple[str, int]], Mapping[str, int] | None]
+) -> frozenset[str]:
+    """Insert or move forward the cursors whose fence holds, in a write transaction (in
+    a worker thread); return the names whose fence does not.
+
+    The fences are checked in the transaction that writes the cursors: no
+    claim can come between the check and the write.
+    """
+    items, fences = argument
+    if not fences:
+        _upsert_cursors(writer, items)
+        return frozenset()
+    fenced = [name for name, _ in items if name in fences]
+    tokens = _tokens(writer, fenced)
+    refused = frozenset(name for name in fenced if tokens.get(name) != fences[name])
+    _upsert_cursors(writer, [item for item in items if item[0] not in refused])
+    return refused
+
+
+def _upsert_cursors(writer: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
     micros = _micros(datetime.datetime.now(datetime.UTC))
     writer.executemany(_UPSERT_CURSOR, [(name, seq, micros) for name, seq in items])
+
+
+def _tokens(writer: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
+    """The tokens of the leases on ``keys`` (lapsed or not), by key.
+
+    One statement per 500 keys rather than one per key: a commit of many
+    fenced cursors pays for one lookup statement, not for each.
+    """
+    tokens: dict[str, int] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        query = f"{_LEASE_TOKENS} ({', '.join('?' * len(chunk))})"
+        tokens.update(writer.execute(query, chunk).fetchall())
+    return tokens
+
+
+def _holds(writer: sqlite3.Connection, key: str, token: int) -> bool:
+    """Whether ``token`` is the token of ``key``'s lease (lapsed or not)."""
+    return _tokens(writer, [key]).get(key) == token
 
 
 def _micros(moment: datetime.datetime) -> int:
@@ -116,9 +177,24 @@ def _time(micros: int) -> datetime.datetime:
     return _EPOCH + micros * _MICROSECOND
 
 
-def record_dead_letter(writer: sqlite3.Connection, argument: tuple[DeadLetter, int | None]) -> None:
-    """Keep a letter and move its cursor, in a write transaction (in a worker thread)."""
-    letter, cursor = argument
+def record_dead_letter(
+    writer: sqlite3.Connection, argument: tuple[DeadLetter, int | None, int | None]
+) -> None:
+    """Keep a letter and move its cursor, in a write transaction (in a worker thread).
+
+    Raises:
+        LeaseLostError: The fence given is not the token of the consumer's
+            lease; nothing was written.
+    """
+    letter, cursor, fence = argument
+    if fence is not None and not _holds(writer, letter.consumer, fence):
+        raise LeaseLostError(
+            f"consumer {letter.consumer!r} is no longer this flow's: its lease passed to "
+            f"another flow (its token is no longer {fence}), so its dead letter at seq "
+            f"{letter.seq} was not recorded and its cursor was left alone; stop handling "
+            "the consumer and let the flow that holds its lease deliver the event",
+            keys=frozenset([letter.consumer]),
+        )
     due_at = None if letter.due_at is None else _micros(letter.due_at)
     writer.execute(
         _RECORD_DEAD_LETTER,
@@ -138,7 +214,7 @@ def record_dead_letter(writer: sqlite3.Connection, argument: tuple[DeadLetter, i
         ),
     )
     if cursor is not None:
-        commit_cursors(writer, [(letter.consumer, cursor)])
+        _upsert_cursors(writer, [(letter.consumer, cursor)])
 
 
 def _letter(row: tuple[Any, ...]) -> DeadLetter:
@@ -188,6 +264,50 @@ def forget_consumer(writer: sqlite3.Connection, consumer: str) -> None:
     """Delete a consumer's letters and cursor, in a write transaction (in a worker thread)."""
     for statement in _FORGET_CONSUMER:
         writer.execute(statement, (consumer,))
+
+
+def claim_leases(writer: sqlite3.Connection, argument: tuple[str, list[str], float]) -> list[Lease]:
+    """Take or renew ``holder``'s leases on the keys, in a write transaction (in a worker
+    thread); return every key's lease as it stands, in the order of the keys given."""
+    holder, keys, ttl = argument
+    # Taken under the write lock, as append takes created_at: this machine's
+    # clock is the clock of every process sharing the file.
+    now = _micros(datetime.datetime.now(datetime.UTC))
+    expires_at = min(now + round(ttl * 1_000_000), _LATEST)
+    leases = []
+    for key in keys:
+        writer.execute(_CLAIM_LEASE, (key, holder, expires_at, now))
+        leases.append(_lease(writer.execute(_LEASE, (key,)).fetchall()[0]))
+    return leases
+
+
+def release_leases(writer: sqlite3.Connection, argument: tuple[str, list[str]]) -> None:
+    """Make ``holder``'s live leases on the keys lapse now, in a write transaction."""
+    holder, keys = argument
+    now = _micros(datetime.datetime.now(datetime.UTC))
+    writer.executemany(_RELEASE_LEASE, [(now, key, holder) for key in keys])
+
+
+def live_leases(reader: sqlite3.Connection, shown: str) -> list[Lease]:
+    """Every lease that has not lapsed by this machine's clock, by key (in a worker thread)."""
+    now = _micros(datetime.datetime.now(datetime.UTC))
+    leases = []
+    for row in reader.execute(_LIVE_LEASES, (now,)).fetchall():
+        try:
+            leases.append(_lease(row))
+        except Exception as exc:
+            raise StoreError(
+                f"SQLite store {shown!r}: the lease on {row[0]!r} cannot be decoded "
+                f"({type(exc).__name__}: {exc}); the file was changed by something other "
+                "than trioflow: delete that row of trioflow_leases while no process uses it"
+            ) from exc
+    return leases
+
+
+def _lease(row: tuple[Any, ...]) -> Lease:
+    """A `Lease` from a row of trioflow_leases: key, holder, token, expires_at."""
+    key, holder, token, expires_at = row
+    return Lease(key=key, holder=holder, token=token, expires_at=_time(expires_at))
 
 
 def head(reader: sqlite3.Connection) -> int:

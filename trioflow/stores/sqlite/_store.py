@@ -15,6 +15,7 @@ import trio
 from ..._dead_letters import DeadLetter
 from ..._errors import ConfigurationError, StoreError, StoreUnavailableError, UnknownStoreError
 from ..._events import Event, NewEvent
+from ..._leases import Lease
 from .._base import Appended, Store
 from . import _sql
 from ._connections import new_connection, switch_to_wal, translate_errors, write_transaction
@@ -32,7 +33,7 @@ _DEFAULT_BUSY_TIMEOUT = 30.0
 
 
 class SQLiteStore(Store):
-    """The event log, cursors and dead letters in one SQLite file (WAL mode).
+    """The event log, cursors, dead letters and leases in one SQLite file (WAL mode).
 
     Several processes on one machine may open the same file at once: their
     appends queue behind SQLite's write lock and every process reads the same
@@ -267,26 +268,40 @@ class SQLiteStore(Store):
                 _sql.load_cursors, reader, limiter=self._read_limiter
             )
 
-    async def commit_cursors(self, cursors: Mapping[str, int]) -> None:
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
         """Set the given consumers' cursors in one transaction (insert or move forward).
 
         A cursor below the one stored is ignored: a stored cursor never moves
-        backwards, whichever process or handle commits.
+        backwards, whichever process or handle commits. A consumer named in
+        ``fences`` is written only if its lease's token is still the one
+        given, checked in the same write transaction (one primary-key lookup
+        per fenced consumer); see `Store.commit_cursors`.
 
         Durable when this returns with ``synchronous="full"``; with
         ``"normal"``, a power loss may undo the last commits.
+
+        Returns:
+            The consumers whose fence no longer held: nothing was written for them.
         """
         items = list(cursors.items())
         if not items:
             await trio.lowlevel.checkpoint()
-            return
+            return frozenset()
         writer = self._connection(self._writer)
         with self._errors(f"committing {len(items)} cursors"):
-            await trio.to_thread.run_sync(
-                self._write, _sql.commit_cursors, writer, items, limiter=self._write_limiter
+            return await trio.to_thread.run_sync(
+                self._write,
+                _sql.commit_cursors,
+                writer,
+                (items, fences),
+                limiter=self._write_limiter,
             )
 
-    async def record_dead_letter(self, letter: DeadLetter, *, cursor: int | None) -> None:
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
         """Keep ``letter`` and move its consumer's cursor forward, in one write transaction.
 
         See `Store.record_dead_letter`. Like `append`, the transaction runs to
@@ -294,6 +309,8 @@ class SQLiteStore(Store):
         a cancelled call kept the letter and moved the cursor, or did neither.
 
         Raises:
+            LeaseLostError: ``fence`` is given and is no longer the token of
+                the consumer's lease; nothing was recorded.
             StoreUnavailableError: The write lock was not free within
                 ``busy_timeout``, or the file cannot be used.
             StoreError: The path no longer names the file that was opened, or
@@ -307,8 +324,66 @@ class SQLiteStore(Store):
                 self._write,
                 _sql.record_dead_letter,
                 writer,
-                (letter, cursor),
+                (letter, cursor, fence),
                 limiter=self._write_limiter,
+            )
+
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        """Take or renew ``holder``'s leases on ``keys`` for ``ttl`` seconds, in one write
+        transaction; see `Store.claim_leases`.
+
+        The store's clock is this machine's wall clock, read under the write
+        lock: every process sharing the file shares it. A clock set forward
+        or back moves every lease's end by as much.
+
+        Returns:
+            Every key's lease as it stands after the call, by key.
+
+        Raises:
+            ValueError: ``ttl`` is not a finite number.
+            StoreError: The path no longer names the file that was opened.
+        """
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+            raise ValueError(f"a lease's ttl must be a finite number of seconds, got {ttl!r}")
+        wanted = sorted(set(keys))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return []
+        writer = self._connection(self._writer)
+        with self._errors(f"claiming {len(wanted)} leases for {holder!r}"):
+            return await trio.to_thread.run_sync(
+                self._write,
+                _sql.claim_leases,
+                writer,
+                (holder, wanted, ttl),
+                limiter=self._write_limiter,
+            )
+
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        """Make ``holder``'s leases on ``keys`` lapse now, in one write transaction.
+
+        Keys held by another holder are left alone; the tokens stay with the keys.
+        """
+        wanted = sorted(set(keys))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return
+        writer = self._connection(self._writer)
+        with self._errors(f"releasing {len(wanted)} leases of {holder!r}"):
+            await trio.to_thread.run_sync(
+                self._write,
+                _sql.release_leases,
+                writer,
+                (holder, wanted),
+                limiter=self._write_limiter,
+            )
+
+    async def leases(self) -> list[Lease]:
+        """Every lease that has not lapsed by this machine's clock, by key."""
+        reader = self._connection(self._reader)
+        with self._errors("listing the leases"):
+            return await trio.to_thread.run_sync(
+                _sql.live_leases, reader, self._path, limiter=self._read_limiter
             )
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
