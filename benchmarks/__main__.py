@@ -45,6 +45,7 @@ WORKLOADS: dict[str, str] = {
     "recovery": "benchmarks.recovery",
     "latency": "benchmarks.latency",
     "failover": "benchmarks.failover",
+    "groups": "benchmarks.groups",
 }
 
 
