@@ -215,6 +215,7 @@ async def test_pragmas(tmp_path: pathlib.Path) -> None:
                 ("trioflow_cursors",),
                 ("trioflow_dead_letters",),
                 ("trioflow_events",),
+                ("trioflow_leases",),
                 ("trioflow_schema",),
                 ("trioflow_sequence",),
             ]
@@ -424,19 +425,30 @@ def make_version_2_file(path: pathlib.Path, events: int, cursors: dict[str, int]
     version-2 file went through.
     """
     make_version_1_file(path, events, cursors)
+    migrate_raw(path, 2)
+
+
+def make_version_3_file(path: pathlib.Path, events: int, cursors: dict[str, int]) -> None:
+    """A file as trioflow left it at version 3 (dead letters, no leases)."""
+    make_version_2_file(path, events, cursors)
+    migrate_raw(path, 3)
+
+
+def migrate_raw(path: pathlib.Path, version: int) -> None:
+    """Run the released migration step to ``version``, as that version did."""
     raw = sqlite3.connect(path, isolation_level=None)
     try:
         raw.execute("BEGIN IMMEDIATE")
-        for statement in _MIGRATIONS[2]:
+        for statement in _MIGRATIONS[version]:
             raw.execute(statement)
-        raw.execute("UPDATE trioflow_schema SET version = 2")
+        raw.execute("UPDATE trioflow_schema SET version = ?", (version,))
         raw.execute("COMMIT")
     finally:
         raw.close()
 
 
 #: The files of every released version before this one, as users have them.
-OLD_FILES = {1: make_version_1_file, 2: make_version_2_file}
+OLD_FILES = {1: make_version_1_file, 2: make_version_2_file, 3: make_version_3_file}
 
 
 def read_raw(path: pathlib.Path, query: str) -> list[tuple[object, ...]]:
@@ -549,6 +561,54 @@ async def test_an_old_file_is_migrated_in_place(tmp_path: pathlib.Path, version:
     write_raw(path, "DELETE FROM trioflow_events WHERE seq > 2")
     async with store.open():
         assert list((await store.append(make_events(1))).seqs) == [9]
+        (lease,) = await store.claim_leases("h1", ["mailer"], 60.0)
+        assert (lease.holder, lease.token) == ("h1", 1)
+        assert await store.commit_cursors({"mailer": 9}, fences={"mailer": 1}) == set()
+
+
+async def test_a_version_3_file_keeps_its_dead_letters_and_gets_the_leases_table(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "old.db"
+    make_version_3_file(path, 5, {"audit": 5, "mailer": 2})
+    write_raw(
+        path,
+        "INSERT INTO trioflow_dead_letters VALUES"
+        " ('mailer', 3, ?, 'old.event', 5, 1700000000000000, 1700000000000001, 'exhausted',"
+        " 'builtins.OSError', 'down', 'Traceback ...', NULL)",
+        new_ids(1)[0].bytes,
+    )
+    before = {
+        table: read_raw(path, f"SELECT * FROM {table} ORDER BY 1, 2")
+        for table in ("trioflow_events", "trioflow_cursors", "trioflow_dead_letters")
+    }
+    store = SQLiteStore(path)
+    async with store.open():
+        assert [(x.consumer, x.seq, x.message) for x in await store.dead_letters()] == [
+            ("mailer", 3, "down")
+        ]
+        assert await store.leases() == []
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(SCHEMA_VERSION,)]
+    for table, rows in before.items():
+        assert read_raw(path, f"SELECT * FROM {table} ORDER BY 1, 2") == rows, table
+    assert read_raw(path, "SELECT * FROM trioflow_leases") == []
+
+
+async def test_a_failed_leases_migration_leaves_the_file_at_version_3(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "old.db"
+    make_version_3_file(path, 2, {"audit": 2})
+    # Another program's table, where version 4 puts its own.
+    write_raw(path, "CREATE TABLE trioflow_leases (note TEXT)")
+    with pytest.raises(StoreError, match="already exists"):
+        async with SQLiteStore(path).open():
+            pass
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(3,)]
+    write_raw(path, "DROP TABLE trioflow_leases")
+    async with SQLiteStore(path).open():
+        pass
+    assert read_raw(path, "SELECT version FROM trioflow_schema") == [(SCHEMA_VERSION,)]
 
 
 async def test_a_failed_migration_leaves_the_file_at_its_version(tmp_path: pathlib.Path) -> None:
@@ -738,6 +798,9 @@ async def test_polls_and_cursor_commits_notice_a_deleted_file(tmp_path: pathlib.
             store.requeue_dead_letters("audit", [2]),
             store.discard_dead_letters("audit", [2]),
             store.forget_consumer("audit"),
+            store.claim_leases("h1", ["audit"], 60.0),
+            store.release_leases("h1", ["audit"]),
+            store.commit_cursors({"audit": 2}, fences={"audit": 1}),
         ):
             with pytest.raises(StoreError, match="deleted or moved away"):
                 await write
@@ -751,6 +814,26 @@ async def test_polls_and_cursor_commits_notice_a_deleted_file(tmp_path: pathlib.
     async with store.open():
         assert await store.head() == 3
         assert await store.load_cursors() == {"audit": 3}
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [(delete_file, "deleted or moved away"), (move_another_over, "replaced by another file")],
+)
+async def test_claims_notice_a_deleted_or_replaced_file(
+    tmp_path: pathlib.Path, change: Callable[[pathlib.Path], None], what: str
+) -> None:
+    path = tmp_path / "events.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        (held,) = await store.claim_leases("h1", ["audit"], 60.0)
+        change(path)
+        with pytest.raises(StoreError, match=what):
+            await store.claim_leases("h1", ["audit"], 60.0)
+        with pytest.raises(StoreError, match=what):
+            await store.claim_leases("h2", ["billing"], 60.0)
+        with pytest.raises(StoreError, match=what):
+            await store.record_dead_letter(make_letter("audit", 1), cursor=1, fence=held.token)
 
 
 # -- errors and locking --------------------------------------------------------
@@ -1091,3 +1174,82 @@ async def test_opening_a_new_file_waits_for_a_writer_holding_it(tmp_path: pathli
     store = SQLiteStore(path)
     async with store.open():
         assert await store.head() == 0
+
+
+# -- leases across processes -------------------------------------------------------
+
+# Claims "audit" for an hour as holder "child", then prints its lease as JSON.
+_CLAIMER = """
+import json, sys
+import trio
+from trioflow.stores.sqlite import SQLiteStore
+
+async def main(path):
+    print("ready", flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)
+    async with (store := SQLiteStore(path)).open():
+        (lease,) = await store.claim_leases("child", ["audit"], 3600.0)
+    print(json.dumps([lease.holder, lease.token, lease.expires_at.isoformat()]), flush=True)
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_a_lease_claimed_in_another_process_is_seen_here(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "shared.db"
+    (output,) = run_together([[str(path)]], _CLAIMER)
+    holder, token, expires_at = json.loads(output.splitlines()[-1])
+
+    async def check() -> None:
+        store = SQLiteStore(path)
+        async with store.open():
+            (seen,) = await store.leases()
+            assert (seen.key, seen.holder, seen.token) == ("audit", "child", 1)
+            assert seen.expires_at.isoformat() == expires_at
+            # Live and another's: a claim here leaves it alone.
+            assert await store.claim_leases("parent", ["audit"], 60.0) == [seen]
+            assert await store.commit_cursors({"audit": 1}, fences={"audit": 2}) == {"audit"}
+            assert await store.commit_cursors({"audit": 1}, fences={"audit": token}) == set()
+
+    assert (holder, token) == ("child", 1)
+    trio.run(check)
+
+
+# Claims keys "a", "b" and "c" with a lease of 2 ms, again and again, as holder
+# argv[2]; prints every (key, token) it was given as JSON.
+_RACER = """
+import json, sys
+import trio
+from trioflow.stores.sqlite import SQLiteStore
+
+async def main(path, holder, rounds):
+    store = SQLiteStore(path)
+    won = []
+    async with store.open():
+        print("ready", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+        for _ in range(rounds):
+            for lease in await store.claim_leases(holder, ["a", "b", "c"], 0.002):
+                if lease.holder == holder:
+                    won.append([lease.key, lease.token])
+            await trio.sleep(0.001)
+    print(json.dumps(won), flush=True)
+
+trio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]))
+"""
+
+
+@pytest.mark.slow
+def test_processes_racing_for_leases_never_share_a_token(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "shared.db"
+    holders = ["p0", "p1", "p2"]
+    outputs = run_together([[str(path), holder, "150"] for holder in holders], _RACER)
+    holders_of: dict[tuple[str, int], set[str]] = {}
+    for holder, stdout in zip(holders, outputs, strict=True):
+        for key, token in json.loads(stdout.splitlines()[-1]):
+            holders_of.setdefault((key, token), set()).add(holder)
+    shared = {won: names for won, names in holders_of.items() if len(names) > 1}
+    assert not shared, f"one lease given to several processes: {shared}"
+    # The leases did change hands (or lapse and get taken again) meanwhile.
+    assert max(token for _, token in holders_of) > 1

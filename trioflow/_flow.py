@@ -1,10 +1,12 @@
 """A running flow: open_flow, serve, and the Flow handle they give.
 
 `open_flow` owns one nursery. In it run the dispatcher (group commit and
-fan-out), the cursor writer, a watcher for events appended elsewhere, and one
-supervised task per consumer. Leaving the block stops them in order: no new
-publishes, pending publishes committed, in-flight handlers given a grace
-period, every consumer's position committed, then the tasks cancelled.
+fan-out), the cursor writer, the lease keeper (which consumers, and which
+partitions of its groups, this flow owns), a watcher for events appended
+elsewhere, and one supervised task per consumer (per partition of a group).
+Leaving the block stops them in order: no new publishes, pending publishes
+committed, in-flight handlers given a grace period, every consumer's position
+committed, leases released, then the tasks cancelled.
 """
 
 from __future__ import annotations

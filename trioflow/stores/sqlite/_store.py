@@ -1,0 +1,593 @@
+"""The store itself: `SQLiteStore`, its two connections and their worker threads."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Literal, TypeVar
+
+import trio
+
+from ..._dead_letters import DeadLetter
+from ..._errors import ConfigurationError, StoreError, StoreUnavailableError, UnknownStoreError
+from ..._events import Event, NewEvent
+from ..._leases import Lease
+from .._base import Appended, Store
+from . import _sql
+from ._connections import new_connection, switch_to_wal, translate_errors, write_transaction
+from ._files import OpenedFile, check_directory, create_private
+from ._schema import ensure_schema
+from ._url import parse_url
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+_DEFAULT_POLL_INTERVAL = 0.1
+#: Seconds before `SQLiteStore.wait_for_append` first polls; it doubles up to `poll_interval`.
+_FIRST_POLL = 0.005
+_DEFAULT_BUSY_TIMEOUT = 30.0
+
+
+class SQLiteStore(Store):
+    """The event log, cursors, dead letters and leases in one SQLite file (WAL mode).
+
+    Several processes on one machine may open the same file at once: their
+    appends queue behind SQLite's write lock and every process reads the same
+    log. The file must not live on a network file system (WAL needs shared
+    memory between processes). Sequence numbers start at 1 and have no holes;
+    they are never given twice, even after the newest events are deleted.
+
+    The file is created readable and writable by its owner only (0600). Each
+    write and each poll of `wait_for_append` checks that the path still names
+    the file that was opened: if it was deleted or replaced meanwhile, they
+    raise `StoreError` rather than write where no one will find it.
+
+    One instance may be open once at a time; open a second instance on the
+    same path to get an independent handle.
+
+    Args:
+        path: The database file. Its directory must exist; the file is
+            created (with the schema) on first open.
+        synchronous: ``"full"`` (the default) makes every commit durable when
+            it returns, even across a power loss. ``"normal"`` is faster but a
+            power loss (not a process crash) may undo the last commits,
+            appended events and cursor commits alike.
+        poll_interval: The longest wait, in seconds, between polls for events
+            appended by other processes (see `wait_for_append`).
+        busy_timeout: Seconds to wait for another connection's write lock
+            before giving up with `StoreUnavailableError`.
+
+    Raises:
+        ConfigurationError: An option is invalid.
+    """
+
+    poll_interval: float
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["full", "normal"] = "full",
+        poll_interval: float = _DEFAULT_POLL_INTERVAL,
+        busy_timeout: float = _DEFAULT_BUSY_TIMEOUT,
+    ) -> None:
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path:
+            raise ConfigurationError(
+                f"SQLite store path must be a non-empty str or os.PathLike[str], got {path!r}"
+            )
+        if "\x00" in path:
+            # sqlite3 would only fail at open, with a bare ValueError.
+            raise ConfigurationError(
+                f"SQLite store path {path!r} holds a NUL character, which no file name can; "
+                "remove it (in a sqlite: URL, %00 stands for NUL)"
+            )
+        try:
+            os.fsencode(path)
+        except UnicodeError:
+            raise ConfigurationError(
+                f"SQLite store path {path!r} cannot be encoded as a file name (it holds a lone "
+                "surrogate character); use a path of valid Unicode text"
+            ) from None
+        if path == ":memory:":
+            # Each connection would get its own, separate in-memory database.
+            raise ConfigurationError(
+                "SQLite store path ':memory:' is not supported; use MemoryStore (memory://) "
+                "for a store that lives in this process"
+            )
+        if synchronous not in ("full", "normal"):
+            raise ConfigurationError(
+                f"SQLite store synchronous must be 'full' or 'normal', got {synchronous!r}"
+            )
+        self._path = path
+        self._synchronous: Literal["full", "normal"] = synchronous
+        self.poll_interval = _seconds("poll_interval", poll_interval, allow_zero=False)
+        self._busy_timeout = _seconds("busy_timeout", busy_timeout, allow_zero=True)
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._is_open = False
+        self._appended = trio.Event()
+        # The file opened (see _check_file).
+        self._opened: OpenedFile | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        """Build (but do not open) the store a ``sqlite:`` URL names.
+
+        ``sqlite:///relative/path.db`` names a path relative to the working
+        directory, ``sqlite:////absolute/path.db`` an absolute one. Characters
+        that URLs reserve (``%``, ``?``, ``#``) must be percent-encoded in the
+        path. The query may set ``synchronous`` (``full`` or ``normal``),
+        ``poll_interval`` and ``busy_timeout`` (seconds), for example
+        ``sqlite:///app.db?synchronous=normal&poll_interval=0.05``.
+
+        Raises:
+            UnknownStoreError: The URL is not a valid SQLite store URL.
+        """
+        path, options = parse_url(url)
+        try:
+            return cls(path, **options)
+        except ConfigurationError as exc:
+            raise UnknownStoreError(f"SQLite store URL {url!r}: {exc}") from None
+
+    @property
+    def path(self) -> str:
+        """The database file's path, as given."""
+        return self._path
+
+    @property
+    def synchronous(self) -> Literal["full", "normal"]:
+        """The durability setting: ``"full"`` or ``"normal"``."""
+        return self._synchronous
+
+    @property
+    def busy_timeout(self) -> float:
+        """Seconds to wait for another connection's write lock."""
+        return self._busy_timeout
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r}, synchronous={self._synchronous!r})"
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        """Connect, create or migrate the schema, check the cursors; close on exit.
+
+        A file of an older schema version is migrated in place, under the
+        write lock.
+
+        Raises:
+            ConfigurationError: This instance is already open.
+            StoreUnavailableError: The directory does not exist, the file is
+                not a SQLite database, or it cannot be opened or locked.
+            SchemaVersionError: The file was written by a newer trioflow.
+            StoreError: A consumer's cursor is past every sequence number the
+                file has given (the file was reset or replaced under it).
+        """
+        if self._is_open:
+            raise ConfigurationError(
+                f"{self!r} is already open; open it once, or create a second SQLiteStore on "
+                "the same path for an independent handle"
+            )
+        # Set before the first checkpoint so a concurrent open() sees it.
+        self._is_open = True
+        try:
+            with self._errors("opening the database"):
+                self._writer, self._reader = await trio.to_thread.run_sync(self._connect)
+            yield
+        finally:
+            try:
+                # Shielded: the connections must be closed even when the block
+                # is cancelled; closing is quick and does not wait on locks.
+                with trio.CancelScope(shield=True), self._errors("closing the database"):
+                    await self._close()
+            finally:
+                self._is_open = False
+
+    async def append(self, events: Sequence[NewEvent]) -> Appended:
+        """Commit ``events`` atomically; see `Store.append`.
+
+        The commit runs to completion in a worker thread even if the caller is
+        cancelled meanwhile, so a cancelled append committed the whole batch
+        or (cancelled before it started) nothing.
+
+        Raises:
+            StoreUnavailableError: The write lock was not free within
+                ``busy_timeout``, or the file cannot be used.
+            StoreError: The batch was rolled back for another reason: an event
+                id already in the store, say, or the path no longer names the
+                file that was opened (it was deleted or replaced).
+        """
+        batch = list(events)
+        if not batch:
+            after = await self.head()
+            return Appended(
+                after=after,
+                seqs=range(after + 1, after + 1),
+                created_at=datetime.datetime.now(datetime.UTC),
+            )
+        writer = self._connection(self._writer)
+        with self._errors(f"appending {len(batch)} events"):
+            after, first, created_at = await trio.to_thread.run_sync(
+                self._write, _sql.append, writer, batch, limiter=self._write_limiter
+            )
+        self._appended.set()
+        self._appended = trio.Event()
+        return Appended(after=after, seqs=range(first, first + len(batch)), created_at=created_at)
+
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[Event]:
+        """Return up to ``limit`` events with ``seq > after``, in sequence order.
+
+        With ``max_bytes``, the page ends before the event that would take its
+        total `Event.size` past ``max_bytes`` (the first event always comes):
+        rows are fetched one at a time and the fetching stops there, so a page
+        of large events holds only what fits in memory, not ``limit`` of them.
+
+        Raises:
+            StoreError: A stored event cannot be decoded (the message names
+                its sequence number).
+        """
+        if limit <= 0:
+            # SQLite reads LIMIT -1 as "no limit"; the contract means none.
+            await trio.lowlevel.checkpoint()
+            return []
+        reader = self._connection(self._reader)
+        with self._errors("reading events"):
+            return await trio.to_thread.run_sync(
+                _sql.read_events,
+                reader,
+                self._path,
+                min(max(after, -1), _sql.MAX_INT64),
+                min(limit, _sql.MAX_INT64),
+                max_bytes,
+                limiter=self._read_limiter,
+            )
+
+    async def head(self) -> int:
+        """Return the highest committed sequence number (0 if the log is empty).
+
+        Raises:
+            StoreError: The path no longer names the file that was opened.
+        """
+        reader = self._connection(self._reader)
+        with self._errors("reading the head"):
+            return await trio.to_thread.run_sync(self._head, reader, limiter=self._read_limiter)
+
+    async def load_cursors(self) -> dict[str, int]:
+        """Return every consumer's committed cursor, by consumer name."""
+        reader = self._connection(self._reader)
+        with self._errors("loading cursors"):
+            return await trio.to_thread.run_sync(
+                _sql.load_cursors, reader, limiter=self._read_limiter
+            )
+
+    async def commit_cursors(
+        self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
+    ) -> frozenset[str]:
+        """Set the given consumers' cursors in one transaction (insert or move forward).
+
+        A cursor below the one stored is ignored: a stored cursor never moves
+        backwards, whichever process or handle commits. A consumer named in
+        ``fences`` is written only if its lease's token is still the one
+        given, checked in the same write transaction (one primary-key lookup
+        per fenced consumer); see `Store.commit_cursors`.
+
+        Durable when this returns with ``synchronous="full"``; with
+        ``"normal"``, a power loss may undo the last commits.
+
+        Returns:
+            The consumers whose fence no longer held: nothing was written for them.
+        """
+        items = list(cursors.items())
+        if not items:
+            await trio.lowlevel.checkpoint()
+            return frozenset()
+        writer = self._connection(self._writer)
+        with self._errors(f"committing {len(items)} cursors"):
+            return await trio.to_thread.run_sync(
+                self._write,
+                _sql.commit_cursors,
+                writer,
+                (items, fences),
+                limiter=self._write_limiter,
+            )
+
+    async def record_dead_letter(
+        self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
+    ) -> None:
+        """Keep ``letter`` and move its consumer's cursor forward, in one write transaction.
+
+        See `Store.record_dead_letter`. Like `append`, the transaction runs to
+        its end in a worker thread even if the caller is cancelled meanwhile:
+        a cancelled call kept the letter and moved the cursor, or did neither.
+
+        Raises:
+            LeaseLostError: ``fence`` is given and is no longer the token of
+                the consumer's lease; nothing was recorded.
+            StoreUnavailableError: The write lock was not free within
+                ``busy_timeout``, or the file cannot be used.
+            StoreError: The path no longer names the file that was opened, or
+                a number does not fit SQLite's 64-bit integers.
+        """
+        writer = self._connection(self._writer)
+        with self._errors(
+            f"recording the dead letter of consumer {letter.consumer!r} at seq {letter.seq}"
+        ):
+            await trio.to_thread.run_sync(
+                self._write,
+                _sql.record_dead_letter,
+                writer,
+                (letter, cursor, fence),
+                limiter=self._write_limiter,
+            )
+
+    async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
+        """Take or renew ``holder``'s leases on ``keys`` for ``ttl`` seconds, in one write
+        transaction; see `Store.claim_leases`.
+
+        The store's clock is this machine's wall clock, read under the write
+        lock: every process sharing the file shares it. A clock set forward
+        or back moves every lease's end by as much.
+
+        Returns:
+            Every key's lease as it stands after the call, by key.
+
+        Raises:
+            ValueError: ``ttl`` is not a finite number.
+            StoreError: The path no longer names the file that was opened.
+        """
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+            raise ValueError(f"a lease's ttl must be a finite number of seconds, got {ttl!r}")
+        wanted = sorted(set(keys))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return []
+        writer = self._connection(self._writer)
+        with self._errors(f"claiming {len(wanted)} leases for {holder!r}"):
+            return await trio.to_thread.run_sync(
+                self._write,
+                _sql.claim_leases,
+                writer,
+                (holder, wanted, ttl),
+                limiter=self._write_limiter,
+            )
+
+    async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
+        """Make ``holder``'s leases on ``keys`` lapse now, in one write transaction.
+
+        Keys held by another holder are left alone; the tokens stay with the keys.
+        """
+        wanted = sorted(set(keys))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return
+        writer = self._connection(self._writer)
+        with self._errors(f"releasing {len(wanted)} leases of {holder!r}"):
+            await trio.to_thread.run_sync(
+                self._write,
+                _sql.release_leases,
+                writer,
+                (holder, wanted),
+                limiter=self._write_limiter,
+            )
+
+    async def leases(self) -> list[Lease]:
+        """Every lease that has not lapsed by this machine's clock, by key."""
+        reader = self._connection(self._reader)
+        with self._errors("listing the leases"):
+            return await trio.to_thread.run_sync(
+                _sql.live_leases, reader, self._path, limiter=self._read_limiter
+            )
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
+        if consumer is None:
+            return await self._read_letters("listing the dead letters", _sql.DEAD_LETTERS)
+        return await self._read_letters(
+            f"listing the dead letters of consumer {consumer!r}", _sql.DEAD_LETTERS_OF, consumer
+        )
+
+    async def requeue_dead_letters(
+        self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
+    ) -> list[int]:
+        """Hand these letters back ``after`` seconds from now (this machine's clock).
+
+        See `Store.requeue_dead_letters`; one write transaction.
+        """
+        return await self._change_letters(
+            f"requeueing dead letters of consumer {consumer!r}",
+            _sql.requeue_dead_letters,
+            consumer,
+            seqs,
+            after,
+        )
+
+    async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        """Return ``consumer``'s requeued letters due by this machine's clock, by seq."""
+        return await self._read_letters(
+            f"looking for due dead letters of consumer {consumer!r}",
+            _sql.DUE_DEAD_LETTERS,
+            consumer,
+            due=True,
+        )
+
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        """Delete these letters of ``consumer``; return the seqs that existed, ascending."""
+        return await self._change_letters(
+            f"discarding dead letters of consumer {consumer!r}",
+            _sql.discard_dead_letters,
+            consumer,
+            seqs,
+            0.0,
+        )
+
+    async def forget_consumer(self, consumer: str) -> None:
+        """Delete ``consumer``'s cursor and dead letters, in one write transaction."""
+        writer = self._connection(self._writer)
+        with self._errors(f"forgetting consumer {consumer!r}"):
+            await trio.to_thread.run_sync(
+                self._write, _sql.forget_consumer, writer, consumer, limiter=self._write_limiter
+            )
+
+    async def wait_for_append(self, after: int) -> int:
+        """Return once the head is past ``after``.
+
+        Polls the head, because other processes' commits cannot be signalled:
+        5 ms after the call, then after twice as long each time, up to
+        `poll_interval` seconds. A caller that keeps finding events (another
+        process publishing) thus keeps polling every few milliseconds. An
+        append through this instance ends the wait at once.
+
+        Raises:
+            StoreError: The path no longer names the file that was opened:
+                no other process's events will come.
+        """
+        delay = min(_FIRST_POLL, self.poll_interval)
+        while True:
+            # Taken before reading the head, so an append that commits while
+            # the head is read still wakes this wait: no lost wake-up.
+            appended = self._appended
+            head = await self.head()
+            if head > after:
+                return head
+            with trio.move_on_after(delay):
+                await appended.wait()
+            delay = min(2 * delay, self.poll_interval)
+
+    # -- internals ---------------------------------------------------------
+
+    async def _read_letters(
+        self, action: str, query: str, *parameters: object, due: bool = False
+    ) -> list[DeadLetter]:
+        reader = self._connection(self._reader)
+        with self._errors(action):
+            return await trio.to_thread.run_sync(
+                _sql.fetch_letters,
+                reader,
+                self._path,
+                query,
+                parameters,
+                due,
+                limiter=self._read_limiter,
+            )
+
+    async def _change_letters(
+        self,
+        action: str,
+        work: Callable[[sqlite3.Connection, tuple[str, list[int], float]], list[int]],
+        consumer: str,
+        seqs: Sequence[int],
+        after: float,
+    ) -> list[int]:
+        """Run ``work`` on the letters of ``consumer`` at ``seqs`` in a write transaction."""
+        # A seq SQLite cannot hold is no letter's: left out rather than failing the call.
+        wanted = sorted({seq for seq in seqs if _sql.MIN_INT64 <= seq <= _sql.MAX_INT64})
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return []
+        writer = self._connection(self._writer)
+        with self._errors(action):
+            return await trio.to_thread.run_sync(
+                self._write, work, writer, (consumer, wanted, after), limiter=self._write_limiter
+            )
+
+    def _connection(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
+        if connection is None:
+            raise StoreError(
+                f"SQLite store {self._path!r} is not open; use it inside `async with store.open():`"
+            )
+        return connection
+
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return translate_errors(self._path, self._busy_timeout, action)
+
+    async def _close(self) -> None:
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        self._opened = None
+        # Through the limiters, so a call still running in a worker thread
+        # finishes before its connection is closed under it.
+        if reader is not None:
+            await trio.to_thread.run_sync(reader.close, limiter=self._read_limiter)
+        if writer is not None:
+            # Last, because the last connection to close checkpoints the WAL.
+            await trio.to_thread.run_sync(writer.close, limiter=self._write_limiter)
+
+    def _new_connection(self, path: str) -> sqlite3.Connection:
+        return new_connection(path, busy_timeout=self._busy_timeout, synchronous=self._synchronous)
+
+    def _connect(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        """Open both connections and make the schema ready (in a worker thread)."""
+        # Resolved once, so both connections name the same file even if the
+        # working directory changes in between.
+        path = os.path.abspath(self._path)
+        check_directory(path, self._path)
+        create_private(path, self._path)
+        writer = self._new_connection(path)
+        try:
+            mode = switch_to_wal(writer, busy_timeout=self._busy_timeout)
+            if str(mode).lower() != "wal":
+                raise StoreUnavailableError(
+                    f"SQLite store {self._path!r}: cannot switch the database to WAL mode "
+                    f"(it stays in {mode!r} mode); use a file on a local file system"
+                )
+            ensure_schema(writer, self._path)
+            # Once the writer has the file open: from now on each write and
+            # each poll checks that the path still names this file.
+            self._opened = OpenedFile.at(path)
+            reader = self._new_connection(path)
+            try:
+                # A guard: the reader must never write, writes go through the
+                # writer's limiter and transaction discipline.
+                reader.execute("PRAGMA query_only = ON")
+            except BaseException:
+                reader.close()
+                raise
+        except BaseException:
+            writer.close()
+            raise
+        return writer, reader
+
+    def _write(
+        self,
+        work: Callable[[sqlite3.Connection, _T], _R],
+        writer: sqlite3.Connection,
+        argument: _T,
+    ) -> _R:
+        """Run ``work`` in a write transaction on the file opened (in a worker thread)."""
+        with write_transaction(writer):
+            # Under the write lock, just before the writes it guards.
+            self._check_file()
+            return work(writer, argument)
+
+    def _head(self, reader: sqlite3.Connection) -> int:
+        self._check_file()
+        return _sql.head(reader)
+
+    def _check_file(self) -> None:
+        """Raise StoreError unless the path still names the file that was opened."""
+        if self._opened is not None:
+            self._opened.check(self._path)
+
+
+def _seconds(name: str, value: float, *, allow_zero: bool) -> float:
+    """Return ``value`` as a float if it is a valid number of seconds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(
+            f"SQLite store {name} must be a finite number of seconds {bound}, got {value!r}"
+        )
+    return float(value)
