@@ -1,11 +1,11 @@
 """The failover workload: how long a standby takes to handle events once their owner is gone.
 
 Each run starts two member processes (`benchmarks._member_child`) on a
-fresh store shared by processes (the PostgreSQL kinds; SQLite once its store
-has leases), each running the same consumer with ``App(lease_ttl=T)``: the
-first owns it, the second stands by (both say so before anything else
-happens). This process publishes a trickle of events, ``--rate`` a second,
-on a flow of its own. Once the owner has handled N events (``--events``),
+fresh store shared by processes (the SQLite and PostgreSQL kinds), each
+running the same consumer with ``App(lease_ttl=T)``: the first owns it, the
+second stands by (both say so before anything else happens). This process
+publishes a trickle of events, ``--rate`` a second, on a flow of its own.
+Once the owner has been handling for N events' time (``--events`` / rate),
 and after a further random wait within one claim interval (``T / 3``, so
 that the stop falls anywhere in the owner's renewal cycle), the owner is
 stopped:

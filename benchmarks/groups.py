@@ -1,7 +1,7 @@
 """The groups workload: what a consumer group's partitions buy, in one process and across several.
 
-Each run fills a fresh store shared by processes (the PostgreSQL kinds;
-SQLite once its store has leases) with N events (``--events``; this
+Each run fills a fresh store shared by processes (the SQLite and PostgreSQL
+kinds) with N events (``--events``; this
 workload's default is 20,000) of the fan-out workload's 200-byte data, the
 i-th with key ``key-{i mod --keys}``, untimed. Then M member processes
 (`benchmarks._member_child`) start on it, each running the same consumer,

@@ -22,8 +22,8 @@ from benchmarks._report import CaseResult, Metric, Report
 # The fixture, by its name: it points the benchmarks at the PostgreSQL test server.
 from tests.test_benchmarks_smoke import bench_postgres  # noqa: F401
 
-FAILOVER = ["run", "failover", "--store", "postgres", "--lease-ttl", "0.6", "--events", "5"]
-FAILOVER += ["--rate", "200", "--timeout", "60"]
+FAILOVER = ["run", "failover", "--lease-ttl", "0.6", "--events", "5", "--rate", "200"]
+FAILOVER += ["--timeout", "60"]
 GROUPS = ["run", "groups", "--store", "postgres", "--events", "300", "--keys", "20"]
 GROUPS += ["--partitions", "4", "--members", "1,2", "--lease-ttl", "1", "--repeat", "1"]
 GROUPS += ["--timeout", "60"]
@@ -37,12 +37,16 @@ def _run(argv: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> tupl
     return json.loads(out.read_text(encoding="utf-8")), captured.out
 
 
-@pytest.mark.postgres
-@pytest.mark.usefixtures("bench_postgres")
+@pytest.mark.parametrize(
+    "store", ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres])]
+)
 def test_failover_runs_and_passes_its_checks(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
-    report, table = _run([*FAILOVER, "--repeat", "2"], tmp_path / "failover.json", capsys)
+    if store == "postgres":
+        request.getfixturevalue("bench_postgres")
+    argv = [*FAILOVER, "--store", store, "--repeat", "2"]
+    report, table = _run(argv, tmp_path / "failover.json", capsys)
     results = {result["case"]: result for result in report["results"]}
     assert set(results) == {"kill@0.6", "graceful@0.6"}
     assert report["reference_case"] is None
@@ -100,7 +104,7 @@ def test_a_run_whose_log_lost_an_event_fails(
 
     monkeypatch.setattr(module, "read_log", losing)
     if workload == "failover":
-        argv = [*FAILOVER, "--case", "graceful@0.6"]
+        argv = [*FAILOVER, "--store", "postgres", "--case", "graceful@0.6"]
     else:
         argv = [*GROUPS, "--members", "1", "--case", "plain"]
     assert main([*argv, "--repeat", "1"]) == 1
