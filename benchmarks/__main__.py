@@ -44,6 +44,8 @@ WORKLOADS: dict[str, str] = {
     "slow-consumer": "benchmarks.slow_consumer",
     "recovery": "benchmarks.recovery",
     "latency": "benchmarks.latency",
+    "failover": "benchmarks.failover",
+    "groups": "benchmarks.groups",
 }
 
 

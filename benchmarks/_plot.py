@@ -82,11 +82,15 @@ def plot_report(report: Mapping[str, Any], directory: Path) -> list[Path]:
     counts = sorted({result["consumers"] for result in results})
     sweep = len(counts) > 1
     written = []
+    drawn: set[str] = set()
     for metric in report["metrics"]:
         key, title = metric["key"], f"{metric['label']} ({metric['unit']})"
         shown = [result for result in results if key in result["median"]]
-        if not shown:
+        # A figure shown twice in the table (its median and its max) is one chart:
+        # the bar is the median, its line reaches the max.
+        if not shown or key in drawn:
             continue
+        drawn.add(key)
         medians = [result["median"][key] for result in shown]
         lows = [min(run[key] for run in result["runs"]) for result in shown]
         highs = [max(run[key] for run in result["runs"]) for result in shown]

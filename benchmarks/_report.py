@@ -13,6 +13,7 @@ import statistics
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
@@ -29,12 +30,15 @@ class Metric:
         label: Its column header in the results table.
         unit: What it counts, such as ``"events/s"``.
         decimals: Digits after the point in the table.
+        aggregate: How the table sums up its runs: ``"median"``, or ``"max"``
+            for a bound that a single slow run matters to (a failover time).
     """
 
     key: str
     label: str
     unit: str
     decimals: int = 0
+    aggregate: Literal["median", "max"] = "median"
 
 
 @attrs.frozen(kw_only=True)
@@ -73,6 +77,12 @@ class CaseResult:
     def median(self, key: str) -> float:
         """The median over the runs of the figure ``key``."""
         return float(statistics.median(run[key] for run in self.runs))
+
+    def summary(self, metric: Metric) -> float:
+        """The figure ``metric`` as the table shows it: its median or its max over the runs."""
+        if metric.aggregate == "max":
+            return max(run[metric.key] for run in self.runs)
+        return self.median(metric.key)
 
 
 @attrs.frozen(kw_only=True)
@@ -157,14 +167,20 @@ class Report:
         return result.median(key) / base if base else None
 
     def table(self) -> str:
-        """The results as a Markdown table: medians, and the ratios to the baselines."""
+        """The results as a Markdown table: medians (or maxima), and the ratios to the baselines.
+
+        A workload without a reference case has no ratio column.
+        """
+        with_reference = self.reference is not None
         with_baselines = any(result.baseline is not None for result in self.results)
-        header = ["case", "store", "K", "N", *(m.label for m in self.metrics), self.ratio_label]
+        header = ["case", "store", "K", "N", *(m.label for m in self.metrics)]
+        if with_reference:
+            header.append(self.ratio_label)
         if with_baselines:
             header.append(self.baseline_label)
         rows = [header]
         for result in self.results:
-            ratios = [self.ratio(result, self.ratio_metric)]
+            ratios = [self.ratio(result, self.ratio_metric)] if with_reference else []
             if with_baselines:
                 ratios.append(self.baseline_ratio(result, self.ratio_metric))
             rows.append(
@@ -173,7 +189,7 @@ class Report:
                     result.store or "-",
                     str(result.consumers),
                     f"{result.events:,}",
-                    *(f"{result.median(m.key):,.{m.decimals}f}" for m in self.metrics),
+                    *(f"{result.summary(m):,.{m.decimals}f}" for m in self.metrics),
                     *("-" if ratio is None else f"{ratio:.2f}" for ratio in ratios),
                 ]
             )
@@ -221,6 +237,7 @@ class Report:
                     "reference": result.reference,
                     "runs": [dict(run) for run in result.runs],
                     "median": {key: result.median(key) for key in result.figures()},
+                    "max": {key: max(run[key] for run in result.runs) for key in result.figures()},
                     "ratio_to_reference": {
                         key: self.ratio(result, key)
                         for key in result.figures()
