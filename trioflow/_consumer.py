@@ -535,7 +535,14 @@ class Consumer:
                     f"the store returned no events after {self._position}, though events up "
                     f"to {until} were committed; check that the store is not a lagging replica"
                 )
-            await self._handle(page, page[-1].seq)
+            spec = self.spec
+            if spec.partition is not None and spec.partitions is not None:
+                # A group's partitions replaying together split a page once.
+                await self._handle(
+                    runner.pages.split(page, spec.partitions)[spec.partition], page[-1].seq
+                )
+            else:
+                await self._handle(page, page[-1].seq)
             if self._must_stop():
                 return
             now = trio.current_time()
@@ -781,6 +788,9 @@ class Consumer:
                 )
                 continue
             event = page[0]
+            if self._must_stop() or not self._ownership.owned:
+                # Not this flow's to handle now (see `_handle`).
+                return
             deadline = min(runner.stop_deadline, self._stop_deadline)
             with (
                 trio.CancelScope(shield=True, deadline=deadline) as scope,

@@ -23,7 +23,11 @@ import attrs
 import trio
 
 from ._events import Event
+from ._groups import partition_of
 from .stores._base import Store, within_bytes
+
+#: Pages split by partition kept for the other partitions of a group.
+SPLITS_KEPT = 8
 
 
 @attrs.define(eq=False)
@@ -51,6 +55,11 @@ class PageReader:
         collections.OrderedDict
     )
     _reads: dict[int, _Read] = attrs.Factory(dict)
+    #: Recent pages split by partition, for the partitions of a group
+    #: replaying together: by (first seq, last seq, partition count).
+    _splits: collections.OrderedDict[tuple[int, int, int], list[list[Event]]] = attrs.Factory(
+        collections.OrderedDict
+    )
     _kept: int = 0
     _kept_bytes: int = 0
     #: Reads answered without going to the store (for statistics and tests).
@@ -89,6 +98,20 @@ class PageReader:
                 self._kept -= len(dropped)
                 self._kept_bytes -= sum(event.size for event in dropped)
         return page
+
+    def split(self, page: Sequence[Event], partitions: int) -> list[list[Event]]:
+        """``page``'s events by partition (`partition_of`), computed once for every
+        partition of a group that replays the same page."""
+        key = (page[0].seq, page[-1].seq, partitions)
+        buckets = self._splits.get(key)
+        if buckets is None:
+            buckets = [[] for _ in range(partitions)]
+            for event in page:
+                buckets[partition_of(event.key, event.seq, partitions)].append(event)
+            self._splits[key] = buckets
+            if len(self._splits) > SPLITS_KEPT:
+                self._splits.popitem(last=False)
+        return buckets
 
     def _cached(self, after: int, limit: int, max_bytes: int) -> Sequence[Event]:
         for start, (seqs, page) in self._pages.items():
