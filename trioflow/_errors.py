@@ -15,6 +15,7 @@ catch them all at once::
     ├── HandlerTimeoutError     a handler ran past its consumer's timeout
     ├── Reject                  raised by a handler: never retry this event
     ├── LeaseLostError          another flow took over a consumer this flow owned
+    ├── QueryError              the database refused a statement of a transaction
     └── StoreError              the store failed or refused an operation
         ├── StoreUnavailableError   cannot reach or open the store; retrying may help
         ├── SchemaVersionError      the store holds a schema this version does not know
@@ -136,6 +137,20 @@ class LeaseLostError(TrioflowError):
         super().__init__(message)
         #: The consumers whose leases were lost.
         self.keys = keys
+
+
+class QueryError(TrioflowError):
+    """The database refused a statement run in a transaction (`trioflow.Transaction`).
+
+    The message names the statement and says what the database said; the
+    transaction rolls back. In a transactional handler it is a handler
+    failure, and the consumer's delivery policy applies.
+    """
+
+    def __init__(self, message: str, *, query: str) -> None:
+        super().__init__(message)
+        #: The statement, as given (shortened in the message).
+        self.query = query
 
 
 class StoreError(TrioflowError):

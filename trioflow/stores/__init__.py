@@ -9,7 +9,18 @@ processes on many machines.
 
 from __future__ import annotations
 
-from ._base import Appended, Store
+from .._events import NewEvent
+from ._base import Appended, Store, StoreWrapper
+from ._transactions import ParamStyle, Row, StoreTransaction
 from ._url import store_from_url
 
-__all__ = ["Appended", "Store", "store_from_url"]
+__all__ = [
+    "Appended",
+    "NewEvent",
+    "ParamStyle",
+    "Row",
+    "Store",
+    "StoreTransaction",
+    "StoreWrapper",
+    "store_from_url",
+]

@@ -55,12 +55,17 @@ import abc
 import contextlib
 import datetime
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .._dead_letters import DeadLetter
+from .._errors import ConfigurationError
 from .._events import Event, NewEvent
 from .._leases import Lease
+
+if TYPE_CHECKING:
+    from ._transactions import StoreTransaction
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -222,6 +227,21 @@ class Store(abc.ABC):
         The one way a stored cursor moves back (to none).
         """
 
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[StoreTransaction]:
+        """Open a transaction on the store's database: ``async with store.transaction() as tx``.
+
+        See `trioflow.stores.StoreTransaction` for what it promises. Stores
+        that keep their data in a SQL database (SQLite, PostgreSQL) offer it;
+        the default refuses.
+
+        Raises:
+            ConfigurationError: This store cannot run transactions.
+        """
+        raise ConfigurationError(
+            f"the {type(self).__name__} cannot run transactions (transactional consumers, "
+            "flow.transaction()): use the SQLite or PostgreSQL store"
+        )
+
     @abc.abstractmethod
     async def wait_for_append(self, after: int) -> int:
         """Wait until the head may have moved past ``after``; return the head as last read.
@@ -267,6 +287,9 @@ class StoreWrapper(Store):
 
     async def leases(self) -> list[Lease]:
         return await self.inner.leases()
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[StoreTransaction]:
+        return self.inner.transaction()
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self.inner.dead_letters(consumer)

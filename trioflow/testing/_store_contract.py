@@ -28,10 +28,11 @@ from .._dead_letters import (
     DeadLetter,
     DeadLetterReason,
 )
-from .._errors import ConfigurationError, LeaseLostError, StoreError
+from .._errors import ConfigurationError, LeaseLostError, QueryError, StoreError
 from .._events import JSON, MAX_DATA_BYTES, MAX_DEPTH, Event, NewEvent, encode, new_ids
 from .._leases import Lease
 from ..stores._base import Appended, Store
+from ..stores._transactions import StoreTransaction
 from ..stores._url import store_from_url
 
 # Text a store must keep exactly: any Unicode scalar value except NUL, which
@@ -106,6 +107,20 @@ _URL_DAMAGE = st.sampled_from(
 #: The tests that only make sense for a persistent store.
 _PERSISTENCE_TESTS = frozenset(
     {"test_everything_survives_reopening", "test_dead_letters_survive_reopening"}
+)
+
+#: The tests of `Store.transaction`, for stores that run transactions.
+_TRANSACTION_TESTS = frozenset(
+    {
+        "test_a_transaction_commits_rows_cursors_and_events_together",
+        "test_an_exception_rolls_everything_back",
+        "test_a_cancelled_transaction_rolls_back",
+        "test_queries_return_plain_rows_and_values",
+        "test_a_refused_statement_is_a_query_error_naming_it",
+        "test_fenced_cursor_commits_in_a_transaction",
+        "test_an_append_outside_waits_for_a_transaction_that_appended",
+        "test_a_transaction_leaves_the_store_usable_when_a_statement_hangs",
+    }
 )
 
 #: How far a store's clock may be from this process's (a store may use its own).
@@ -229,6 +244,11 @@ class StoreContract:
     #: and opening the store again (set False for a store that lives in memory).
     persistent: ClassVar[bool] = True
 
+    #: True when the store runs transactions (`Store.transaction`); the
+    #: transaction tests are skipped for one that does not (and check that it
+    #: refuses with a ConfigurationError).
+    transactions: ClassVar[bool] = False
+
     #: True when the store promises sequence numbers 1, 2, 3... without holes
     #: (the contract allows holes, so only such stores are checked for them).
     seqs_without_holes: ClassVar[bool] = False
@@ -264,8 +284,13 @@ class StoreContract:
     def _skip_what_the_store_lacks(self, request: pytest.FixtureRequest) -> None:
         # Skipped here, not inside the test: pytest-trio drops the reason of a
         # skip raised in a trio test.
-        if request.function.__name__ in _PERSISTENCE_TESTS and not self.persistent:
+        name = request.function.__name__
+        if name in _PERSISTENCE_TESTS and not self.persistent:
             pytest.skip(f"{type(self).__name__}.persistent is False")
+        if name in _TRANSACTION_TESTS and not self.transactions:
+            pytest.skip(f"{type(self).__name__}.transactions is False")
+        if name == "test_a_store_without_transactions_refuses_them" and self.transactions:
+            pytest.skip(f"{type(self).__name__}.transactions is True")
 
     # -- the log ----------------------------------------------------------------
 
@@ -1053,6 +1078,170 @@ class StoreContract:
             (third,) = await peer.claim_leases("h2", ["a"], 3600.0)
             assert third.token == held.token + 2
 
+    # -- transactions ------------------------------------------------------------
+
+    async def test_a_store_without_transactions_refuses_them(self) -> None:
+        """A store that runs no transactions says so with a ConfigurationError."""
+        async with self.open_store() as store:
+            with pytest.raises(ConfigurationError, match="cannot run transactions"):
+                async with store.transaction():
+                    pass  # pragma: no cover
+
+    async def test_a_transaction_commits_rows_cursors_and_events_together(self) -> None:
+        """Rows, a cursor move and appended events of one transaction land together."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            before = await store.append(make_events(1))
+            async with store.transaction() as tx:
+                await _create_table(tx)
+                await tx.execute(
+                    _sql(tx, "INSERT INTO contract_rows (id, v) VALUES (?, ?)"), 1, "a"
+                )
+                assert await tx.commit_cursors({"c": before.seqs[0]}) == frozenset()
+                appended = await tx.append(make_events(2))
+                assert appended.after == before.seqs[0]
+                assert appended.seqs[0] > before.seqs[0]
+                # Not visible to others before the commit.
+                assert await peer.head() == before.seqs[0]
+                assert "c" not in await peer.load_cursors()
+            assert await peer.load_cursors() == {"c": before.seqs[0]}
+            assert [e.seq for e in await read_all(peer)] == [before.seqs[0], *appended.seqs]
+            assert await peer.head() == appended.seqs[-1]
+            async with peer.transaction() as tx:
+                assert await tx.fetch(_sql(tx, "SELECT id, v FROM contract_rows")) == [
+                    {"id": 1, "v": "a"}
+                ]
+
+    async def test_an_exception_rolls_everything_back(self) -> None:
+        """Leaving the block by an exception leaves no row, cursor or event, and no hole
+        that holds up a reader: the next append reads back at once."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            async with store.transaction() as tx:
+                await _create_table(tx)
+            with pytest.raises(RuntimeError, match="boom"):
+                async with store.transaction() as tx:
+                    await tx.execute(
+                        _sql(tx, "INSERT INTO contract_rows (id, v) VALUES (?, ?)"), 1, "a"
+                    )
+                    await tx.commit_cursors({"c": 5})
+                    await tx.append(make_events(3))
+                    raise RuntimeError("boom")
+            assert await peer.head() == 0
+            assert await peer.load_cursors() == {}
+            later = await peer.append(make_events(1))
+            with trio.fail_after(self.patience):
+                assert [e.seq for e in await read_all(store)] == list(later.seqs)
+            async with store.transaction() as tx:
+                assert await tx.fetchval(_sql(tx, "SELECT count(*) FROM contract_rows")) == 0
+
+    async def test_a_cancelled_transaction_rolls_back(self) -> None:
+        """Cancelling the block, even during a statement, commits nothing."""
+        async with self.open_store() as store:
+            async with store.transaction() as tx:
+                await _create_table(tx)
+            with trio.CancelScope() as scope:
+                async with store.transaction() as tx:
+                    await tx.execute(
+                        _sql(tx, "INSERT INTO contract_rows (id, v) VALUES (?, ?)"), 1, "a"
+                    )
+                    await tx.append(make_events(1))
+                    scope.cancel()
+                    await tx.fetchval(_sql(tx, "SELECT count(*) FROM contract_rows"))
+            assert scope.cancelled_caught
+            assert await store.head() == 0
+            async with store.transaction() as tx:
+                assert await tx.fetchval(_sql(tx, "SELECT count(*) FROM contract_rows")) == 0
+
+    async def test_queries_return_plain_rows_and_values(self) -> None:
+        """fetch gives dicts, fetchrow one or None, fetchval a value or None."""
+        async with self.open_store() as store, store.transaction() as tx:
+            await _create_table(tx)
+            await tx.executemany(
+                _sql(tx, "INSERT INTO contract_rows (id, v) VALUES (?, ?)"),
+                [(1, "a"), (2, "ü 🎉"), (3, None)],
+            )
+            query = _sql(tx, "SELECT id, v FROM contract_rows WHERE id >= ? ORDER BY id")
+            assert await tx.fetch(query, 2) == [{"id": 2, "v": "ü 🎉"}, {"id": 3, "v": None}]
+            assert await tx.fetchrow(query, 1) == {"id": 1, "v": "a"}
+            assert await tx.fetchrow(query, 9) is None
+            assert await tx.fetchval(query, 2) == 2
+            assert await tx.fetchval(query, 9) is None
+            assert await tx.fetch(query, 9) == []
+
+    async def test_a_refused_statement_is_a_query_error_naming_it(self) -> None:
+        """Bad SQL raises QueryError with the statement; the transaction rolls back whole."""
+        async with self.open_store() as store:
+            async with store.transaction() as tx:
+                await _create_table(tx)
+            with pytest.raises(QueryError) as raised:
+                async with store.transaction() as tx:
+                    await tx.execute(
+                        _sql(tx, "INSERT INTO contract_rows (id, v) VALUES (?, ?)"), 1, "a"
+                    )
+                    await tx.append(make_events(1))
+                    await tx.execute("SELEKT nonsense FROM contract_rows")
+            assert "SELEKT nonsense" in str(raised.value)
+            assert raised.value.query == "SELEKT nonsense FROM contract_rows"
+            assert await store.head() == 0
+            with pytest.raises(QueryError):
+                async with store.transaction() as tx:
+                    await tx.execute(
+                        _sql(tx, "INSERT INTO contract_rows (id, v) VALUES (?, ?)"), 1, "a"
+                    )
+                    await tx.execute(
+                        _sql(tx, "INSERT INTO contract_rows (id, v) VALUES (?, ?)"), 1, "b"
+                    )
+            async with store.transaction() as tx:
+                assert await tx.fetchval(_sql(tx, "SELECT count(*) FROM contract_rows")) == 0
+
+    async def test_fenced_cursor_commits_in_a_transaction(self) -> None:
+        """A stale fence is refused in a transaction as outside one."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            (held,) = await store.claim_leases("h1", ["a"], 3600.0)
+            async with store.transaction() as tx:
+                assert await tx.commit_cursors({"a": 3}, fences={"a": held.token}) == set()
+            await store.release_leases("h1", ["a"])
+            await peer.claim_leases("h2", ["a"], 3600.0)
+            async with store.transaction() as tx:
+                assert await tx.commit_cursors({"a": 4}, fences={"a": held.token}) == {"a"}
+            assert await peer.load_cursors() == {"a": 3}
+
+    async def test_an_append_outside_waits_for_a_transaction_that_appended(self) -> None:
+        """Readers never see a later event before an earlier one: an append through
+        another handle after a transaction's append lands after it, however long the
+        transaction stays open."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            outside: list[Appended] = []
+
+            async def append_outside() -> None:
+                outside.append(await peer.append(make_events(1, "outside")))
+
+            with trio.fail_after(self.patience):
+                async with trio.open_nursery() as nursery, store.transaction() as tx:
+                    inside = await tx.append(make_events(2, "inside"))
+                    nursery.start_soon(append_outside)
+                    await trio.sleep(0.3)
+                    # Still uncommitted: nothing of it, nor after it, is readable.
+                    assert await peer.read(0, 10) == []
+            events = await read_all(peer)
+            assert [e.type for e in events] == ["inside", "inside", "outside"]
+            assert [e.seq for e in events][:2] == list(inside.seqs)
+            assert outside[0].seqs[0] > inside.seqs[-1]
+
+    async def test_a_transaction_leaves_the_store_usable_when_a_statement_hangs(self) -> None:
+        """A transaction cancelled while a statement waits (here, for another
+        transaction's lock) rolls back, and the store keeps working."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            async with store.transaction() as tx:
+                await _create_table(tx)
+            with trio.fail_after(self.patience):
+                async with peer.transaction() as holder:
+                    await holder.append(make_events(1))
+                    with trio.move_on_after(0.5):
+                        async with store.transaction() as tx:
+                            await tx.append(make_events(1))
+            await store.append(make_events(1))
+            assert len(await read_all(store)) == 2
+
     @settings(
         max_examples=30,
         deadline=None,
@@ -1371,6 +1560,18 @@ async def check_a_first_dead_letter(store: Store, consumer: str, seq: int) -> No
     await store.record_dead_letter(letter, cursor=seq)
     assert await store.dead_letters() == [letter]
     assert await store.load_cursors() == {**cursors, consumer: max(seq, cursors.get(consumer, seq))}
+
+
+async def _create_table(tx: StoreTransaction) -> None:
+    await tx.execute("CREATE TABLE IF NOT EXISTS contract_rows (id INTEGER PRIMARY KEY, v TEXT)")
+
+
+def _sql(tx: StoreTransaction, query: str) -> str:
+    """``query`` with ``?`` parameters, in ``tx``'s parameter style."""
+    if tx.paramstyle == "?":
+        return query
+    parts = query.split("?")
+    return "".join(f"{part}${index}" for index, part in enumerate(parts[:-1], 1)) + parts[-1]
 
 
 def _lease_of(leases: Sequence[Lease], key: str) -> Lease:
