@@ -23,6 +23,7 @@ from ._errors import Reject as Reject
 from ._errors import SchemaVersionError as SchemaVersionError
 from ._errors import StoreError as StoreError
 from ._errors import StoreUnavailableError as StoreUnavailableError
+from ._errors import TransactionClosedError as TransactionClosedError
 from ._errors import TrioflowError as TrioflowError
 from ._errors import UnknownConsumerError as UnknownConsumerError
 from ._errors import UnknownDeadLetterError as UnknownDeadLetterError
@@ -40,6 +41,7 @@ from ._policies import RestartPolicy as RestartPolicy
 from ._policies import Retry as Retry
 from ._statistics import ConsumerStatistics as ConsumerStatistics
 from ._statistics import FlowStatistics as FlowStatistics
+from ._transactions import Transaction as Transaction
 from ._util import fixup_module_metadata as _fixup_module_metadata
 
 __version__ = "0.1.0"
@@ -74,6 +76,8 @@ __all__ = [
     "StartFrom",
     "StoreError",
     "StoreUnavailableError",
+    "Transaction",
+    "TransactionClosedError",
     "TrioflowError",
     "UnknownConsumerError",
     "UnknownDeadLetterError",

@@ -52,6 +52,7 @@ class ConsumerOptions(TypedDict, total=False):
     timeout: float | None
     on_exhausted: OnExhausted
     partitions: int | None
+    transactional: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -74,6 +75,8 @@ class ConsumerSpec:
             divided into by key (`trioflow._groups.partition_of`); None for a
             plain consumer.
         partition: For one partition of a group, as a flow runs it: which one.
+        transactional: Whether its handler runs in a store transaction that
+            also moves its cursor (exactly-once effects), taking ``(event, tx)``.
     """
 
     name: str
@@ -87,6 +90,7 @@ class ConsumerSpec:
     policy: DeliveryPolicy
     partitions: int | None = None
     partition: int | None = None
+    transactional: bool = False
 
     def partition_spec(self, partition: int) -> ConsumerSpec:
         """The spec of one partition of this group: its own cursor and lease key."""
@@ -294,6 +298,13 @@ class App:
                 the partitions, running their own concurrently. Order holds
                 per key, not across keys. The count is fixed when the group
                 first runs (see docs/deploying.md).
+            transactional: Run the handler in a transaction of the store's
+                database, ``async def handler(event, tx)``: its statements
+                (``tx.execute(...)``) and the consumer's cursor move commit
+                together, so each event's effect is applied exactly once, even
+                across crashes. ``commit_every`` (default 1 here) events share
+                one transaction. Needs the SQLite or PostgreSQL store (see
+                docs/transactions.md).
 
         Returns:
             The function itself, unchanged.
@@ -332,6 +343,7 @@ class App:
         timeout: float | None = None,
         on_exhausted: OnExhausted = "retry-forever",
         partitions: int | None = None,
+        transactional: bool = False,
     ) -> ConsumerSpec:
         """Check a consumer's handler and options, with this App's defaults, and
         return its `ConsumerSpec` without registering it (`Flow.add_consumer`
@@ -345,7 +357,15 @@ class App:
                 f"consumer handler {handler!r} is not an async function; define it with "
                 "`async def handler(event): ...`"
             )
-        _check_takes_one_event(handler)
+        if not isinstance(transactional, bool):
+            raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
+        _check_takes_one_event(handler, transactional=transactional)
+        if transactional and not self.store.supports_transactions:
+            raise ConfigurationError(
+                f"consumer {name!r} is transactional, but the {type(self.store).__name__} "
+                "cannot run transactions (nothing it holds is durable): use the SQLite or "
+                "PostgreSQL store"
+            )
         if name is None:
             name = getattr(handler, "__name__", None)
         name = check_consumer_name(name)
@@ -392,9 +412,12 @@ class App:
             buffer=buffer,
             buffer_bytes=buffer_bytes,
             overflow=overflow,
-            commit_every=self.commit_every
+            # A transactional consumer's cursor moves in each handler's
+            # transaction: one event per transaction unless asked for more.
+            commit_every=(1 if transactional else self.commit_every)
             if commit_every is None
             else _positive_int("commit_every", commit_every),
+            transactional=transactional,
             policy=delivery_policy(
                 retry=self.retry if retry is None else retry,
                 retry_on=retry_on,
@@ -420,15 +443,22 @@ def _is_async_callable(obj: object) -> bool:
     )
 
 
-def _check_takes_one_event(handler: Callable[..., object]) -> None:
-    """Refuse a handler that cannot be called with one positional argument (the event)."""
+def _check_takes_one_event(handler: Callable[..., object], *, transactional: bool = False) -> None:
+    """Refuse a handler that cannot be called with the event (and, for a
+    transactional consumer, its transaction) as positional arguments."""
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):
         return  # Some callables (builtins, C extensions) have no signature to check.
     try:
-        signature.bind(None)
+        signature.bind(None, None) if transactional else signature.bind(None)
     except TypeError:
+        if transactional:
+            raise ConfigurationError(
+                f"the handler {handler!r} of a transactional consumer must take the event "
+                f"and its transaction, but its signature is {signature}; define it as "
+                "`async def handler(event, tx): ...`"
+            ) from None
         raise ConfigurationError(
             f"consumer handler {handler!r} must take the event as its one positional "
             f"argument, but its signature is {signature}; define it as "

@@ -50,6 +50,7 @@ from ._ownership import LeaseKeeper, Ownership
 from ._pages import PageReader
 from ._statistics import ConsumerStatistics, Stall
 from ._store_calls import SlowCalls
+from ._transactions import Transaction, append_published
 from .stores._base import Store
 
 logger = logging.getLogger("trioflow")
@@ -575,6 +576,7 @@ class Consumer:
         types = spec.types
         partition, partitions = spec.partition, spec.partitions or 1
         timed = spec.policy.timeout is not None
+        transactional = spec.transactional
         commit_every = spec.commit_every
         request_every = max(commit_every // 2, 1)
         cursors = runner.cursors
@@ -600,7 +602,9 @@ class Consumer:
                         cursors.request(cursor, self._position, self._processed)
                         await cursors.wait_durable(cursor, self._position)
                     try:
-                        if timed:
+                        if transactional:
+                            await self._call_in_transaction(event)
+                        elif timed:
                             await self._call_timed(event)
                         else:
                             await handler(event)
@@ -630,7 +634,7 @@ class Consumer:
             # Leave the rest to the stop sequence, which cancels this task.
             await trio.sleep_forever()
 
-    async def _call_timed(self, event: Event) -> None:
+    async def _call_timed(self, event: Event, tx: Transaction | None = None) -> None:
         """Call the handler, cancelled after the policy's timeout (a failed attempt)."""
         timeout = self.spec.policy.timeout
         assert timeout is not None
@@ -649,17 +653,43 @@ class Consumer:
             ),
             trio.move_on_after(timeout) as scope,
         ):
-            await self.spec.handler(event)
+            if tx is None:
+                await self.spec.handler(event)
+            else:
+                await self.spec.handler(event, tx)  # type: ignore[call-arg]
         if scope.cancelled_caught:
             raise HandlerTimeoutError(
                 self.name, event.seq, event.type, timeout, trio.current_time() - started
             )
 
     async def _call(self, event: Event) -> None:
-        if self.spec.policy.timeout is None:
+        if self.spec.transactional:
+            await self._call_in_transaction(event)
+        elif self.spec.policy.timeout is None:
             await self.spec.handler(event)
         else:
             await self._call_timed(event)
+
+    async def _call_in_transaction(self, event: Event) -> None:
+        """Call a transactional handler in a store transaction that also moves the
+        cursor past ``event`` (and appends what the handler published): all of it
+        commits, or none of it (the handler raised, the lease was lost, a crash)."""
+        runner = self._runner
+        async with runner.store.transaction() as store_tx:
+            tx = Transaction(store_tx, f"the handler of consumer {self.name!r} on seq={event.seq}")
+            try:
+                if self.spec.policy.timeout is None:
+                    await self.spec.handler(event, tx)  # type: ignore[call-arg]
+                else:
+                    await self._call_timed(event, tx)
+            finally:
+                tx._close()
+            published = await append_published(tx)
+            await runner.cursors.commit_in_transaction(store_tx, self._cursor, event.seq)
+        # Durable now: the position moves with the count of handled events.
+        runner.cursors.landed(self._cursor, event.seq, self._processed + 1)
+        if published:
+            runner.dispatcher.request_poll()
 
     async def _after_failure(
         self, event: Event, error: Exception, *, requeued: bool

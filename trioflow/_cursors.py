@@ -19,6 +19,7 @@ from ._dead_letters import DeadLetter
 from ._errors import LeaseLostError, StoreError
 from ._ownership import LeaseKeeper
 from .stores._base import Store
+from .stores._transactions import StoreTransaction
 
 
 @attrs.define(eq=False)
@@ -210,6 +211,28 @@ class CursorWriter:
                     else:
                         self._landed(progress, seq, processed)
                 self._changed.unpark_all()
+
+    async def commit_in_transaction(
+        self, transaction: StoreTransaction, progress: CursorProgress, seq: int
+    ) -> None:
+        """Move the cursor to ``seq`` inside ``transaction`` (a transactional
+        handler's), fenced; call `landed` once the transaction has committed.
+
+        Raises:
+            LeaseLostError: This flow does not own the consumer (any more): the
+                transaction must roll back.
+        """
+        fences = self._fences([progress.name])
+        if not fences:
+            raise self._lost(progress.name, fences)
+        refused = await transaction.commit_cursors({progress.name: seq}, fences=fences)
+        if refused:
+            raise self._lost(progress.name, fences)
+
+    def landed(self, progress: CursorProgress, seq: int, processed: int) -> None:
+        """A cursor committed in a transaction (`commit_in_transaction`) is durable."""
+        self._landed(progress, seq, processed)
+        self._changed.unpark_all()
 
     def _fences(self, names: Iterable[str]) -> dict[str, int]:
         """The fencing tokens of the consumers among ``names`` that this flow owns."""

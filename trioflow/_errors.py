@@ -16,6 +16,7 @@ catch them all at once::
     ├── Reject                  raised by a handler: never retry this event
     ├── LeaseLostError          another flow took over a consumer this flow owned
     ├── QueryError              the database refused a statement of a transaction
+    ├── TransactionClosedError  a Transaction used after its handler or block ended
     └── StoreError              the store failed or refused an operation
         ├── StoreUnavailableError   cannot reach or open the store; retrying may help
         ├── SchemaVersionError      the store holds a schema this version does not know
@@ -151,6 +152,13 @@ class QueryError(TrioflowError):
         super().__init__(message)
         #: The statement, as given (shortened in the message).
         self.query = query
+
+
+class TransactionClosedError(TrioflowError):
+    """A `trioflow.Transaction` was used after its handler returned or its block ended.
+
+    Nothing was run: a transaction's statements never run outside it.
+    """
 
 
 class StoreError(TrioflowError):

@@ -38,6 +38,7 @@ from ._leases import new_holder_id
 from ._ownership import LeaseKeeper
 from ._statistics import FlowStatistics
 from ._store_calls import SlowCalls, WatchedStore
+from ._transactions import Transaction, append_published
 from ._watchdog import consumer_task_name, flow_task_name, watch_blocking
 
 logger = logging.getLogger("trioflow")
@@ -224,6 +225,33 @@ class Flow:
             published=self._dispatcher.published,
             consumers={name: c.statistics(head) for name, c in self._consumers.items()},
         )
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Run statements and publish events in one transaction of the store's database
+        (the outbox): ``async with flow.transaction() as tx:``.
+
+        The events published with ``tx.publish`` get their sequence numbers in
+        the transaction, at its end (the store's ordering lock is taken then and
+        held only until the commit), and reach consumers only once it commits:
+        this flow's at once, other processes' as with any append. Leaving the
+        block by an exception rolls everything back: no row, no event.
+
+        Raises:
+            ConfigurationError: The store cannot run transactions (memory).
+            QueryError: The database refused a statement (after the rollback).
+            FlowClosedError: The flow is closed.
+        """
+        self._check_open()
+        async with self._store.transaction() as store_tx:
+            tx = Transaction(store_tx, "this flow.transaction() block")
+            try:
+                yield tx
+            finally:
+                tx._close()
+            seqs = await append_published(tx)
+        if seqs:
+            self._dispatcher.request_poll()
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         """The dead letters in the store: of ``consumer``, or of every consumer.

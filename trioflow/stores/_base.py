@@ -95,6 +95,9 @@ class Store(abc.ABC):
     #: stores that cannot be told (None: the store wakes waiters itself).
     poll_interval: float | None = None
 
+    #: Whether `transaction` works (a store on a SQL database).
+    supports_transactions: bool = False
+
     @abc.abstractmethod
     def open(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Connect, create the schema if missing, check its version; close on exit.
@@ -270,6 +273,14 @@ class StoreWrapper(Store):
     @poll_interval.setter
     def poll_interval(self, value: float | None) -> None:
         self.inner.poll_interval = value
+
+    @property
+    def supports_transactions(self) -> bool:
+        return self.inner.supports_transactions
+
+    @supports_transactions.setter
+    def supports_transactions(self, value: bool) -> None:
+        self.inner.supports_transactions = value
 
     def open(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self.inner.open()
