@@ -96,3 +96,14 @@ def test_service_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
         child.wait()
     assert child.returncode == 0, rest
     assert "got SIGTERM: stopping" in rest
+
+
+def test_orders_counts_each_order_once_across_runs(tmp_path: Path) -> None:
+    first = run_example("orders.py", tmp_path)
+    assert "ada: total 38 from 2 order(s)" in first
+    assert "bob: total 12 from 1 order(s)" in first
+    assert "orders placed: 3" in first
+    second = run_example("orders.py", tmp_path)
+    assert "ada: total 76 from 4 order(s)" in second
+    assert "bob: total 24 from 2 order(s)" in second
+    assert "orders placed: 6" in second
