@@ -1,4 +1,4 @@
-"""An order service: orders written with their events (the outbox), a projection applied exactly once.
+"""An order service: orders written with their events, a projection applied exactly once.
 
 Run it twice: ``python examples/orders.py``. It uses the embedded SQLite
 store (``trioflow.db`` in the current directory, or ``$TRIOFLOW_STORE``).
@@ -24,7 +24,8 @@ async def create_tables(tx: trioflow.Transaction) -> None:
         "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, customer TEXT, amount INTEGER)"
     )
     await tx.execute(
-        "CREATE TABLE IF NOT EXISTS totals (customer TEXT PRIMARY KEY, total INTEGER, orders INTEGER)"
+        "CREATE TABLE IF NOT EXISTS totals "
+        "(customer TEXT PRIMARY KEY, total INTEGER, orders INTEGER)"
     )
 
 
