@@ -163,3 +163,31 @@ async def test_the_memory_store_refuses_flow_transactions() -> None:
         with pytest.raises(trioflow.ConfigurationError, match="cannot run transactions"):
             async with flow.transaction():
                 pass  # pragma: no cover
+
+
+async def test_commit_every_batches_events_and_a_failure_redoes_its_batch_singly(
+    tmp_path: Path,
+) -> None:
+    app = sqlite_app(tmp_path)
+    calls: list[int] = []
+
+    @app.consumer(
+        "projection",
+        transactional=True,
+        commit_every=5,
+        retry=trioflow.Retry(attempts=3, initial=0.01),
+    )
+    async def project(event: trioflow.Event, tx: trioflow.Transaction) -> None:
+        calls.append(event.seq)
+        await tx.execute(SCHEMA)
+        await tx.execute("INSERT INTO effects (seq, amount) VALUES (?, ?)", event.seq, 1)
+        if event.seq == 7 and calls.count(7) == 1:
+            raise RuntimeError("once")
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("paid", None)] * 12)
+        await flow.wait_idle()
+        assert await rows(flow) == [{"seq": n, "amount": 1} for n in range(1, 13)]
+    # 1-5 in one transaction; 6-10 failed at 7 and rolled back, then one by
+    # one (7 retried); 11-12 together again.
+    assert calls == [1, 2, 3, 4, 5, 6, 7, 6, 7, 7, 8, 9, 10, 11, 12]

@@ -586,6 +586,10 @@ class Consumer:
             self._ownership.cancelling(scope),
         ):
             self._handler_scope = scope
+            if transactional and commit_every > 1:
+                # Whole transactions of up to commit_every events; from a
+                # failed one on, one event per transaction, with the policy.
+                events = await self._handle_in_transactions(events)
             for event in events:
                 seq = event.seq
                 if seq <= self._position:
@@ -609,6 +613,7 @@ class Consumer:
                         else:
                             await handler(event)
                     except Exception as exc:
+                        self._reraise_store_failure(exc)
                         outcome = await self._after_failure(event, exc, requeued=False)
                         if outcome == "stopped":
                             break
@@ -669,6 +674,80 @@ class Consumer:
             await self.spec.handler(event)
         else:
             await self._call_timed(event)
+
+    def _selects(self, event: Event) -> bool:
+        spec = self.spec
+        if spec.types is not None and event.type not in spec.types:
+            return False
+        return spec.partition is None or (
+            partition_of(event.key, event.seq, spec.partitions or 1) == spec.partition
+        )
+
+    async def _handle_in_transactions(self, events: Sequence[Event]) -> Sequence[Event]:
+        """Handle ``events`` (a transactional consumer's) in transactions of up to
+        ``commit_every`` of them, each committing its handlers' statements, what
+        they published and the cursor move past its last event.
+
+        Returns the events still to handle: none, or those from the first
+        transaction that failed on (its handler raised; it rolled back), for
+        `_handle` to take one per transaction with the delivery policy.
+        """
+        runner, spec, cursors = self._runner, self.spec, self._runner.cursors
+        pending = [event for event in events if event.seq > self._position]
+        start = 0
+        while start < len(pending):
+            if self._must_stop() or not self._ownership.owned:
+                return pending[start:]
+            chunk: list[Event] = []
+            end = start
+            while end < len(pending) and len(chunk) < spec.commit_every:
+                if self._selects(pending[end]):
+                    chunk.append(pending[end])
+                end += 1
+            last = pending[end - 1].seq
+            if chunk:
+                try:
+                    published = await self._call_chunk_in_transaction(chunk, last)
+                except Exception as exc:
+                    self._reraise_store_failure(exc)
+                    return pending[start:]
+                self._processed += len(chunk)
+                cursors.landed(self._cursor, last, self._processed)
+                if published:
+                    runner.dispatcher.request_poll()
+            self._position = last
+            start = end
+        return ()
+
+    async def _call_chunk_in_transaction(self, chunk: Sequence[Event], last: int) -> bool:
+        """One transaction for ``chunk``'s handler calls and the cursor move to
+        ``last``; return whether the handlers published."""
+        runner = self._runner
+        async with runner.store.transaction() as store_tx:
+            tx = Transaction(
+                store_tx,
+                f"the handler of consumer {self.name!r} on seq={chunk[0].seq}..{chunk[-1].seq}",
+            )
+            try:
+                for event in chunk:
+                    if self.spec.policy.timeout is None:
+                        await self.spec.handler(event, tx)  # type: ignore[call-arg]
+                    else:
+                        await self._call_timed(event, tx)
+            finally:
+                tx._close()
+            published = await append_published(tx)
+            await runner.cursors.commit_in_transaction(store_tx, self._cursor, last)
+        return bool(published)
+
+    def _reraise_store_failure(self, error: Exception) -> None:
+        """Raise ``error`` again if it is not the handler's failure but the store's:
+        a lost lease, or (around a transactional handler) the transaction's store
+        failing; those take the restart-from-cursor path, not the delivery policy."""
+        if isinstance(error, LeaseLostError) or (
+            self.spec.transactional and isinstance(error, StoreError)
+        ):
+            raise error
 
     async def _call_in_transaction(self, event: Event) -> None:
         """Call a transactional handler in a store transaction that also moves the
@@ -742,6 +821,7 @@ class Consumer:
             try:
                 await self._call(event)
             except Exception as exc:
+                self._reraise_store_failure(exc)
                 error = exc
                 continue
             self._stall = None
@@ -830,6 +910,7 @@ class Consumer:
                 try:
                     await self._call(event)
                 except Exception as exc:
+                    self._reraise_store_failure(exc)
                     outcome = await self._after_failure(event, exc, requeued=True)
                 else:
                     outcome = "handled"
