@@ -169,7 +169,7 @@ class SQLiteTransaction(StoreTransaction):
         self._ended = True
         if self._failure is not None:
             await self.roll_back()
-            raise self._failed_error("the transaction was rolled back, not committed")
+            raise self._failed_error("it was rolled back, not committed")
         with self._errors("committing a transaction"):
             await trio.to_thread.run_sync(self._commit, limiter=self._limiter)
 
@@ -270,14 +270,14 @@ class SQLiteTransaction(StoreTransaction):
                 "StoreTransaction only inside its `async with store.transaction()` block"
             )
         if self._failure is not None:
-            raise self._failed_error("the transaction can only roll back now: leave its block")
+            raise self._failed_error("it can only roll back now: leave its block")
 
     def _failed_error(self, what: str) -> StoreError | QueryError:
+        """The error saying that a call failed before, so ``what``; a QueryError if it
+        was a statement of the user's (it names that statement)."""
         assert self._failure is not None
         failed, query = self._failure
-        message = (
-            f"SQLite store {self._shown!r}: {what}, because a call in it failed before ({failed})"
-        )
+        message = f"a call in this transaction failed ({failed}), so {what}"
         if query is not None:
             return QueryError(message, query=query)
         return StoreError(message)
