@@ -38,6 +38,7 @@ class TestMemoryStore(StoreContract):
 
 class TestSQLiteStore(StoreContract):
     seqs_without_holes = True
+    transactions = True
     store_urls = (
         "sqlite:///events.db",
         "sqlite:////var/lib/app/events.db?synchronous=normal&poll_interval=0.05",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -12,15 +13,17 @@ import stat
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import trio
 import trio.testing
 
 import trioflow
+from tests._procs import Child, running
 from trioflow._errors import (
     ConfigurationError,
+    QueryError,
     SchemaVersionError,
     StoreError,
     StoreUnavailableError,
@@ -656,6 +659,7 @@ import sys
 import trio
 from trioflow._events import encode, new_ids
 from trioflow.stores.sqlite import SQLiteStore
+from tests._procs import Child, running
 from trioflow.testing._store_contract import check_a_first_dead_letter, make_letter
 
 async def main(path):
@@ -1046,6 +1050,263 @@ async def test_large_arguments_are_clamped(tmp_path: pathlib.Path) -> None:
 def test_repr(tmp_path: pathlib.Path) -> None:
     store = SQLiteStore("app.db", synchronous="normal")
     assert repr(store) == "SQLiteStore('app.db', synchronous='normal')"
+
+
+# -- transactions -----------------------------------------------------------------
+
+
+async def create_rows_table(store: SQLiteStore) -> None:
+    async with store.transaction() as tx:
+        await tx.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY)")
+
+
+async def count_rows(store: SQLiteStore) -> int:
+    async with store.transaction() as tx:
+        count: int = await tx.fetchval("SELECT count(*) FROM rows")
+        return count
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("COMMIT", "BEGIN, COMMIT, END and ROLLBACK are trioflow's"),
+        ("  /* done */ end transaction", "BEGIN, COMMIT, END and ROLLBACK are trioflow's"),
+        ("ROLLBACK", "BEGIN, COMMIT, END and ROLLBACK are trioflow's"),
+        ("BEGIN IMMEDIATE", "BEGIN, COMMIT, END and ROLLBACK are trioflow's"),
+        ("SAVEPOINT s", "SAVEPOINT, RELEASE and ROLLBACK TO are refused"),
+        ("RELEASE s", "SAVEPOINT, RELEASE and ROLLBACK TO are refused"),
+        ("ATTACH ':memory:' AS other", "ATTACH and DETACH are refused"),
+        ("DETACH main", "ATTACH and DETACH are refused"),
+        ("PRAGMA journal_mode = DELETE", "PRAGMA journal_mode is refused"),
+        ("PRAGMA query_only = ON", "PRAGMA query_only is refused"),
+        ("pragma Busy_Timeout = 1", "PRAGMA busy_timeout is refused"),
+        ("PRAGMA wal_checkpoint", "PRAGMA wal_checkpoint is refused"),
+        ("VACUUM", "cannot VACUUM from within a transaction"),
+        ("SELECT 1; COMMIT", "one statement at a time"),
+    ],
+)
+async def test_a_transaction_refuses_statements_that_would_end_or_escape_it(
+    tmp_path: pathlib.Path, statement: str, message: str
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        await create_rows_table(store)
+        with pytest.raises(QueryError, match=message) as caught:
+            async with store.transaction() as tx:
+                await tx.execute("INSERT INTO rows (id) VALUES (1)")
+                await tx.append(make_events(1))
+                await tx.execute(statement)
+        assert caught.value.query == statement
+        assert await count_rows(store) == 0
+        assert await store.head() == 0
+        # The store's own writes still commit, and no pragma stuck.
+        assert list((await store.append(make_events(1))).seqs) == [1]
+        assert read_raw(tmp_path / "t.db", "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_a_transaction_runs_pragmas_that_read_and_defer_foreign_keys(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        await create_rows_table(store)
+        async with store.transaction() as tx:
+            assert [row["name"] for row in await tx.fetch("PRAGMA table_info(rows)")] == ["id"]
+            assert await tx.fetchval("SELECT count(*) FROM pragma_table_info('rows')") == 1
+            assert await tx.fetchval("PRAGMA user_version") is not None
+            await tx.execute("PRAGMA defer_foreign_keys = ON")
+
+
+async def test_a_query_error_shortens_a_long_statement(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    statement = "SELECT " + " + ".join(["no_such_column"] * 200)
+    async with store.open():
+        with pytest.raises(QueryError, match="no such column") as caught:
+            async with store.transaction() as tx:
+                await tx.fetch(statement)
+        assert caught.value.query == statement
+        assert f"({len(statement)} characters)" in str(caught.value)
+        assert len(str(caught.value)) < 600
+
+
+async def test_after_a_failed_statement_the_transaction_only_rolls_back(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A caught QueryError does not let the block commit what came before it."""
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        await create_rows_table(store)
+        with pytest.raises(QueryError, match="rolled back, not committed") as caught:
+            async with store.transaction() as tx:
+                await tx.execute("INSERT INTO rows (id) VALUES (1)")
+                with pytest.raises(QueryError, match="UNIQUE constraint failed"):
+                    await tx.execute("INSERT INTO rows (id) VALUES (1)")
+                with pytest.raises(QueryError, match="can only roll back"):
+                    await tx.execute("INSERT INTO rows (id) VALUES (2)")
+                with pytest.raises(QueryError, match="can only roll back"):
+                    await tx.append(make_events(1))
+        assert caught.value.query == "INSERT INTO rows (id) VALUES (1)"
+        assert await count_rows(store) == 0
+        with pytest.raises(StoreError, match="has ended"):
+            await tx.fetch("SELECT 1")
+        batch = make_events(1)
+        await store.append(batch)
+        with pytest.raises(StoreError, match="rolled back, not committed"):
+            async with store.transaction() as tx:
+                await tx.execute("INSERT INTO rows (id) VALUES (1)")
+                with pytest.raises(StoreError, match="UNIQUE constraint failed"):
+                    await tx.append(batch)
+        assert await count_rows(store) == 0
+
+
+async def test_a_write_of_the_store_inside_its_transaction_is_refused(
+    tmp_path: pathlib.Path,
+) -> None:
+    """It would wait for the transaction, which waits for it."""
+    store = SQLiteStore(tmp_path / "t.db")
+    async with store.open():
+        async with store.transaction() as tx:
+            with pytest.raises(ConfigurationError, match="append inside a transaction"):
+                await store.append(make_events(1))
+            with pytest.raises(ConfigurationError, match="a transaction inside a transaction"):
+                async with store.transaction():
+                    pass  # pragma: no cover
+            await tx.append(make_events(1))
+        assert await store.head() == 1
+
+
+async def test_a_long_statement_is_interrupted_when_cancelled(tmp_path: pathlib.Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT max(i) FROM n"
+    async with store.open():
+        start = trio.current_time()
+        with trio.move_on_after(0.2) as scope:
+            async with store.transaction() as tx:
+                await tx.append(make_events(1))
+                await tx.fetchval(endless)
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 2
+        assert await store.head() == 0
+        assert list((await store.append(make_events(1))).seqs) == [1]
+
+
+async def test_waiting_for_another_connections_lock_ends_when_cancelled(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The wait for the write lock is cancellable, bounded by busy_timeout, and leaves
+    the writer its busy_timeout for the store's own writes."""
+    path = tmp_path / "t.db"
+    async with SQLiteStore(path, busy_timeout=0.2).open():
+        pass
+    store = SQLiteStore(path, busy_timeout=30)
+    async with store.open():
+        raw = sqlite3.connect(path, isolation_level=None)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            start = trio.current_time()
+            with trio.move_on_after(0.2) as scope:
+                async with store.transaction():
+                    pass  # pragma: no cover
+            assert scope.cancelled_caught
+            assert trio.current_time() - start < 1
+
+            async def release_soon() -> None:
+                await trio.sleep(0.3)
+                raw.execute("ROLLBACK")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(release_soon)
+                assert list((await store.append(make_events(1))).seqs) == [1]
+        finally:
+            raw.close()
+    impatient = SQLiteStore(path, busy_timeout=0.1)
+    async with impatient.open():
+        raw = sqlite3.connect(path, isolation_level=None)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreUnavailableError, match=r"transaction.*busy_timeout=0.1"):
+                async with impatient.transaction():
+                    pass  # pragma: no cover
+            raw.execute("ROLLBACK")
+        finally:
+            raw.close()
+        async with impatient.transaction() as tx:
+            await tx.append(make_events(1))
+        assert await impatient.head() == 2
+
+
+async def test_a_commit_wakes_this_stores_waiters(tmp_path: pathlib.Path) -> None:
+    """Waiters learn of a transaction's events at its commit, not at their next poll."""
+    store = SQLiteStore(tmp_path / "t.db", poll_interval=60)
+    woken: list[tuple[int, float]] = []
+
+    async def wait() -> None:
+        head = await store.wait_for_append(0)
+        woken.append((head, trio.current_time()))
+
+    async with store.open(), trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        async with store.transaction() as tx:
+            appended = await tx.append(make_events(2))
+            # Long enough that the waiter's polls are over a second apart.
+            await trio.sleep(1.5)
+            assert woken == []
+        committed = trio.current_time()
+    ((head, at),) = woken
+    assert head == appended.seqs[-1]
+    assert at - committed < 0.5
+
+
+@contextlib.asynccontextmanager
+async def store_and_child(
+    tmp_path: pathlib.Path, mode: str
+) -> AsyncIterator[tuple[SQLiteStore, Child]]:
+    """An open store on a new file with the table ``rows``, and a ready
+    ``transaction_child.py`` in ``mode`` on the same file."""
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        await create_rows_table(store)
+        async with running(
+            "transaction_child.py", path, mode, stderr=tmp_path / "stderr", stdin=mode == "append"
+        ) as child:
+            await child.expect_line("ready", limit=30)
+            yield store, child
+
+
+@pytest.mark.slow
+async def test_another_processs_append_waits_for_a_transaction_and_lands_after(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with store_and_child(tmp_path, "append") as (store, child):
+        async with store.transaction() as tx:
+            inside = await tx.append(make_events(2))
+            await tx.execute("INSERT INTO rows (id) VALUES (1)")
+            await child.send_line("go")
+            # The child waits for the write lock (its busy_timeout is 30 s).
+            with trio.move_on_after(1) as waited:
+                await child.read_line(limit=2)
+            assert waited.cancelled_caught
+        assert await child.read_line(limit=30) == str(inside.seqs[-1] + 1)
+        await child.finish(limit=30)
+        events = await read_everything(store)
+    assert [event.type for event in events] == ["test.event", "test.event", "child"]
+
+
+@pytest.mark.slow
+async def test_a_process_killed_in_a_transaction_leaves_nothing_of_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with store_and_child(tmp_path, "hold") as (store, child):
+        await child.expect_line("inside", limit=30)
+        assert await store.head() == 0
+        await child.kill(limit=30)
+        assert await store.head() == 0
+        assert await store.load_cursors() == {}
+        assert await count_rows(store) == 0
+        # Nothing was held: the lock is free, and the numbers start at 1.
+        with trio.fail_after(5):
+            assert list((await store.append(make_events(1))).seqs) == [1]
 
 
 # -- several processes -----------------------------------------------------------

@@ -26,8 +26,10 @@ Layout: ``_store`` is `SQLiteStore` and its connections' worker threads;
 ``_sql`` the statements and the work each call does on a connection;
 ``_schema`` the schema versions, migrations and checks at open;
 ``_connections`` opening connections, write transactions and the one place
-sqlite3's errors become trioflow's; ``_files`` the file's creation and
-identity checks; ``_url`` the ``sqlite:`` URLs.
+sqlite3's errors become trioflow's; ``_transaction`` the transactions users
+open (`SQLiteStore.transaction`): their statements on the writer connection;
+``_files`` the file's creation and identity checks; ``_url`` the ``sqlite:``
+URLs.
 """
 
 from __future__ import annotations

@@ -13,8 +13,11 @@ import time
 from collections.abc import Iterator
 from typing import Literal
 
-from ..._errors import StoreError, StoreUnavailableError
+from ..._errors import QueryError, StoreError, StoreUnavailableError
 from ._sql import MAX_INT64, MIN_INT64
+
+#: How much of a statement a QueryError's message shows (all of it is in ``.query``).
+_SHOWN_QUERY = 200
 
 # Primary result codes meaning "cannot reach or use the file right now": the
 # caller may retry later. Everything else is a plain StoreError.
@@ -45,14 +48,7 @@ def translate_errors(shown: str, busy_timeout: float, action: str) -> Iterator[N
     try:
         yield
     except sqlite3.Error as exc:
-        code = getattr(exc, "sqlite_errorcode", None)
-        # Extended result codes carry the primary code in the low byte.
-        hint = _UNAVAILABLE_CODES.get(code & 0xFF) if code is not None else None
-        if hint is not None:
-            raise StoreUnavailableError(
-                f"SQLite store {shown!r}: {action} failed: {exc}; "
-                + hint.format(busy_timeout=busy_timeout)
-            ) from exc
+        _raise_if_unavailable(exc, shown, busy_timeout, action)
         raise StoreError(f"SQLite store {shown!r}: {action} failed: {exc}") from exc
     except OverflowError as exc:
         # sqlite3 binds Python ints as 64-bit integers only.
@@ -66,6 +62,46 @@ def translate_errors(shown: str, busy_timeout: float, action: str) -> Iterator[N
         raise StoreUnavailableError(
             f"SQLite store {shown!r}: {action} failed: {exc}; check that the file's "
             "directory exists and that this process may use it"
+        ) from exc
+
+
+@contextlib.contextmanager
+def translate_query_errors(shown: str, busy_timeout: float, query: str) -> Iterator[None]:
+    """Translate what sqlite3 raises for a user's statement into `QueryError`.
+
+    The file system's failures stay `StoreUnavailableError`, as in
+    `translate_errors`: the statement was fine, the file was not.
+    """
+    try:
+        yield
+    except sqlite3.Error as exc:
+        action = f"the statement {shorten(query)}"
+        _raise_if_unavailable(exc, shown, busy_timeout, action)
+        raise QueryError(f"SQLite store {shown!r}: {action} failed: {exc}", query=query) from exc
+    except OverflowError as exc:
+        raise QueryError(
+            f"SQLite store {shown!r}: the statement {shorten(query)} failed: {exc}; SQLite "
+            f"keeps integers from {MIN_INT64} to {MAX_INT64}",
+            query=query,
+        ) from exc
+
+
+def shorten(query: str) -> str:
+    """``query`` quoted, cut to a couple of hundred characters for a message."""
+    if len(query) <= _SHOWN_QUERY:
+        return repr(query)
+    return f"{query[:_SHOWN_QUERY]!r}... ({len(query)} characters)"
+
+
+def _raise_if_unavailable(exc: sqlite3.Error, shown: str, busy_timeout: float, action: str) -> None:
+    """Raise StoreUnavailableError if ``exc`` says the file cannot be used right now."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    # Extended result codes carry the primary code in the low byte.
+    hint = _UNAVAILABLE_CODES.get(code & 0xFF) if code is not None else None
+    if hint is not None:
+        raise StoreUnavailableError(
+            f"SQLite store {shown!r}: {action} failed: {exc}; "
+            + hint.format(busy_timeout=busy_timeout)
         ) from exc
 
 
@@ -114,7 +150,27 @@ def switch_to_wal(writer: sqlite3.Connection, *, busy_timeout: float) -> object:
         pause = min(2 * pause, 0.05)
 
 
-def _rollback(connection: sqlite3.Connection) -> None:
+def try_begin_immediate(writer: sqlite3.Connection) -> sqlite3.OperationalError | None:
+    """Take SQLite's write lock if it is free now; else return SQLite's "busy" error.
+
+    Does not wait in SQLite's busy handler, which `sqlite3.Connection.interrupt`
+    cannot cut short: the caller waits between tries where it can be cancelled
+    (a trio task). The connection keeps its busy timeout for other work.
+    """
+    ((milliseconds,),) = writer.execute("PRAGMA busy_timeout").fetchall()
+    writer.execute("PRAGMA busy_timeout = 0")
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+            raise
+        return exc
+    finally:
+        writer.execute(f"PRAGMA busy_timeout = {int(milliseconds)}")
+    return None
+
+
+def rollback(connection: sqlite3.Connection) -> None:
     """Roll back the open transaction, if any, keeping the original error."""
     if connection.in_transaction:
         with contextlib.suppress(sqlite3.Error):
@@ -131,5 +187,5 @@ def write_transaction(writer: sqlite3.Connection) -> Iterator[None]:
         yield
         writer.execute("COMMIT")
     except BaseException:
-        _rollback(writer)
+        rollback(writer)
         raise

@@ -17,10 +17,12 @@ from ..._errors import ConfigurationError, StoreError, StoreUnavailableError, Un
 from ..._events import Event, NewEvent
 from ..._leases import Lease
 from .._base import Appended, Store
+from .._transactions import StoreTransaction
 from . import _sql
 from ._connections import new_connection, switch_to_wal, translate_errors, write_transaction
 from ._files import OpenedFile, check_directory, create_private
 from ._schema import ensure_schema
+from ._transaction import SQLiteTransaction
 from ._url import parse_url
 
 _T = TypeVar("_T")
@@ -211,13 +213,12 @@ class SQLiteStore(Store):
                 seqs=range(after + 1, after + 1),
                 created_at=datetime.datetime.now(datetime.UTC),
             )
-        writer = self._connection(self._writer)
+        writer = self._writable("append")
         with self._errors(f"appending {len(batch)} events"):
             after, first, created_at = await trio.to_thread.run_sync(
                 self._write, _sql.append, writer, batch, limiter=self._write_limiter
             )
-        self._appended.set()
-        self._appended = trio.Event()
+        self._wake_waiters()
         return Appended(after=after, seqs=range(first, first + len(batch)), created_at=created_at)
 
     async def read(
@@ -289,7 +290,7 @@ class SQLiteStore(Store):
         if not items:
             await trio.lowlevel.checkpoint()
             return frozenset()
-        writer = self._connection(self._writer)
+        writer = self._writable("commit_cursors")
         with self._errors(f"committing {len(items)} cursors"):
             return await trio.to_thread.run_sync(
                 self._write,
@@ -316,7 +317,7 @@ class SQLiteStore(Store):
             StoreError: The path no longer names the file that was opened, or
                 a number does not fit SQLite's 64-bit integers.
         """
-        writer = self._connection(self._writer)
+        writer = self._writable("record_dead_letter")
         with self._errors(
             f"recording the dead letter of consumer {letter.consumer!r} at seq {letter.seq}"
         ):
@@ -349,7 +350,7 @@ class SQLiteStore(Store):
         if not wanted:
             await trio.lowlevel.checkpoint()
             return []
-        writer = self._connection(self._writer)
+        writer = self._writable("claim_leases")
         with self._errors(f"claiming {len(wanted)} leases for {holder!r}"):
             return await trio.to_thread.run_sync(
                 self._write,
@@ -368,7 +369,7 @@ class SQLiteStore(Store):
         if not wanted:
             await trio.lowlevel.checkpoint()
             return
-        writer = self._connection(self._writer)
+        writer = self._writable("release_leases")
         with self._errors(f"releasing {len(wanted)} leases of {holder!r}"):
             await trio.to_thread.run_sync(
                 self._write,
@@ -430,11 +431,53 @@ class SQLiteStore(Store):
 
     async def forget_consumer(self, consumer: str) -> None:
         """Delete ``consumer``'s cursor and dead letters, in one write transaction."""
-        writer = self._connection(self._writer)
+        writer = self._writable("forget_consumer")
         with self._errors(f"forgetting consumer {consumer!r}"):
             await trio.to_thread.run_sync(
                 self._write, _sql.forget_consumer, writer, consumer, limiter=self._write_limiter
             )
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTransaction]:
+        """Open a write transaction on the file: ``async with store.transaction() as tx``.
+
+        See `trioflow.stores.StoreTransaction`. Statements take ``?``
+        parameters. The transaction holds SQLite's write lock from its start
+        (``BEGIN IMMEDIATE``) to its end, and this store's other writes wait
+        for it: keep the block short. Its events are visible, and wake this
+        store's `wait_for_append`, once it commits. Statements that would end
+        the transaction (``COMMIT``, ``SAVEPOINT``...) or change the
+        connection (``ATTACH``, most ``PRAGMA``) raise `trioflow.QueryError`.
+
+        Raises:
+            ConfigurationError: This task already has a transaction of this
+                store open (transactions do not nest).
+            StoreUnavailableError: Another connection held the write lock
+                for longer than ``busy_timeout``, or the file cannot be used.
+            StoreError: The path no longer names the file that was opened,
+                or the commit failed (then nothing was committed).
+        """
+        self._writable("a transaction")
+        async with self._write_limiter:
+            transaction = SQLiteTransaction(
+                # Again: the store may have been closed while this waited.
+                self._connection(self._writer),
+                shown=self._path,
+                busy_timeout=self._busy_timeout,
+                check_file=self._check_file,
+            )
+            try:
+                await transaction.begin()
+                yield transaction
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await transaction.roll_back()
+                raise
+            # Once the block has ended, the commit runs to its end, as an append does.
+            with trio.CancelScope(shield=True):
+                await transaction.commit()
+        if transaction.appended:
+            self._wake_waiters()
 
     async def wait_for_append(self, after: int) -> int:
         """Return once the head is past ``after``.
@@ -492,11 +535,28 @@ class SQLiteStore(Store):
         if not wanted:
             await trio.lowlevel.checkpoint()
             return []
-        writer = self._connection(self._writer)
+        writer = self._writable(action)
         with self._errors(action):
             return await trio.to_thread.run_sync(
                 self._write, work, writer, (consumer, wanted, after), limiter=self._write_limiter
             )
+
+    def _wake_waiters(self) -> None:
+        """End every `wait_for_append` of this instance: events were committed."""
+        self._appended.set()
+        self._appended = trio.Event()
+
+    def _writable(self, action: str) -> sqlite3.Connection:
+        """The writer, unless the calling task holds a transaction (it would wait forever)."""
+        # Only a transaction's task borrows the limiter itself; threads borrow
+        # it through placeholders of their own.
+        if trio.lowlevel.current_task() in self._write_limiter.statistics().borrowers:
+            raise ConfigurationError(
+                f"SQLite store {self._path!r}: {action} inside a transaction of the "
+                "same store would wait for that transaction to end; write through the "
+                "transaction (tx.append, tx.commit_cursors), or after its block"
+            )
+        return self._connection(self._writer)
 
     def _connection(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
         if connection is None:
