@@ -22,11 +22,13 @@ from ._policies import (
     Retry,
     delivery_policy,
 )
+from ._transactions import Transaction
 from .stores._base import Store
 from .stores._url import default_store_url, store_from_url
 
-#: A consumer's handler: an async function taking one Event.
-Handler = Callable[[Event], Awaitable[object]]
+#: A consumer's handler: an async function taking one Event (and, for a
+#: transactional consumer, its Transaction).
+Handler = Callable[[Event], Awaitable[object]] | Callable[[Event, Transaction], Awaitable[object]]
 H = TypeVar("H", bound=Handler)
 
 #: Where a consumer with no stored cursor begins.

@@ -28,8 +28,8 @@ import datetime
 import logging
 import math
 import traceback
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal, cast
 
 import attrs
 import trio
@@ -92,6 +92,16 @@ class _Halted(Exception):
         self.event = event
         self.error = error
         self.attempts = attempts
+
+
+def _plain(spec: ConsumerSpec) -> Callable[[Event], Awaitable[object]]:
+    """The handler of a consumer that is not transactional: it takes the event."""
+    return cast(Callable[[Event], Awaitable[object]], spec.handler)
+
+
+def _with_transaction(spec: ConsumerSpec) -> Callable[[Event, Transaction], Awaitable[object]]:
+    """The handler of a transactional consumer: it takes the event and its transaction."""
+    return cast(Callable[[Event, Transaction], Awaitable[object]], spec.handler)
 
 
 def _describe(error: BaseException) -> str:
@@ -572,7 +582,7 @@ class Consumer:
         is what bounds redelivery after a crash.
         """
         runner, spec, cursor = self._runner, self.spec, self._cursor
-        handler = spec.handler
+        handler = _plain(spec)
         types = spec.types
         partition, partitions = spec.partition, spec.partitions or 1
         timed = spec.policy.timeout is not None
@@ -659,9 +669,9 @@ class Consumer:
             trio.move_on_after(timeout) as scope,
         ):
             if tx is None:
-                await self.spec.handler(event)
+                await _plain(self.spec)(event)
             else:
-                await self.spec.handler(event, tx)  # type: ignore[call-arg]
+                await _with_transaction(self.spec)(event, tx)
         if scope.cancelled_caught:
             raise HandlerTimeoutError(
                 self.name, event.seq, event.type, timeout, trio.current_time() - started
@@ -671,7 +681,7 @@ class Consumer:
         if self.spec.transactional:
             await self._call_in_transaction(event)
         elif self.spec.policy.timeout is None:
-            await self.spec.handler(event)
+            await _plain(self.spec)(event)
         else:
             await self._call_timed(event)
 
@@ -731,7 +741,7 @@ class Consumer:
             try:
                 for event in chunk:
                     if self.spec.policy.timeout is None:
-                        await self.spec.handler(event, tx)  # type: ignore[call-arg]
+                        await _with_transaction(self.spec)(event, tx)
                     else:
                         await self._call_timed(event, tx)
             finally:
@@ -758,7 +768,7 @@ class Consumer:
             tx = Transaction(store_tx, f"the handler of consumer {self.name!r} on seq={event.seq}")
             try:
                 if self.spec.policy.timeout is None:
-                    await self.spec.handler(event, tx)  # type: ignore[call-arg]
+                    await _with_transaction(self.spec)(event, tx)
                 else:
                     await self._call_timed(event, tx)
             finally:

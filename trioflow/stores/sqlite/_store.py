@@ -68,6 +68,7 @@ class SQLiteStore(Store):
     """
 
     poll_interval: float
+    supports_transactions = True
 
     def __init__(
         self,
