@@ -18,6 +18,7 @@ and never leaves a connection inside an open transaction.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -45,6 +46,7 @@ __all__ = [
     "Driver",
     "DriverConfig",
     "InDoubtError",
+    "QueryInterface",
     "Record",
     "StatementTimeoutError",
     "Transaction",
@@ -309,12 +311,89 @@ _STATEMENT = "a statement"
 _IN_DOUBT = (StoreUnavailableError, StatementTimeoutError)
 
 
+class QueryInterface(abc.ABC):
+    """The query API, written once for the pool (`Driver`) and a transaction (`Transaction`).
+
+    Every method takes ``operation``: what the statement does, as errors name
+    it ("reading events"), so that a statement timeout or a lost connection
+    says which operation failed; None names it by the implementation's
+    default (`_operation`). Each implementation says once, in `_run`, where
+    a statement runs: the pool lends a connection for it (its own implicit
+    transaction), a transaction runs it on the connection it holds. Errors
+    and timeouts are translated on the way back (`Driver._call`).
+    """
+
+    __slots__ = ()
+
+    #: How errors name a statement whose caller did not say what it does.
+    _operation: str = _STATEMENT
+
+    @abc.abstractmethod
+    async def _run(
+        self, statement: Callable[[_Connection], Coroutine[Any, Any, _T]], operation: str
+    ) -> _T:
+        """Run ``statement`` on a connection; translate its errors, naming ``operation``."""
+
+    async def execute(self, query: str, *args: object, operation: str | None = None) -> str:
+        """Run a statement; return its status tag (for example ``"INSERT 0 5"``)."""
+        return await self._run(
+            lambda connection: connection.execute(query, *args), operation or self._operation
+        )
+
+    async def fetch(self, query: str, *args: object, operation: str | None = None) -> list[Record]:
+        """Run a query and return all of its rows."""
+        return await self._run(
+            lambda connection: connection.fetch(query, *args), operation or self._operation
+        )
+
+    async def fetchrow(
+        self, query: str, *args: object, operation: str | None = None
+    ) -> Record | None:
+        """Run a query and return its first row, or None when it has none."""
+        return await self._run(
+            lambda connection: connection.fetchrow(query, *args), operation or self._operation
+        )
+
+    async def fetchval(self, query: str, *args: object, operation: str | None = None) -> Any:
+        """Run a query and return the first column of its first row (None if no row)."""
+        return await self._run(
+            lambda connection: connection.fetchval(query, *args), operation or self._operation
+        )
+
+    async def executemany(
+        self, query: str, args: Iterable[Sequence[object]], *, operation: str | None = None
+    ) -> None:
+        """Run a statement once per argument tuple, pipelined."""
+        rows = list(args)
+        await self._run(
+            lambda connection: connection.executemany(query, rows), operation or self._operation
+        )
+
+    async def copy_records(
+        self,
+        table: str,
+        *,
+        schema: str,
+        columns: Sequence[str],
+        records: Iterable[Sequence[object]],
+        operation: str | None = None,
+    ) -> str:
+        """Bulk-insert rows with COPY (binary); return the status tag."""
+        rows = list(records)
+        return await self._run(
+            lambda connection: connection.copy_records_to_table(
+                table, records=rows, columns=columns, schema_name=schema
+            ),
+            operation or self._operation,
+        )
+
+
 @attrs.define(eq=False)
-class Driver:
+class Driver(QueryInterface):
     """Statements on a pool of asyncpg connections, callable from trio.
 
-    Each method takes a pooled connection, runs one statement in its own
-    implicit transaction, and puts the connection back. Use `transaction` to
+    Each query method (`QueryInterface`) takes a pooled connection, runs one
+    statement in its own implicit transaction, and puts the connection back. Use `transaction` to
     run several statements atomically. Built by `open_driver`.
 
     The pool lives on the trio side: taking and returning a connection are
@@ -338,30 +417,8 @@ class Driver:
         """The configuration this driver was opened with."""
         return self._config
 
-    # Every statement method takes ``operation``: what the statement does, as
-    # errors name it ("reading events"), so that a statement timeout says
-    # which operation timed out.
-
-    async def execute(self, query: str, *args: object, operation: str = _STATEMENT) -> str:
-        """Run a statement; return its status tag (for example ``"INSERT 0 5"``)."""
-        return await self._run(lambda connection: connection.execute(query, *args), operation)
-
-    async def fetch(self, query: str, *args: object, operation: str = _STATEMENT) -> list[Record]:
-        """Run a query and return all of its rows."""
-        return await self._run(lambda connection: connection.fetch(query, *args), operation)
-
-    async def fetchrow(
-        self, query: str, *args: object, operation: str = _STATEMENT
-    ) -> Record | None:
-        """Run a query and return its first row, or None when it has none."""
-        return await self._run(lambda connection: connection.fetchrow(query, *args), operation)
-
-    async def fetchval(self, query: str, *args: object, operation: str = _STATEMENT) -> Any:
-        """Run a query and return the first column of its first row (None if no row)."""
-        return await self._run(lambda connection: connection.fetchval(query, *args), operation)
-
     async def fetchrow_write(
-        self, query: str, *args: object, operation: str = _STATEMENT
+        self, query: str, *args: object, operation: str | None = None
     ) -> Record | None:
         """`fetchrow` for a statement that writes, telling an unsent one from one in doubt.
 
@@ -375,33 +432,8 @@ class Driver:
         """
         return await self._run(
             lambda connection: connection.fetchrow(query, *args),
-            operation,
+            operation or self._operation,
             in_doubt_when_lost=True,
-        )
-
-    async def executemany(
-        self, query: str, args: Iterable[Sequence[object]], *, operation: str = _STATEMENT
-    ) -> None:
-        """Run a statement once per argument tuple, pipelined, in one transaction."""
-        rows = list(args)
-        await self._run(lambda connection: connection.executemany(query, rows), operation)
-
-    async def copy_records(
-        self,
-        table: str,
-        *,
-        schema: str,
-        columns: Sequence[str],
-        records: Iterable[Sequence[object]],
-        operation: str = _STATEMENT,
-    ) -> str:
-        """Bulk-insert rows with COPY (binary) in one transaction; return the status tag."""
-        rows = list(records)
-        return await self._run(
-            lambda connection: connection.copy_records_to_table(
-                table, records=rows, columns=columns, schema_name=schema
-            ),
-            operation,
         )
 
     async def _run(
@@ -651,7 +683,7 @@ async def _connect(config: DriverConfig, *, listen: bool) -> _Connection:
 
 
 @attrs.define(eq=False)
-class Transaction:
+class Transaction(QueryInterface):
     """Statements on the one connection of a `Driver.transaction` block.
 
     Valid only inside that block, and for one task at a time: the connection
@@ -663,48 +695,10 @@ class Transaction:
     #: What the transaction does: its statements' default ``operation``.
     _operation: str = _STATEMENT
 
-    async def execute(self, query: str, *args: object, operation: str | None = None) -> str:
-        """Run a statement; return its status tag."""
-        return await self._driver._call(
-            self._connection.execute(query, *args), operation or self._operation
-        )
-
-    async def fetch(self, query: str, *args: object, operation: str | None = None) -> list[Record]:
-        """Run a query and return all of its rows."""
-        return await self._driver._call(
-            self._connection.fetch(query, *args), operation or self._operation
-        )
-
-    async def fetchrow(
-        self, query: str, *args: object, operation: str | None = None
-    ) -> Record | None:
-        """Run a query and return its first row, or None."""
-        return await self._driver._call(
-            self._connection.fetchrow(query, *args), operation or self._operation
-        )
-
-    async def fetchval(self, query: str, *args: object, operation: str | None = None) -> Any:
-        """Run a query and return the first column of its first row."""
-        return await self._driver._call(
-            self._connection.fetchval(query, *args), operation or self._operation
-        )
-
-    async def copy_records(
-        self,
-        table: str,
-        *,
-        schema: str,
-        columns: Sequence[str],
-        records: Iterable[Sequence[object]],
-    ) -> str:
-        """Bulk-insert rows with COPY (binary); return the status tag."""
-        rows = list(records)
-        return await self._driver._call(
-            self._connection.copy_records_to_table(
-                table, records=rows, columns=columns, schema_name=schema
-            ),
-            self._operation,
-        )
+    async def _run(
+        self, statement: Callable[[_Connection], Coroutine[Any, Any, _T]], operation: str
+    ) -> _T:
+        return await self._driver._call(statement(self._connection), operation)
 
 
 @contextlib.asynccontextmanager
