@@ -112,6 +112,8 @@ class PostgresStore(Store):
         ConfigurationError: An option is out of range.
     """
 
+    supports_transactions = True
+
     def __init__(
         self,
         dsn: str,
