@@ -1,4 +1,4 @@
-"""Transactional consumers and flow.transaction() on PostgreSQL ($1 parameters, the store's pool)."""
+"""Transactional consumers and flow.transaction() on PostgreSQL: $1 parameters, the pool."""
 
 from __future__ import annotations
 
