@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import json
 import os
 import random
 import signal
@@ -30,6 +31,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from hypothesis import strategies as st
 
 from trioflow.stores import Store, store_from_url
 from trioflow.testing._store_contract import make_events, read_all
@@ -135,6 +137,31 @@ async def running(
                 await process.stdout.aclose()
             if process.stdin is not None:
                 await process.stdin.aclose()
+
+
+async def run_together(
+    tmp_path: Path, children: Mapping[str, tuple[str, *tuple[object, ...]]]
+) -> None:
+    """Run children that start together, and wait until each has exited 0.
+
+    ``children`` maps a name (of its stderr file, ``<name>.stderr`` in
+    ``tmp_path``) to the script and its arguments, which the path of a file
+    to wait for follows: the children start once all of them printed
+    ``ready``, so that their writes contend.
+    """
+    go = tmp_path / "go"
+    async with contextlib.AsyncExitStack() as stack:
+        started = [
+            await stack.enter_async_context(
+                running(script, *args, go, stderr=tmp_path / f"{name}.stderr")
+            )
+            for name, (script, *args) in children.items()
+        ]
+        for child in started:
+            await child.expect_line("ready", limit=30)
+        go.touch()
+        for child in started:
+            await child.finish(limit=60)
 
 
 def read_runs(path: Path) -> list[list[int]]:
@@ -679,3 +706,91 @@ def check_projection_state(
     assert not kept, f"orders rolled back are in the store: {kept[:10]}; {context}"
     if final:
         assert committed and rolled_back, f"no order committed, or none rolled back; {context}"
+
+
+#: The plans of ``outbox_child.py`` processes: per process, its blocks, each
+#: ``{"sleeps": [...], "roll_back": bool}`` (one event per sleep but the last).
+OutboxPlans = list[list[dict[str, Any]]]
+
+
+def outbox_plans(processes: int = 3) -> st.SearchStrategy[OutboxPlans]:
+    """Plans for ``processes`` outbox publishers: random sleeps, some blocks rolled
+    back, some empty; at least one event committed, for the consumer to wait for."""
+    block = st.fixed_dictionaries(
+        {
+            "sleeps": st.lists(st.sampled_from([0.0, 0.002, 0.01, 0.03]), min_size=1, max_size=5),
+            "roll_back": st.booleans(),
+        }
+    )
+    plans = st.lists(
+        st.lists(block, min_size=1, max_size=6), min_size=processes, max_size=processes
+    )
+    return plans.filter(lambda plans: committed_outbox_events(plans) > 0)
+
+
+def committed_outbox_events(plans: OutboxPlans) -> int:
+    """How many events the blocks of ``plans`` that commit publish."""
+    return sum(
+        len(block["sleeps"]) - 1 for plan in plans for block in plan if not block["roll_back"]
+    )
+
+
+async def run_outbox_publishers(
+    url: str,
+    consumer_url: str,
+    plans: OutboxPlans,
+    tmp_path: Path,
+    read_events: Callable[[], Awaitable[list[Row]]],
+) -> None:
+    """Run an ``outbox_child.py`` process per plan, all at once, and a
+    ``consumer_child.py`` process; check what the store holds and what the
+    consumers saw with `check_outbox_events`."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    context = f"plans {plans}; logs in {tmp_path}"
+    async with running(
+        "consumer_child.py",
+        consumer_url,
+        logs,
+        committed_outbox_events(plans),
+        stderr=tmp_path / "consumer.stderr",
+    ) as consumer:
+        # The consumer process creates the store; the publishers open it after.
+        await consumer.expect_line("ready", limit=30)
+        await run_together(
+            tmp_path,
+            {
+                f"p{number}": ("outbox_child.py", url, f"p{number}", json.dumps(plan))
+                for number, plan in enumerate(plans)
+            },
+        )
+        await consumer.finish(limit=60)
+    check_outbox_events(plans, await read_events(), logs, context)
+
+
+def check_outbox_events(
+    plans: OutboxPlans, events: Sequence[Row], logs: Path, context: str
+) -> None:
+    """The store holds the events of every block that committed, each block's in
+    order and together, and none of a block rolled back; each consumer saw
+    exactly the store's events in seq order, so none appeared below one it had
+    already seen (a gap filled late), and none rolled back."""
+    seqs = [seq for seq, _, _ in events]
+    assert all(a < b for a, b in itertools.pairwise(seqs)), f"seqs not increasing; {context}"
+    blocks = [(pub, n) for _, pub, n in events]
+    expected = {
+        f"p{number}.{index}": len(block["sleeps"]) - 1
+        for number, plan in enumerate(plans)
+        for index, block in enumerate(plan)
+        if not block["roll_back"] and len(block["sleeps"]) > 1
+    }
+    runs = [(pub, [n for _, n in run]) for pub, run in itertools.groupby(blocks, lambda b: b[0])]
+    found = {pub: ns for pub, ns in runs}
+    assert len(found) == len(runs), f"a block's events not together: {runs}; {context}"
+    wrong = {pub: ns for pub, ns in found.items() if ns != list(range(expected.get(pub, -1)))}
+    assert not wrong, (
+        f"blocks rolled back, or their events out of order or incomplete: {wrong}; {context}"
+    )
+    missing = sorted(set(expected) - set(found))
+    assert not missing, f"committed blocks with no event in the store: {missing}; {context}"
+    check_consumer_rows(logs, ("plain", "bounded"), events, context)

@@ -15,7 +15,6 @@ sessions (tagged with an ``application_name`` per run) are gone.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -31,6 +30,7 @@ from tests._procs import (
     check_consumer_rows,
     check_crash_state,
     kill_at_random,
+    run_together,
     running,
     sigkill_while_dead_lettering,
     sigkill_while_recording_dead_letters,
@@ -124,28 +124,13 @@ async def test_three_publisher_processes_and_a_consumer_process(
     ) as consumer:
         # The consumer process creates the schema; the publishers open it after.
         await consumer.expect_line("ready", limit=30)
-        go = tmp_path / "go"
-        async with contextlib.AsyncExitStack() as stack:
-            children = [
-                await stack.enter_async_context(
-                    running(
-                        "publisher_child.py",
-                        url,
-                        name,
-                        count,
-                        seed,
-                        go,
-                        stderr=tmp_path / f"{name}.stderr",
-                    )
-                )
+        await run_together(
+            tmp_path,
+            {
+                name: ("publisher_child.py", url, name, count, seed)
                 for seed, name in enumerate(publishers)
-            ]
-            for child in children:
-                await child.expect_line("ready", limit=30)
-            # All at once, so that their appends contend.
-            go.touch()
-            for child in children:
-                await child.finish(limit=60)
+            },
+        )
         await consumer.finish(limit=60)
     rows = await admin.fetch(f'SELECT seq, data FROM "{schema}".events ORDER BY seq')
     events: list[Row] = [
