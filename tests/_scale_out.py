@@ -413,6 +413,34 @@ async def run_scale_out(
                     await trio.sleep(0.1)
             pytest.fail(f"{member.name} owned nothing for 20s; {context}")
 
+        def started_calls() -> list[tuple[int, str, int]]:
+            """(pid, consumer, time) of every call started so far, from the logs."""
+            calls = []
+            for path in logs_dir.glob("*.log"):
+                for text in path.read_text().splitlines():
+                    try:
+                        line = json.loads(text)
+                    except ValueError:
+                        continue  # a line being written
+                    if line["kind"] == "start":
+                        calls.append((line["pid"], line["c"], line["t"]))
+            return calls
+
+        async def hold_until_taken_over(member: _Member, at: int, least: float) -> None:
+            """Wait ``least`` seconds, then until another process has started a call
+            of a consumer ``member`` handled before ``at`` (on a loaded machine the
+            others may need longer than the lease to take over)."""
+            assert member.child is not None
+            pid = member.child.process.pid
+            await trio.sleep(least)
+            with trio.move_on_after(30):
+                while True:
+                    calls = started_calls()
+                    mine = {c for p, c, t in calls if p == pid and t < at}
+                    if any(p != pid and c in mine and t > at for p, c, t in calls):
+                        return
+                    await trio.sleep(0.1)
+
         def note(kind: str, member: _Member, at: int, until: int) -> None:
             assert member.child is not None
             pid = member.child.process.pid
@@ -466,7 +494,10 @@ async def run_scale_out(
                 # consumers over meanwhile. A pause lasts just past it: the
                 # member wakes about when they may, and must know its lease
                 # lapsed (SAFETY < 1).
-                await trio.sleep((2.5 if action == "stop" else 1.1) * LEASE_TTL)
+                if action == "stop":
+                    await hold_until_taken_over(member, at, 2.5 * LEASE_TTL)
+                else:
+                    await trio.sleep(1.1 * LEASE_TTL)
                 until = time.monotonic_ns()
                 member.child.process.send_signal(signal.SIGCONT)
                 note("stop", member, at, until)
@@ -476,7 +507,7 @@ async def run_scale_out(
                 await wait_owning(member)
                 at = time.monotonic_ns()
                 cut.cut()
-                await trio.sleep(2.5 * LEASE_TTL)
+                await hold_until_taken_over(member, at, 2.5 * LEASE_TTL)
                 until = time.monotonic_ns()
                 cut.heal()
                 note("cut", member, at, until)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from tests.postgres._server import server_url
-from trioflow.stores import Store
+from trioflow.stores import Store, StoreTransaction
 from trioflow.stores.postgres import PostgresStore
 from trioflow.testing import StoreContract
 
@@ -20,9 +20,26 @@ _HOST_AND_PORT = _SERVER.netloc.rpartition("@")[2]
 _MISSING = f"{_HOST_AND_PORT}/trioflow_test_no_such_database?connect_timeout=5"
 
 
+class _OwnTablesStore(PostgresStore):
+    """A store whose transactions make their tables in the store's own schema.
+
+    The contract's transactions make an unqualified table, as if every store
+    had a database of its own; on PostgreSQL they would all share the
+    database's ``public`` schema (and its leftovers). ``SET LOCAL`` lasts
+    until the commit, so the session is left as it was.
+    """
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTransaction]:
+        async with super().transaction() as tx:
+            await tx.execute(f'SET LOCAL search_path TO "{self.schema}"')
+            yield tx
+
+
 class TestPostgresStore(StoreContract):
     # Sequence numbers may have holes: a rolled-back append consumes them.
     seqs_without_holes = False
+    transactions = True
     # The secret s3cret wherever a URL carries one; none of these opens (so
     # that no schema is left behind), each fails its own way.
     store_urls = (
@@ -45,7 +62,7 @@ class TestPostgresStore(StoreContract):
     def _store(self, schema: str) -> PostgresStore:
         # Small pools: the property test opens a store per example.
         url = self.make_url(schema=schema, poll_interval=0.2, pool_max_size=4)
-        return PostgresStore.from_url(url)
+        return _OwnTablesStore.from_url(url)
 
     @contextlib.asynccontextmanager
     async def open_store(self) -> AsyncIterator[Store]:

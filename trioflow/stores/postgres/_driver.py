@@ -18,6 +18,7 @@ and never leaves a connection inside an open transaction.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -37,7 +38,7 @@ import attrs
 import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
-from ..._errors import StoreError, StoreUnavailableError
+from ..._errors import QueryError, StoreError, StoreUnavailableError
 from .._aio_loop import open_lean_loop
 from .._masking import dsn_secrets, mask_dsn, scrub
 
@@ -45,12 +46,14 @@ __all__ = [
     "Driver",
     "DriverConfig",
     "InDoubtError",
+    "QueryInterface",
     "Record",
     "StatementTimeoutError",
     "Transaction",
     "exception_chain",
     "map_exceptions",
     "open_driver",
+    "shorten",
     "simplify_group",
 ]
 
@@ -113,7 +116,9 @@ class StatementTimeoutError(StoreUnavailableError):
 
 
 @contextlib.contextmanager
-def map_exceptions(config: DriverConfig, operation: str | None = None) -> Iterator[None]:
+def map_exceptions(
+    config: DriverConfig, operation: str | None = None, *, query: str | None = None
+) -> Iterator[None]:
     """Translate asyncpg's and the socket layer's exceptions into trioflow's.
 
     `trio.Cancelled` and other BaseExceptions pass through untouched. The
@@ -126,18 +131,59 @@ def map_exceptions(config: DriverConfig, operation: str | None = None) -> Iterat
             hide, the timeouts to name).
         operation: What the statement was doing, for example ``"reading
             events"``; None while connecting.
+        query: A user's statement (a store transaction's): PostgreSQL
+            refusing it raises `QueryError` naming it, not a StoreError.
     """
     try:
         yield
     except StoreError:
         raise
     except Exception as exc:
-        error = _translate(exc, config, operation)
+        error: Exception | None = None
+        if query is not None:
+            error = _refusal(exc, config, query)
+        if error is None:
+            error = _translate(exc, config, operation)
         if error is None:
             raise
         if config.secrets:
             _scrub_chain(exc, config.secrets)
         raise error from exc
+
+
+#: Server errors that are no refusal of a user's statement: the connection, the
+#: server or an administrator failed it (a cancelled statement is a timeout).
+_NOT_REFUSALS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.PostgresSystemError,
+    asyncpg.InternalServerError,
+)
+
+
+def _refusal(exc: Exception, config: DriverConfig, query: str) -> QueryError | None:
+    """The `QueryError` for PostgreSQL (or asyncpg, for its arguments) refusing ``query``."""
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _NOT_REFUSALS):
+        said = f"{exc} ({type(exc).__name__}, SQLSTATE {exc.sqlstate})"
+        for extra in (exc.detail, exc.hint):
+            if extra:
+                said += f"; {extra}"
+    elif isinstance(exc, asyncpg.InterfaceError) and str(exc).startswith("the server expects"):
+        # Too many or too few arguments: found by asyncpg before sending.
+        said = str(exc)
+    else:
+        return None
+    return QueryError(
+        f"PostgreSQL refused the statement {shorten(query)!r}: {scrub(said, config.secrets)}",
+        query=query,
+    )
+
+
+def shorten(query: str, width: int = 120) -> str:
+    """``query`` on one line, cut to ``width`` characters, for messages."""
+    line = " ".join(query.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _translate(exc: Exception, config: DriverConfig, operation: str | None) -> StoreError | None:
@@ -309,12 +355,113 @@ _STATEMENT = "a statement"
 _IN_DOUBT = (StoreUnavailableError, StatementTimeoutError)
 
 
+class QueryInterface(abc.ABC):
+    """The query API, written once for the pool (`Driver`) and a transaction (`Transaction`).
+
+    Every method takes ``operation``: what the statement does, as errors name
+    it ("reading events"), so that a statement timeout or a lost connection
+    says which operation failed; None names it by the implementation's
+    default (`_operation`). Each implementation says once, in `_run`, where
+    a statement runs: the pool lends a connection for it (its own implicit
+    transaction), a transaction runs it on the connection it holds. Errors
+    and timeouts are translated on the way back (`Driver._call`).
+    """
+
+    __slots__ = ()
+
+    #: How errors name a statement whose caller did not say what it does.
+    _operation: str = _STATEMENT
+    #: Whether the statements are a user's (see `Transaction.users`).
+    _users: bool = False
+
+    @abc.abstractmethod
+    async def _run(
+        self,
+        statement: Callable[[_Connection], Coroutine[Any, Any, _T]],
+        operation: str,
+        *,
+        query: str | None = None,
+    ) -> _T:
+        """Run ``statement`` on a connection; translate its errors, naming ``operation``.
+
+        ``query``: the user's statement, which a refusal names (`map_exceptions`).
+        """
+
+    async def _query(
+        self,
+        statement: Callable[[_Connection], Coroutine[Any, Any, _T]],
+        query: str | None,
+        operation: str | None,
+    ) -> _T:
+        """The path of every query method: name the operation, then `_run` the statement."""
+        users = query if self._users else None
+        if operation is None:
+            operation = (
+                self._operation
+                if users is None
+                else f"the transaction's statement {shorten(users)!r}"
+            )
+        return await self._run(statement, operation, query=users)
+
+    async def execute(self, query: str, *args: object, operation: str | None = None) -> str:
+        """Run a statement; return its status tag (for example ``"INSERT 0 5"``)."""
+        return await self._query(
+            lambda connection: connection.execute(query, *args), query, operation
+        )
+
+    async def fetch(self, query: str, *args: object, operation: str | None = None) -> list[Record]:
+        """Run a query and return all of its rows."""
+        return await self._query(
+            lambda connection: connection.fetch(query, *args), query, operation
+        )
+
+    async def fetchrow(
+        self, query: str, *args: object, operation: str | None = None
+    ) -> Record | None:
+        """Run a query and return its first row, or None when it has none."""
+        return await self._query(
+            lambda connection: connection.fetchrow(query, *args), query, operation
+        )
+
+    async def fetchval(self, query: str, *args: object, operation: str | None = None) -> Any:
+        """Run a query and return the first column of its first row (None if no row)."""
+        return await self._query(
+            lambda connection: connection.fetchval(query, *args), query, operation
+        )
+
+    async def executemany(
+        self, query: str, args: Iterable[Sequence[object]], *, operation: str | None = None
+    ) -> None:
+        """Run a statement once per argument tuple, pipelined."""
+        rows = list(args)
+        await self._query(lambda connection: connection.executemany(query, rows), query, operation)
+
+    async def copy_records(
+        self,
+        table: str,
+        *,
+        schema: str,
+        columns: Sequence[str],
+        records: Iterable[Sequence[object]],
+        operation: str | None = None,
+    ) -> str:
+        """Bulk-insert rows with COPY (binary); return the status tag."""
+        rows = list(records)
+        return await self._query(
+            lambda connection: connection.copy_records_to_table(
+                table, records=rows, columns=columns, schema_name=schema
+            ),
+            None,
+            operation,
+        )
+
+
 @attrs.define(eq=False)
-class Driver:
+class Driver(QueryInterface):
     """Statements on a pool of asyncpg connections, callable from trio.
 
-    Each method takes a pooled connection, runs one statement in its own
-    implicit transaction, and puts the connection back. Use `transaction` to
+    Each query method (`QueryInterface`) takes a pooled connection, runs one
+    statement in its own implicit transaction, and puts the connection back. Use `transaction` to
     run several statements atomically. Built by `open_driver`.
 
     The pool lives on the trio side: taking and returning a connection are
@@ -338,30 +485,8 @@ class Driver:
         """The configuration this driver was opened with."""
         return self._config
 
-    # Every statement method takes ``operation``: what the statement does, as
-    # errors name it ("reading events"), so that a statement timeout says
-    # which operation timed out.
-
-    async def execute(self, query: str, *args: object, operation: str = _STATEMENT) -> str:
-        """Run a statement; return its status tag (for example ``"INSERT 0 5"``)."""
-        return await self._run(lambda connection: connection.execute(query, *args), operation)
-
-    async def fetch(self, query: str, *args: object, operation: str = _STATEMENT) -> list[Record]:
-        """Run a query and return all of its rows."""
-        return await self._run(lambda connection: connection.fetch(query, *args), operation)
-
-    async def fetchrow(
-        self, query: str, *args: object, operation: str = _STATEMENT
-    ) -> Record | None:
-        """Run a query and return its first row, or None when it has none."""
-        return await self._run(lambda connection: connection.fetchrow(query, *args), operation)
-
-    async def fetchval(self, query: str, *args: object, operation: str = _STATEMENT) -> Any:
-        """Run a query and return the first column of its first row (None if no row)."""
-        return await self._run(lambda connection: connection.fetchval(query, *args), operation)
-
     async def fetchrow_write(
-        self, query: str, *args: object, operation: str = _STATEMENT
+        self, query: str, *args: object, operation: str | None = None
     ) -> Record | None:
         """`fetchrow` for a statement that writes, telling an unsent one from one in doubt.
 
@@ -375,33 +500,8 @@ class Driver:
         """
         return await self._run(
             lambda connection: connection.fetchrow(query, *args),
-            operation,
+            operation or self._operation,
             in_doubt_when_lost=True,
-        )
-
-    async def executemany(
-        self, query: str, args: Iterable[Sequence[object]], *, operation: str = _STATEMENT
-    ) -> None:
-        """Run a statement once per argument tuple, pipelined, in one transaction."""
-        rows = list(args)
-        await self._run(lambda connection: connection.executemany(query, rows), operation)
-
-    async def copy_records(
-        self,
-        table: str,
-        *,
-        schema: str,
-        columns: Sequence[str],
-        records: Iterable[Sequence[object]],
-        operation: str = _STATEMENT,
-    ) -> str:
-        """Bulk-insert rows with COPY (binary) in one transaction; return the status tag."""
-        rows = list(records)
-        return await self._run(
-            lambda connection: connection.copy_records_to_table(
-                table, records=rows, columns=columns, schema_name=schema
-            ),
-            operation,
         )
 
     async def _run(
@@ -409,6 +509,7 @@ class Driver:
         statement: Callable[[_Connection], Coroutine[Any, Any, _T]],
         operation: str,
         *,
+        query: str | None = None,
         in_doubt_when_lost: bool = False,
     ) -> _T:
         """Run one statement on a pooled connection, in its own implicit transaction.
@@ -430,7 +531,7 @@ class Driver:
             try:
                 async with self._connection() as connection:
                     try:
-                        return await self._call(statement(connection), operation)
+                        return await self._call(statement(connection), operation, query=query)
                     except StoreError as exc:
                         if _never_sent(exc):
                             if tries > 0:
@@ -468,7 +569,7 @@ class Driver:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self._config.cleanup_timeout
                 try:
-                    await self._call(connection.execute("COMMIT"), operation)
+                    status = await self._call(connection.execute("COMMIT"), operation)
                 except InDoubtError:
                     raise
                 except StoreUnavailableError as exc:
@@ -480,6 +581,13 @@ class Driver:
                     f"PostgreSQL at {self._config.display} did not confirm a COMMIT within "
                     f"{self._config.cleanup_timeout}s: whether the transaction committed is "
                     "unknown; check the server, then retry what is safe to retry"
+                )
+            if status != "COMMIT":
+                # The answer to the COMMIT of a transaction that a failed
+                # statement aborted (its error caught inside the block).
+                raise StoreError(
+                    f"PostgreSQL at {self._config.display} rolled back a transaction instead of "
+                    f"committing it ({operation}): one of its statements had failed"
                 )
 
     async def listen(
@@ -542,12 +650,15 @@ class Driver:
             for connection in itertools.chain(self._idle, self._busy)
         )
 
-    async def _call(self, coro: Coroutine[Any, Any, _T], operation: str | None) -> _T:
+    async def _call(
+        self, coro: Coroutine[Any, Any, _T], operation: str | None, *, query: str | None = None
+    ) -> _T:
         """Run an asyncio coroutine on the driver's loop; translate its errors.
 
-        ``operation`` names what it does in errors (None: connecting).
+        ``operation`` names what it does in errors (None: connecting);
+        ``query`` is a user's statement (see `map_exceptions`).
         """
-        with map_exceptions(self._config, operation):
+        with map_exceptions(self._config, operation, query=query):
             try:
                 return cast(_T, await self._loop.run_aio_coroutine(coro))
             except asyncio.CancelledError:
@@ -651,7 +762,7 @@ async def _connect(config: DriverConfig, *, listen: bool) -> _Connection:
 
 
 @attrs.define(eq=False)
-class Transaction:
+class Transaction(QueryInterface):
     """Statements on the one connection of a `Driver.transaction` block.
 
     Valid only inside that block, and for one task at a time: the connection
@@ -662,49 +773,25 @@ class Transaction:
     _connection: _Connection
     #: What the transaction does: its statements' default ``operation``.
     _operation: str = _STATEMENT
+    _users: bool = False
 
-    async def execute(self, query: str, *args: object, operation: str | None = None) -> str:
-        """Run a statement; return its status tag."""
-        return await self._driver._call(
-            self._connection.execute(query, *args), operation or self._operation
-        )
+    def users(self) -> Transaction:
+        """This transaction, for a user's statements (a store transaction's).
 
-    async def fetch(self, query: str, *args: object, operation: str | None = None) -> list[Record]:
-        """Run a query and return all of its rows."""
-        return await self._driver._call(
-            self._connection.fetch(query, *args), operation or self._operation
-        )
+        PostgreSQL refusing one of them (bad SQL, a constraint, a type...)
+        raises `trioflow.QueryError` naming it, and a timeout or lost
+        connection names it as the operation.
+        """
+        return attrs.evolve(self, users=True)
 
-    async def fetchrow(
-        self, query: str, *args: object, operation: str | None = None
-    ) -> Record | None:
-        """Run a query and return its first row, or None."""
-        return await self._driver._call(
-            self._connection.fetchrow(query, *args), operation or self._operation
-        )
-
-    async def fetchval(self, query: str, *args: object, operation: str | None = None) -> Any:
-        """Run a query and return the first column of its first row."""
-        return await self._driver._call(
-            self._connection.fetchval(query, *args), operation or self._operation
-        )
-
-    async def copy_records(
+    async def _run(
         self,
-        table: str,
+        statement: Callable[[_Connection], Coroutine[Any, Any, _T]],
+        operation: str,
         *,
-        schema: str,
-        columns: Sequence[str],
-        records: Iterable[Sequence[object]],
-    ) -> str:
-        """Bulk-insert rows with COPY (binary); return the status tag."""
-        rows = list(records)
-        return await self._driver._call(
-            self._connection.copy_records_to_table(
-                table, records=rows, columns=columns, schema_name=schema
-            ),
-            self._operation,
-        )
+        query: str | None = None,
+    ) -> _T:
+        return await self._driver._call(statement(self._connection), operation, query=query)
 
 
 @contextlib.asynccontextmanager

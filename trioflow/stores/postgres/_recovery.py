@@ -13,6 +13,7 @@ stays out of reach does the error say that the outcome is unknown.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import Final
 
@@ -48,17 +49,89 @@ async def settle_in_doubt(
             says so).
         OutcomeUnknownError: The server could not be asked in time.
     """
-    first_id = events[0].id
+    found = await _find_batch(
+        driver,
+        sql,
+        events[0].id,
+        error,
+        doing=f"appending {len(events)} event(s)",
+        unknown="whether they were committed is unknown. If they were, every consumer "
+        f"receives them; look for event id {events[0].id} before publishing them again",
+    )
+    first, created_at, after = found[0], found[1], found[2]
+    logger.warning(
+        "trioflow: the append of %d event(s) whose answer was lost or late had committed (seq %d)",
+        len(events),
+        first,
+    )
+    return Appended(after=after, seqs=range(first, first + len(events)), created_at=created_at)
+
+
+async def settle_transaction(
+    driver: Driver, sql: Queries, events: Sequence[NewEvent], error: InDoubtError
+) -> None:
+    """Find out whether a store transaction whose COMMIT answer was lost committed.
+
+    ``events`` are the events it appended: its commit is atomic, so it
+    committed if and only if its first event is in the log, looked up as
+    `settle_in_doubt` does. A transaction that appended nothing left nothing
+    trioflow can look for.
+
+    Raises:
+        StoreUnavailableError: The transaction was not committed (the message
+            says so).
+        OutcomeUnknownError: It appended nothing, or the server could not be
+            asked in time.
+    """
+    if not events:
+        raise OutcomeUnknownError(
+            f"{error}: the transaction appended no event the store could look for, so whether "
+            "it committed is unknown; check its effects (its rows, its cursor moves) before "
+            "running it again"
+        ) from error
+    found = await _find_batch(
+        driver,
+        sql,
+        events[0].id,
+        error,
+        doing=f"committing a transaction that appended {len(events)} event(s)",
+        unknown="whether the transaction (its rows, cursor moves and events) was committed "
+        f"is unknown. If it was, every consumer receives its events; look for event id "
+        f"{events[0].id} before running it again",
+    )
+    logger.warning(
+        "trioflow: the transaction whose COMMIT answer was lost or late had committed (seq %d)",
+        found[0],
+    )
+
+
+async def _find_batch(
+    driver: Driver,
+    sql: Queries,
+    first_id: uuid.UUID,
+    error: InDoubtError,
+    *,
+    doing: str,
+    unknown: str,
+) -> Record:
+    """The row of `Queries.find_batch` for ``first_id``, once the append lock is free.
+
+    ``doing`` says what was lost ("appending 3 event(s)"), ``unknown`` what
+    to do should the server not answer in time.
+
+    Raises:
+        StoreUnavailableError: The batch is not in the log: it was not committed.
+        OutcomeUnknownError: The server could not be asked in time.
+    """
     display = driver.config.display
     window = driver.config.connect_timeout
-    appending = f"appending {len(events)} event(s)"
     if error.timed_out:
         # The server was reachable: the statement was cancelled after
         # command_timeout, and may have committed just before.
-        failure = f"{appending} to PostgreSQL at {display} ran past command_timeout"
+        failure = f"{doing} to PostgreSQL at {display} ran past command_timeout"
         unchecked = "could not check within"
     else:
-        failure = f"lost the connection to PostgreSQL at {display} while {appending}"
+        failure = f"lost the connection to PostgreSQL at {display} while {doing}"
         unchecked = "could not reach it again within"
     logger.warning("trioflow: %s (%s); checking whether it committed", failure, error)
     backoff = _MIN_BACKOFF
@@ -69,7 +142,7 @@ async def settle_in_doubt(
         while True:
             try:
                 async with driver.transaction(
-                    operation=f"checking whether {appending} committed"
+                    operation=f"checking whether {doing} committed"
                 ) as tx:
                     await tx.execute(sql.lock_append)
                     # A new statement, so a new snapshot: taken after the lock.
@@ -87,19 +160,11 @@ async def settle_in_doubt(
         since = "" if last is error else f"; then: {last}"
         raise OutcomeUnknownError(
             f"{failure}, and {unchecked} {window}s (connect_timeout) whether it "
-            f"committed: whether they were committed is unknown. If they were, every "
-            f"consumer receives them; look for event id {first_id} before publishing "
-            f"them again ({error}{since})"
+            f"committed: {unknown} ({error}{since})"
         ) from error
     if found is None:
         raise StoreUnavailableError(
             f"{failure}; checked afterwards: they were not committed, nothing was "
             f"persisted, and retrying is safe ({error})"
         ) from error
-    first, created_at, after = found[0], found[1], found[2]
-    logger.warning(
-        "trioflow: the append of %d event(s) whose answer was lost or late had committed (seq %d)",
-        len(events),
-        first,
-    )
-    return Appended(after=after, seqs=range(first, first + len(events)), created_at=created_at)
+    return found

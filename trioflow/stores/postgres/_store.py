@@ -12,6 +12,9 @@ The lock is held until the transaction commits, so batches commit in the order
 of their sequence numbers: a reader that has seen ``s`` has already been able
 to see every event below ``s``. A rolled-back append may leave a hole in the
 numbering; readers never wait for holes, they just read ``seq > after``.
+A store transaction (`PostgresStore.transaction`) appends with the same
+function, so its batch too commits in sequence order, and only once the whole
+transaction does.
 docs/postgres.md explains the mechanism, its cost and the other choices. An
 append whose answer was lost is settled before the store answers (see
 `trioflow.stores.postgres._recovery`).
@@ -36,11 +39,22 @@ from ..._errors import ConfigurationError, LeaseLostError, StoreError, StoreUnav
 from ..._events import JSON, MAX_DEPTH, Event, NewEvent
 from ..._leases import Lease
 from .._base import Appended, Store
-from ._driver import Driver, DriverConfig, InDoubtError, Record, open_driver, simplify_group
+from .._transactions import StoreTransaction
+from ._driver import (
+    Driver,
+    DriverConfig,
+    InDoubtError,
+    QueryInterface,
+    Record,
+    Transaction,
+    open_driver,
+    simplify_group,
+)
 from ._listen import listen_forever
-from ._recovery import settle_in_doubt
+from ._recovery import settle_in_doubt, settle_transaction
 from ._schema import DEFAULT_SCHEMA, check_schema_name, prepare
 from ._sql import LETTER_COLUMNS, Queries, lock_key
+from ._transaction import PostgresTransaction
 from ._url import parse_url
 
 logger = logging.getLogger("trioflow.stores.postgres")
@@ -97,6 +111,8 @@ class PostgresStore(Store):
     Raises:
         ConfigurationError: An option is out of range.
     """
+
+    supports_transactions = True
 
     def __init__(
         self,
@@ -288,12 +304,7 @@ class PostgresStore(Store):
                 seqs=range(head + 1, head + 1),
                 created_at=datetime.datetime.now(datetime.UTC),
             )
-        args = (
-            [event.id for event in events],
-            [event.type for event in events],
-            [event.key for event in events],
-            [event.payload for event in events],
-        )
+        args = _append_args(events)
         operation = f"appending {len(events)} event(s)"
         row: Record | None
         try:
@@ -307,16 +318,83 @@ class PostgresStore(Store):
             appended = await settle_in_doubt(driver, self._sql, events, exc)
         else:
             assert row is not None
-            after, first, created_at = row[0], row[1], row[2]
-            appended = Appended(
-                after=after, seqs=range(first, first + len(events)), created_at=created_at
-            )
+            appended = _appended(row, len(events))
+        self._committed(appended)
+        return appended
+
+    def _committed(self, appended: Appended) -> None:
+        """Tell this store's waiters of a committed batch."""
         if appended.seqs:
             self._known_head = max(self._known_head, appended.seqs[-1])
         # Its own NOTIFY comes back from a backend in our pool and is ignored
         # (`_on_notify`): waiters learn of it here, with no query.
         self._wake()
-        return appended
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTransaction]:
+        """One READ COMMITTED transaction on one pooled connection; see `StoreTransaction`.
+
+        The user's SQL uses ``$1`` parameters and gets rows as dicts.
+        Statements that would end the transaction or change the pooled
+        connection's session are refused (see
+        `trioflow.stores.postgres._transaction`). ``append`` calls the
+        store's append function in the transaction: it waits for the
+        ordering lock then, not before, and holds it until the commit, so
+        other publishers wait only for the part of the transaction after
+        it. Its NOTIFY is delivered at the commit, when this store's waiters
+        learn of the events too. Cursor commits in a transaction write the
+        logged cursor table, whatever ``cursor_durability`` says: they are
+        as durable as the transaction's commit (see docs/postgres.md,
+        "Transactions").
+
+        A COMMIT whose answer is lost is settled as an append's is, by the
+        first event the transaction appended; a transaction that appended
+        none raises `OutcomeUnknownError`.
+
+        Raises:
+            QueryError: PostgreSQL refused a statement (also when that error
+                was caught inside the block): everything was rolled back.
+            StoreUnavailableError: The connection was lost; nothing was
+                committed (after a lost COMMIT answer: checked).
+            OutcomeUnknownError: The COMMIT's answer was lost and whether it
+                committed could not be found out.
+        """
+        driver = self._require_open()
+        committing = False
+        appended: list[tuple[Sequence[NewEvent], Appended]] = []
+        try:
+            async with driver.transaction(operation="running a transaction") as inner:
+                transaction = PostgresTransaction(store=self, inner=inner)
+                appended = transaction.appended
+                try:
+                    yield transaction
+                finally:
+                    transaction.close()
+                transaction.check_committable()
+                committing = True
+        except InDoubtError as exc:
+            if not committing:
+                raise
+            events = [event for batch, _ in appended for event in batch]
+            await settle_transaction(driver, self._sql, events, exc)
+        for _, batch in appended:
+            self._committed(batch)
+
+    async def _append_on(self, transaction: Transaction, events: Sequence[NewEvent]) -> Appended:
+        """`append` in a store transaction: the same statement, its lock held until the commit."""
+        operation = f"appending {len(events)} event(s) in a transaction"
+        if not events:
+            head: int = await transaction.fetchval(self._sql.head, operation=operation)
+            return Appended(
+                after=head,
+                seqs=range(head + 1, head + 1),
+                created_at=datetime.datetime.now(datetime.UTC),
+            )
+        row = await transaction.fetchrow(
+            self._sql.append, *_append_args(events), operation=operation
+        )
+        assert row is not None
+        return _appended(row, len(events))
 
     async def read(
         self, after: int, limit: int, *, max_bytes: int | None = None
@@ -428,14 +506,34 @@ class PostgresStore(Store):
             The consumers whose fence no longer held: nothing was written for them.
         """
         driver = self._require_open()
+        return await self._commit_cursors_on(driver, cursors, fences=fences)
+
+    async def _commit_cursors_on(
+        self,
+        runner: QueryInterface,
+        cursors: Mapping[str, int],
+        *,
+        fences: Mapping[str, int] | None,
+        in_transaction: bool = False,
+    ) -> frozenset[str]:
+        """`commit_cursors` on the pool, or in a store transaction (``in_transaction``).
+
+        In a transaction the cursors go to the logged table, with the
+        statement of ``cursor_durability="sync"``: the transaction's commit
+        makes them durable with the user's rows. (``"async"`` would make the
+        whole transaction's commit asynchronous, events included;
+        ``"unlogged"`` would lose the cursor in a server crash that keeps the
+        rows, and the handler's effects would be applied again.)
+        """
         if not cursors:
             await trio.lowlevel.checkpoint()
             return frozenset()
+        durability = "sync" if in_transaction else self.cursor_durability
         names = list(cursors)
         args: list[object] = [names, [cursors[name] for name in names]]
         now = trio.current_time()
         due = []
-        if self.cursor_durability == "unlogged":
+        if durability == "unlogged":
             due = [
                 name
                 for name in names
@@ -448,16 +546,14 @@ class PostgresStore(Store):
         if fenced:
             assert fences is not None
             args += [fenced, [fences[name] for name in fenced]]
-        query = self._sql.commit_cursors(
-            self.cursor_durability, checkpoint=bool(due), fenced=bool(fenced)
-        )
+        query = self._sql.commit_cursors(durability, checkpoint=bool(due), fenced=bool(fenced))
         operation = f"committing the cursors of {len(names)} consumer(s)"
         refused: frozenset[str] = frozenset()
         if fenced:
-            rows = await driver.fetch(query, *args, operation=operation)
+            rows = await runner.fetch(query, *args, operation=operation)
             refused = frozenset(row[0] for row in rows)
         else:
-            await driver.execute(query, *args, operation=operation)
+            await runner.execute(query, *args, operation=operation)
         for name in due:
             if name not in refused:
                 self._checkpointed_at[name] = now
@@ -679,6 +775,22 @@ class PostgresStore(Store):
 
 
 _decode_json = json.JSONDecoder().decode
+
+
+def _append_args(events: Sequence[NewEvent]) -> tuple[list[object], ...]:
+    """The parameters of `Queries.append` for ``events``: ids, types, keys, data."""
+    return (
+        [event.id for event in events],
+        [event.type for event in events],
+        [event.key for event in events],
+        [event.payload for event in events],
+    )
+
+
+def _appended(row: Record, count: int) -> Appended:
+    """What an append of ``count`` events answered (`Queries.append`'s row)."""
+    after, first, created_at = row[0], row[1], row[2]
+    return Appended(after=after, seqs=range(first, first + count), created_at=created_at)
 
 
 def _lease(row: Record) -> Lease:
