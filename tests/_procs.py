@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from trioflow.stores import Store, store_from_url
@@ -711,6 +712,15 @@ def check_projection_state(
 #: The plans of ``outbox_child.py`` processes: per process, its blocks, each
 #: ``{"sleeps": [...], "roll_back": bool}`` (one event per sleep but the last).
 OutboxPlans = list[list[dict[str, Any]]]
+
+
+#: Hypothesis settings for tests whose examples start processes: few examples,
+#: no deadline.
+PROCESS_EXAMPLES = settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 def outbox_plans(processes: int = 3) -> st.SearchStrategy[OutboxPlans]:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from tests._procs import (
+    PROCESS_EXAMPLES,
     OutboxPlans,
     Row,
     check_consumer_rows,
@@ -112,11 +113,7 @@ async def test_two_publisher_processes_and_a_consumer_process(tmp_path: Path) ->
     check_consumer_rows(logs, CONSUMERS, events, context)
 
 
-@settings(
-    max_examples=4,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@PROCESS_EXAMPLES
 @given(plans=outbox_plans())
 def test_outbox_processes_never_show_a_consumer_a_rolled_back_event_or_a_gap_filled_late(
     plans: OutboxPlans, tmp_path_factory: pytest.TempPathFactory
