@@ -191,3 +191,33 @@ async def test_commit_every_batches_events_and_a_failure_redoes_its_batch_singly
     # 1-5 in one transaction; 6-10 failed at 7 and rolled back; from there
     # on, one event per transaction (7 succeeds the second time).
     assert calls == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10, 11, 12]
+
+
+async def test_a_requeued_dead_letter_is_removed_in_its_handlers_transaction(
+    tmp_path: Path,
+) -> None:
+    app = sqlite_app(tmp_path)
+    fixed = False
+
+    @app.consumer(
+        "projection",
+        transactional=True,
+        retry=trioflow.Retry(attempts=1),
+        on_exhausted="dead-letter",
+    )
+    async def project(event: trioflow.Event, tx: trioflow.Transaction) -> None:
+        await tx.execute(SCHEMA)
+        await tx.execute("INSERT INTO effects (seq, amount) VALUES (?, ?)", event.seq, 1)
+        if event.data == "poison" and not fixed:
+            raise RuntimeError("poison")
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("paid", None), ("paid", "poison"), ("paid", None)])
+        await flow.wait_idle()
+        assert [letter.seq for letter in await flow.dead_letters()] == [2]
+        assert [row["seq"] for row in await rows(flow)] == [1, 3]
+        fixed = True
+        await flow.requeue("projection", [2])
+        await flow.wait_idle()
+        assert await flow.dead_letters() == []
+        assert [row["seq"] for row in await rows(flow)] == [1, 2, 3]

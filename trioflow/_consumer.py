@@ -218,6 +218,9 @@ class Consumer:
     #: When to look for requeued dead letters next (trio time).
     _requeue_check_at: float = -math.inf
     _in_requeues: bool = False
+    #: The requeued dead letter being handled, if any: a transactional handler
+    #: removes it in its own transaction.
+    _requeued_letter: int | None = None
     _finished: trio.Event = attrs.Factory(trio.Event)
 
     @property
@@ -774,6 +777,9 @@ class Consumer:
             finally:
                 tx._close()
             published = await append_published(tx)
+            if self._requeued_letter == event.seq:
+                # Behind the cursor already; the letter goes with the effects.
+                await store_tx.discard_dead_letters(self.name, [event.seq])
             await runner.cursors.commit_in_transaction(store_tx, self._cursor, event.seq)
         # Durable now: the position moves with the count of handled events.
         runner.cursors.landed(self._cursor, event.seq, self._processed + 1)
@@ -917,6 +923,7 @@ class Consumer:
                 self._ownership.cancelling(scope),
             ):
                 self._handler_scope = scope
+                self._requeued_letter = letter.seq
                 try:
                     await self._call(event)
                 except Exception as exc:
@@ -924,8 +931,12 @@ class Consumer:
                     outcome = await self._after_failure(event, exc, requeued=True)
                 else:
                     outcome = "handled"
+                finally:
+                    self._requeued_letter = None
                 if outcome == "handled":
-                    await store.discard_dead_letters(self.name, [letter.seq])
+                    if not self.spec.transactional:
+                        # A transactional handler removed it in its transaction.
+                        await store.discard_dead_letters(self.name, [letter.seq])
                     self._processed += 1
             self._handler_scope = None
             if outcome == "stopped" or self._must_stop():

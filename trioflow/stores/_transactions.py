@@ -19,7 +19,8 @@ Contract, for every implementation:
   `trioflow.QueryError` naming the statement; the transaction then only rolls
   back (PostgreSQL aborts it; the runtime rolls back on any error anyway).
 * ``commit_cursors`` is `Store.commit_cursors` inside the transaction, fences
-  included (checked atomically with the claims of leases, as there).
+  included (checked atomically with the claims of leases, as there), and
+  ``discard_dead_letters`` is `Store.discard_dead_letters` inside it.
 * ``append`` is `Store.append` inside the transaction: the events get sequence
   numbers greater than every event committed before, and become visible to
   readers only when the transaction commits, with the store's gap-free reads
@@ -79,6 +80,11 @@ class StoreTransaction(abc.ABC):
         self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
     ) -> frozenset[str]:
         """`Store.commit_cursors`, in this transaction."""
+
+    @abc.abstractmethod
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        """`Store.discard_dead_letters`, in this transaction (a requeued letter's
+        handler succeeded: its effects and the letter's removal commit together)."""
 
     @abc.abstractmethod
     async def append(self, events: Sequence[NewEvent]) -> Appended:

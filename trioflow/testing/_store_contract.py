@@ -118,6 +118,7 @@ _TRANSACTION_TESTS = frozenset(
         "test_queries_return_plain_rows_and_values",
         "test_a_refused_statement_is_a_query_error_naming_it",
         "test_fenced_cursor_commits_in_a_transaction",
+        "test_dead_letters_discarded_in_a_transaction_go_with_it",
         "test_an_append_outside_waits_for_a_transaction_that_appended",
         "test_a_transaction_leaves_the_store_usable_when_a_statement_hangs",
     }
@@ -1204,6 +1205,22 @@ class StoreContract:
             async with store.transaction() as tx:
                 assert await tx.commit_cursors({"a": 4}, fences={"a": held.token}) == {"a"}
             assert await peer.load_cursors() == {"a": 3}
+
+    async def test_dead_letters_discarded_in_a_transaction_go_with_it(self) -> None:
+        """A letter discarded in a transaction stays if it rolls back, goes if it commits."""
+        async with self.open_store() as store:
+            seqs = list((await store.append(make_events(2))).seqs)
+            for seq in seqs:
+                await store.record_dead_letter(make_letter("a", seq), cursor=seq)
+            with pytest.raises(RuntimeError):
+                async with store.transaction() as tx:
+                    assert await tx.discard_dead_letters("a", [seqs[0], 999]) == [seqs[0]]
+                    raise RuntimeError("roll back")
+            assert [x.seq for x in await store.dead_letters("a")] == seqs
+            async with store.transaction() as tx:
+                assert await tx.discard_dead_letters("a", [seqs[1]]) == [seqs[1]]
+                assert await tx.discard_dead_letters("a", []) == []
+            assert [x.seq for x in await store.dead_letters("a")] == seqs[:1]
 
     async def test_an_append_outside_waits_for_a_transaction_that_appended(self) -> None:
         """Readers never see a later event before an earlier one: an append through

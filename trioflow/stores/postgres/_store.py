@@ -699,13 +699,26 @@ class PostgresStore(Store):
         self, query: str, operation: str, consumer: str, seqs: Sequence[int], *more: object
     ) -> list[int]:
         """Run ``query`` on the letters of ``consumer`` at ``seqs``; return the seqs it found."""
-        driver = self._require_open()
+        return await self._change_letters_on(
+            self._require_open(), query, operation, consumer, seqs, *more
+        )
+
+    async def _change_letters_on(
+        self,
+        on: QueryInterface,
+        query: str,
+        operation: str,
+        consumer: str,
+        seqs: Sequence[int],
+        *more: object,
+    ) -> list[int]:
+        """`_change_letters` on the pool or in a transaction."""
         # A seq a bigint cannot hold is no letter's: left out rather than failing the call.
         wanted = sorted({seq for seq in seqs if _MIN_BIGINT <= seq <= _MAX_BIGINT})
         if not wanted:
             await trio.lowlevel.checkpoint()
             return []
-        rows = await driver.fetch(query, consumer, wanted, *more, operation=operation)
+        rows = await on.fetch(query, consumer, wanted, *more, operation=operation)
         return [row[0] for row in rows]
 
     async def wait_for_append(self, after: int) -> int:

@@ -163,6 +163,16 @@ class PostgresTransaction(StoreTransaction):
                 self._inner, cursors, fences=fences, in_transaction=True
             )
 
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        with self._statement(None):
+            return await self._store._change_letters_on(
+                self._inner,
+                self._store._sql.discard_dead_letters,
+                f"discarding dead letters of consumer {consumer!r}",
+                consumer,
+                seqs,
+            )
+
     async def append(self, events: Sequence[NewEvent]) -> Appended:
         with self._statement(None):
             appended = await self._store._append_on(self._inner, events)

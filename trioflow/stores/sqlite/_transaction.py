@@ -215,6 +215,19 @@ class SQLiteTransaction(StoreTransaction):
             f"committing {len(items)} cursors", _sql.commit_cursors, (items, fences)
         )
 
+    async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        """`SQLiteStore.discard_dead_letters`, in this transaction."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            self._check_usable(None)
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._store_call(
+            f"discarding dead letters of consumer {consumer!r}",
+            _sql.discard_dead_letters,
+            (consumer, wanted, 0.0),
+        )
+
     async def append(self, events: Sequence[NewEvent]) -> Appended:
         """`SQLiteStore.append`, in this transaction: visible to readers on its commit."""
         batch = list(events)
