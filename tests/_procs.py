@@ -109,6 +109,16 @@ class Child:
         assert self.process.returncode == -signal.SIGKILL, self.describe()
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment, with the repository on PYTHONPATH: children
+    import their shared helpers as ``tests._children...`` whether or not
+    trioflow was installed in editable mode."""
+    env = dict(os.environ)
+    root = str(CHILDREN.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 @contextlib.asynccontextmanager
 async def running(
     script: str, *args: object, stderr: Path, stdin: bool = False
@@ -124,6 +134,7 @@ async def running(
             stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=fd,
+            env=child_environment(),
         )
     finally:
         os.close(fd)
