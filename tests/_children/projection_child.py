@@ -25,7 +25,10 @@ blocks it rolls back on purpose, to ``LOGS/rolledback.log``. It prints
 
 Without ``--finish`` it goes on until killed; with it, it publishes
 `FINAL_EVENTS` events and `FINAL_ORDERS` orders, waits until the projection
-is idle, prints ``idle`` and exits 0.
+is idle, prints ``idle`` and exits 0. With ``--ride-out`` (for a test that
+crashes the database server under it) a publish or an outbox block that fails
+with a store error is tried again when nothing was persisted, and left out of
+the logs when its outcome is unknown.
 """
 
 from __future__ import annotations
@@ -113,7 +116,9 @@ def add_projection(app: trioflow.App, commit_every: int, rng: random.Random, tab
         )
 
 
-async def publish(flow: trioflow.Flow, rng: random.Random, pace: float, most: int, fd: int) -> None:
+async def publish(
+    flow: trioflow.Flow, rng: random.Random, pace: float, most: int, fd: int, ride_out: bool
+) -> None:
     published = 0
     while published < most:
         size = min(rng.randint(1, 10), most - published)
@@ -121,7 +126,18 @@ async def publish(flow: trioflow.Flow, rng: random.Random, pace: float, most: in
             (rng.choice(("pay", "pay", "noise")), {"amount": rng.randint(1, 100)})
             for _ in range(size)
         ]
-        seqs = await flow.publish_many(batch)
+        try:
+            seqs = await flow.publish_many(batch)
+        except trioflow.OutcomeUnknownError:
+            if not ride_out:
+                raise
+            published += size  # maybe stored, maybe not: in no log
+            continue
+        except trioflow.StoreError:
+            if not ride_out:
+                raise
+            await trio.sleep(0.1)  # nothing was persisted: try again
+            continue
         # Recorded only once publish returned: these must be in the store.
         os.write(fd, "".join(f"{seq}\n" for seq in seqs).encode())
         published += size
@@ -129,7 +145,13 @@ async def publish(flow: trioflow.Flow, rng: random.Random, pace: float, most: in
 
 
 async def outbox(
-    flow: trioflow.Flow, rng: random.Random, pace: float, most: int, logs: str, tables: str
+    flow: trioflow.Flow,
+    rng: random.Random,
+    pace: float,
+    most: int,
+    logs: str,
+    tables: str,
+    ride_out: bool,
 ) -> None:
     committed, rolled_back = open_log(logs, "orders.log"), open_log(logs, "rolledback.log")
     orders = 0
@@ -151,6 +173,15 @@ async def outbox(
                     raise RolledBack
         except RolledBack:
             os.write(rolled_back, f"{order_id}\n".encode())
+        except trioflow.OutcomeUnknownError:
+            if not ride_out:
+                raise
+            orders += 1  # maybe committed, maybe not: in no log
+        except trioflow.StoreError:
+            if not ride_out:
+                raise
+            # Rolled back by the failure: tried again with another id.
+            await trio.sleep(0.1)
         else:
             os.write(committed, f"{order_id}\n".encode())
             orders += 1
@@ -158,7 +189,14 @@ async def outbox(
 
 
 async def main(
-    url: str, logs: str, commit_every: int, seed: int, pace: float, finish: bool, tables: str
+    url: str,
+    logs: str,
+    commit_every: int,
+    seed: int,
+    pace: float,
+    finish: bool,
+    tables: str,
+    ride_out: bool,
 ) -> None:
     rng = random.Random(seed)
     # A short lease: a restarted child takes its consumer back soon after a kill.
@@ -170,9 +208,11 @@ async def main(
         print("ready", flush=True)
         events, orders = (FINAL_EVENTS, FINAL_ORDERS) if finish else (MOST_EVENTS, MOST_EVENTS)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(publish, flow, random.Random(rng.random()), pace, events, published)
             nursery.start_soon(
-                outbox, flow, random.Random(rng.random()), pace, orders, logs, tables
+                publish, flow, random.Random(rng.random()), pace, events, published, ride_out
+            )
+            nursery.start_soon(
+                outbox, flow, random.Random(rng.random()), pace, orders, logs, tables, ride_out
             )
         await idle_or_killed(flow, finish, "projection_child")
 
@@ -190,4 +230,5 @@ if __name__ == "__main__":
         float(pace),
         "--finish" in flags,
         prefixes[0] if prefixes else "",
+        "--ride-out" in flags,
     )
