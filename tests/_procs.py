@@ -14,19 +14,25 @@ The store, read directly, is the ground truth the logs are checked against.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from trioflow.stores import Store, store_from_url
 from trioflow.testing._store_contract import make_events, read_all
@@ -103,6 +109,16 @@ class Child:
         assert self.process.returncode == -signal.SIGKILL, self.describe()
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment, with the repository on PYTHONPATH: children
+    import their shared helpers as ``tests._children...`` whether or not
+    trioflow was installed in editable mode."""
+    env = dict(os.environ)
+    root = str(CHILDREN.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 @contextlib.asynccontextmanager
 async def running(
     script: str, *args: object, stderr: Path, stdin: bool = False
@@ -118,6 +134,7 @@ async def running(
             stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=fd,
+            env=child_environment(),
         )
     finally:
         os.close(fd)
@@ -132,6 +149,31 @@ async def running(
                 await process.stdout.aclose()
             if process.stdin is not None:
                 await process.stdin.aclose()
+
+
+async def run_together(
+    tmp_path: Path, children: Mapping[str, tuple[str, *tuple[object, ...]]]
+) -> None:
+    """Run children that start together, and wait until each has exited 0.
+
+    ``children`` maps a name (of its stderr file, ``<name>.stderr`` in
+    ``tmp_path``) to the script and its arguments, which the path of a file
+    to wait for follows: the children start once all of them printed
+    ``ready``, so that their writes contend.
+    """
+    go = tmp_path / "go"
+    async with contextlib.AsyncExitStack() as stack:
+        started = [
+            await stack.enter_async_context(
+                running(script, *args, go, stderr=tmp_path / f"{name}.stderr")
+            )
+            for name, (script, *args) in children.items()
+        ]
+        for child in started:
+            await child.expect_line("ready", limit=30)
+        go.touch()
+        for child in started:
+            await child.finish(limit=60)
 
 
 def read_runs(path: Path) -> list[list[int]]:
@@ -542,3 +584,234 @@ async def check_poison_state(
         assert len(events) == total, f"{len(events)} events in the store, not {total}; {context}"
         assert poison, f"no poison event among {total}; {context}"
     return len(letters)
+
+
+#: The event types ``projection_child.py``'s projection applies.
+PROJECTED = frozenset({"pay", "order.created"})
+
+
+@attrs.frozen(kw_only=True)
+class ProjectionState:
+    """What ``projection_child.py`` left in the store, read directly from it."""
+
+    #: Every event as (seq, type, data), in seq order.
+    events: Sequence[tuple[int, str, dict[str, Any]]]
+    #: The projection's durable cursor (0 before its first commit).
+    cursor: int
+    #: The rows of ``effects``: (seq, amount), in no particular order.
+    effects: Sequence[tuple[int, int]]
+    #: The one row of ``totals``: (total, handled).
+    totals: tuple[int, int]
+    #: The rows of ``orders``: id -> amount.
+    orders: Mapping[int, int]
+
+
+async def sigkill_projection(
+    child_url: Callable[[int], str],
+    read_state: Callable[[], Awaitable[ProjectionState]],
+    tmp_path: Path,
+    *,
+    seed: int,
+    commit_every: int,
+    kills: int = 8,
+    tables: str = "",
+    settle: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """SIGKILL ``projection_child.py`` at random moments ``kills`` times, then let it finish.
+
+    Run ``n`` of the child opens ``child_url(n)``, its projection taking
+    ``commit_every`` events per transaction; after each run ``settle(n)``
+    waits, if need be, until its last statement is over, and what
+    ``read_state()`` reads from the store is checked with
+    `check_projection_state`.
+    """
+    rng = random.Random(seed)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    context = f"commit_every={commit_every}, seed {seed}; logs in {tmp_path}"
+    applied: list[int] = []
+    for run in range(kills + 1):
+        final = run == kills
+        flags = [*(["--finish"] if final else []), *([f"--tables={tables}"] if tables else [])]
+        args = [child_url(run), logs, commit_every, rng.randrange(2**32), 0.02, *flags]
+        async with running(
+            "projection_child.py", *args, stderr=tmp_path / f"run{run}.stderr"
+        ) as child:
+            if final:
+                output = await child.finish(limit=120)
+                assert output.split() == ["ready", "idle"], context
+            else:
+                await kill_at_random(child, rng, ready=True)
+        if settle is not None:
+            await settle(run)
+        state = await read_state()
+        where = f"after {'the final run' if final else f'kill {run}'}; {context}"
+        check_projection_state(state, logs, where, final=final)
+        applied.append(len(state.effects))
+    # The kills fell among the projection's transactions, not all before them.
+    grew = sum(1 for before, after in itertools.pairwise([0, *applied[:-1]]) if after > before)
+    assert grew >= kills // 2, f"effects after each kill: {applied[:-1]}; {context}"
+
+
+def check_projection_state(
+    state: ProjectionState, logs: Path, context: str, *, final: bool = False
+) -> None:
+    """Check what ``projection_child.py`` left: each effect once, with its cursor; the
+    outbox's rows and events together or not at all.
+
+    The projection's effects are exactly one row per projected event up to its
+    cursor (a second row: applied twice; a missing one: its cursor moved
+    without its effect; one past the cursor: its effect committed without
+    its cursor), each with its event's amount, and ``totals`` adds them up.
+    Every order row has exactly one ``order.created`` event and each such
+    event its row; the orders the child saw commit are there, those it rolled
+    back are not; every publish that returned is stored. With ``final`` (the
+    child waited until idle) the cursor is at the head.
+    """
+    seqs = [seq for seq, _, _ in state.events]
+    assert all(a < b for a, b in itertools.pairwise(seqs)), f"seqs not increasing; {context}"
+    returned = {int(line) for line in (logs / "published.log").read_text().split()}
+    lost = sorted(returned - set(seqs))
+    assert not lost, f"publish returned seqs {lost[:20]} that the store lacks; {context}"
+
+    head = seqs[-1] if seqs else 0
+    cursor = state.cursor
+    assert cursor <= head, f"the cursor {cursor} is past the head {head}; {context}"
+    if final:
+        assert cursor == head, f"the cursor {cursor} is not at the head {head}; {context}"
+    amounts = {seq: data["amount"] for seq, kind, data in state.events if kind in PROJECTED}
+    applied = collections.Counter(seq for seq, _ in state.effects)
+    twice = sorted(seq for seq, count in applied.items() if count > 1)
+    assert not twice, f"events applied more than once: {twice[:20]}; {context}"
+    owed = {seq for seq in amounts if seq <= cursor}
+    missing = sorted(owed - set(applied))
+    assert not missing, (
+        f"the cursor {cursor} is past events never applied: {missing[:20]}; {context}"
+    )
+    loose = sorted(set(applied) - owed)
+    assert not loose, (
+        f"effects of events past the cursor {cursor}, or of none projected: {loose[:20]}; {context}"
+    )
+    wrong = [(seq, amount) for seq, amount in state.effects if amounts[seq] != amount]
+    assert not wrong, f"effects with another amount than their event's: {wrong[:10]}; {context}"
+    expected_totals = (sum(amount for _, amount in state.effects), len(state.effects))
+    assert state.totals == expected_totals, (
+        f"totals (total, handled) {state.totals}, the effects add up to {expected_totals}; "
+        f"{context}"
+    )
+
+    announced = collections.Counter(
+        (data["order"], data["amount"]) for _, kind, data in state.events if kind == "order.created"
+    )
+    repeated = sorted(order for order, count in announced.items() if count > 1)
+    assert not repeated, f"orders with more than one event: {repeated[:10]}; {context}"
+    rows = set(state.orders.items())
+    unannounced = sorted(rows - set(announced))
+    assert not unannounced, f"order rows without their event: {unannounced[:10]}; {context}"
+    rowless = sorted(set(announced) - rows)
+    assert not rowless, f"order events without their row: {rowless[:10]}; {context}"
+    committed = {int(line) for line in (logs / "orders.log").read_text().split()}
+    vanished = sorted(committed - set(state.orders))
+    assert not vanished, f"orders that committed are gone: {vanished[:10]}; {context}"
+    rolled_back = {int(line) for line in (logs / "rolledback.log").read_text().split()}
+    kept = sorted(rolled_back & set(state.orders))
+    assert not kept, f"orders rolled back are in the store: {kept[:10]}; {context}"
+    if final:
+        assert committed and rolled_back, f"no order committed, or none rolled back; {context}"
+
+
+#: The plans of ``outbox_child.py`` processes: per process, its blocks, each
+#: ``{"sleeps": [...], "roll_back": bool}`` (one event per sleep but the last).
+OutboxPlans = list[list[dict[str, Any]]]
+
+
+#: Hypothesis settings for tests whose examples start processes: few examples,
+#: no deadline.
+PROCESS_EXAMPLES = settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def outbox_plans(processes: int = 3) -> st.SearchStrategy[OutboxPlans]:
+    """Plans for ``processes`` outbox publishers: random sleeps, some blocks rolled
+    back, some empty; at least one event committed, for the consumer to wait for."""
+    block = st.fixed_dictionaries(
+        {
+            "sleeps": st.lists(st.sampled_from([0.0, 0.002, 0.01, 0.03]), min_size=1, max_size=5),
+            "roll_back": st.booleans(),
+        }
+    )
+    plans = st.lists(
+        st.lists(block, min_size=1, max_size=6), min_size=processes, max_size=processes
+    )
+    return plans.filter(lambda plans: committed_outbox_events(plans) > 0)
+
+
+def committed_outbox_events(plans: OutboxPlans) -> int:
+    """How many events the blocks of ``plans`` that commit publish."""
+    return sum(
+        len(block["sleeps"]) - 1 for plan in plans for block in plan if not block["roll_back"]
+    )
+
+
+async def run_outbox_publishers(
+    url: str,
+    consumer_url: str,
+    plans: OutboxPlans,
+    tmp_path: Path,
+    read_events: Callable[[], Awaitable[list[Row]]],
+) -> None:
+    """Run an ``outbox_child.py`` process per plan, all at once, and a
+    ``consumer_child.py`` process; check what the store holds and what the
+    consumers saw with `check_outbox_events`."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    context = f"plans {plans}; logs in {tmp_path}"
+    async with running(
+        "consumer_child.py",
+        consumer_url,
+        logs,
+        committed_outbox_events(plans),
+        stderr=tmp_path / "consumer.stderr",
+    ) as consumer:
+        # The consumer process creates the store; the publishers open it after.
+        await consumer.expect_line("ready", limit=30)
+        await run_together(
+            tmp_path,
+            {
+                f"p{number}": ("outbox_child.py", url, f"p{number}", json.dumps(plan))
+                for number, plan in enumerate(plans)
+            },
+        )
+        await consumer.finish(limit=60)
+    check_outbox_events(plans, await read_events(), logs, context)
+
+
+def check_outbox_events(
+    plans: OutboxPlans, events: Sequence[Row], logs: Path, context: str
+) -> None:
+    """The store holds the events of every block that committed, each block's in
+    order and together, and none of a block rolled back; each consumer saw
+    exactly the store's events in seq order, so none appeared below one it had
+    already seen (a gap filled late), and none rolled back."""
+    seqs = [seq for seq, _, _ in events]
+    assert all(a < b for a, b in itertools.pairwise(seqs)), f"seqs not increasing; {context}"
+    blocks = [(pub, n) for _, pub, n in events]
+    expected = {
+        f"p{number}.{index}": len(block["sleeps"]) - 1
+        for number, plan in enumerate(plans)
+        for index, block in enumerate(plan)
+        if not block["roll_back"] and len(block["sleeps"]) > 1
+    }
+    runs = [(pub, [n for _, n in run]) for pub, run in itertools.groupby(blocks, lambda b: b[0])]
+    found = {pub: ns for pub, ns in runs}
+    assert len(found) == len(runs), f"a block's events not together: {runs}; {context}"
+    wrong = {pub: ns for pub, ns in found.items() if ns != list(range(expected.get(pub, -1)))}
+    assert not wrong, (
+        f"blocks rolled back, or their events out of order or incomplete: {wrong}; {context}"
+    )
+    missing = sorted(set(expected) - set(found))
+    assert not missing, f"committed blocks with no event in the store: {missing}; {context}"
+    check_consumer_rows(logs, ("plain", "bounded"), events, context)

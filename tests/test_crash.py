@@ -22,10 +22,12 @@ import trio.testing
 import trioflow
 from tests._procs import (
     CRASH_CONSUMERS,
+    ProjectionState,
     check_crash_state,
     kill_at_random,
     read_runs,
     running,
+    sigkill_projection,
     sigkill_while_dead_lettering,
     sigkill_while_recording_dead_letters,
     sqlite_url,
@@ -109,6 +111,46 @@ async def test_sigkill_while_a_flow_dead_letters_poison_events_loses_none(
     url = sqlite_url(tmp_path / "events.db")
     await sigkill_while_dead_lettering(
         url, lambda run: url, tmp_path, seed=seed, total=POISON_TOTAL, kills=KILLS
+    )
+
+
+def read_projection(db: Path) -> ProjectionState:
+    """What ``projection_child.py`` left in the SQLite file ``db``."""
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        events = [
+            (seq, event_type, json.loads(data))
+            for seq, event_type, data in connection.execute(
+                "SELECT seq, type, data FROM trioflow_events ORDER BY seq"
+            )
+        ]
+        cursor = connection.execute(
+            "SELECT coalesce(max(seq), 0) FROM trioflow_cursors WHERE consumer = 'projection'"
+        ).fetchone()[0]
+        return ProjectionState(
+            events=events,
+            cursor=cursor,
+            effects=connection.execute("SELECT seq, amount FROM effects").fetchall(),
+            totals=connection.execute("SELECT total, handled FROM totals").fetchone(),
+            orders=dict(connection.execute("SELECT id, amount FROM orders")),
+        )
+
+
+@pytest.mark.parametrize("commit_every", [1, 10])
+async def test_sigkill_storm_on_a_transactional_projection_applies_each_event_once(
+    tmp_path: Path, commit_every: int
+) -> None:
+    db = tmp_path / "events.db"
+
+    async def read_state() -> ProjectionState:
+        return await trio.to_thread.run_sync(read_projection, db)
+
+    await sigkill_projection(
+        lambda run: sqlite_url(db),
+        read_state,
+        tmp_path,
+        seed=SEEDS[0],
+        commit_every=commit_every,
+        kills=KILLS,
     )
 
 

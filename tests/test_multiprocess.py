@@ -14,8 +14,19 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import trio
+from hypothesis import given
 
-from tests._procs import Row, check_consumer_rows, running, sqlite_url
+from tests._procs import (
+    PROCESS_EXAMPLES,
+    OutboxPlans,
+    Row,
+    check_consumer_rows,
+    outbox_plans,
+    run_outbox_publishers,
+    running,
+    sqlite_url,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +111,17 @@ async def test_two_publisher_processes_and_a_consumer_process(tmp_path: Path) ->
         counters = [n for _, pub, n in events if pub == publisher]
         assert counters == list(range(count)), f"{publisher}'s events out of order; {context}"
     check_consumer_rows(logs, CONSUMERS, events, context)
+
+
+@PROCESS_EXAMPLES
+@given(plans=outbox_plans())
+def test_outbox_processes_never_show_a_consumer_a_rolled_back_event_or_a_gap_filled_late(
+    plans: OutboxPlans, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("outbox")
+    db = tmp_path / "events.db"
+
+    async def read() -> list[Row]:
+        return await trio.to_thread.run_sync(read_events, db)
+
+    trio.run(run_outbox_publishers, sqlite_url(db), POLLING(db), plans, tmp_path, read)

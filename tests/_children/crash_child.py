@@ -119,16 +119,22 @@ async def main(
     async with trioflow.open_flow(app) as flow:
         print("ready", flush=True)
         await publish(flow, total, rng, 0.0 if finish else pace, published, poison)
-        if finish:
-            with trio.move_on_after(60) as waiting:
-                await flow.wait_idle()
-            if waiting.cancelled_caught:
-                sys.exit(f"crash_child: consumers never idle: {flow.statistics()}")
-            print("idle", flush=True)
-        else:
-            # Killed by the test long before this; bounded in case it is not.
-            await trio.sleep(120)
-            sys.exit("crash_child: was never killed")
+        await idle_or_killed(flow, finish, "crash_child")
+
+
+async def idle_or_killed(flow: trioflow.Flow, finish: bool, child: str) -> None:
+    """With ``finish`` wait until every consumer is idle and print ``idle``; without
+    it wait to be killed. Exit non-zero (naming ``child``) if that never happens."""
+    if finish:
+        with trio.move_on_after(60) as waiting:
+            await flow.wait_idle()
+        if waiting.cancelled_caught:
+            sys.exit(f"{child}: consumers never idle: {flow.statistics()}")
+        print("idle", flush=True)
+    else:
+        # Killed by the test long before this; bounded in case it is not.
+        await trio.sleep(120)
+        sys.exit(f"{child}: was never killed")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,7 @@ async def main(
 
     async with trioflow.open_flow(app) as flow:
         print("ready", flush=True)
-        with trio.fail_after(60):
-            # Another process's signal: nothing to wait on but the file.
-            while not await trio.Path(go).exists():  # noqa: ASYNC110
-                await trio.sleep(0.005)
+        await wait_for_file(go)
         n = 0
         while n < count and not (stop and await trio.Path(stop).exists()):
             if rng.random() < 0.2:
@@ -56,6 +53,14 @@ async def main(
             # Yield now and then, so concurrent publishers interleave.
             elif rng.random() < 0.3:
                 await trio.sleep(0.001)
+
+
+async def wait_for_file(path: str) -> None:
+    """Return once ``path`` exists (fail after a minute)."""
+    with trio.fail_after(60):
+        # Another process's signal: nothing to wait on but the file.
+        while not await trio.Path(path).exists():  # noqa: ASYNC110
+            await trio.sleep(0.005)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ sessions (tagged with an ``application_name`` per run) are gone.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -25,17 +24,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
+from hypothesis import given
 
 from tests._procs import (
+    PROCESS_EXAMPLES,
+    OutboxPlans,
+    ProjectionState,
     Row,
     check_consumer_rows,
     check_crash_state,
     kill_at_random,
+    outbox_plans,
+    run_outbox_publishers,
+    run_together,
     running,
+    sigkill_projection,
     sigkill_while_dead_lettering,
     sigkill_while_recording_dead_letters,
 )
-from tests.postgres._server import wait_sessions_gone
+from tests.postgres._server import open_admin, wait_sessions_gone
 from trioflow.stores.postgres._driver import Driver
 
 pytestmark = pytest.mark.slow
@@ -124,28 +132,13 @@ async def test_three_publisher_processes_and_a_consumer_process(
     ) as consumer:
         # The consumer process creates the schema; the publishers open it after.
         await consumer.expect_line("ready", limit=30)
-        go = tmp_path / "go"
-        async with contextlib.AsyncExitStack() as stack:
-            children = [
-                await stack.enter_async_context(
-                    running(
-                        "publisher_child.py",
-                        url,
-                        name,
-                        count,
-                        seed,
-                        go,
-                        stderr=tmp_path / f"{name}.stderr",
-                    )
-                )
+        await run_together(
+            tmp_path,
+            {
+                name: ("publisher_child.py", url, name, count, seed)
                 for seed, name in enumerate(publishers)
-            ]
-            for child in children:
-                await child.expect_line("ready", limit=30)
-            # All at once, so that their appends contend.
-            go.touch()
-            for child in children:
-                await child.finish(limit=60)
+            },
+        )
         await consumer.finish(limit=60)
     rows = await admin.fetch(f'SELECT seq, data FROM "{schema}".events ORDER BY seq')
     events: list[Row] = [
@@ -201,3 +194,68 @@ async def test_sigkill_while_a_flow_dead_letters_poison_events_loses_none(
         kills=KILLS,
         settle=settle,
     )
+
+
+async def read_projection(admin: Driver, schema: str) -> ProjectionState:
+    """What ``projection_child.py`` left in ``schema``."""
+    rows = await admin.fetch(f'SELECT seq, type, data FROM "{schema}".events ORDER BY seq')
+    cursor = await admin.fetchval(
+        f"SELECT coalesce(max(seq), 0) FROM \"{schema}\".cursors WHERE consumer = 'projection'"
+    )
+    totals = await admin.fetchrow(f'SELECT total, handled FROM "{schema}".totals')
+    effects = await admin.fetch(f'SELECT seq, amount FROM "{schema}".effects')
+    orders = await admin.fetch(f'SELECT id, amount FROM "{schema}".orders')
+    assert totals is not None
+    return ProjectionState(
+        events=[(row[0], row[1], json.loads(row[2])) for row in rows],
+        cursor=cursor,
+        effects=[(row[0], row[1]) for row in effects],
+        totals=(totals[0], totals[1]),
+        orders={row[0]: row[1] for row in orders},
+    )
+
+
+@pytest.mark.parametrize("commit_every", [1, 10])
+async def test_sigkill_storm_on_a_transactional_projection_applies_each_event_once(
+    tmp_path: Path, commit_every: int, make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    prefix = f"tf-projection-{uuid.uuid4().hex[:12]}"
+
+    def child_url(run: int) -> str:
+        return make_url(schema=schema, poll_interval=0.2, application_name=f"{prefix}-{run}")
+
+    async def settle(run: int) -> None:
+        await wait_sessions_gone(admin, f"{prefix}-{run}")
+
+    await sigkill_projection(
+        child_url,
+        lambda: read_projection(admin, schema),
+        tmp_path,
+        seed=SEEDS[0],
+        commit_every=commit_every,
+        kills=8,
+        tables=f'"{schema}".',
+        settle=settle,
+    )
+
+
+@PROCESS_EXAMPLES
+@given(plans=outbox_plans())
+def test_outbox_processes_never_show_a_consumer_a_rolled_back_event_or_a_gap_filled_late(
+    plans: OutboxPlans,
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_url: str,
+    make_url: Callable[..., str],
+    new_schema: Callable[[], str],
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("outbox")
+    schema = new_schema()
+    url = make_url(schema=schema, poll_interval=1.0)
+
+    async def read() -> list[Row]:
+        async with open_admin(pg_url) as admin:
+            rows = await admin.fetch(f'SELECT seq, data FROM "{schema}".events ORDER BY seq')
+        return [(row[0], json.loads(row[1])["pub"], json.loads(row[1])["n"]) for row in rows]
+
+    # Notifications wake the consumer process; polling is only the fallback.
+    trio.run(run_outbox_publishers, url, url, plans, tmp_path, read)

@@ -30,15 +30,23 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import pytest
 import trio
 
 import trioflow
-from tests._procs import check_consumer_log, check_runs, split_runs
+from tests._procs import (
+    check_consumer_log,
+    check_projection_state,
+    check_runs,
+    running,
+    split_runs,
+)
 from tests.postgres._cluster import Cluster, StopMode
 from tests.postgres._proxy import LosingProxy, open_proxy
+from tests.postgres.test_crash import read_projection
 from trioflow.stores.postgres import PostgresStore
 from trioflow.stores.postgres._driver import Driver, DriverConfig, open_driver
 from trioflow.testing._store_contract import make_events, read_all
@@ -536,3 +544,43 @@ async def test_unlogged_cursors_resume_from_the_logged_checkpoint_after_a_crash(
             f"the second flow resumed at {resumed}; {where}"
         )
     print(f"{record.summary()}; checkpoints {checkpoints}, floor {floor}, {statistics}")
+
+
+@pytest.mark.slow
+async def test_a_transactional_projection_and_an_outbox_ride_out_server_crashes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The server is killed (``-m immediate``) twice under a process running a
+    transactional projection and an outbox: each event's effect applied once, with
+    its cursor; every order with its event, none rolled back; nothing lost."""
+    schema = f"tf_faults_{uuid.uuid4().hex[:12]}"
+    url = cluster.url(schema=schema, poll_interval=0.2, connect_timeout=5, pool_max_size=4)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rng = random.Random(7)
+    context = f"logs in {tmp_path}"
+    with trio.fail_after(240):
+        async with running(
+            "projection_child.py",
+            url,
+            logs,
+            1,
+            rng.randrange(2**32),
+            0.05,
+            "--finish",
+            "--ride-out",
+            f'--tables="{schema}".',
+            stderr=tmp_path / "child.stderr",
+        ) as child:
+            await child.expect_line("ready", limit=60)
+            for _ in range(2):
+                await trio.sleep(rng.uniform(0.5, 1.5))
+                await cluster.stop("immediate")
+                await trio.sleep(OUTAGE)
+                await cluster.start()
+            output = await child.finish(limit=180)
+    assert output.split() == ["idle"], context
+    async with open_admin(cluster.url()) as admin:
+        state = await read_projection(admin, schema)
+    check_projection_state(state, logs, context, final=True)
+    assert state.effects, f"the projection applied nothing; {context}"
