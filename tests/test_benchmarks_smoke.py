@@ -6,6 +6,7 @@ No timing is asserted: these only guard the code path that
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from benchmarks import fanout
+from benchmarks import asyncpg_fanout, fanout
 from benchmarks.__main__ import main
+from benchmarks._effects import effect_problems
 from benchmarks._harness import BenchmarkFailed
-from benchmarks._stores import POSTGRES_URL_VARIABLE, STORES
+from benchmarks._stores import POSTGRES_URL_VARIABLE, STORES, fresh_postgres_schema
 from tests._servers import server_missing
 
 FLOW_CASES = ("publish-many", "publish-many-commit1", "publish-tasks")
@@ -138,6 +140,48 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
         assert results["asyncpg-commit1", store]["params"]["commit_every"] == 1
     assert "| vs hand-written |" in captured.out
     assert "| asyncpg-commit1      | postgres-unlogged |" in captured.out
+
+
+def test_the_effect_row_check_wants_one_row_per_event() -> None:
+    def count(total: int, seqs: int, low: int, high: int) -> dict[str, int]:
+        return {"total": total, "seqs": seqs, "low": low, "high": high}
+
+    assert effect_problems([count(5, 5, 1, 5)], 5) == []
+    for wrong in [count(4, 4, 1, 5), count(6, 5, 1, 5), count(5, 5, 2, 6), count(0, 0, 0, 0)]:
+        problems = effect_problems([count(5, 5, 1, 5), wrong], 5)
+        assert len(problems) == 1
+        assert problems[0].startswith("effect table 1 holds")
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("bench_postgres")
+@pytest.mark.parametrize("copies", [1, 0, 2])
+def test_the_hand_written_effect_check_fails_when_a_row_is_missing_or_doubled(
+    copies: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def planted(table: str, paramstyle: str) -> str:
+        # seq 3's row inserted `copies` times, every other row once.
+        return (
+            f"INSERT INTO {table} (seq, total_cents) SELECT $1, $2 FROM generate_series(1, "
+            f"CASE WHEN $1 = 3 THEN {copies} ELSE 1 END)"
+        )
+
+    monkeypatch.setattr(asyncpg_fanout, "insert_sql", planted)
+    argv = ["--events", "10", "--readers", "2", "--batch-size", "4", "--commit-every", "3"]
+    with fresh_postgres_schema() as (url, schema):
+        args = asyncpg_fanout.build_parser().parse_args(
+            [*argv, "--effects", f"--url={url}", f"--schema={schema}"]
+        )
+        outcome = asyncio.run(asyncpg_fanout.run(args))
+    problems = outcome["problems"]
+    assert isinstance(problems, list)
+    if copies == 1:
+        assert problems == []
+    else:
+        assert [problem.split(" holds")[0] for problem in problems] == [
+            "effect table 0",
+            "effect table 1",
+        ]
 
 
 def test_an_unreachable_postgres_server_is_skipped_with_a_line_saying_so(
