@@ -7,6 +7,7 @@ No timing is asserted: these only guard the code path that
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import trioflow
 from benchmarks import asyncpg_fanout, fanout
 from benchmarks.__main__ import main
 from benchmarks._effects import effect_problems
@@ -22,6 +24,8 @@ from benchmarks._stores import POSTGRES_URL_VARIABLE, STORES, fresh_postgres_sch
 from tests._servers import server_missing
 
 FLOW_CASES = ("publish-many", "publish-many-commit1", "publish-tasks")
+#: The cases of transactional consumers, on the stores that run transactions.
+TX_CASES = ("tx", "tx-commit1")
 POSTGRES_STORES = ("postgres", "postgres-async", "postgres-unlogged")
 
 
@@ -45,7 +49,8 @@ def test_fanout_runs_and_passes_its_check(
     assert report["reference_case"] == "raw"
     assert {"python", "trio", "cpu_count"} <= set(report["machine"])
     ran = {(result["case"], result["store"]) for result in report["results"]}
-    assert ran == {("raw", None), ("raw-batch", None)} | {(case, store) for case in FLOW_CASES}
+    cases = FLOW_CASES + (TX_CASES if store == "sqlite" else ())
+    assert ran == {("raw", None), ("raw-batch", None)} | {(case, store) for case in cases}
     for result in report["results"]:
         assert (result["consumers"], result["events"], len(result["runs"])) == (2, 200, 1)
         assert result["median"]["delivered_per_s"] > 0
@@ -129,6 +134,10 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
             ("publish-many", "asyncpg"),
             ("publish-tasks", "asyncpg"),
             ("publish-many-commit1", "asyncpg-commit1"),
+            ("asyncpg-tx", "asyncpg-tx"),
+            ("tx", "asyncpg-tx"),
+            ("asyncpg-tx-commit1", "asyncpg-tx-commit1"),
+            ("tx-commit1", "asyncpg-tx-commit1"),
         ]:
             result = results[case, store]
             assert result["baseline_case"] == baseline
@@ -138,6 +147,12 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
         assert results["asyncpg", store]["params"]["cursor_durability"] == durability
         assert results["asyncpg", store]["params"]["commit_every"] == 10
         assert results["asyncpg-commit1", store]["params"]["commit_every"] == 1
+        # A transaction's cursor is as durable as its commit, whatever the store's option.
+        for case, every in [("asyncpg-tx", 10), ("asyncpg-tx-commit1", 1)]:
+            params = results[case, store]["params"]
+            assert (params["cursor_durability"], params["commit_every"]) == ("sync", every)
+            assert params["transactional"]
+        assert results["tx-commit1", store]["params"]["commit_every"] == 1
     assert "| vs hand-written |" in captured.out
     assert "| asyncpg-commit1      | postgres-unlogged |" in captured.out
 
@@ -151,6 +166,40 @@ def test_the_effect_row_check_wants_one_row_per_event() -> None:
         problems = effect_problems([count(5, 5, 1, 5), wrong], 5)
         assert len(problems) == 1
         assert problems[0].startswith("effect table 1 holds")
+
+
+class _PlantedEffects(fanout.EffectWriter):
+    """Inserts seq 3's effect row ``copies`` times (0: none), every other row once."""
+
+    def __init__(self, tally: fanout.Tally, table: str, *, copies: int) -> None:
+        super().__init__(tally, table)
+        self.copies = copies
+
+    async def handle(self, event: trioflow.Event, tx: trioflow.Transaction) -> None:
+        await self.tally.handle(event)
+        for _ in range(self.copies if event.seq == 3 else 1):
+            await tx.execute(self.insert, event.seq, event.data["total_cents"])
+
+
+@pytest.mark.parametrize("copies", [1, 0, 2])
+def test_a_transactional_case_fails_when_an_effect_row_is_missing_or_doubled(
+    copies: int,
+) -> None:
+    pytest.importorskip("trioflow.stores.sqlite")
+    items = [(fanout.EVENT_TYPE, item) for item in fanout.make_data(10)]
+    variant = fanout._FlowVariant(
+        id="tx", description="", commit_every=4, batches=[items], transactional=True
+    )
+    planted = functools.partial(_PlantedEffects, copies=copies)
+    tallies = [fanout.Tally(), fanout.Tally()]
+    with STORES["sqlite"].fresh() as store:
+        run = functools.partial(fanout._flow_run, store, variant, tallies, "planted", planted)
+        if copies == 1:
+            assert fanout._run_within(60, tallies, 10, "planted", run)["delivered_per_s"] > 0
+        else:
+            # Every consumer's handler is planted; the message names each table.
+            with pytest.raises(BenchmarkFailed, match=r"planted: effect table 0 holds .*; effect"):
+                fanout._run_within(60, tallies, 10, "planted", run)
 
 
 @pytest.mark.postgres
