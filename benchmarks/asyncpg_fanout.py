@@ -36,6 +36,14 @@ What it does, all in one process on the default asyncio event loop:
   CONFLICT (consumer) DO UPDATE``, one statement, its own transaction). A
   short page means the reader is level with the writer: it waits to be woken
   (or 50 ms) before the next query. It stops once it has committed N.
+- ``--effects``: the job of trioflow's transactional consumers. Each
+  reader also has an ``effects_<index>`` table (seq, total_cents; no unique
+  key, so that a doubled row is counted, not refused) and takes every page
+  ``--commit-every`` rows at a time, each in one transaction (``async with
+  connection.transaction()``: BEGIN, then per row ``json.loads``, the
+  handler and one ``INSERT`` of its effect row, then the cursor upsert,
+  COMMIT). The check then also counts every table's rows: exactly one per
+  seq 1..N.
 - ``--cursor-durability`` mirrors trioflow's store option: ``sync`` commits
   the upserts normally; ``async`` runs the readers' sessions with
   ``synchronous_commit = off``; ``unlogged`` makes ``cursors`` an UNLOGGED
@@ -64,6 +72,7 @@ from typing import TypeAlias
 import asyncpg
 
 from ._data import EVENT_TYPE, Data, make_data
+from ._effects import count_sql, create_sql, effect_problems, effect_table, insert_sql
 from ._gc import GCTimer
 from ._readers import Tally, order_problems, report
 
@@ -90,7 +99,7 @@ class Wakeup:
         self.event = asyncio.Event()
 
 
-def _schema_sql(schema: str, *, unlogged: bool) -> str:
+def _schema_sql(schema: str, *, unlogged: bool, effect_tables: Sequence[str] = ()) -> str:
     q = f'"{schema}"'
     return f"""
 CREATE SCHEMA {q};
@@ -107,7 +116,7 @@ CREATE {"UNLOGGED " if unlogged else ""}TABLE {q}.cursors (
     seq bigint NOT NULL,
     updated_at timestamptz NOT NULL
 );
-"""
+""" + "".join(f"{create_sql(table)};\n" for table in effect_tables)
 
 
 async def write(
@@ -141,8 +150,13 @@ async def read(
     page_size: int,
     commit_every: int,
     wakeup: Wakeup,
+    effects: str | None = None,
 ) -> float:
-    """Read, decode, handle and commit up to seq ``events``; return perf_counter() then."""
+    """Read, decode, handle and commit up to seq ``events``; return perf_counter() then.
+
+    With ``effects`` (a table), in transactions of ``commit_every`` events
+    that each insert one row per event there and move the cursor.
+    """
     q = f'"{schema}"'
     select = (
         f"SELECT seq, id, type, key, data, created_at FROM {q}.events "
@@ -153,19 +167,31 @@ async def read(
         "ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
     )
     handle = tally.handle
+    insert = None if effects is None else insert_sql(effects, "$1")
     position = 0
     uncommitted = 0
     while position < events:
         woken = wakeup.event
         rows = await connection.fetch(select, position, page_size)
-        for row in rows:
-            seq = row[0]
-            await handle(seq, _loads(row[4]))
-            position = seq
-            uncommitted += 1
-            if uncommitted >= commit_every:
-                await connection.execute(upsert, name, position)
-                uncommitted = 0
+        if insert is not None:
+            for start in range(0, len(rows), commit_every):
+                async with connection.transaction():
+                    for row in rows[start : start + commit_every]:
+                        seq = row[0]
+                        data = _loads(row[4])
+                        await handle(seq, data)
+                        await connection.execute(insert, seq, data["total_cents"])
+                    await connection.execute(upsert, name, seq)
+                position = seq
+        else:
+            for row in rows:
+                seq = row[0]
+                await handle(seq, _loads(row[4]))
+                position = seq
+                uncommitted += 1
+                if uncommitted >= commit_every:
+                    await connection.execute(upsert, name, position)
+                    uncommitted = 0
         if len(rows) < page_size and position < events:
             # Level with the writer: the next COPY wakes us (the event was
             # taken before the query, so a COPY during it is not missed).
@@ -190,9 +216,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     reader_settings = dict(settings)
     if args.cursor_durability == "async":
         reader_settings["synchronous_commit"] = "off"
+    tables = [effect_table(index, schema) for index in range(readers)] if args.effects else []
     admin = await asyncpg.connect(args.url, server_settings=settings)
     try:
-        await admin.execute(_schema_sql(schema, unlogged=args.cursor_durability == "unlogged"))
+        await admin.execute(
+            _schema_sql(schema, unlogged=args.cursor_durability == "unlogged", effect_tables=tables)
+        )
         writer = await asyncpg.connect(args.url, server_settings=settings)
         connections = [
             await asyncpg.connect(args.url, server_settings=reader_settings) for _ in range(readers)
@@ -215,6 +244,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             page_size=args.page_size,
                             commit_every=args.commit_every,
                             wakeup=wakeup,
+                            effects=tables[index] if tables else None,
                         )
                         for index, (connection, tally) in enumerate(
                             zip(connections, tallies, strict=True)
@@ -227,6 +257,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 await connection.close()
         rows = await admin.fetch(f'SELECT consumer, seq FROM "{schema}".cursors')
         cursors: dict[str, int] = {row[0]: row[1] for row in rows}
+        counts = [await admin.fetchrow(count_sql(table)) for table in tables]
     finally:
         try:
             await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -238,6 +269,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         for index in range(readers)
         if cursors.get(f"reader-{index}") != events
     ]
+    problems += effect_problems([dict(count) for count in counts if count is not None], events)
     return {
         "publish_s": published - started,
         "delivered_s": delivered - started,
@@ -276,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit-every", type=_positive_int, default=100, metavar="C")
     parser.add_argument(
         "--cursor-durability", choices=("sync", "async", "unlogged"), default="sync"
+    )
+    parser.add_argument(
+        "--effects",
+        action="store_true",
+        help="one effect row per event, inserted with the cursor move in one transaction",
     )
     return parser
 

@@ -18,6 +18,17 @@ Cases (``--case`` selects by id; ``raw`` always runs, the ratios need it):
 ``publish-tasks``
     ``--publishers`` tasks each call ``publish`` one event at a time (trioflow
     groups concurrent calls into one store transaction).
+``tx`` (SQLite and PostgreSQL stores)
+    As ``publish-many``, with transactional consumers
+    (``transactional=True, commit_every=C``) each inserting one effect row
+    per event into a table of its own (`benchmarks._effects`): C events per
+    transaction.
+``tx-commit1``
+    The same with ``commit_every=1``: one transaction per event.
+``asyncpg``, ``asyncpg-commit1``, ``asyncpg-tx``, ``asyncpg-tx-commit1`` (PostgreSQL stores)
+    The hand-written program (`benchmarks.asyncpg_fanout`) doing the job of
+    ``publish-many``, ``publish-many-commit1``, ``tx`` and ``tx-commit1``:
+    the ``vs hand-written`` baseline of each.
 ``redis-streams`` (with ``--peer redis``)
     A peer, not a trioflow store (its store column is empty): Redis Streams
     with one consumer group per reader, driven by the asyncio program
@@ -48,7 +59,8 @@ the last one returned; delivered ev/s is K*N over the time from the first
 publish until every consumer had handled, and committed, all N events
 (``await flow.wait_idle()``). Every run then checks that each consumer
 handled exactly sequence numbers 1..N, in order, and that its committed
-cursor is N; otherwise the benchmark fails. A peer's program checks the same
+cursor is N (in the ``tx`` cases, also that its effect table holds exactly one
+row per seq 1..N); otherwise the benchmark fails. A peer's program checks the same
 (each reader handled events 1..N in order, nothing left unacknowledged) and
 exits non-zero if not, which fails the benchmark too.
 """
@@ -76,6 +88,7 @@ from ._data import DATA_BYTES as DATA_BYTES
 from ._data import EVENT_TYPE as EVENT_TYPE
 from ._data import Data as Data
 from ._data import make_data as make_data
+from ._effects import count_sql, create_sql, effect_problems, effect_table, insert_sql
 from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int, run_program
 from ._peers import ALL_PEERS, PEERS, PeerKind, peers_named
 from ._report import Metric
@@ -110,6 +123,32 @@ class Tally:
             self.out_of_order += 1
         self.last = seq
         self.count += 1
+
+
+class EffectWriter:
+    """A transactional consumer's handler: the `Tally`'s, plus one effect row per event.
+
+    The row goes into the consumer's own table (`benchmarks._effects`), in the
+    transaction that moves its cursor.
+    """
+
+    __slots__ = ("insert", "table", "tally")
+
+    def __init__(self, tally: Tally, table: str) -> None:
+        self.tally = tally
+        self.table = table
+        #: Set once the store's parameter style is known (`prepare`).
+        self.insert = ""
+
+    async def prepare(self, tx: trioflow.Transaction) -> None:
+        """Create the table in ``tx`` and choose the insert's parameter style."""
+        await tx.execute(create_sql(self.table))
+        self.insert = insert_sql(self.table, tx.paramstyle)
+
+    async def handle(self, event: trioflow.Event, tx: trioflow.Transaction) -> None:
+        """Count ``event`` and insert its effect row."""
+        await self.tally.handle(event)
+        await tx.execute(self.insert, event.seq, event.data["total_cents"])
 
 
 def check_tallies(tallies: Sequence[Tally], events: int, *, what: str) -> None:
@@ -229,15 +268,32 @@ async def _flow_run(
     variant: _FlowVariant,
     tallies: Sequence[Tally],
     what: str,
+    writer: Callable[[Tally, str], EffectWriter] = EffectWriter,
 ) -> Figures:
-    """One run: publish as ``variant`` says, to one consumer per tally."""
+    """One run: publish as ``variant`` says, to one consumer per tally.
+
+    A transactional variant's consumers write effect rows (``writer`` makes
+    their handlers), checked after the run.
+    """
     events = variant.events
     # Stopping is not measured (only recorded as stop_s); a short grace keeps a
     # run quick should stopping wait out its grace period.
     app = trioflow.App(store, commit_every=variant.commit_every, shutdown_grace=1.0)
-    for index, tally in enumerate(tallies):
-        app.consumer(f"consumer-{index}")(tally.handle)
+    # On PostgreSQL in the store's own schema, dropped after the run with it.
+    schema: str | None = getattr(store, "schema", None)
+    writers = [writer(tally, effect_table(index, schema)) for index, tally in enumerate(tallies)]
+    for index, (tally, effects) in enumerate(zip(tallies, writers, strict=True)):
+        if variant.transactional:
+            app.consumer(
+                f"consumer-{index}", transactional=True, commit_every=variant.commit_every
+            )(effects.handle)
+        else:
+            app.consumer(f"consumer-{index}")(tally.handle)
     async with trioflow.open_flow(app) as flow:
+        if variant.transactional:
+            async with flow.transaction() as tx:
+                for effects in writers:
+                    await effects.prepare(tx)
         started = perf_counter()
         if variant.batches:
             for batch in variant.batches:
@@ -250,6 +306,15 @@ async def _flow_run(
         await flow.wait_idle()
         delivered = perf_counter()
         statistics = flow.statistics()
+        problems: list[str] = []
+        if variant.transactional:
+            counts: list[Mapping[str, int]] = []
+            async with flow.transaction() as tx:
+                for effects in writers:
+                    count = await tx.fetchrow(count_sql(effects.table))
+                    assert count is not None  # an aggregate's one row
+                    counts.append(count)
+            problems = effect_problems(counts, events)
     stopped = perf_counter()
     check_tallies(tallies, events, what=what)
     cursors = {name: c.cursor for name, c in statistics.consumers.items()}
@@ -258,6 +323,8 @@ async def _flow_run(
             f"{what}: published {statistics.published:,} of {events:,} events; "
             f"committed cursors {cursors}, expected {events:,} each"
         )
+    if problems:
+        raise BenchmarkFailed(f"{what}: " + "; ".join(problems))
     return {
         **_figures(events, len(tallies), started, published, delivered),
         "stop_s": stopped - delivered,
@@ -402,25 +469,49 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             baseline="asyncpg-commit1",
         ),
     ]
+    tx_variants = [
+        _FlowVariant(
+            id="tx",
+            description=(
+                f"as publish-many, with transactional consumers each inserting one effect row "
+                f"per event into a table of its own; commit_every={commit_every} events per "
+                "transaction"
+            ),
+            commit_every=commit_every,
+            batches=item_batches,
+            transactional=True,
+            baseline="asyncpg-tx",
+        ),
+        _FlowVariant(
+            id="tx-commit1",
+            description="as tx, with commit_every=1 (one transaction per event)",
+            commit_every=1,
+            batches=item_batches,
+            transactional=True,
+            baseline="asyncpg-tx-commit1",
+        ),
+    ]
     for kind in options.stores:
-        store_cases = [
-            Case(
-                id=variant.id,
-                description=variant.description,
-                store=kind.name,
-                consumers=k,
-                events=n,
-                params=variant.params(),
-                run=_flow_case(kind, variant, consumers=k, timeout=timeout),
-                baseline=variant.baseline if kind.family == "postgres" else None,
+        # The memory store runs no transactions.
+        kind_variants = variants + (tx_variants if kind.family != "memory" else [])
+        store_cases: list[Case] = []
+        for variant in kind_variants:
+            if kind.family == "postgres" and variant.baseline not in {c.id for c in store_cases}:
+                # Each hand-written run just before the trioflow cases compared
+                # with it, so that both see the machine in the same state.
+                store_cases.append(_asyncpg_case(kind, options, batch_size, variant))
+            store_cases.append(
+                Case(
+                    id=variant.id,
+                    description=variant.description,
+                    store=kind.name,
+                    consumers=k,
+                    events=n,
+                    params=variant.params(),
+                    run=_flow_case(kind, variant, consumers=k, timeout=timeout),
+                    baseline=variant.baseline if kind.family == "postgres" else None,
+                )
             )
-            for variant in variants
-        ]
-        if kind.family == "postgres":
-            # Each hand-written run just before the trioflow cases compared
-            # with it, so that both see the machine in the same state.
-            store_cases.insert(0, _asyncpg_case(kind, options, batch_size, commit_every))
-            store_cases.insert(3, _asyncpg_case(kind, options, batch_size, 1))
         cases.extend(store_cases)
     cases.extend(
         _peer_case(peer, options, batch_size, commit_every) for peer in peers_named(args.peer or ())
@@ -445,6 +536,8 @@ class _FlowVariant:
     shares: Sequence[Sequence[Data]] = ()
     #: On PostgreSQL: the id of the hand-written case it is compared with.
     baseline: str | None = None
+    #: Whether its consumers are transactional, each writing one effect row per event.
+    transactional: bool = False
 
     @property
     def events(self) -> int:
@@ -452,6 +545,8 @@ class _FlowVariant:
 
     def params(self) -> dict[str, object]:
         params: dict[str, object] = {"commit_every": self.commit_every, "data_bytes": DATA_BYTES}
+        if self.transactional:
+            params.update(transactional=True, effect_rows=1)
         if self.batches:
             params.update(publish="publish_many", batch_size=len(self.batches[0]))
         if self.shares:
@@ -508,14 +603,20 @@ def _flow_case(
 # --- the hand-written asyncpg program (PostgreSQL stores only) ------------------------
 
 
-def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, commit_every: int) -> Case:
-    """The hand-written program (`benchmarks.asyncpg_fanout`) on ``kind``'s server.
+def _asyncpg_case(
+    kind: StoreKind, options: Options, batch_size: int, variant: _FlowVariant
+) -> Case:
+    """The hand-written program (`benchmarks.asyncpg_fanout`) on ``kind``'s server,
+    doing what ``variant`` does: its case is ``variant``'s baseline.
 
     It runs in a subprocess, so that asyncio and trio never share a process,
-    with the cursor durability of the store it is compared with.
+    with the cursor durability of the store it is compared with; in one
+    transaction with effect rows (as a transactional consumer's cursor, which
+    is as durable as its transaction) with sync, logged cursors.
     """
-    case_id = "asyncpg" if commit_every != 1 else "asyncpg-commit1"
-    durability = kind.options.get("cursor_durability", "sync")
+    assert variant.baseline is not None
+    case_id, commit_every, effects = variant.baseline, variant.commit_every, variant.transactional
+    durability = "sync" if effects else kind.options.get("cursor_durability", "sync")
     n, k, timeout = options.events, options.consumers, options.timeout
     command = [
         sys.executable,
@@ -527,6 +628,7 @@ def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, commit_eve
         f"--page-size={PAGE_SIZE}",
         f"--commit-every={commit_every}",
         f"--cursor-durability={durability}",
+        *(["--effects"] if effects else []),
     ]
     what = f"hand-written asyncpg program ({case_id}) on {kind.name}"
 
@@ -539,13 +641,20 @@ def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, commit_eve
                 env={POSTGRES_URL_VARIABLE: url},
             )
 
+    events = f"{commit_every} event{'s' if commit_every != 1 else ''}"
     return Case(
         id=case_id,
         description=(
             f"hand-written asyncio+asyncpg program in a subprocess: COPY batches of "
             f"{batch_size:,}; {k} readers paging by seq {PAGE_SIZE:,} rows at a time, "
-            f"json.loads and a no-op handler per event, cursor upsert every {commit_every} "
-            f"event{'s' if commit_every != 1 else ''} (cursor_durability={durability})"
+            f"json.loads and a no-op handler per event, "
+            + (
+                f"one effect row inserted per event and a cursor upsert, in a transaction "
+                f"per {events}"
+                if effects
+                else f"cursor upsert every {events}"
+            )
+            + f" (cursor_durability={durability})"
         ),
         store=kind.name,
         consumers=k,
@@ -557,6 +666,7 @@ def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, commit_eve
             "page_size": PAGE_SIZE,
             "cursor_durability": durability,
             "data_bytes": DATA_BYTES,
+            **({"transactional": True, "effect_rows": 1} if effects else {}),
         },
         run=run,
         baseline=case_id,

@@ -6,6 +6,8 @@ No timing is asserted: these only guard the code path that
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 from pathlib import Path
@@ -13,13 +15,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from benchmarks import fanout
+import trioflow
+from benchmarks import asyncpg_fanout, fanout
 from benchmarks.__main__ import main
+from benchmarks._effects import effect_problems
 from benchmarks._harness import BenchmarkFailed
-from benchmarks._stores import POSTGRES_URL_VARIABLE, STORES
+from benchmarks._stores import POSTGRES_URL_VARIABLE, STORES, fresh_postgres_schema
 from tests._servers import server_missing
 
 FLOW_CASES = ("publish-many", "publish-many-commit1", "publish-tasks")
+#: The cases of transactional consumers, on the stores that run transactions.
+TX_CASES = ("tx", "tx-commit1")
 POSTGRES_STORES = ("postgres", "postgres-async", "postgres-unlogged")
 
 
@@ -43,7 +49,8 @@ def test_fanout_runs_and_passes_its_check(
     assert report["reference_case"] == "raw"
     assert {"python", "trio", "cpu_count"} <= set(report["machine"])
     ran = {(result["case"], result["store"]) for result in report["results"]}
-    assert ran == {("raw", None), ("raw-batch", None)} | {(case, store) for case in FLOW_CASES}
+    cases = FLOW_CASES + (TX_CASES if store == "sqlite" else ())
+    assert ran == {("raw", None), ("raw-batch", None)} | {(case, store) for case in cases}
     for result in report["results"]:
         assert (result["consumers"], result["events"], len(result["runs"])) == (2, 200, 1)
         assert result["median"]["delivered_per_s"] > 0
@@ -127,6 +134,10 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
             ("publish-many", "asyncpg"),
             ("publish-tasks", "asyncpg"),
             ("publish-many-commit1", "asyncpg-commit1"),
+            ("asyncpg-tx", "asyncpg-tx"),
+            ("tx", "asyncpg-tx"),
+            ("asyncpg-tx-commit1", "asyncpg-tx-commit1"),
+            ("tx-commit1", "asyncpg-tx-commit1"),
         ]:
             result = results[case, store]
             assert result["baseline_case"] == baseline
@@ -136,8 +147,90 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
         assert results["asyncpg", store]["params"]["cursor_durability"] == durability
         assert results["asyncpg", store]["params"]["commit_every"] == 10
         assert results["asyncpg-commit1", store]["params"]["commit_every"] == 1
+        # A transaction's cursor is as durable as its commit, whatever the store's option.
+        for case, every in [("asyncpg-tx", 10), ("asyncpg-tx-commit1", 1)]:
+            params = results[case, store]["params"]
+            assert (params["cursor_durability"], params["commit_every"]) == ("sync", every)
+            assert params["transactional"]
+        assert results["tx-commit1", store]["params"]["commit_every"] == 1
     assert "| vs hand-written |" in captured.out
     assert "| asyncpg-commit1      | postgres-unlogged |" in captured.out
+
+
+def test_the_effect_row_check_wants_one_row_per_event() -> None:
+    def count(total: int, seqs: int, low: int, high: int) -> dict[str, int]:
+        return {"total": total, "seqs": seqs, "low": low, "high": high}
+
+    assert effect_problems([count(5, 5, 1, 5)], 5) == []
+    for wrong in [count(4, 4, 1, 5), count(6, 5, 1, 5), count(5, 5, 2, 6), count(0, 0, 0, 0)]:
+        problems = effect_problems([count(5, 5, 1, 5), wrong], 5)
+        assert len(problems) == 1
+        assert problems[0].startswith("effect table 1 holds")
+
+
+class _PlantedEffects(fanout.EffectWriter):
+    """Inserts seq 3's effect row ``copies`` times (0: none), every other row once."""
+
+    def __init__(self, tally: fanout.Tally, table: str, *, copies: int) -> None:
+        super().__init__(tally, table)
+        self.copies = copies
+
+    async def handle(self, event: trioflow.Event, tx: trioflow.Transaction) -> None:
+        await self.tally.handle(event)
+        for _ in range(self.copies if event.seq == 3 else 1):
+            await tx.execute(self.insert, event.seq, event.data["total_cents"])
+
+
+@pytest.mark.parametrize("copies", [1, 0, 2])
+def test_a_transactional_case_fails_when_an_effect_row_is_missing_or_doubled(
+    copies: int,
+) -> None:
+    pytest.importorskip("trioflow.stores.sqlite")
+    items = [(fanout.EVENT_TYPE, item) for item in fanout.make_data(10)]
+    variant = fanout._FlowVariant(
+        id="tx", description="", commit_every=4, batches=[items], transactional=True
+    )
+    planted = functools.partial(_PlantedEffects, copies=copies)
+    tallies = [fanout.Tally(), fanout.Tally()]
+    with STORES["sqlite"].fresh() as store:
+        run = functools.partial(fanout._flow_run, store, variant, tallies, "planted", planted)
+        if copies == 1:
+            assert fanout._run_within(60, tallies, 10, "planted", run)["delivered_per_s"] > 0
+        else:
+            # Every consumer's handler is planted; the message names each table.
+            with pytest.raises(BenchmarkFailed, match=r"planted: effect table 0 holds .*; effect"):
+                fanout._run_within(60, tallies, 10, "planted", run)
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("bench_postgres")
+@pytest.mark.parametrize("copies", [1, 0, 2])
+def test_the_hand_written_effect_check_fails_when_a_row_is_missing_or_doubled(
+    copies: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def planted(table: str, paramstyle: str) -> str:
+        # seq 3's row inserted `copies` times, every other row once.
+        return (
+            f"INSERT INTO {table} (seq, total_cents) SELECT $1, $2 FROM generate_series(1, "
+            f"CASE WHEN $1 = 3 THEN {copies} ELSE 1 END)"
+        )
+
+    monkeypatch.setattr(asyncpg_fanout, "insert_sql", planted)
+    argv = ["--events", "10", "--readers", "2", "--batch-size", "4", "--commit-every", "3"]
+    with fresh_postgres_schema() as (url, schema):
+        args = asyncpg_fanout.build_parser().parse_args(
+            [*argv, "--effects", f"--url={url}", f"--schema={schema}"]
+        )
+        outcome = asyncio.run(asyncpg_fanout.run(args))
+    problems = outcome["problems"]
+    assert isinstance(problems, list)
+    if copies == 1:
+        assert problems == []
+    else:
+        assert [problem.split(" holds")[0] for problem in problems] == [
+            "effect table 0",
+            "effect table 1",
+        ]
 
 
 def test_an_unreachable_postgres_server_is_skipped_with_a_line_saying_so(
