@@ -598,7 +598,7 @@ class ProjectionState:
     events: Sequence[tuple[int, str, dict[str, Any]]]
     #: The projection's durable cursor (0 before its first commit).
     cursor: int
-    #: The rows of ``effects``: (seq, amount), in no particular order.
+    #: The rows of ``effects``: (seq, amount), in the order they were applied.
     effects: Sequence[tuple[int, int]]
     #: The one row of ``totals``: (total, handled).
     totals: tuple[int, int]
@@ -681,6 +681,9 @@ def check_projection_state(
         assert cursor == head, f"the cursor {cursor} is not at the head {head}; {context}"
     amounts = {seq: data["amount"] for seq, kind, data in state.events if kind in PROJECTED}
     applied = collections.Counter(seq for seq, _ in state.effects)
+    order = [seq for seq, _ in state.effects]
+    back = [(a, b) for a, b in itertools.pairwise(order) if b <= a]
+    assert not back, f"effects applied out of seq order: {back[:10]}; {context}"
     twice = sorted(seq for seq, count in applied.items() if count > 1)
     assert not twice, f"events applied more than once: {twice[:20]}; {context}"
     owed = {seq for seq in amounts if seq <= cursor}

@@ -129,7 +129,9 @@ def read_projection(db: Path) -> ProjectionState:
         return ProjectionState(
             events=events,
             cursor=cursor,
-            effects=connection.execute("SELECT seq, amount FROM effects").fetchall(),
+            effects=connection.execute(
+                "SELECT seq, amount FROM effects ORDER BY applied"
+            ).fetchall(),
             totals=connection.execute("SELECT total, handled FROM totals").fetchone(),
             orders=dict(connection.execute("SELECT id, amount FROM orders")),
         )

@@ -5,8 +5,9 @@ Run as ``python projection_child.py URL LOGS COMMIT_EVERY SEED PACE [--finish]
 ``postgresql://...?schema=...``) and PREFIX is put before the names of its
 tables (a schema: ``"name".``). It creates, if missing:
 
-* ``effects (seq, amount)``, with no unique key, so an event applied twice
-  shows as a second row;
+* ``effects (seq, amount, applied)``, with no unique key on ``seq``, so an
+  event applied twice shows as a second row; ``applied`` numbers the rows in
+  the order they were inserted;
 * ``totals``, one row (id 1) whose ``total`` and ``handled`` the projection
   adds each event's amount and 1 to;
 * ``orders (id, amount)``, the outbox's rows.
@@ -71,7 +72,16 @@ def open_log(logs: str, name: str) -> int:
 
 async def create_tables(flow: trioflow.Flow, tables: str) -> None:
     async with flow.transaction() as tx:
-        await tx.execute(f"CREATE TABLE IF NOT EXISTS {tables}effects (seq BIGINT, amount BIGINT)")
+        # `applied` numbers the rows in the order they were inserted: the
+        # order the projection applied its events in.
+        applied = (
+            "applied INTEGER PRIMARY KEY AUTOINCREMENT"
+            if tx.paramstyle == "?"
+            else "applied BIGSERIAL PRIMARY KEY"
+        )
+        await tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {tables}effects (seq BIGINT, amount BIGINT, {applied})"
+        )
         await tx.execute(
             f"CREATE TABLE IF NOT EXISTS {tables}totals "
             "(id BIGINT PRIMARY KEY, total BIGINT NOT NULL, handled BIGINT NOT NULL)"

@@ -203,7 +203,7 @@ async def read_projection(admin: Driver, schema: str) -> ProjectionState:
         f"SELECT coalesce(max(seq), 0) FROM \"{schema}\".cursors WHERE consumer = 'projection'"
     )
     totals = await admin.fetchrow(f'SELECT total, handled FROM "{schema}".totals')
-    effects = await admin.fetch(f'SELECT seq, amount FROM "{schema}".effects')
+    effects = await admin.fetch(f'SELECT seq, amount FROM "{schema}".effects ORDER BY applied')
     orders = await admin.fetch(f'SELECT id, amount FROM "{schema}".orders')
     assert totals is not None
     return ProjectionState(
