@@ -48,6 +48,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -413,31 +414,33 @@ async def run_scale_out(
                     await trio.sleep(0.1)
             pytest.fail(f"{member.name} owned nothing for 20s; {context}")
 
-        def started_calls() -> list[tuple[int, str, int]]:
-            """(pid, consumer, time) of every call started so far, from the logs."""
-            calls = []
+        def logged(kind: str) -> list[dict[str, Any]]:
+            """The lines of ``kind`` logged so far by every member."""
+            lines = []
             for path in logs_dir.glob("*.log"):
                 for text in path.read_text().splitlines():
                     try:
                         line = json.loads(text)
                     except ValueError:
                         continue  # a line being written
-                    if line["kind"] == "start":
-                        calls.append((line["pid"], line["c"], line["t"]))
-            return calls
+                    if line["kind"] == kind:
+                        lines.append(line)
+            return lines
 
         async def hold_until_taken_over(member: _Member, at: int, least: float) -> None:
-            """Wait ``least`` seconds, then until another process has started a call
-            of a consumer ``member`` handled before ``at`` (on a loaded machine the
-            others may need longer than the lease to take over)."""
+            """Wait ``least`` seconds, then until another process holds (by its claims)
+            a consumer ``member`` handled before ``at``: on a loaded machine the others
+            may need longer than the lease to take over."""
             assert member.child is not None
             pid = member.child.process.pid
             await trio.sleep(least)
             with trio.move_on_after(30):
                 while True:
-                    calls = started_calls()
-                    mine = {c for p, c, t in calls if p == pid and t < at}
-                    if any(p != pid and c in mine and t > at for p, c, t in calls):
+                    mine = {c["c"] for c in logged("start") if c["pid"] == pid and c["t"] < at}
+                    if any(
+                        claim["pid"] != pid and claim["t"] > at and mine & set(claim["held"])
+                        for claim in logged("claim")
+                    ):
                         return
                     await trio.sleep(0.1)
 
@@ -479,7 +482,8 @@ async def run_scale_out(
                 assert member.child is not None
                 at = time.monotonic_ns()
                 await member.child.kill(limit=30)
-                note("kill", member, at, at)
+                # Until it is gone: it may still log (a call's end) after `at`.
+                note("kill", member, at, time.monotonic_ns())
                 if settle is not None and (cut is None or member.name != cut.member):
                     await settle(member.name, runs[member.name])
                 await trio.sleep(rng.uniform(0.0, LEASE_TTL))
@@ -560,14 +564,15 @@ def check_exercised(logs: Logs, faults: Sequence[Fault], context: str) -> None:
         if fault.kind == "kill" or fault.until - fault.at < 2 * LEASE_TTL * 1e9:
             continue
         mine = [call for call in logs.calls if call.pid == fault.pid and call.start < fault.at]
-        # The others took its consumers over while it was frozen or cut off.
+        # The others took its consumers over (claimed them) while it was frozen
+        # or cut off; whether they had events to handle then is up to the publishers.
         consumers = {call.consumer for call in mine}
         taken = [
-            call
-            for call in logs.calls
-            if call.pid != fault.pid
-            and call.consumer in consumers
-            and fault.at < call.start < fault.until
+            (pid, returned)
+            for pid, claims in logs.claims.items()
+            if pid != fault.pid
+            for _, returned, held in claims
+            if fault.at < returned < fault.until and consumers & set(held)
         ]
         assert taken, f"nobody took over from {fault} while it lasted; {context}"
 
