@@ -46,7 +46,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -448,10 +448,13 @@ async def run_scale_out(
             await trio.sleep(least)
             with trio.move_on_after(HOLD_MORE):
                 while True:
-                    mine = {c["c"] for c in logged("start") if c["pid"] == pid and c["t"] < at}
+                    claims = logged("claim")
+                    mine = held_before(
+                        [(c["t0"], c["t"], c["held"]) for c in claims if c["pid"] == pid], at
+                    )
                     if any(
                         claim["pid"] != pid and claim["t"] > at and mine & set(claim["held"])
-                        for claim in logged("claim")
+                        for claim in claims
                     ):
                         return True
                     await trio.sleep(0.1)
@@ -577,6 +580,12 @@ async def run_scale_out(
     print("calls in flight at a freeze or cut, overlapped:", [c.describe() for c in exempted])
 
 
+def held_before(claims: Sequence[tuple[int, int, Mapping[str, int]]], at: int) -> set[str]:
+    """The consumer keys (not memberships) a process held by its last claim before ``at``."""
+    before = [held for _, returned, held in claims if returned < at]
+    return {key for key in before[-1] if key in KEYS} if before else set()
+
+
 def check_exercised(
     logs: Logs, faults: Sequence[Fault], context: str, *, sqlite: bool = False
 ) -> None:
@@ -598,10 +607,9 @@ def check_exercised(
     for fault in long_faults:
         if fault.taken_over is False and fault.kind == "stop" and sqlite:
             continue
-        mine = [call for call in logs.calls if call.pid == fault.pid and call.start < fault.at]
         # The others took its consumers over (claimed them) while it was frozen
         # or cut off; whether they had events to handle then is up to the publishers.
-        consumers = {call.consumer for call in mine}
+        consumers = held_before(logs.claims.get(fault.pid, []), fault.at)
         taken = [
             (pid, returned)
             for pid, claims in logs.claims.items()
