@@ -734,13 +734,12 @@ class Consumer:
 
     async def _call_chunk_in_transaction(self, chunk: Sequence[Event], last: int) -> bool:
         """One transaction for ``chunk``'s handler calls and the cursor move to
-        ``last``; return whether the handlers published."""
+        ``last`` (and, for a requeued dead letter, its removal); return whether
+        the handlers published."""
         runner = self._runner
+        seqs = f"{chunk[0].seq}" if len(chunk) == 1 else f"{chunk[0].seq}..{chunk[-1].seq}"
         async with runner.store.transaction() as store_tx:
-            tx = Transaction(
-                store_tx,
-                f"the handler of consumer {self.name!r} on seq={chunk[0].seq}..{chunk[-1].seq}",
-            )
+            tx = Transaction(store_tx, f"the handler of consumer {self.name!r} on seq={seqs}")
             try:
                 for event in chunk:
                     if self.spec.policy.timeout is None:
@@ -750,6 +749,9 @@ class Consumer:
             finally:
                 tx._close()
             published = await append_published(tx)
+            if len(chunk) == 1 and self._requeued_letter == chunk[0].seq:
+                # Behind the cursor already; the letter goes with the effects.
+                await store_tx.discard_dead_letters(self.name, [chunk[0].seq])
             await runner.cursors.commit_in_transaction(store_tx, self._cursor, last)
         return bool(published)
 
@@ -767,20 +769,7 @@ class Consumer:
         cursor past ``event`` (and appends what the handler published): all of it
         commits, or none of it (the handler raised, the lease was lost, a crash)."""
         runner = self._runner
-        async with runner.store.transaction() as store_tx:
-            tx = Transaction(store_tx, f"the handler of consumer {self.name!r} on seq={event.seq}")
-            try:
-                if self.spec.policy.timeout is None:
-                    await _with_transaction(self.spec)(event, tx)
-                else:
-                    await self._call_timed(event, tx)
-            finally:
-                tx._close()
-            published = await append_published(tx)
-            if self._requeued_letter == event.seq:
-                # Behind the cursor already; the letter goes with the effects.
-                await store_tx.discard_dead_letters(self.name, [event.seq])
-            await runner.cursors.commit_in_transaction(store_tx, self._cursor, event.seq)
+        published = await self._call_chunk_in_transaction([event], event.seq)
         # Durable now: the position moves with the count of handled events.
         runner.cursors.landed(self._cursor, event.seq, self._processed + 1)
         if published:
