@@ -27,6 +27,11 @@ tag says what it is, and so what is done with it (`LANGUAGES`):
     hand.
 ``json``, ``toml``, ``yaml``
     Must parse.
+``mermaid``
+    A diagram, drawn by the documentation site (Material for MkDocs renders
+    it in the reader's browser), not run: it must open with a diagram type
+    mermaid knows, and ``mkdocs.yml`` must declare the ``mermaid`` fence, or
+    the site would show its source instead.
 
 A block with no language tag, or one not listed, fails: say what it is.
 """
@@ -458,6 +463,23 @@ def check_profile_read(shell: Shell, command: Command) -> None:
         )
 
 
+#: mkdocs options a doc may use: they take no value.
+MKDOCS_FLAGS = frozenset({"--strict", "--clean", "-q", "--quiet", "-v", "--verbose"})
+
+
+def check_mkdocs(shell: Shell, command: Command) -> None:
+    """The site's configuration is there, and the ``docs`` extra brings mkdocs."""
+    unknown = [word for word in command.words[2:] if word not in MKDOCS_FLAGS]
+    if unknown:
+        shell.fail(command, f"{unknown[0]}: not an option this rule knows (MKDOCS_FLAGS)")
+    if not (ROOT / "mkdocs.yml").is_file():
+        shell.fail(command, "no mkdocs.yml at the repository's root")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    docs = extras.get("optional-dependencies", {}).get("docs", [])
+    if "mkdocs" not in {Requirement(requirement).name for requirement in docs}:
+        shell.fail(command, "pyproject.toml's `docs` extra does not install mkdocs")
+
+
 def check_createdb(shell: Shell, command: Command) -> None:
     database = DEFAULT_URL.rsplit("/", 1)[1]
     if command.words[1:] != (database,):
@@ -523,6 +545,18 @@ SHELL_RULES: tuple[Rule, ...] = (
         ("python", "-m", "pstats"),
         check_profile_read,
         "not run (interactive): an earlier command of the block must write the profile it reads",
+    ),
+    Rule(
+        ("mkdocs", "serve"),
+        check_mkdocs,
+        "not run (it serves until stopped): mkdocs.yml must exist and the `docs` extra must "
+        "install mkdocs; .ci/run builds the site with `mkdocs build --strict`",
+    ),
+    Rule(
+        ("mkdocs", "build"),
+        check_mkdocs,
+        "not run (the `docs` extra is not installed with the tests'): mkdocs.yml must exist and "
+        "the `docs` extra must install mkdocs; .ci/run builds the site with --strict",
     ),
     Rule(
         ("createdb",),
@@ -609,6 +643,23 @@ def check_yaml_shape(text: str) -> None:
             raise ValueError(f"line {number}: neither `key: value` nor `- item`: {content!r}")
 
 
+#: The diagram types a mermaid block may open with.
+MERMAID_DIAGRAMS = frozenset(
+    {"flowchart", "graph", "sequenceDiagram", "stateDiagram", "stateDiagram-v2",
+     "classDiagram", "erDiagram", "gantt", "pie", "timeline"}
+)  # fmt: skip
+
+
+def check_mermaid(block: Block, context: Context) -> None:
+    """Shown as a diagram by the site: a known diagram type, and a fence the site renders."""
+    first = next((line.split() for line in block.text.splitlines() if line.strip()), [""])
+    if first[0] not in MERMAID_DIAGRAMS:
+        pytest.fail(f"{block.id}: opens with {first[0]!r}, not a diagram type: {MERMAID_DIAGRAMS}")
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    if not re.search(r"^\s*- name: mermaid$", config, re.MULTILINE):
+        pytest.fail(f"{block.id}: mkdocs.yml declares no `mermaid` fence: the site shows code")
+
+
 #: What each language tag makes of a block (see the module's docstring).
 LANGUAGES: dict[str, Callable[[Block, Context], None]] = {
     "python": run_python,
@@ -621,6 +672,7 @@ LANGUAGES: dict[str, Callable[[Block, Context], None]] = {
     "toml": check_toml,
     "yaml": check_yaml,
     "yml": check_yaml,
+    "mermaid": check_mermaid,
 }
 
 
@@ -654,6 +706,26 @@ def test_block(block: Block, tmp_path: Path, server: Server) -> None:
             f"{', '.join(sorted(LANGUAGES))} (`text` for output and anything not meant to run)"
         )
     check(block, Context(tmp_path, server))
+
+
+# --- pages that say the same thing ---------------------------------------------------------
+
+
+def table_under(markdown: str, heading: str) -> list[str]:
+    """The rows of the first table after ``heading``, each link reduced to its text."""
+    after = markdown.split(f"\n{heading}\n", 1)[1]
+    rows = itertools.dropwhile(lambda line: not line.startswith("|"), after.splitlines())
+    table = itertools.takewhile(lambda line: line.startswith("|"), rows)
+    return [re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", row) for row in table]
+
+
+def test_the_site_states_the_readmes_guarantees() -> None:
+    # docs/guarantees.md holds the README's table for the site, whose pages
+    # cannot link to the README; only where the links point may differ.
+    readme = table_under((ROOT / "README.md").read_text("utf-8"), "## Guarantees")
+    site = table_under((ROOT / "docs" / "guarantees.md").read_text("utf-8"), "## In short")
+    assert readme
+    assert site == readme
 
 
 # --- the machinery above can fail ----------------------------------------------------------
@@ -717,6 +789,7 @@ def test_shell_lines_become_commands() -> None:
         ("python3 -m venv elsewhere", "make that one"),
         ("python -m pstats never-written.prof", "no earlier command of the block writes it"),
         ("createdb another", "the tests' database is 'test'"),
+        ("mkdocs serve --no-livereload", "not an option this rule knows"),
         ("python -m pytest tests/no_such_tests.py", "exit status 4"),
         ("python -c 'raise SystemExit(3)'", "exit status 3"),
         ("curl https://example.com", "no rule of SHELL_RULES"),
@@ -744,6 +817,13 @@ def test_a_block_without_a_known_language_fails(tmp_path: Path, server: Server) 
     block = Block(path="d.md", line=1, language="", text="x\n", before="", closed=True)
     with pytest.raises(pytest.fail.Exception, match=r"tag it with what it is"):
         test_block(block, tmp_path, server)
+
+
+def test_a_mermaid_block_must_name_a_diagram_type(tmp_path: Path, server: Server) -> None:
+    block = Block(path="d.md", line=1, language="mermaid", text="A --> B\n", before="", closed=True)
+    with pytest.raises(pytest.fail.Exception, match=r"opens with 'A', not a diagram type"):
+        check_mermaid(block, Context(tmp_path, server))
+    check_mermaid(attrs.evolve(block, text="flowchart LR\n  A --> B\n"), Context(tmp_path, server))
 
 
 def test_yaml_is_checked_without_pyyaml() -> None:
