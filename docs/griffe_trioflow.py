@@ -11,7 +11,10 @@ docstrings that are right:
   leading underscore dropped from the parameter's name as attrs does);
 * ``**options: Unpack[SomeTypedDict]`` (``App.consumer``,
   ``Flow.add_consumer``) is shown as the keyword-only parameters it stands
-  for, which the docstrings document one by one.
+  for, which the docstrings document one by one;
+* constants, type aliases and fields are documented by ``#:`` comments above
+  them (``MAX_DEPTH``, ``StartFrom``), which Griffe does not read: they become
+  the attributes' docstrings.
 
 mkdocs.yml loads it (``extensions``); it is not part of the site.
 """
@@ -23,6 +26,7 @@ from typing import Any
 from griffe import (
     Attribute,
     Class,
+    Docstring,
     Expr,
     ExprCall,
     ExprKeyword,
@@ -67,18 +71,35 @@ def _field_options(attribute: Attribute) -> dict[str, str | Expr] | None:
     return None
 
 
+def _fields(cls: Class) -> list[Attribute]:
+    """The class's attrs fields: its annotated attributes, not ClassVars or properties."""
+    return [
+        member
+        for member in cls.members.values()
+        if isinstance(member, Attribute)
+        and member.annotation is not None
+        and "property" not in member.labels
+        and not ("class-attribute" in member.labels and "instance-attribute" not in member.labels)
+    ]
+
+
 def _attrs_parameters(cls: Class, *, kw_only: bool) -> list[Parameter]:
+    # Fields whose default a method computes (``@size.default``).
+    computed = {
+        str(decorator.value).removesuffix(".default")
+        for function in cls.functions.values()
+        for decorator in function.decorators
+        if str(decorator.value).endswith(".default")
+    }
     parameters = []
-    for member in cls.members.values():
-        if not isinstance(member, Attribute) or member.annotation is None:
-            continue
-        if "class-attribute" in member.labels and "instance-attribute" not in member.labels:
-            continue  # a ClassVar
+    for member in _fields(cls):
         field = _field_options(member)
         if field is not None and str(field.get("init")) == "False":
             continue
         default: str | Expr | None
-        if field is None:
+        if member.name in computed:
+            default = "..."
+        elif field is None:
             default = member.value
         elif "default" in field:
             default = field["default"]
@@ -108,6 +129,8 @@ def _set_attrs_init(cls: Class) -> None:
     options = _attrs_options(cls)
     if options is None or "__init__" in cls.members or options.get("init") == "False":
         return
+    if all(field.name.startswith("_") for field in _fields(cls)):
+        return  # only trioflow builds it (a Transaction): users never call its __init__
     init = Function("__init__", lineno=0, endlineno=0, parent=cls, returns="None")
     init.parameters = Parameters(
         Parameter("self", kind=ParameterKind.positional_or_keyword),
@@ -145,13 +168,30 @@ def _expand_unpacked(func: Function) -> None:
     func.parameters = Parameters(*kept, *expanded)
 
 
+def _comment_docstring(attribute: Attribute) -> None:
+    """Make the ``#:`` comment lines right above an attribute its docstring."""
+    if attribute.docstring is not None or not attribute.lineno:
+        return
+    lines = attribute.module.lines
+    first = attribute.lineno - 1
+    while first > 0 and lines[first - 1].strip().startswith("#:"):
+        first -= 1
+    comment = [
+        line.strip().removeprefix("#:").strip() for line in lines[first : attribute.lineno - 1]
+    ]
+    if comment:
+        attribute.docstring = Docstring("\n".join(comment), lineno=first + 1, parent=attribute)
+
+
 def _walk(obj: Object) -> None:
     for member in obj.members.values():
         if member.is_alias:
             continue
-        if isinstance(member, Class):
+        if isinstance(member, Attribute):
+            _comment_docstring(member)
+        elif isinstance(member, Class):
+            _walk(member)  # its fields' docstrings first: the __init__ parameters take them
             _set_attrs_init(member)
-            _walk(member)
         elif isinstance(member, Function):
             _expand_unpacked(member)
             for overload in member.overloads or ():
@@ -161,7 +201,7 @@ def _walk(obj: Object) -> None:
 
 
 class TrioflowSignatures(Extension):
-    """Builds attrs classes' ``__init__`` and expands ``**options: Unpack[...]``."""
+    """attrs classes' ``__init__``, ``**options: Unpack[...]`` expanded, ``#:`` comments."""
 
     def on_package(self, *, pkg: Module, **kwargs: Any) -> None:
         # Once the whole package is loaded: a TypedDict may live in another module.

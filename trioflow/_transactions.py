@@ -24,7 +24,15 @@ from .stores._transactions import ParamStyle, Row, StoreTransaction
 
 @attrs.define(eq=False)
 class Transaction:
-    """A transaction of the store's database; see the module docstring.
+    """A transaction of the store's database, for a handler or the outbox.
+
+    A transactional handler gets one (``async def handler(event, tx)``), and
+    `Flow.transaction` opens one (the outbox). Its statements run in the
+    store's database transaction; events it publishes are appended in that
+    same transaction, at its end; the consumer's cursor move (for a handler)
+    commits with them. It is valid only while the handler runs, or inside the
+    ``async with`` block: afterwards every call raises
+    `trioflow.TransactionClosedError`, never runs outside the transaction.
 
     Statements use the store's parameter style (`paramstyle`): ``$1, $2``
     on PostgreSQL, ``?`` on SQLite. A statement the database refuses raises
