@@ -80,7 +80,7 @@ VENV_BIN = ".venv/bin/"
 #: What a copy of the repository for running commands leaves out.
 NOT_COPIED = shutil.ignore_patterns(
     ".git", ".venv", "venv", "__pycache__", "*_cache", ".hypothesis", "*.egg-info",
-    "*.db", "*.db-*", "results", ".coverage", "htmlcov",
+    "*.db", "*.db-*", "results", ".coverage", "htmlcov", "site",
 )  # fmt: skip
 
 
