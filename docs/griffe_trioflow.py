@@ -14,13 +14,16 @@ docstrings that are right:
   for, which the docstrings document one by one;
 * constants, type aliases and fields are documented by ``#:`` comments above
   them (``MAX_DEPTH``, ``StartFrom``), which Griffe does not read: they become
-  the attributes' docstrings.
+  the attributes' docstrings;
+* a paragraph that introduces an indented example ends with ``::`` (as in
+  ``Example::``), which Markdown would print: it is shown with one colon.
 
 mkdocs.yml loads it (``extensions``); it is not part of the site.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from griffe import (
@@ -184,15 +187,19 @@ def _comment_docstring(attribute: Attribute) -> None:
 
 
 def _walk(obj: Object) -> None:
+    if obj.docstring is not None:
+        obj.docstring.value = re.sub(r"(?m)(\S)::$", r"\1:", obj.docstring.value)
     for member in obj.members.values():
         if member.is_alias:
             continue
         if isinstance(member, Attribute):
             _comment_docstring(member)
+            _walk(member)
         elif isinstance(member, Class):
             _walk(member)  # its fields' docstrings first: the __init__ parameters take them
             _set_attrs_init(member)
         elif isinstance(member, Function):
+            _walk(member)
             _expand_unpacked(member)
             for overload in member.overloads or ():
                 _expand_unpacked(overload)
