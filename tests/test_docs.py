@@ -725,7 +725,10 @@ def test_the_site_states_the_readmes_guarantees() -> None:
     readme = table_under((ROOT / "README.md").read_text("utf-8"), "## Guarantees")
     site = table_under((ROOT / "docs" / "guarantees.md").read_text("utf-8"), "## In short")
     assert readme
-    assert site == readme
+    assert site == readme, (
+        "README.md's ## Guarantees table and docs/guarantees.md's ## In short table differ: "
+        "change both alike (a link's text must match; on the site it points to a page of docs/)"
+    )
 
 
 # --- the machinery above can fail ----------------------------------------------------------
