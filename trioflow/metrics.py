@@ -72,6 +72,8 @@ REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 16 * 1024
 #: Connections served at once; further ones are closed at once.
 MAX_CONNECTIONS = 64
+#: Seconds a connection closed after a bad request may take to read its answer.
+LINGER = 1.0
 #: Seconds `/readyz` waits for the store when it asks it (`Flow.readiness`).
 READY_STORE_TIMEOUT = 2.0
 
@@ -353,18 +355,20 @@ class _Server:
 
     async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
         """Read one request and answer it; whether the connection may serve another."""
+        reader = _Reader(conn, stream)
         try:
-            request = await _next_event(conn, stream)
+            request = await reader.next_event()
             if not isinstance(request, h11.Request):
                 return False  # closed by the client
             # A GET carries no body; one that does is answered, then closed.
-            complete = isinstance(await _next_event(conn, stream, wait=False), h11.EndOfMessage)
+            complete = isinstance(await reader.next_event(wait=False), h11.EndOfMessage)
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 status = exc.error_status_hint
                 await _respond(
                     conn, stream, status, _PLAIN_TEXT, f"bad request: {exc}\n".encode(), close=True
                 )
+                await _linger(stream)
             return False
         method = request.method.decode("ascii", "replace").upper()
         path = request.target.decode("ascii", "replace").partition("?")[0]
@@ -401,19 +405,47 @@ class _Server:
             head=method == "HEAD",
             extra=extra,
         )
+        if not complete:
+            await _linger(stream)
         return complete
 
 
-async def _next_event(
-    conn: h11.Connection, stream: trio.SocketStream, *, wait: bool = True
-) -> object:
-    """The next h11 event of the request, reading from ``stream`` as needed
-    (with ``wait=False``, only what has arrived: ``h11.NEED_DATA`` otherwise)."""
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA or not wait:
-            return event
-        conn.receive_data(await stream.receive_some(MAX_REQUEST_BYTES))
+class _Reader:
+    """Reads one request's h11 events, at most `MAX_REQUEST_BYTES` from the socket."""
+
+    def __init__(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._left = MAX_REQUEST_BYTES
+
+    async def next_event(self, *, wait: bool = True) -> object:
+        """The next h11 event, reading as needed (with ``wait=False``, only from what
+        has arrived: ``h11.NEED_DATA`` if that is not enough).
+
+        Raises:
+            h11.RemoteProtocolError: The request is malformed, or too large (431).
+        """
+        while True:
+            event = self._conn.next_event()
+            if event is not h11.NEED_DATA or not wait:
+                return event
+            if self._left <= 0:
+                raise h11.RemoteProtocolError(
+                    f"the request is larger than {MAX_REQUEST_BYTES} bytes", error_status_hint=431
+                )
+            data = await self._stream.receive_some(self._left)
+            self._left -= len(data)
+            self._conn.receive_data(data)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close our side, then read what the client still sends (for at most `LINGER`
+    seconds): closing a socket with unread data resets the connection, and the
+    client could lose the answer it has not read yet."""
+    with trio.move_on_after(LINGER):
+        await stream.send_eof()
+        while await stream.receive_some(MAX_REQUEST_BYTES):
+            pass
 
 
 async def _respond(
