@@ -570,10 +570,8 @@ async def test_the_docs_name_every_metric_and_no_other() -> None:
     async with trioflow.open_flow(app) as flow:
         registry = prometheus_client.CollectorRegistry()
         registry.register(trioflow.metrics.FlowCollector(flow))
-        families = {
-            family.name + ("_total" if family.type == "counter" else "")
-            for family in registry.collect()
-        }
+        suffixes = {"counter": "_total", "info": "_info"}
+        families = {family.name + suffixes.get(family.type, "") for family in registry.collect()}
     doc = operations_doc()
     table = set(re.findall(r"^\| `(trioflow_\w+)`", doc, re.MULTILINE))
     assert table == families
