@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import hypothesis
+import hypothesis.strategies as st
 import prometheus_client
 import pytest
 import trio
@@ -26,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import trioflow
 import trioflow.metrics
 from tests._procs import sqlite_url
-from trioflow._histograms import Histogram
+from trioflow._histograms import FOLD_AT, SECONDS_BUCKETS, Histogram
 from trioflow.stores import Store
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing import FaultyStore
@@ -60,6 +62,42 @@ async def test_a_histogram_counts_each_value_in_the_first_bucket_at_or_above_it(
         with pytest.raises(ValueError, match="strictly increasing"):
             Histogram(bad)
     await trio.lowlevel.checkpoint()
+
+
+def naive_counts(bounds: tuple[float, ...], values: list[float]) -> tuple[int, ...]:
+    counts = [0] * (len(bounds) + 1)
+    for value in values:
+        counts[next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))] += 1
+    return tuple(counts)
+
+
+@hypothesis.given(
+    values=st.lists(st.floats(min_value=0, max_value=100), max_size=60),
+    split=st.integers(min_value=0, max_value=60),
+)
+def test_snapshots_count_as_one_comparison_per_value_would(values: list[float], split: int) -> None:
+    bounds = (0.5, 1.0, 2.5, 10.0, 50.0)
+    histogram = Histogram(bounds)
+    for value in values[:split]:
+        histogram.observe(value)
+    first = histogram.snapshot()
+    assert first.counts == naive_counts(bounds, values[:split])
+    for value in values[split:]:
+        histogram.observe(value)
+    snapshot = histogram.snapshot()
+    assert snapshot.counts == naive_counts(bounds, values)
+    assert snapshot.count == len(values)
+    assert snapshot.sum == pytest.approx(sum(values))
+
+
+def test_many_observations_between_snapshots_are_all_counted() -> None:
+    values = [(i % 97) / 10 for i in range(3 * FOLD_AT + 5)]
+    histogram = Histogram(SECONDS_BUCKETS)
+    for value in values:
+        histogram.observe(value)
+    snapshot = histogram.snapshot()
+    assert snapshot.counts == naive_counts(SECONDS_BUCKETS, values)
+    assert snapshot.sum == pytest.approx(sum(values))
 
 
 def bucket_of(snapshot: trioflow.HistogramSnapshot, bound: float) -> int:
