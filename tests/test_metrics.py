@@ -545,6 +545,23 @@ async def test_bad_requests_are_answered_and_never_disturb_the_flow() -> None:
         assert (await get(port, "/livez"))[0] == 200
 
 
+async def test_a_failure_to_collect_is_a_500_and_the_server_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = trioflow.App(MemoryStore())
+    async with serving(app) as served:
+
+        def broken() -> trioflow.FlowStatistics:
+            raise RuntimeError("broken statistics")
+
+        monkeypatch.setattr(served.flow, "statistics", broken)
+        status, _, body = await get(served.port, "/metrics")
+        assert (status, body) == (500, b"internal error: see the log\n")
+        assert "broken statistics" in caplog.text
+        monkeypatch.undo()
+        assert (await get(served.port, "/metrics"))[0] == 200
+
+
 async def test_a_silent_client_is_dropped_after_the_request_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -371,30 +371,17 @@ class _Server:
                 await _linger(stream)
             return False
         method = request.method.decode("ascii", "replace").upper()
-        path = request.target.decode("ascii", "replace").partition("?")[0]
         extra: list[tuple[str, str]] = []
         if method not in ("GET", "HEAD"):
             status, content_type, body = 405, _PLAIN_TEXT, b"method not allowed: use GET\n"
             extra.append(("allow", "GET, HEAD"))
             complete = False
-        elif path == "/metrics":
-            accept = ",".join(
-                value.decode("latin-1") for name, value in request.headers if name == b"accept"
-            )
-            encoder, content_type = choose_encoder(accept)
-            status, body = 200, encoder(self._registry)
-        elif path == "/livez":
-            status, content_type, body = 200, _PLAIN_TEXT, b"alive\n"
-        elif path == "/readyz":
-            readiness = await self._flow.readiness(store_timeout=READY_STORE_TIMEOUT)
-            if readiness.ready:
-                status, content_type, body = 200, _PLAIN_TEXT, b"ready\n"
-            else:
-                text = "not ready:\n" + "".join(f"{reason}\n" for reason in readiness.reasons)
-                status, content_type, body = 503, _PLAIN_TEXT, text.encode()
         else:
-            status, content_type = 404, _PLAIN_TEXT
-            body = b"not found: try /metrics, /livez or /readyz\n"
+            try:
+                status, content_type, body = await self._answer(request)
+            except Exception as exc:
+                logger.error("answering %r failed", request.target, exc_info=exc)
+                status, content_type, body = 500, _PLAIN_TEXT, b"internal error: see the log\n"
         await _respond(
             conn,
             stream,
@@ -408,6 +395,25 @@ class _Server:
         if not complete:
             await _linger(stream)
         return complete
+
+    async def _answer(self, request: h11.Request) -> tuple[int, str, bytes]:
+        """Status, content type and body for a GET of ``request.target``."""
+        path = request.target.decode("ascii", "replace").partition("?")[0]
+        if path == "/metrics":
+            accept = ",".join(
+                value.decode("latin-1") for name, value in request.headers if name == b"accept"
+            )
+            encoder, content_type = choose_encoder(accept)
+            return 200, content_type, encoder(self._registry)
+        if path == "/livez":
+            return 200, _PLAIN_TEXT, b"alive\n"
+        if path == "/readyz":
+            readiness = await self._flow.readiness(store_timeout=READY_STORE_TIMEOUT)
+            if readiness.ready:
+                return 200, _PLAIN_TEXT, b"ready\n"
+            text = "not ready:\n" + "".join(f"{reason}\n" for reason in readiness.reasons)
+            return 503, _PLAIN_TEXT, text.encode()
+        return 404, _PLAIN_TEXT, b"not found: try /metrics, /livez or /readyz\n"
 
 
 class _Reader:
