@@ -313,6 +313,12 @@ async def serve_metrics(
     GCCollector(registry=registry)
     server = _Server(flow, registry)
     listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0:
+        # A host name of several addresses got a free port for each: keep
+        # the one reported.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
     bound = listeners[0].socket.getsockname()[1]
     logger.info("serving metrics and health checks on %s:%d", host, bound)
     task_status.started(bound)
