@@ -228,9 +228,9 @@ class Flow:
             holder=self._holder,
             published=dispatcher.published,
             consumers={name: c.statistics(head) for name, c in self._consumers.items()},
-            publish_latency=dispatcher.publish_latency.snapshot(),
-            batch_size=dispatcher.batch_size.snapshot(),
-            cursor_commit_latency=self._cursors.commit_latency.snapshot(),
+            publish_latency=dispatcher.publish_latency,
+            batch_size=dispatcher.batch_size,
+            cursor_commit_latency=self._cursors.commit_latency,
             store_errors=self._store.errors,
         )
 
