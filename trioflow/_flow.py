@@ -272,11 +272,8 @@ class Flow:
                 reasons.append(f"the store did not answer within {store_timeout:g}s")
         else:
             await trio.lowlevel.checkpoint()
-        for name, consumer in self._consumers.items():
-            if consumer.owned:
-                continue
-            owner = consumer.statistics(self._dispatcher.head).owner
-            if owner is None or owner == self._holder:
+        for name, consumer in self.statistics().consumers.items():
+            if not consumer.owned and consumer.owner in (None, self._holder):
                 reasons.append(
                     f"consumer {name!r} is neither run by this flow nor known to be run by "
                     "another (its lease lapsed, or its next owner is not yet known)"
