@@ -6,7 +6,11 @@ import datetime
 import inspect
 import typing
 
+import attrs
+import trio
+
 import trioflow
+import trioflow.metrics
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -16,7 +20,7 @@ def test_all_is_sorted_and_complete() -> None:
     )
     public = {name for name in dir(trioflow) if not name.startswith("_")}
     # Submodules are reachable but not part of the surface.
-    public -= {"stores", "testing"}
+    public -= {"stores", "testing", "metrics"}
     assert public == set(trioflow.__all__)
 
 
@@ -65,3 +69,20 @@ def test_leases_are_public() -> None:
     assert not issubclass(trioflow.LeaseLostError, trioflow.StoreError)
     assert trioflow.LeaseLostError("x", keys=frozenset({"c"})).keys == {"c"}
     assert "lease_ttl" in inspect.signature(trioflow.App).parameters
+
+
+def test_the_metrics_module_offers_a_collector_and_serve_metrics() -> None:
+    assert trioflow.metrics.__all__ == ["FlowCollector", "serve_metrics"]
+    # `trioflow run --metrics-port` calls it so.
+    parameters = inspect.signature(trioflow.metrics.serve_metrics).parameters
+    assert [(p.name, p.kind, p.default) for p in parameters.values()] == [
+        ("flow", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+        ("port", inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty),
+        ("host", inspect.Parameter.KEYWORD_ONLY, "0.0.0.0"),
+        ("task_status", inspect.Parameter.KEYWORD_ONLY, trio.TASK_STATUS_IGNORED),
+    ]
+    fields = {field.name for field in attrs.fields(trioflow.FlowStatistics)}
+    assert {"publish_latency", "batch_size", "cursor_commit_latency", "store_errors"} <= fields
+    assert {"retries", "redelivered", "handler_duration"} <= {
+        field.name for field in attrs.fields(trioflow.ConsumerStatistics)
+    }
