@@ -65,3 +65,24 @@ def test_leases_are_public() -> None:
     assert not issubclass(trioflow.LeaseLostError, trioflow.StoreError)
     assert trioflow.LeaseLostError("x", keys=frozenset({"c"})).keys == {"c"}
     assert "lease_ttl" in inspect.signature(trioflow.App).parameters
+
+
+def test_retention_is_public() -> None:
+    import trioflow.stores
+
+    assert issubclass(trioflow.PrunedLogError, trioflow.ConsumerStateError)
+    assert trioflow.PrunedLogError("x", consumers={"a": 1}).consumers == {"a": 1}
+    assert "retention" in inspect.signature(trioflow.App).parameters
+    for name in ("Retention", "PrunePlan", "PruneProgress", "PruneResult"):
+        assert getattr(trioflow, name).__module__ == "trioflow"
+    assert set(inspect.signature(trioflow.plan_prune).parameters) == {
+        "store",
+        "before",
+        "older_than",
+        "now",
+    }
+    for name in ("CursorInfo", "LogBounds"):
+        assert name in trioflow.stores.__all__
+    store_api = trioflow.stores.Store
+    for method in ("cursors", "set_cursor", "log_bounds", "seq_before", "prune"):
+        assert method in store_api.__abstractmethods__, method
