@@ -64,9 +64,9 @@ Retention (what ``trioflow prune`` and ``App(retention=...)`` build on):
 * ``log_bounds`` tells the lowest sequence number still stored (``first``;
   ``head + 1`` when none is), the ``head`` and ``pruned_through`` (0 if never
   pruned), counting every prune that started before the call (one under way
-  is waited for). A consumer whose cursor is below ``pruned_through`` may have lost
-  events: `set_cursor` refuses to put one there, and the runtime refuses to
-  start one from there.
+  is waited for). A consumer whose cursor is below ``pruned_through`` may
+  have lost events: `set_cursor` refuses to put one there, and the runtime
+  refuses to start one from there.
 * ``cursors`` lists every stored cursor with when it last changed, by
   consumer name in code-point order; ``set_cursor`` sets one to any position
   from ``pruned_through`` to the head, backwards too (an operator's reset),
@@ -290,7 +290,8 @@ class Store(abc.ABC):
     async def forget_consumer(self, consumer: str) -> None:
         """Delete ``consumer``'s cursor and dead letters: it starts afresh if it comes back.
 
-        The one way a stored cursor moves back (to none).
+        With `set_cursor`, the one way a stored cursor moves back (to none). A
+        removed consumer no longer holds pruning back.
         """
 
     @abc.abstractmethod

@@ -133,14 +133,14 @@ class FaultyStore(StoreWrapper):
         """Make the next ``times`` calls of ``method`` raise ``error``.
 
         Args:
-            method: One of append, read, head, load_cursors, commit_cursors,
-                wait_for_append.
+            method: The name of a method of the store contract (append,
+                read, commit_cursors, prune...).
             times: How many calls fail.
             error: What they raise (default: a `StoreUnavailableError`, or for
                 a lost append answer an `OutcomeUnknownError`).
             lose_answer: Let the call reach the store first, then raise: an
-                append is committed, a cursor commit lands, but the caller
-                is told it failed.
+                append is committed, a cursor commit lands, a prune deletes,
+                but the caller is told it failed.
         """
         self._check_method(method, effect=lose_answer)
         kind: FaultKind = "lose" if lose_answer else "fail"
