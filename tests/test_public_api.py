@@ -86,3 +86,24 @@ def test_the_metrics_module_offers_a_collector_and_serve_metrics() -> None:
     assert {"retries", "redelivered", "handler_duration"} <= {
         field.name for field in attrs.fields(trioflow.ConsumerStatistics)
     }
+
+
+def test_retention_is_public() -> None:
+    import trioflow.stores
+
+    assert issubclass(trioflow.PrunedLogError, trioflow.ConsumerStateError)
+    assert trioflow.PrunedLogError("x", consumers={"a": 1}).consumers == {"a": 1}
+    assert "retention" in inspect.signature(trioflow.App).parameters
+    for name in ("Retention", "PrunePlan", "PruneProgress", "PruneResult"):
+        assert getattr(trioflow, name).__module__ == "trioflow"
+    assert set(inspect.signature(trioflow.plan_prune).parameters) == {
+        "store",
+        "before",
+        "older_than",
+        "now",
+    }
+    for name in ("CursorInfo", "LogBounds"):
+        assert name in trioflow.stores.__all__
+    store_api = trioflow.stores.Store
+    for method in ("cursors", "set_cursor", "log_bounds", "seq_before", "prune"):
+        assert method in store_api.__abstractmethods__, method

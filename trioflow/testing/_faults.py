@@ -10,6 +10,7 @@ make a consumer skip or reorder an event.
 from __future__ import annotations
 
 import collections
+import datetime
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal, TypeVar
@@ -22,7 +23,7 @@ from .._errors import ConfigurationError, OutcomeUnknownError, StoreError, Store
 from .._events import Event, NewEvent
 from .._leases import Lease
 from .._store_calls import OPERATIONS
-from ..stores._base import Appended, Store, StoreWrapper
+from ..stores._base import Appended, CursorInfo, LogBounds, Store, StoreWrapper
 from ..stores.memory import MemoryStore
 
 _METHODS = OPERATIONS
@@ -36,6 +37,8 @@ _EFFECTS = (
     "forget_consumer",
     "claim_leases",
     "release_leases",
+    "set_cursor",
+    "prune",
 )
 
 T = TypeVar("T")
@@ -110,14 +113,14 @@ class FaultyStore(StoreWrapper):
         """Make the next ``times`` calls of ``method`` raise ``error``.
 
         Args:
-            method: One of append, read, head, load_cursors, commit_cursors,
-                wait_for_append.
+            method: The name of a method of the store contract (append,
+                read, commit_cursors, prune...).
             times: How many calls fail.
             error: What they raise (default: a `StoreUnavailableError`, or for
                 a lost append answer an `OutcomeUnknownError`).
             lose_answer: Let the call reach the store first, then raise: an
-                append is committed, a cursor commit lands, but the caller
-                is told it failed.
+                append is committed, a cursor commit lands, a prune deletes,
+                but the caller is told it failed.
         """
         self._check_method(method, effect=lose_answer)
         kind: FaultKind = "lose" if lose_answer else "fail"
@@ -269,3 +272,18 @@ class FaultyStore(StoreWrapper):
 
     async def forget_consumer(self, consumer: str) -> None:
         await self._call("forget_consumer", lambda: self.inner.forget_consumer(consumer))
+
+    async def cursors(self) -> list[CursorInfo]:
+        return await self._call("cursors", self.inner.cursors)
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        return await self._call("set_cursor", lambda: self.inner.set_cursor(consumer, seq))
+
+    async def log_bounds(self) -> LogBounds:
+        return await self._call("log_bounds", self.inner.log_bounds)
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        return await self._call("seq_before", lambda: self.inner.seq_before(time))
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        return await self._call("prune", lambda: self.inner.prune(through, limit=limit))
