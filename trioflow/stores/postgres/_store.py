@@ -38,7 +38,7 @@ from ..._dead_letters import DeadLetter
 from ..._errors import ConfigurationError, LeaseLostError, StoreError, StoreUnavailableError
 from ..._events import JSON, MAX_DEPTH, Event, NewEvent
 from ..._leases import Lease
-from .._base import Appended, Store
+from .._base import Appended, SchemaStatus, Store
 from .._transactions import StoreTransaction
 from ._driver import (
     Driver,
@@ -52,7 +52,7 @@ from ._driver import (
 )
 from ._listen import listen_forever
 from ._recovery import settle_in_doubt, settle_transaction
-from ._schema import DEFAULT_SCHEMA, check_schema_name, prepare
+from ._schema import DEFAULT_SCHEMA, SCHEMA_VERSION, check_schema_name, prepare, stored_version
 from ._sql import LETTER_COLUMNS, Queries, lock_key
 from ._transaction import PostgresTransaction
 from ._url import parse_url
@@ -293,6 +293,17 @@ class PostgresStore(Store):
             self._checkpointed_at.clear()
         if error is not None:
             raise error
+
+    async def schema_status(self) -> SchemaStatus:
+        """Read the schema's version on one connection of its own, changing nothing.
+
+        Raises:
+            StoreUnavailableError: The server cannot be reached or refused the login.
+        """
+        config = attrs.evolve(self._config, min_size=1, max_size=1)
+        async with open_driver(config) as driver:
+            stored = await stored_version(driver, self._sql)
+        return SchemaStatus(stored=stored, current=SCHEMA_VERSION)
 
     async def append(self, events: Sequence[NewEvent]) -> Appended:
         """Commit ``events`` in one round trip; see the module docstring for the order."""
