@@ -450,8 +450,19 @@ def migrate_raw(path: pathlib.Path, version: int) -> None:
         raw.close()
 
 
+def make_version_4_file(path: pathlib.Path, events: int, cursors: dict[str, int]) -> None:
+    """A file as trioflow left it at version 4 (leases, no pruning mark)."""
+    make_version_3_file(path, events, cursors)
+    migrate_raw(path, 4)
+
+
 #: The files of every released version before this one, as users have them.
-OLD_FILES = {1: make_version_1_file, 2: make_version_2_file, 3: make_version_3_file}
+OLD_FILES = {
+    1: make_version_1_file,
+    2: make_version_2_file,
+    3: make_version_3_file,
+    4: make_version_4_file,
+}
 
 
 def read_raw(path: pathlib.Path, query: str) -> list[tuple[object, ...]]:

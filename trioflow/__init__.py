@@ -18,6 +18,7 @@ from ._errors import HandlerTimeoutError as HandlerTimeoutError
 from ._errors import InvalidEventError as InvalidEventError
 from ._errors import LeaseLostError as LeaseLostError
 from ._errors import OutcomeUnknownError as OutcomeUnknownError
+from ._errors import PrunedLogError as PrunedLogError
 from ._errors import QueryError as QueryError
 from ._errors import Reject as Reject
 from ._errors import SchemaVersionError as SchemaVersionError
@@ -68,6 +69,7 @@ __all__ = [
     "OnExhausted",
     "OutcomeUnknownError",
     "Overflow",
+    "PrunedLogError",
     "QueryError",
     "Reject",
     "RestartPolicy",

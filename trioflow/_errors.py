@@ -11,6 +11,7 @@ catch them all at once::
     ├── FlowClosedError         publishing on a flow that has stopped or is stopping
     ├── BackpressureError       a handler publishing would wait for its own consumer
     ├── ConsumerStateError      resuming a consumer that is not halted, and the like
+    │   └── PrunedLogError      a cursor is, or would fall, behind the pruned log
     ├── UnknownDeadLetterError  requeuing or discarding a seq that is no dead letter
     ├── HandlerTimeoutError     a handler ran past its consumer's timeout
     ├── Reject                  raised by a handler: never retry this event
@@ -76,6 +77,24 @@ class BackpressureError(TrioflowError):
 
 class ConsumerStateError(TrioflowError):
     """A consumer is not in the state an operation needs (resuming one that is not halted)."""
+
+
+class PrunedLogError(ConsumerStateError):
+    """A consumer's cursor is, or would fall, behind the pruned log.
+
+    Raised by a prune that would delete events some consumers' cursors still
+    need, by `trioflow.stores.Store.set_cursor` given a position whose next
+    events were pruned, and by a consumer that starts from a cursor whose next
+    events were pruned. Nothing was changed; the message says what to do
+    (reset the cursor, remove the consumer, or prune less).
+
+    Attributes:
+        consumers: The consumers concerned, by name, with their cursors.
+    """
+
+    def __init__(self, message: str, *, consumers: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.consumers: dict[str, int] = dict(consumers or {})
 
 
 class UnknownDeadLetterError(TrioflowError):

@@ -16,6 +16,7 @@ event never ends the flow.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import logging
 import math
@@ -29,7 +30,7 @@ from ._dead_letters import DeadLetter
 from ._errors import StoreError, TrioflowError
 from ._events import Event, NewEvent
 from ._leases import Lease
-from .stores._base import Appended, Store, StoreWrapper
+from .stores._base import Appended, CursorInfo, LogBounds, Store, StoreWrapper
 
 logger = logging.getLogger("trioflow")
 
@@ -212,6 +213,26 @@ class WatchedStore(StoreWrapper):
     async def forget_consumer(self, consumer: str) -> None:
         await self._call(
             f"forget_consumer ({consumer})", lambda: self.inner.forget_consumer(consumer)
+        )
+
+    async def cursors(self) -> list[CursorInfo]:
+        return await self._call("cursors", self.inner.cursors)
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        return await self._call(
+            f"set_cursor ({consumer})", lambda: self.inner.set_cursor(consumer, seq)
+        )
+
+    async def log_bounds(self) -> LogBounds:
+        return await self._call("log_bounds", self.inner.log_bounds)
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        return await self._call("seq_before", lambda: self.inner.seq_before(time))
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        return await self._call(
+            f"prune (through {through}, {limit} at most)",
+            lambda: self.inner.prune(through, limit=limit),
         )
 
 

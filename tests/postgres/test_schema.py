@@ -18,6 +18,7 @@ from trioflow import (
     StoreError,
     StoreUnavailableError,
 )
+from trioflow.stores import LogBounds
 from trioflow.stores.postgres import SCHEMA_VERSION, PostgresStore, _schema
 from trioflow.stores.postgres._driver import Driver
 from trioflow.testing._store_contract import check_a_first_dead_letter, make_events, make_letter
@@ -43,6 +44,7 @@ async def test_first_open_creates_the_schema(store_url: str, schema: str, admin:
         ("dead_letters", "p"),
         ("events", "p"),
         ("leases", "p"),
+        ("log_state", "p"),
         ("schema_version", "p"),
     ]
     assert [version for version, _ in await version_rows(admin, schema)] == [SCHEMA_VERSION]
@@ -103,6 +105,44 @@ async def make_version_2_schema(url: str, monkeypatch: pytest.MonkeyPatch) -> No
             await store.record_dead_letter(make_letter("audit", 3), cursor=3)
 
 
+async def make_version_3_schema(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema as trioflow left it at version 3: events, cursors, a letter and a lease."""
+    with monkeypatch.context() as patch:
+        patch.setattr(_schema, "SCHEMA_VERSION", 3)
+        store = PostgresStore.from_url(url)
+        async with store.open():
+            await store.append(make_events(5))
+            await store.commit_cursors({"billing": 5, "audit": 2})
+            await store.record_dead_letter(make_letter("audit", 1), cursor=3)
+            await store.claim_leases("h1", ["billing"], 3600.0)
+
+
+async def test_a_version_3_schema_is_upgraded_in_place_and_can_be_pruned(
+    store_url: str, schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_version_3_schema(store_url, monkeypatch)
+    (old,) = await version_rows(admin, schema)
+    assert old[0] == 3
+    assert await admin.fetchval("SELECT to_regclass($1)", f'"{schema}".log_state') is None
+    leases = await admin.fetch(f'SELECT * FROM "{schema}".leases ORDER BY 1')
+    store = PostgresStore.from_url(store_url)
+    async with store.open():
+        assert await store.log_bounds() == LogBounds(first=1, head=5, pruned_through=0)
+        # The letter's event 1 stays; 2 and 3 go (audit is at 3).
+        assert await store.prune(5, limit=100) == 2
+        assert [event.seq for event in await store.read(0, 10)] == [1, 4, 5]
+        await store.discard_dead_letters("audit", [1])
+        await store.commit_cursors({"audit": 5})
+        assert await store.prune(5, limit=100) == 3
+        assert await store.log_bounds() == LogBounds(first=6, head=5, pruned_through=5)
+        # The replaced append function numbers on above the pruned log.
+        appended = await store.append(make_events(1))
+        assert (appended.after, list(appended.seqs)) == (5, [6])
+    ((version, _),) = await version_rows(admin, schema)
+    assert version == SCHEMA_VERSION == 4
+    assert await admin.fetch(f'SELECT * FROM "{schema}".leases ORDER BY 1') == leases
+
+
 async def test_a_version_2_schema_is_upgraded_in_place(
     store_url: str, schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,7 +163,7 @@ async def test_a_version_2_schema_is_upgraded_in_place(
         assert await store.commit_cursors({"billing": 6}, fences={"billing": 1}) == set()
         assert await store.commit_cursors({"billing": 7}, fences={"billing": 2}) == {"billing"}
     ((version, migrated_at),) = await version_rows(admin, schema)
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
     before = old[1]
     assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
     assert migrated_at > before
@@ -151,7 +191,7 @@ async def test_a_version_1_schema_is_upgraded_in_place(
         await check_a_first_dead_letter(store, "audit", 3)
         assert list((await store.append(make_events(1))).seqs) == [6]
     ((version, migrated_at),) = await version_rows(admin, schema)
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
     before = old[1]
     assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
     assert migrated_at > before

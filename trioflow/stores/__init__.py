@@ -10,12 +10,14 @@ processes on many machines.
 from __future__ import annotations
 
 from .._events import NewEvent
-from ._base import Appended, SchemaStatus, Store, StoreWrapper
+from ._base import Appended, CursorInfo, LogBounds, SchemaStatus, Store, StoreWrapper
 from ._transactions import ParamStyle, Row, StoreTransaction
 from ._url import store_from_url
 
 __all__ = [
     "Appended",
+    "CursorInfo",
+    "LogBounds",
     "NewEvent",
     "ParamStyle",
     "Row",

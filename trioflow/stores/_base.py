@@ -47,6 +47,34 @@ Contract, for every implementation:
   and its effect.
 * Failures surface as `trioflow.StoreError` (or a subclass), never as a
   driver's own exception type.
+
+Retention (what ``trioflow prune`` and ``App(retention=...)`` build on):
+
+* ``prune(through, limit=n)`` deletes, in one transaction, at most ``n`` of
+  the oldest events with ``seq <= through``, but never one a stored cursor
+  still needs (``seq`` above that cursor) and never one a dead letter refers
+  to (requeueing reads the event from the log). The cursors and letters are
+  checked in the transaction that deletes, so a concurrent `set_cursor`
+  cannot slip between. It advances the log's ``pruned_through`` to the
+  highest sequence number deleted and returns how many it deleted (0: nothing
+  is left to do for that bound).
+* The head never goes back, not even when every event has been pruned:
+  ``head`` is at least ``pruned_through``, an append's ``after`` too, and
+  appends go on numbering above every number ever given.
+* ``log_bounds`` tells the lowest sequence number still stored (``first``;
+  ``head + 1`` when none is), the ``head`` and ``pruned_through`` (0 if never
+  pruned). A consumer whose cursor is below ``pruned_through`` may have lost
+  events: `set_cursor` refuses to put one there, and the runtime refuses to
+  start one from there.
+* ``cursors`` lists every stored cursor with when it last changed, by
+  consumer name in code-point order; ``set_cursor`` sets one to any position
+  from ``pruned_through`` to the head, backwards too (an operator's reset),
+  and returns the previous one. It is the one way, besides
+  ``forget_consumer``, that a stored cursor moves back.
+* ``seq_before(time)`` is the highest sequence number of a stored event
+  committed before ``time`` (0 if none), found without scanning the log:
+  sequence numbers and commit times grow together (they are taken under the
+  append lock), so stores search by sequence number.
 """
 
 from __future__ import annotations
@@ -54,14 +82,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from .._dead_letters import DeadLetter
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, ConsumerStateError, PrunedLogError
 from .._events import Event, NewEvent
 from .._leases import Lease
 
@@ -107,6 +135,40 @@ class SchemaStatus:
     def pending(self) -> bool:
         """Whether opening the store would create or migrate its schema."""
         return self.stored is None or self.stored < self.current
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class CursorInfo:
+    """One stored cursor, as `Store.cursors` lists them.
+
+    Attributes:
+        consumer: The consumer's name.
+        seq: The last sequence number it processed (0: none yet).
+        updated_at: When the cursor last changed (aware, UTC), or None if
+            the store cannot say.
+    """
+
+    consumer: str
+    seq: int
+    updated_at: datetime.datetime | None
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class LogBounds:
+    """Where the stored log begins and ends, as `Store.log_bounds` tells.
+
+    Attributes:
+        first: The lowest sequence number still stored (``head + 1`` when no
+            event is stored).
+        head: The highest sequence number ``read`` can return now.
+        pruned_through: Every event up to this sequence number may have been
+            deleted by pruning (0 if the log was never pruned). Events a dead
+            letter refers to are kept below it.
+    """
+
+    first: int
+    head: int
+    pruned_through: int
 
 
 class Store(abc.ABC):
@@ -267,6 +329,51 @@ class Store(abc.ABC):
         The one way a stored cursor moves back (to none).
         """
 
+    @abc.abstractmethod
+    async def cursors(self) -> list[CursorInfo]:
+        """Every stored cursor, by consumer name (in code-point order)."""
+
+    @abc.abstractmethod
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        """Set ``consumer``'s cursor to ``seq``, backwards too: an operator's reset.
+
+        Leases are the caller's business: claim the consumer's lease around
+        the call, or stop the flows that run it, or a running flow may move
+        the cursor forward again.
+
+        Returns:
+            The cursor before the call (None if there was none).
+
+        Raises:
+            ConsumerStateError: ``seq`` is below 0 or past the head.
+            PrunedLogError: ``seq`` is below ``pruned_through``: the events
+                after it were pruned (checked in the transaction that writes).
+        """
+
+    @abc.abstractmethod
+    async def log_bounds(self) -> LogBounds:
+        """Return the first stored sequence number, the head and ``pruned_through``."""
+
+    @abc.abstractmethod
+    async def seq_before(self, time: datetime.datetime) -> int:
+        """The highest sequence number of a stored event committed before ``time`` (0 if none).
+
+        A search by sequence number, not a scan: cheap however long the log.
+        """
+
+    @abc.abstractmethod
+    async def prune(self, through: int, *, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest events with ``seq <= through``, in one
+        transaction, keeping every event a stored cursor or a dead letter still needs.
+
+        Returns:
+            How many events were deleted (0: nothing is left to prune up to
+            ``through``, or cursors and letters hold the rest).
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+        """
+
     def transaction(self) -> contextlib.AbstractAsyncContextManager[StoreTransaction]:
         """Open a transaction on the store's database: ``async with store.transaction() as tx``.
 
@@ -359,6 +466,21 @@ class StoreWrapper(Store):
     async def forget_consumer(self, consumer: str) -> None:
         await self.inner.forget_consumer(consumer)
 
+    async def cursors(self) -> list[CursorInfo]:
+        return await self.inner.cursors()
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        return await self.inner.set_cursor(consumer, seq)
+
+    async def log_bounds(self) -> LogBounds:
+        return await self.inner.log_bounds()
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        return await self.inner.seq_before(time)
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        return await self.inner.prune(through, limit=limit)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self.inner!r}>"
 
@@ -374,3 +496,63 @@ def within_bytes(page: Sequence[Event], max_bytes: int) -> Sequence[Event]:
         if total > max_bytes and index:
             return page[:index]
     return page
+
+
+def check_reset(consumer: str, seq: int, *, head: int, pruned_through: int) -> None:
+    """Refuse a `Store.set_cursor` to ``seq`` unless ``pruned_through <= seq <= head``.
+
+    Raises:
+        ConsumerStateError: ``seq`` is below 0 or past the head.
+        PrunedLogError: ``seq`` is below ``pruned_through``.
+    """
+    if seq < 0 or seq > head:
+        raise ConsumerStateError(
+            f"cannot set the cursor of consumer {consumer!r} to {seq}: a cursor is a "
+            f"sequence number from 0 to the head of the log ({head}); choose one in that range"
+        )
+    if seq < pruned_through:
+        raise PrunedLogError(
+            f"cannot set the cursor of consumer {consumer!r} to {seq}: the events up to "
+            f"{pruned_through} were pruned, so the consumer would skip them; set it to "
+            f"{pruned_through} or later (it then goes on with the oldest event kept)",
+            consumers={consumer: seq},
+        )
+
+
+def check_limit(limit: int) -> None:
+    """Refuse a `Store.prune` batch size below 1."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"prune's limit must be an int >= 1, got {limit!r}")
+
+
+def search_seq_before(head: int) -> Generator[int, tuple[int, bool] | None, int]:
+    """The binary search behind `Store.seq_before`, apart from how a store looks events up.
+
+    Yields sequence numbers ``s`` to look up: send back the first stored event
+    at or after ``s`` as ``(seq, committed_before)``, or None if there is
+    none. Returns the answer (as `StopIteration.value`) after about log2(head)
+    lookups. Relies on commit times growing with sequence numbers.
+    """
+    low, high = 0, head
+    # The answer lies in [low, high]; low is 0 or a seq committed before.
+    while low < high:
+        middle = (low + high + 1) // 2
+        found = yield middle
+        if found is not None and found[0] <= high and found[1]:
+            low = found[0]
+        else:
+            # No stored event in [middle, high] was committed before.
+            high = middle - 1
+    return low
+
+
+def run_search(head: int, look_up: Callable[[int], tuple[int, bool] | None]) -> int:
+    """Run `search_seq_before` with a blocking ``look_up`` (in a worker thread, say)."""
+    search = search_seq_before(head)
+    try:
+        seq = next(search)
+        while True:
+            seq = search.send(look_up(seq))
+    except StopIteration as done:
+        answer: int = done.value
+        return answer

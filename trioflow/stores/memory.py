@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -13,7 +14,15 @@ from .._dead_letters import DeadLetter
 from .._errors import LeaseLostError
 from .._events import Event, NewEvent
 from .._leases import Lease
-from ._base import Appended, Store, within_bytes
+from ._base import (
+    Appended,
+    CursorInfo,
+    LogBounds,
+    Store,
+    check_limit,
+    check_reset,
+    within_bytes,
+)
 
 
 class MemoryStore(Store):
@@ -22,12 +31,18 @@ class MemoryStore(Store):
     Several flows in one process may share one instance (each sees the
     others' events, as processes sharing a database would). It is also the
     reference implementation of the store contract: sequence numbers start
-    at 1 and have no holes.
+    at 1 and have no holes until the log is pruned.
     """
 
     def __init__(self) -> None:
+        #: The stored events, by seq; pruning leaves holes (events kept for
+        #: dead letters) and a missing start.
         self._events: list[Event] = []
+        #: The highest seq given: it never goes back, even when every event is pruned.
+        self._head = 0
+        self._pruned_through = 0
         self._cursors: dict[str, int] = {}
+        self._cursor_times: dict[str, datetime.datetime] = {}
         self._dead: dict[tuple[str, int], DeadLetter] = {}
         self._leases: dict[str, Lease] = {}
         self._clock_origin: tuple[trio.lowlevel.TrioToken, datetime.datetime, float] | None = None
@@ -41,10 +56,11 @@ class MemoryStore(Store):
 
     async def append(self, events: Sequence[NewEvent]) -> Appended:
         await trio.lowlevel.checkpoint()
-        after = len(self._events)
+        after = self._head
         now = datetime.datetime.now(datetime.UTC)
         batch = [new.persisted(seq, now) for seq, new in enumerate(events, start=after + 1)]
         self._events.extend(batch)
+        self._head += len(batch)
         if events:
             self._appended.set()
             self._appended = trio.Event()
@@ -61,13 +77,13 @@ class MemoryStore(Store):
         await trio.lowlevel.checkpoint()
         if limit < 1:
             return []
-        start = max(after, 0)
+        start = bisect.bisect_right(self._events, after, key=_seq)
         page = self._events[start : start + limit]
         return page if max_bytes is None else within_bytes(page, max_bytes)
 
     async def head(self) -> int:
         await trio.lowlevel.checkpoint()
-        return len(self._events)
+        return self._head
 
     async def load_cursors(self) -> dict[str, int]:
         await trio.lowlevel.checkpoint()
@@ -80,11 +96,16 @@ class MemoryStore(Store):
         refused = frozenset(
             name for name in cursors if fences and name in fences and not self._holds(name, fences)
         )
-        stored = self._cursors
         for name, seq in cursors.items():
-            if name not in refused and seq > stored.get(name, -1):
-                stored[name] = seq
+            if name not in refused:
+                self._move_forward(name, seq)
         return refused
+
+    def _move_forward(self, name: str, seq: int) -> None:
+        """Insert or move forward one cursor (a stored cursor never moves back)."""
+        if seq > self._cursors.get(name, -1):
+            self._cursors[name] = seq
+            self._cursor_times[name] = self._now()
 
     def _holds(self, key: str, fences: Mapping[str, int]) -> bool:
         lease = self._leases.get(key)
@@ -101,8 +122,8 @@ class MemoryStore(Store):
                 keys=frozenset([letter.consumer]),
             )
         self._dead[letter.consumer, letter.seq] = letter
-        if cursor is not None and cursor > self._cursors.get(letter.consumer, -1):
-            self._cursors[letter.consumer] = cursor
+        if cursor is not None:
+            self._move_forward(letter.consumer, cursor)
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         await trio.lowlevel.checkpoint()
@@ -154,6 +175,7 @@ class MemoryStore(Store):
     async def forget_consumer(self, consumer: str) -> None:
         await trio.lowlevel.checkpoint()
         self._cursors.pop(consumer, None)
+        self._cursor_times.pop(consumer, None)
         for key in [key for key in self._dead if key[0] == consumer]:
             del self._dead[key]
 
@@ -187,8 +209,59 @@ class MemoryStore(Store):
         now = self._now()
         return [lease for _, lease in sorted(self._leases.items()) if lease.expires_at > now]
 
+    async def cursors(self) -> list[CursorInfo]:
+        await trio.lowlevel.checkpoint()
+        return [
+            CursorInfo(consumer=name, seq=self._cursors[name], updated_at=self._cursor_times[name])
+            for name in sorted(self._cursors)
+        ]
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        await trio.lowlevel.checkpoint()
+        check_reset(consumer, seq, head=self._head, pruned_through=self._pruned_through)
+        previous = self._cursors.get(consumer)
+        self._cursors[consumer] = seq
+        self._cursor_times[consumer] = self._now()
+        return previous
+
+    async def log_bounds(self) -> LogBounds:
+        await trio.lowlevel.checkpoint()
+        first = self._events[0].seq if self._events else self._head + 1
+        return LogBounds(first=first, head=self._head, pruned_through=self._pruned_through)
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        await trio.lowlevel.checkpoint()
+        index = bisect.bisect_left(self._events, time, key=_created_at)
+        return self._events[index - 1].seq if index else 0
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        check_limit(limit)
+        await trio.lowlevel.checkpoint()
+        # No checkpoint from here on: the cursors and letters checked are the
+        # ones in place when the events go.
+        bound = min(through, self._head, *self._cursors.values())
+        lettered = {seq for _, seq in self._dead}
+        doomed: set[int] = set()
+        for event in self._events:
+            if event.seq > bound or len(doomed) == limit:
+                break
+            if event.seq not in lettered:
+                doomed.add(event.seq)
+        if doomed:
+            self._events = [event for event in self._events if event.seq not in doomed]
+            self._pruned_through = max(self._pruned_through, *doomed)
+        return len(doomed)
+
     async def wait_for_append(self, after: int) -> int:
-        while len(self._events) <= after:
+        while self._head <= after:
             await self._appended.wait()
         await trio.lowlevel.checkpoint()
-        return len(self._events)
+        return self._head
+
+
+def _seq(event: Event) -> int:
+    return event.seq
+
+
+def _created_at(event: Event) -> datetime.datetime:
+    return event.created_at

@@ -10,6 +10,7 @@ make a consumer skip or reorder an event.
 from __future__ import annotations
 
 import collections
+import datetime
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal, TypeVar
@@ -21,7 +22,7 @@ from .._dead_letters import DeadLetter
 from .._errors import ConfigurationError, OutcomeUnknownError, StoreError, StoreUnavailableError
 from .._events import Event, NewEvent
 from .._leases import Lease
-from ..stores._base import Appended, Store, StoreWrapper
+from ..stores._base import Appended, CursorInfo, LogBounds, Store, StoreWrapper
 from ..stores.memory import MemoryStore
 
 _METHODS = (
@@ -40,6 +41,11 @@ _METHODS = (
     "claim_leases",
     "release_leases",
     "leases",
+    "cursors",
+    "set_cursor",
+    "log_bounds",
+    "seq_before",
+    "prune",
 )
 #: The calls with an effect in the store: only they can lose an answer or land late.
 _EFFECTS = (
@@ -51,6 +57,8 @@ _EFFECTS = (
     "forget_consumer",
     "claim_leases",
     "release_leases",
+    "set_cursor",
+    "prune",
 )
 
 T = TypeVar("T")
@@ -284,3 +292,18 @@ class FaultyStore(StoreWrapper):
 
     async def forget_consumer(self, consumer: str) -> None:
         await self._call("forget_consumer", lambda: self.inner.forget_consumer(consumer))
+
+    async def cursors(self) -> list[CursorInfo]:
+        return await self._call("cursors", self.inner.cursors)
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        return await self._call("set_cursor", lambda: self.inner.set_cursor(consumer, seq))
+
+    async def log_bounds(self) -> LogBounds:
+        return await self._call("log_bounds", self.inner.log_bounds)
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        return await self._call("seq_before", lambda: self.inner.seq_before(time))
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        return await self._call("prune", lambda: self.inner.prune(through, limit=limit))

@@ -28,10 +28,17 @@ from .._dead_letters import (
     DeadLetter,
     DeadLetterReason,
 )
-from .._errors import ConfigurationError, LeaseLostError, QueryError, StoreError
+from .._errors import (
+    ConfigurationError,
+    ConsumerStateError,
+    LeaseLostError,
+    PrunedLogError,
+    QueryError,
+    StoreError,
+)
 from .._events import JSON, MAX_DATA_BYTES, MAX_DEPTH, Event, NewEvent, encode, new_ids
 from .._leases import Lease
-from ..stores._base import Appended, Store
+from ..stores._base import Appended, LogBounds, Store
 from ..stores._transactions import StoreTransaction
 from ..stores._url import store_from_url
 
@@ -106,7 +113,11 @@ _URL_DAMAGE = st.sampled_from(
 
 #: The tests that only make sense for a persistent store.
 _PERSISTENCE_TESTS = frozenset(
-    {"test_everything_survives_reopening", "test_dead_letters_survive_reopening"}
+    {
+        "test_everything_survives_reopening",
+        "test_dead_letters_survive_reopening",
+        "test_pruning_and_resets_survive_reopening",
+    }
 )
 
 #: The tests of `Store.transaction`, for stores that run transactions.
@@ -190,6 +201,37 @@ class _Commit:
 
 
 _Step = _Record | _Requeue | _Discard | _Forget | _Commit
+
+
+# Steps of the model-based pruning test: appends, cursor moves, resets,
+# letters, forgets and prunes in any order, on a few consumers.
+@attrs.frozen
+class _Append:
+    count: int
+
+
+@attrs.frozen
+class _Reset:
+    consumer: str
+    seq: int
+
+
+@attrs.frozen
+class _Prune:
+    through: int
+    limit: int
+
+
+_PruneStep = _Append | _Commit | _Reset | _Record | _Discard | _Forget | _Prune
+_prune_steps: st.SearchStrategy[_PruneStep] = st.one_of(
+    st.builds(_Append, st.integers(1, 4)),
+    st.builds(_Commit, _consumers, st.integers(0, 12)),
+    st.builds(_Reset, _consumers, st.integers(-1, 13)),
+    st.builds(_Record, _letters, st.none() | st.integers(0, 12)),
+    st.builds(_Discard, _consumers, _seq_lists),
+    st.builds(_Forget, _consumers),
+    st.builds(_Prune, st.integers(0, 14), st.integers(1, 5)),
+)
 _steps: st.SearchStrategy[_Step] = st.one_of(
     st.builds(_Record, _letters, st.none() | st.integers(0, 10)),
     # 0: due at once; an hour: not due while the test runs.
@@ -1327,6 +1369,327 @@ class StoreContract:
                         by_key[key] for key in mine if state[key] == "due"
                     ], where
 
+    # -- retention: cursors, bounds, pruning ----------------------------------------
+
+    async def test_log_bounds_of_an_empty_and_a_growing_log(self) -> None:
+        """A new log has nothing stored (first = head + 1); appends move the head only."""
+        async with self.open_store() as store:
+            assert await store.log_bounds() == LogBounds(first=1, head=0, pruned_through=0)
+            first = await store.append(make_events(3))
+            last = await store.append(make_events(2))
+            assert await store.log_bounds() == LogBounds(
+                first=first.seqs[0], head=last.seqs[-1], pruned_through=0
+            )
+
+    async def test_cursors_lists_every_cursor_by_code_point_with_its_time(self) -> None:
+        """`cursors` gives each stored cursor, in code-point order, with an aware UTC time."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            assert await store.cursors() == []
+            before = datetime.datetime.now(datetime.UTC)
+            await store.commit_cursors({"b": 2, "é": 3, "a": 1, "Z": 0, "a-1": 4})
+            await store.record_dead_letter(make_letter("ü 🎉", 1), cursor=5)
+            listed = await peer.cursors()
+            assert [(info.consumer, info.seq) for info in listed] == [
+                ("Z", 0),
+                ("a", 1),
+                ("a-1", 4),
+                ("b", 2),
+                ("é", 3),
+                ("ü 🎉", 5),
+            ]
+            for info in listed:
+                if info.updated_at is not None:
+                    assert info.updated_at.utcoffset() == datetime.timedelta(0)
+                    assert abs(info.updated_at - before) < _CLOCK_SLACK
+            await store.forget_consumer("b")
+            assert [info.consumer for info in await store.cursors()] == [
+                "Z",
+                "a",
+                "a-1",
+                "é",
+                "ü 🎉",
+            ]
+
+    async def test_set_cursor_moves_a_cursor_either_way_and_returns_the_previous(self) -> None:
+        """A reset sets the cursor where it is told, backwards too, for every handle."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            seqs = list((await store.append(make_events(10))).seqs)
+            assert await store.set_cursor("a", seqs[4]) is None
+            assert await peer.load_cursors() == {"a": seqs[4]}
+            await store.commit_cursors({"a": seqs[7]})
+            assert await peer.set_cursor("a", seqs[1]) == seqs[7]
+            assert await store.load_cursors() == {"a": seqs[1]}
+            # Then commits move it forward from there, never back.
+            await store.commit_cursors({"a": 0})
+            assert await store.load_cursors() == {"a": seqs[1]}
+            await store.commit_cursors({"a": seqs[2]})
+            assert await store.set_cursor("a", 0) == seqs[2]
+            assert await store.set_cursor("a", seqs[-1]) == 0
+            assert [(info.consumer, info.seq) for info in await peer.cursors()] == [("a", seqs[-1])]
+
+    async def test_set_cursor_refuses_a_position_outside_the_log(self) -> None:
+        """Below 0, past the head or behind the pruned log: refused, nothing changed."""
+        async with self.open_store() as store:
+            seqs = list((await store.append(make_events(6))).seqs)
+            await store.commit_cursors({"a": seqs[3]})
+            for wrong in (-1, seqs[-1] + 1):
+                with pytest.raises(ConsumerStateError, match="'a'"):
+                    await store.set_cursor("a", wrong)
+            with pytest.raises(ConsumerStateError, match="'new'"):
+                await store.set_cursor("new", seqs[-1] + 1)
+            assert await store.prune(seqs[2], limit=10) == 3
+            with pytest.raises(PrunedLogError, match=r"'a'.*pruned") as refused:
+                await store.set_cursor("a", seqs[1])
+            assert refused.value.consumers == {"a": seqs[1]}
+            assert await store.load_cursors() == {"a": seqs[3]}
+            assert await store.set_cursor("a", seqs[2]) == seqs[3]
+            assert await store.load_cursors() == {"a": seqs[2]}
+
+    async def test_prune_deletes_the_oldest_events_up_to_through_in_batches(self) -> None:
+        """Each call deletes at most ``limit``, oldest first, never past ``through``."""
+        async with self.open_store() as store:
+            seqs = list((await store.append(make_events(10))).seqs)
+            events = await read_all(store)
+            assert await store.prune(seqs[5], limit=4) == 4
+            assert await read_all(store) == events[4:]
+            assert await store.log_bounds() == LogBounds(
+                first=seqs[4], head=seqs[-1], pruned_through=seqs[3]
+            )
+            assert await store.prune(seqs[5], limit=4) == 2
+            assert await store.prune(seqs[5], limit=4) == 0
+            assert await read_all(store) == events[6:]
+            assert list(await store.read(seqs[5], 2)) == events[6:8]
+            assert await store.log_bounds() == LogBounds(
+                first=seqs[6], head=seqs[-1], pruned_through=seqs[5]
+            )
+            # A bound below what is gone changes nothing.
+            assert await store.prune(seqs[2], limit=4) == 0
+            with pytest.raises(ValueError, match="limit"):
+                await store.prune(seqs[-1], limit=0)
+            assert await read_all(store) == events[6:]
+
+    async def test_prune_keeps_every_event_a_cursor_needs(self) -> None:
+        """No event above a stored cursor goes; a forgotten consumer holds nothing back."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            seqs = list((await store.append(make_events(10))).seqs)
+            events = await read_all(store)
+            await store.commit_cursors({"slow": seqs[2], "fast": seqs[8]})
+            assert await peer.prune(seqs[-1], limit=100) == 3
+            assert await read_all(store) == events[3:]
+            assert (await store.log_bounds()).pruned_through == seqs[2]
+            # A consumer at 0 (a new one, say) holds everything left.
+            await store.commit_cursors({"new": 0})
+            assert await store.prune(seqs[-1], limit=100) == 0
+            await store.forget_consumer("new")
+            await store.forget_consumer("slow")
+            assert await peer.prune(seqs[-1], limit=100) == 6
+            assert await read_all(store) == events[9:]
+            assert (await store.log_bounds()).pruned_through == seqs[8]
+
+    async def test_prune_keeps_every_event_a_dead_letter_refers_to(self) -> None:
+        """A letter's event stays (requeueing reads it) until the letter is gone."""
+        async with self.open_store() as store:
+            seqs = list((await store.append(make_events(8))).seqs)
+            events = await read_all(store)
+            await store.record_dead_letter(make_letter("a", seqs[1]), cursor=seqs[5])
+            await store.record_dead_letter(make_letter("b", seqs[3]), cursor=seqs[6])
+            assert await store.prune(seqs[-1], limit=2) == 2
+            assert await read_all(store) == [events[1], events[3], *events[4:]]
+            assert await store.prune(seqs[-1], limit=100) == 2
+            assert await read_all(store) == [events[1], events[3], *events[6:]]
+            assert await store.log_bounds() == LogBounds(
+                first=seqs[1], head=seqs[-1], pruned_through=seqs[5]
+            )
+            assert list(await store.read(seqs[1], 1)) == [events[3]]
+            assert await store.discard_dead_letters("a", [seqs[1]]) == [seqs[1]]
+            await store.forget_consumer("b")
+            assert await store.prune(seqs[-1], limit=100) == 2
+            assert await read_all(store) == events[6:]
+            assert (await store.log_bounds()).first == seqs[6]
+
+    async def test_pruning_every_event_keeps_the_head_and_the_numbering(self) -> None:
+        """With the whole log pruned, the head stays and appends go on above it."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            seqs = list((await store.append(make_events(5))).seqs)
+            assert await store.prune(seqs[-1], limit=100) == 5
+            for handle in (store, peer):
+                assert await handle.head() == seqs[-1]
+                assert await handle.log_bounds() == LogBounds(
+                    first=seqs[-1] + 1, head=seqs[-1], pruned_through=seqs[-1]
+                )
+                assert list(await handle.read(0, 10)) == []
+                with trio.fail_after(self.patience):
+                    assert await handle.wait_for_append(0) == seqs[-1]
+            assert await store.prune(seqs[-1] + 100, limit=100) == 0
+            appended = await peer.append(make_events(2))
+            assert appended.after == seqs[-1]
+            assert appended.seqs[0] > seqs[-1]
+            assert [event.seq for event in await read_all(store)] == list(appended.seqs)
+            assert (await store.log_bounds()).first == appended.seqs[0]
+            empty = await store.append([])
+            assert empty.after == appended.seqs[-1]
+
+    async def test_pruning_and_resets_survive_reopening(self) -> None:
+        """The pruning mark, the events left and a reset cursor are all still there."""
+        async with self.open_store() as store:
+            seqs = list((await store.append(make_events(6))).seqs)
+            await store.commit_cursors({"a": seqs[4]})
+            await store.set_cursor("a", seqs[3])
+            assert await store.prune(seqs[-1], limit=100) == 4
+            bounds = await store.log_bounds()
+            kept = await read_all(store)
+        async with self.open_peer(store) as again:
+            assert await again.log_bounds() == bounds
+            assert await read_all(again) == kept
+            assert await again.load_cursors() == {"a": seqs[3]}
+            with pytest.raises(PrunedLogError):
+                await again.set_cursor("a", seqs[2])
+            appended = await again.append(make_events(1))
+            assert appended.after == seqs[-1]
+
+    async def test_seq_before_finds_the_last_event_committed_before_a_time(self) -> None:
+        """For any time: the highest stored seq committed before it, as the events say."""
+        async with self.open_store() as store:
+            assert await store.seq_before(datetime.datetime.now(datetime.UTC)) == 0
+            for size in (3, 1, 4, 1, 5, 9, 2, 6):
+                await store.append(make_events(size))
+                await trio.lowlevel.checkpoint()
+            await self._check_seq_before(store)
+            await store.commit_cursors({"a": 10})
+            await store.record_dead_letter(make_letter("a", 3), cursor=None)
+            await store.prune(10, limit=100)
+            await self._check_seq_before(store)
+
+    async def _check_seq_before(self, store: Store) -> None:
+        events = await read_all(store)
+        tick = datetime.timedelta(microseconds=1)
+        times = {
+            event.created_at + change for event in events for change in (-tick, 0 * tick, tick)
+        }
+        times |= {events[0].created_at - _HOUR, events[-1].created_at + _HOUR}
+        for time in sorted(times):
+            expected = max((event.seq for event in events if event.created_at < time), default=0)
+            assert await store.seq_before(time) == expected, time
+
+    async def test_a_reset_racing_a_prune_never_loses_an_event_it_needs(self) -> None:
+        """Resets and prunes from two handles at once: every cursor's events stay readable."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            seqs = list((await store.append(make_events(40))).seqs)
+            events = await read_all(store)
+            await store.commit_cursors({"a": seqs[-1]})
+            reset_to: list[int] = []
+
+            async def reset() -> None:
+                for seq in reversed(seqs[:-1]):
+                    try:
+                        await peer.set_cursor("a", seq)
+                    except PrunedLogError:
+                        return
+                    reset_to.append(seq)
+
+            async def prune() -> None:
+                while await store.prune(seqs[-1], limit=1):
+                    pass
+
+            with trio.fail_after(self.patience):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reset)
+                    nursery.start_soon(prune)
+            cursor = (await store.load_cursors())["a"]
+            assert cursor == (reset_to[-1] if reset_to else seqs[-1])
+            assert await read_all(store, after=cursor) == [e for e in events if e.seq > cursor]
+            assert (await store.log_bounds()).pruned_through <= cursor
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.differing_executors],
+    )
+    @given(steps=st.lists(_prune_steps, max_size=30))
+    async def test_random_pruning_never_deletes_what_a_cursor_or_letter_needs(
+        self, steps: list[_PruneStep]
+    ) -> None:
+        """Any mix of appends, cursor moves, resets, letters and prunes, checked after each."""
+        appended: list[Event] = []
+        cursors: dict[str, int] = {}
+        letters: set[tuple[str, int]] = set()
+        pruned_through = 0
+        highest = 0
+        async with self.open_store() as store:
+            for number, step in enumerate(steps):
+                where = f"after step {number} ({step})"
+                match step:
+                    case _Append(count=count):
+                        await store.append(make_events(count))
+                        appended += await read_all(store, after=highest)
+                        highest = appended[-1].seq
+                    case _Commit(consumer=consumer, seq=seq):
+                        seq = min(seq, highest)
+                        await store.commit_cursors({consumer: seq})
+                        cursors[consumer] = max(seq, cursors.get(consumer, -1))
+                    case _Reset(consumer=consumer, seq=seq):
+                        if seq < 0 or seq > highest:
+                            with pytest.raises(ConsumerStateError):
+                                await store.set_cursor(consumer, seq)
+                        elif seq < pruned_through:
+                            with pytest.raises(PrunedLogError):
+                                await store.set_cursor(consumer, seq)
+                        else:
+                            assert await store.set_cursor(consumer, seq) == cursors.get(consumer)
+                            cursors[consumer] = seq
+                    case _Record(letter=letter, cursor=cursor):
+                        # The runtime records letters for events it read: stored ones.
+                        present = {event.seq for event in await read_all(store)}
+                        if letter.seq not in present:
+                            continue
+                        cursor = None if cursor is None else min(cursor, highest)
+                        await store.record_dead_letter(letter, cursor=cursor)
+                        letters.add((letter.consumer, letter.seq))
+                        if cursor is not None:
+                            cursors[letter.consumer] = max(cursor, cursors.get(letter.consumer, -1))
+                    case _Discard(consumer=consumer, seqs=seqs):
+                        await store.discard_dead_letters(consumer, seqs)
+                        letters -= {(consumer, seq) for seq in seqs}
+                    case _Forget(consumer=consumer):
+                        await store.forget_consumer(consumer)
+                        cursors.pop(consumer, None)
+                        letters = {key for key in letters if key[0] != consumer}
+                    case _Prune(through=through, limit=limit):
+                        before = await read_all(store)
+                        deleted = await store.prune(through, limit=limit)
+                        after = await read_all(store)
+                        gone = [event for event in before if event not in after]
+                        assert len(gone) == deleted <= limit, where
+                        assert after == [event for event in before if event not in gone], where
+                        bound = min([through, highest, *cursors.values()])
+                        needed = {seq for _, seq in letters}
+                        assert all(e.seq <= bound and e.seq not in needed for e in gone), where
+                        # Oldest first: nothing prunable is left below what went.
+                        if gone:
+                            assert all(e.seq > gone[-1].seq or e.seq in needed for e in after), (
+                                where
+                            )
+                            pruned_through = max(pruned_through, gone[-1].seq)
+                        else:
+                            assert not [
+                                e for e in after if e.seq <= bound and e.seq not in needed
+                            ], where
+                # What every consumer replays from its cursor: everything after it.
+                for consumer, cursor in cursors.items():
+                    assert await read_all(store, after=cursor) == [
+                        event for event in appended if event.seq > cursor
+                    ], (where, consumer)
+                stored = {event.seq: event for event in await read_all(store)}
+                for _, seq in letters:
+                    assert seq in stored, (where, seq)
+                assert await store.head() == highest, where
+                assert await store.log_bounds() == LogBounds(
+                    first=min(stored, default=highest + 1),
+                    head=highest,
+                    pruned_through=pruned_through,
+                ), where
+                assert await store.load_cursors() == cursors, where
+
     # -- waiting and concurrency --------------------------------------------------
 
     async def test_wait_for_append_returns_when_head_is_already_past(self) -> None:
@@ -1461,6 +1824,12 @@ class StoreContract:
                 ),
                 ("release_leases", lambda: store.release_leases("h", ["a"])),
                 ("release_leases([])", lambda: store.release_leases("h", [])),
+                ("cursors", lambda: store.cursors()),
+                ("set_cursor", lambda: store.set_cursor("a", 1)),
+                ("log_bounds", lambda: store.log_bounds()),
+                ("seq_before", lambda: store.seq_before(datetime.datetime.now(datetime.UTC))),
+                ("prune", lambda: store.prune(1, limit=10)),
+                ("prune(nothing)", lambda: store.prune(0, limit=10)),
             ]
             for name, call in calls:
                 with trio.fail_after(self.patience), trio.testing.assert_checkpoints():

@@ -20,7 +20,7 @@ from ._sql import LOCK_CLASS_APPEND, LOCK_CLASS_MIGRATE, Queries
 logger = logging.getLogger("trioflow.stores.postgres")
 
 #: The schema version this trioflow writes and understands.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 DEFAULT_SCHEMA: Final = "trioflow"
 
@@ -75,26 +75,7 @@ CREATE UNLOGGED TABLE {q}.cursors_unlogged (
     seq bigint NOT NULL,
     updated_at timestamptz NOT NULL
 );
-CREATE FUNCTION {q}.append(
-    p_ids uuid[], p_types text[], p_keys text[], p_data json[],
-    OUT o_after bigint, OUT o_first bigint, OUT o_created_at timestamptz
-) LANGUAGE plpgsql AS $append$
-BEGIN
-    -- Held until this transaction ends: batches commit in sequence order.
-    PERFORM pg_advisory_xact_lock({LOCK_CLASS_APPEND}, {sql.lock_key});
-    SELECT coalesce(max(seq), 0) INTO o_after FROM {q}.events;
-    -- The sequence never goes back, even if events are deleted; greatest()
-    -- keeps numbers unique should it ever lag behind the table.
-    o_first := greatest(nextval('{q}.events_seq'), o_after + 1);
-    PERFORM setval('{q}.events_seq', o_first + cardinality(p_ids) - 1);
-    o_created_at := clock_timestamp();
-    INSERT INTO {q}.events (seq, id, type, key, data, created_at)
-    SELECT o_first + u.ord - 1, u.id, u.type, u.key, u.data, o_created_at
-    FROM unnest(p_ids, p_types, p_keys, p_data) WITH ORDINALITY AS u(id, type, key, data, ord);
-    PERFORM pg_notify('{sql.channel}', '');
-END
-$append$;
-""",
+{_append_function(sql, replace=False)}""",
         # Dead letters, one row per consumer and seq. consumer sorts by
         # code point ("C"), as the store contract lists letters. The
         # partial index holds the requeued letters only: looking for due
@@ -156,7 +137,63 @@ BEGIN
 END
 $claim$;
 """,
+        # Pruning. log_state's one row holds pruned_through: every event up to
+        # it may have been deleted. Prunes lock the row FOR UPDATE and cursor
+        # resets FOR SHARE, so a reset never slips between a prune's check of
+        # the cursors and its delete. append now takes the head before its
+        # batch as at least pruned_through: with every event pruned, max(seq)
+        # alone would go back to 0. The index on dead_letters(seq) keeps a
+        # prune's "no letter refers to it" check a lookup per event.
+        4: f"""
+CREATE TABLE {q}.log_state (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    pruned_through bigint NOT NULL
+);
+INSERT INTO {q}.log_state (pruned_through) VALUES (0);
+CREATE INDEX dead_letters_seq ON {q}.dead_letters (seq);
+{_append_function(sql, replace=True)}""",
     }
+
+
+def _append_function(sql: Queries, *, replace: bool) -> str:
+    """The schema's ``append`` function: version 1's, or (``replace``) version 4's.
+
+    Version 4 takes the head before the batch as at least ``pruned_through``:
+    with every event pruned, max(seq) alone would go back to 0. The text of
+    version 1's is exactly what it was when released.
+    """
+    q = sql.q
+    if replace:
+        create = "CREATE OR REPLACE FUNCTION"
+        after = f"""    -- One statement, one snapshot: a prune that committed deleted its events
+    -- and raised pruned_through together.
+    SELECT greatest(
+        (SELECT coalesce(max(seq), 0) FROM {q}.events),
+        (SELECT pruned_through FROM {q}.log_state)
+    ) INTO o_after;
+"""
+    else:
+        create = "CREATE FUNCTION"
+        after = f"    SELECT coalesce(max(seq), 0) INTO o_after FROM {q}.events;\n"
+    return f"""{create} {q}.append(
+    p_ids uuid[], p_types text[], p_keys text[], p_data json[],
+    OUT o_after bigint, OUT o_first bigint, OUT o_created_at timestamptz
+) LANGUAGE plpgsql AS $append$
+BEGIN
+    -- Held until this transaction ends: batches commit in sequence order.
+    PERFORM pg_advisory_xact_lock({LOCK_CLASS_APPEND}, {sql.lock_key});
+{after}    -- The sequence never goes back, even if events are deleted; greatest()
+    -- keeps numbers unique should it ever lag behind the table.
+    o_first := greatest(nextval('{q}.events_seq'), o_after + 1);
+    PERFORM setval('{q}.events_seq', o_first + cardinality(p_ids) - 1);
+    o_created_at := clock_timestamp();
+    INSERT INTO {q}.events (seq, id, type, key, data, created_at)
+    SELECT o_first + u.ord - 1, u.id, u.type, u.key, u.data, o_created_at
+    FROM unnest(p_ids, p_types, p_keys, p_data) WITH ORDINALITY AS u(id, type, key, data, ord);
+    PERFORM pg_notify('{sql.channel}', '');
+END
+$append$;
+"""
 
 
 async def prepare(driver: Driver, sql: Queries) -> None:

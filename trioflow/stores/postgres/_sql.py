@@ -87,8 +87,92 @@ class Queries:
         )
 
     @property
+    def _head_of_log(self) -> str:
+        # The highest event, or the pruning mark once every event up to it
+        # was pruned: the head never goes back.
+        return (
+            f"greatest((SELECT coalesce(max(seq), 0) FROM {self.q}.events), "
+            f"(SELECT pruned_through FROM {self.q}.log_state))"
+        )
+
+    @property
     def head(self) -> str:
-        return f"SELECT coalesce(max(seq), 0) FROM {self.q}.events"
+        return f"SELECT {self._head_of_log}"
+
+    @property
+    def log_bounds(self) -> str:
+        return (
+            f"SELECT (SELECT min(seq) FROM {self.q}.events), {self._head_of_log}, "
+            f"(SELECT pruned_through FROM {self.q}.log_state)"
+        )
+
+    @property
+    def first_at_or_after(self) -> str:
+        # A primary-key seek: seq_before's binary search costs log2(head) of them.
+        return (
+            f"SELECT seq, created_at < $2 FROM {self.q}.events WHERE seq >= $1 ORDER BY seq LIMIT 1"
+        )
+
+    @property
+    def cursors(self) -> str:
+        # As load_cursors, with when each last changed; by code point.
+        return (
+            "SELECT coalesce(u.consumer, c.consumer) AS consumer, greatest(u.seq, c.seq), "
+            f"greatest(u.updated_at, c.updated_at) FROM {self.q}.cursors AS c "
+            f"FULL JOIN {self.q}.cursors_unlogged AS u ON u.consumer = c.consumer "
+            'ORDER BY coalesce(u.consumer, c.consumer) COLLATE "C"'
+        )
+
+    def lock_log_state(self, *, prune: bool) -> str:
+        """Read and lock the pruning mark: a prune takes it FOR UPDATE, a cursor reset
+        FOR SHARE, so the two never run at once (resets do, with each other)."""
+        mode = "UPDATE" if prune else "SHARE"
+        return f"SELECT pruned_through FROM {self.q}.log_state FOR {mode}"
+
+    @property
+    def cursor_of(self) -> str:
+        return (
+            f"SELECT greatest(u.seq, c.seq) FROM {self.q}.cursors AS c "
+            f"FULL JOIN {self.q}.cursors_unlogged AS u ON u.consumer = c.consumer "
+            "WHERE coalesce(u.consumer, c.consumer) = $1"
+        )
+
+    @property
+    def set_cursor(self) -> str:
+        # The logged row holds the new position; the unlogged copy goes, or
+        # greatest() would keep the old one.
+        return (
+            f"WITH fast AS (DELETE FROM {self.q}.cursors_unlogged WHERE consumer = $1) "
+            f"INSERT INTO {self.q}.cursors AS stored (consumer, seq, updated_at) "
+            "VALUES ($1, $2, now()) ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, "
+            "updated_at = excluded.updated_at"
+        )
+
+    @property
+    def prune(self) -> str:
+        """Delete up to $2 of the oldest events up to $1 no cursor or letter needs.
+
+        Run after locking log_state FOR UPDATE, in a statement of its own: in
+        READ COMMITTED a statement's snapshot is taken when it starts, so
+        this one sees every reset that committed before the lock was ours.
+        A consumer's cursor is the lower of its two copies here: the
+        unlogged one may be lost in a crash, and the logged one is then its
+        position. Returns how many went.
+        """
+        return (
+            f"WITH bound AS (SELECT least($1::bigint, {self._head_of_log}, "
+            f"(SELECT min(least(c.seq, u.seq)) FROM {self.q}.cursors AS c "
+            f"FULL JOIN {self.q}.cursors_unlogged AS u ON u.consumer = c.consumer)) AS seq), "
+            f"doomed AS (SELECT e.seq FROM {self.q}.events AS e, bound "
+            "WHERE e.seq <= bound.seq AND NOT EXISTS "
+            f"(SELECT FROM {self.q}.dead_letters AS d WHERE d.seq = e.seq) "
+            "ORDER BY e.seq LIMIT $2), "
+            f"deleted AS (DELETE FROM {self.q}.events WHERE seq IN (SELECT seq FROM doomed) "
+            "RETURNING seq), "
+            f"marked AS (UPDATE {self.q}.log_state "
+            "SET pruned_through = greatest(pruned_through, (SELECT max(seq) FROM deleted))) "
+            "SELECT count(*) FROM deleted"
+        )
 
     @property
     def lock_append(self) -> str:
@@ -100,7 +184,10 @@ class Queries:
         # commit in seq order, so every event below it was committed first.
         return (
             "SELECT e.seq, e.created_at, "
-            f"(SELECT coalesce(max(b.seq), 0) FROM {self.q}.events AS b WHERE b.seq < e.seq) "
+            f"greatest((SELECT coalesce(max(b.seq), 0) FROM {self.q}.events AS b "
+            "WHERE b.seq < e.seq), "
+            # Events before it may have been pruned since.
+            f"(SELECT least(pruned_through, e.seq - 1) FROM {self.q}.log_state)) "
             f"FROM {self.q}.events AS e WHERE e.id = $1"
         )
 

@@ -38,7 +38,16 @@ from ..._dead_letters import DeadLetter
 from ..._errors import ConfigurationError, LeaseLostError, StoreError, StoreUnavailableError
 from ..._events import JSON, MAX_DEPTH, Event, NewEvent
 from ..._leases import Lease
-from .._base import Appended, SchemaStatus, Store
+from .._base import (
+    Appended,
+    CursorInfo,
+    LogBounds,
+    SchemaStatus,
+    Store,
+    check_limit,
+    check_reset,
+    search_seq_before,
+)
 from .._transactions import StoreTransaction
 from ._driver import (
     Driver,
@@ -705,6 +714,77 @@ class PostgresStore(Store):
         )
         # Should it come back, its first unlogged commit writes a checkpoint at once.
         self._checkpointed_at.pop(consumer, None)
+
+    async def cursors(self) -> list[CursorInfo]:
+        """Every stored cursor (the greater of its two copies), by consumer name."""
+        driver = self._require_open()
+        rows = await driver.fetch(self._sql.cursors, operation="listing the cursors")
+        return [CursorInfo(consumer=row[0], seq=row[1], updated_at=row[2]) for row in rows]
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        """Set ``consumer``'s cursor to ``seq``, backwards too; see `Store.set_cursor`.
+
+        One transaction, which holds the pruning mark's row FOR SHARE while
+        it checks ``seq`` against it and writes: a prune waits for it, or it
+        for the prune, and then sees the prune's mark.
+        """
+        driver = self._require_open()
+        operation = f"setting the cursor of consumer {consumer!r}"
+        async with driver.transaction(operation=operation) as tx:
+            pruned_through = await tx.fetchval(self._sql.lock_log_state(prune=False))
+            head = await tx.fetchval(self._sql.head)
+            check_reset(consumer, seq, head=head, pruned_through=pruned_through)
+            previous: int | None = await tx.fetchval(self._sql.cursor_of, consumer)
+            await tx.execute(self._sql.set_cursor, consumer, seq)
+        self._checkpointed_at.pop(consumer, None)
+        return previous
+
+    async def log_bounds(self) -> LogBounds:
+        """The first stored sequence number, the head and ``pruned_through``."""
+        driver = self._require_open()
+        row = await driver.fetchrow(self._sql.log_bounds, operation="reading the log's bounds")
+        assert row is not None
+        first, head, pruned_through = row[0], row[1], row[2]
+        return LogBounds(
+            first=head + 1 if first is None else first, head=head, pruned_through=pruned_through
+        )
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        """The highest seq of a stored event committed before ``time``: a binary search on
+        the primary key, about log2(head) index seeks; publishing pays nothing for it."""
+        driver = self._require_open()
+        operation = "looking for the last event before a time"
+        when = time.astimezone(datetime.UTC)
+        search = search_seq_before(await self.head())
+        try:
+            seq = next(search)
+            while True:
+                row = await driver.fetchrow(
+                    self._sql.first_at_or_after, seq, when, operation=operation
+                )
+                seq = search.send(None if row is None else (row[0], row[1]))
+        except StopIteration as done:
+            found: int = done.value
+            return found
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest events no cursor or letter needs; see
+        `Store.prune`.
+
+        One transaction: it locks the pruning mark's row (cursor resets wait
+        for it), then deletes by primary key in one statement that checks
+        the cursors and letters as they stand once the lock is held.
+        Publishers never wait for it: appends take no lock a prune holds.
+        See docs/postgres.md, "Retention", for batch sizes and vacuum.
+        """
+        check_limit(limit)
+        driver = self._require_open()
+        bound = min(max(through, 0), _MAX_BIGINT)
+        operation = f"pruning events up to {through}"
+        async with driver.transaction(operation=operation) as tx:
+            await tx.fetchval(self._sql.lock_log_state(prune=True))
+            deleted: int = await tx.fetchval(self._sql.prune, bound, min(limit, _MAX_BIGINT))
+        return deleted
 
     async def _change_letters(
         self, query: str, operation: str, consumer: str, seqs: Sequence[int], *more: object

@@ -12,7 +12,7 @@ from ._connections import write_transaction
 from ._sql import CURSORS_PAST, NUMBERING
 
 #: The schema version this module creates and understands.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: What brings a file from the version before to each version. A file's
 #: migrations run in one transaction under the write lock, so processes that
@@ -121,6 +121,13 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
             expires_at INTEGER NOT NULL
         ) WITHOUT ROWID
         """,
+    ),
+    5: (
+        # Pruning: every event up to pruned_through may have been deleted.
+        # The head never goes back below it, even when every event is gone,
+        # and no cursor may be set below it. One row, beside the high-water
+        # mark it complements.
+        "ALTER TABLE trioflow_sequence ADD COLUMN pruned_through INTEGER NOT NULL DEFAULT 0",
     ),
 }
 

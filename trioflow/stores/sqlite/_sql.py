@@ -20,6 +20,7 @@ from ..._dead_letters import DeadLetter
 from ..._errors import LeaseLostError, StoreError
 from ..._events import Event, NewEvent, utf8_size
 from ..._leases import Lease
+from .._base import CursorInfo, LogBounds, check_reset, run_search
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
@@ -31,12 +32,41 @@ _decode = json.JSONDecoder().decode
 # The latest expiry a datetime can hold: a lease claimed for longer gets it.
 _LATEST = (datetime.datetime.max.replace(tzinfo=datetime.UTC) - _EPOCH) // _MICROSECOND
 
-_HEAD = "SELECT COALESCE(MAX(seq), 0) FROM trioflow_events"
-# The head, and the high-water mark: the next number is one above both.
-NUMBERING = (
-    "SELECT (SELECT COALESCE(MAX(seq), 0) FROM trioflow_events),"
-    " (SELECT COALESCE(MAX(high_water), 0) FROM trioflow_sequence)"
+# The highest event, or the pruning mark when every event up to it was pruned:
+# the head never goes back.
+_HEAD_OF_LOG = (
+    "MAX((SELECT COALESCE(MAX(seq), 0) FROM trioflow_events),"
+    " (SELECT COALESCE(MAX(pruned_through), 0) FROM trioflow_sequence))"
 )
+_HEAD = f"SELECT {_HEAD_OF_LOG}"
+# The head, and the high-water mark: the next number is one above both.
+NUMBERING = f"SELECT {_HEAD_OF_LOG}, (SELECT COALESCE(MAX(high_water), 0) FROM trioflow_sequence)"
+_LOG_BOUNDS = (
+    "SELECT (SELECT MIN(seq) FROM trioflow_events), "
+    f"{_HEAD_OF_LOG}, (SELECT COALESCE(MAX(pruned_through), 0) FROM trioflow_sequence)"
+)
+_FIRST_AT_OR_AFTER = (
+    "SELECT seq, created_at < ? FROM trioflow_events WHERE seq >= ? ORDER BY seq LIMIT 1"
+)
+# Consumers in BINARY collation: UTF-8 bytes, which sort as code points do.
+_CURSORS = "SELECT consumer, seq, updated_at FROM trioflow_cursors ORDER BY consumer"
+_CURSOR = "SELECT seq FROM trioflow_cursors WHERE consumer = ?"
+_SET_CURSOR = (
+    "INSERT INTO trioflow_cursors (consumer, seq, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
+)
+_LOWEST_CURSOR = "SELECT MIN(seq) FROM trioflow_cursors"
+# The last of the oldest `limit` events up to the bound that no dead letter
+# refers to; then every such event up to it goes.
+_PRUNE_LAST = (
+    "SELECT MAX(seq) FROM (SELECT seq FROM trioflow_events WHERE seq <= ?"
+    " AND seq NOT IN (SELECT seq FROM trioflow_dead_letters) ORDER BY seq LIMIT ?)"
+)
+_PRUNE = (
+    "DELETE FROM trioflow_events WHERE seq <= ?"
+    " AND seq NOT IN (SELECT seq FROM trioflow_dead_letters)"
+)
+_MARK_PRUNED = "UPDATE trioflow_sequence SET pruned_through = MAX(pruned_through, ?)"
 CURSORS_PAST = (
     "SELECT consumer, seq FROM trioflow_cursors WHERE seq > ? ORDER BY seq DESC, consumer"
 )
@@ -118,6 +148,70 @@ def append(writer: sqlite3.Connection, batch: list[NewEvent]) -> tuple[int, int,
         ],
     )
     return after, first, now
+
+
+def log_bounds(reader: sqlite3.Connection) -> LogBounds:
+    """The first stored seq, the head and the pruning mark (in a worker thread)."""
+    first, head, pruned_through = reader.execute(_LOG_BOUNDS).fetchall()[0]
+    return LogBounds(
+        first=head + 1 if first is None else first, head=head, pruned_through=pruned_through
+    )
+
+
+def cursors(reader: sqlite3.Connection) -> list[CursorInfo]:
+    """Every stored cursor, by consumer (in a worker thread)."""
+    return [
+        CursorInfo(consumer=consumer, seq=seq, updated_at=_time(updated_at))
+        for consumer, seq, updated_at in reader.execute(_CURSORS).fetchall()
+    ]
+
+
+def seq_before(reader: sqlite3.Connection, time: datetime.datetime) -> int:
+    """`Store.seq_before` by a binary search on seq, the rowid (in a worker thread)."""
+    micros = _micros(time)
+
+    def look_up(seq: int) -> tuple[int, bool] | None:
+        rows = reader.execute(_FIRST_AT_OR_AFTER, (micros, seq)).fetchall()
+        return (rows[0][0], bool(rows[0][1])) if rows else None
+
+    return run_search(head(reader), look_up)
+
+
+def set_cursor(writer: sqlite3.Connection, argument: tuple[str, int]) -> int | None:
+    """Set a cursor, backwards too, in a write transaction (in a worker thread).
+
+    Raises:
+        ConsumerStateError: The seq is not from 0 to the head.
+        PrunedLogError: The seq is below the pruning mark.
+    """
+    consumer, seq = argument
+    bounds = log_bounds(writer)
+    check_reset(consumer, seq, head=bounds.head, pruned_through=bounds.pruned_through)
+    rows = writer.execute(_CURSOR, (consumer,)).fetchall()
+    writer.execute(_SET_CURSOR, (consumer, seq, _micros(datetime.datetime.now(datetime.UTC))))
+    return rows[0][0] if rows else None
+
+
+def prune(writer: sqlite3.Connection, argument: tuple[int, int]) -> int:
+    """Delete the oldest events no cursor or letter needs, in a write transaction.
+
+    Under the write lock, no cursor can move back (nor a letter appear)
+    between the checks and the delete.
+    """
+    through, limit = argument
+    (lowest,) = writer.execute(_LOWEST_CURSOR).fetchall()[0]
+    bound = min(through, head(writer), _sql_int(lowest))
+    (last,) = writer.execute(_PRUNE_LAST, (bound, limit)).fetchall()[0]
+    if last is None:
+        return 0
+    deleted = writer.execute(_PRUNE, (last,)).rowcount
+    writer.execute(_MARK_PRUNED, (last,))
+    return deleted
+
+
+def _sql_int(value: int | None) -> int:
+    """A nullable integer column's value, None as the largest SQLite integer."""
+    return MAX_INT64 if value is None else value
 
 
 def load_cursors(reader: sqlite3.Connection) -> dict[str, int]:

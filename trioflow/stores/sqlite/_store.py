@@ -16,7 +16,7 @@ from ..._dead_letters import DeadLetter
 from ..._errors import ConfigurationError, StoreError, StoreUnavailableError, UnknownStoreError
 from ..._events import Event, NewEvent
 from ..._leases import Lease
-from .._base import Appended, SchemaStatus, Store
+from .._base import Appended, CursorInfo, LogBounds, SchemaStatus, Store, check_limit
 from .._transactions import StoreTransaction
 from . import _sql
 from ._connections import new_connection, switch_to_wal, translate_errors, write_transaction
@@ -118,6 +118,8 @@ class SQLiteStore(Store):
         self._appended = trio.Event()
         # The file opened (see _check_file).
         self._opened: OpenedFile | None = None
+        # Whether the file gives pages freed by pruning back to the file system.
+        self._incremental_vacuum = False
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -448,6 +450,69 @@ class SQLiteStore(Store):
                 self._write, _sql.forget_consumer, writer, consumer, limiter=self._write_limiter
             )
 
+    async def cursors(self) -> list[CursorInfo]:
+        """Every stored cursor, by consumer name (in code-point order)."""
+        reader = self._connection(self._reader)
+        with self._errors("listing the cursors"):
+            return await trio.to_thread.run_sync(_sql.cursors, reader, limiter=self._read_limiter)
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        """Set ``consumer``'s cursor to ``seq``, backwards too; see `Store.set_cursor`.
+
+        The bounds are checked in the write transaction that sets it: no prune
+        slips between.
+        """
+        writer = self._writable("set_cursor")
+        with self._errors(f"setting the cursor of consumer {consumer!r}"):
+            return await trio.to_thread.run_sync(
+                self._write, _sql.set_cursor, writer, (consumer, seq), limiter=self._write_limiter
+            )
+
+    async def log_bounds(self) -> LogBounds:
+        """The first stored sequence number, the head and ``pruned_through``."""
+        reader = self._connection(self._reader)
+        with self._errors("reading the bounds of the log"):
+            return await trio.to_thread.run_sync(
+                _sql.log_bounds, reader, limiter=self._read_limiter
+            )
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        """The highest seq of a stored event committed before ``time``: a binary search on
+        seq (the rowid), about log2(head) lookups; publishing pays nothing for it."""
+        reader = self._connection(self._reader)
+        with self._errors("looking for the last event before a time"):
+            return await trio.to_thread.run_sync(
+                _sql.seq_before, reader, time, limiter=self._read_limiter
+            )
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest events no cursor or letter needs; see
+        `Store.prune`.
+
+        One write transaction (publishers wait for it: keep ``limit`` to a
+        few thousand). On a file with ``auto_vacuum=INCREMENTAL`` (every file
+        this trioflow creates), the pages freed go back to the file system
+        right after, in a second short transaction; see docs/sqlite.md.
+        """
+        check_limit(limit)
+        writer = self._writable("prune")
+        bound = min(max(through, 0), _sql.MAX_INT64)
+        with self._errors(f"pruning events up to {through}"):
+            return await trio.to_thread.run_sync(
+                self._prune,
+                writer,
+                (bound, min(limit, _sql.MAX_INT64)),
+                limiter=self._write_limiter,
+            )
+
+    def _prune(self, writer: sqlite3.Connection, argument: tuple[int, int]) -> int:
+        deleted = self._write(_sql.prune, writer, argument)
+        if deleted and self._incremental_vacuum:
+            # executescript steps the pragma to its end (execute frees one
+            # page only), in a transaction of its own.
+            writer.executescript("PRAGMA incremental_vacuum")
+        return deleted
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTransaction]:
         """Open a write transaction on the file: ``async with store.transaction() as tx``.
@@ -603,6 +668,10 @@ class SQLiteStore(Store):
         create_private(path, self._path)
         writer = self._new_connection(path)
         try:
+            if not writer.execute("PRAGMA page_count").fetchall()[0][0]:
+                # A new file: it can still take incremental vacuum, which only
+                # applies before the first table (or after a VACUUM).
+                writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = switch_to_wal(writer, busy_timeout=self._busy_timeout)
             if str(mode).lower() != "wal":
                 raise StoreUnavailableError(
@@ -610,6 +679,7 @@ class SQLiteStore(Store):
                     f"(it stays in {mode!r} mode); use a file on a local file system"
                 )
             ensure_schema(writer, self._path)
+            self._incremental_vacuum = writer.execute("PRAGMA auto_vacuum").fetchall()[0][0] == 2
             # Once the writer has the file open: from now on each write and
             # each poll checks that the path still names this file.
             self._opened = OpenedFile.at(path)
