@@ -35,6 +35,7 @@ from ._events import Event as Event
 from ._flow import Flow as Flow
 from ._flow import open_flow as open_flow
 from ._flow import serve as serve
+from ._histograms import HistogramSnapshot as HistogramSnapshot
 from ._leases import Lease as Lease
 from ._policies import OnExhausted as OnExhausted
 from ._policies import Overflow as Overflow
@@ -42,6 +43,7 @@ from ._policies import RestartPolicy as RestartPolicy
 from ._policies import Retry as Retry
 from ._statistics import ConsumerStatistics as ConsumerStatistics
 from ._statistics import FlowStatistics as FlowStatistics
+from ._statistics import Readiness as Readiness
 from ._transactions import Transaction as Transaction
 from ._util import fixup_module_metadata as _fixup_module_metadata
 
@@ -63,6 +65,7 @@ __all__ = [
     "FlowClosedError",
     "FlowStatistics",
     "HandlerTimeoutError",
+    "HistogramSnapshot",
     "InvalidEventError",
     "Lease",
     "LeaseLostError",
@@ -71,6 +74,7 @@ __all__ = [
     "Overflow",
     "PrunedLogError",
     "QueryError",
+    "Readiness",
     "Reject",
     "RestartPolicy",
     "Retry",

@@ -46,6 +46,7 @@ from ._dispatch import Batch, Dispatcher, Subscription, feeding
 from ._errors import ConsumerStateError, HandlerTimeoutError, LeaseLostError, StoreError
 from ._events import Event
 from ._groups import partition_of
+from ._histograms import SECONDS_BUCKETS, Histogram
 from ._ownership import LeaseKeeper, Ownership
 from ._pages import PageReader
 from ._statistics import ConsumerStatistics, Stall
@@ -199,8 +200,12 @@ class Consumer:
     _position: int = 0
     _processed: int = 0
     _failures: int = 0
+    _retries: int = 0
+    _redelivered: int = 0
     _restarts: int = 0
     _dead_lettered: int = 0
+    #: Seconds per handler call.
+    _handler_duration: Histogram = attrs.Factory(lambda: Histogram(SECONDS_BUCKETS))
     #: trio.current_time() of its last cursor commit request on a schedule.
     _requested_at: float = 0.0
     #: The shielded scope around its current handlers, while it has one.
@@ -260,12 +265,15 @@ class Consumer:
             attached=self._feed.attached,
             processed=self._processed,
             failures=self._failures,
+            retries=self._retries,
+            redelivered=self._redelivered,
             restarts=self._restarts,
             dead_lettered=self._dead_lettered,
             halted=self._halted,
             stall=self._stall,
             owned=self._ownership.owned,
             owner=self._ownership.owner,
+            handler_duration=self._handler_duration.snapshot(),
         )
 
     def request_commit(self) -> None:
@@ -593,6 +601,7 @@ class Consumer:
         commit_every = spec.commit_every
         request_every = max(commit_every // 2, 1)
         cursors = runner.cursors
+        durations = self._handler_duration
         deadline = min(runner.stop_deadline, self._stop_deadline)
         with (
             trio.CancelScope(shield=True, deadline=deadline) as scope,
@@ -621,10 +630,15 @@ class Consumer:
                     try:
                         if transactional:
                             await self._call_in_transaction(event)
-                        elif timed:
-                            await self._call_timed(event)
                         else:
-                            await handler(event)
+                            started = trio.current_time()
+                            try:
+                                if timed:
+                                    await self._call_timed(event)
+                                else:
+                                    await handler(event)
+                            finally:
+                                durations.observe(trio.current_time() - started)
                     except Exception as exc:
                         self._reraise_store_failure(exc)
                         outcome = await self._after_failure(event, exc, requeued=False)
@@ -682,11 +696,17 @@ class Consumer:
 
     async def _call(self, event: Event) -> None:
         if self.spec.transactional:
+            # Times its handler calls itself, not the transaction around them.
             await self._call_in_transaction(event)
-        elif self.spec.policy.timeout is None:
-            await _plain(self.spec)(event)
-        else:
-            await self._call_timed(event)
+            return
+        started = trio.current_time()
+        try:
+            if self.spec.policy.timeout is None:
+                await _plain(self.spec)(event)
+            else:
+                await self._call_timed(event)
+        finally:
+            self._handler_duration.observe(trio.current_time() - started)
 
     def _selects(self, event: Event) -> bool:
         spec = self.spec
@@ -742,10 +762,14 @@ class Consumer:
             tx = Transaction(store_tx, f"the handler of consumer {self.name!r} on seq={seqs}")
             try:
                 for event in chunk:
-                    if self.spec.policy.timeout is None:
-                        await _with_transaction(self.spec)(event, tx)
-                    else:
-                        await self._call_timed(event, tx)
+                    started = trio.current_time()
+                    try:
+                        if self.spec.policy.timeout is None:
+                            await _with_transaction(self.spec)(event, tx)
+                        else:
+                            await self._call_timed(event, tx)
+                    finally:
+                        self._handler_duration.observe(trio.current_time() - started)
             finally:
                 tx._close()
             published = await append_published(tx)
@@ -823,6 +847,7 @@ class Consumer:
             if backoff.cancelled_caught or self._must_stop() or not self._ownership.owned:
                 return "stopped"
             attempts += 1
+            self._retries += 1
             try:
                 await self._call(event)
             except Exception as exc:
@@ -913,6 +938,7 @@ class Consumer:
             ):
                 self._handler_scope = scope
                 self._requeued_letter = letter.seq
+                self._redelivered += 1
                 try:
                     await self._call(event)
                 except Exception as exc:

@@ -10,13 +10,14 @@ stored cursor never moves backwards, whatever order writes land in.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 import trio
 
 from ._dead_letters import DeadLetter
 from ._errors import LeaseLostError, StoreError
+from ._histograms import SECONDS_BUCKETS, Histogram
 from ._ownership import LeaseKeeper
 from .stores._base import Store
 from .stores._transactions import StoreTransaction
@@ -84,6 +85,12 @@ class CursorWriter:
     #: Held by every write: one at a time, so that a later write never lands
     #: under an earlier one (on a pooled store they use separate connections).
     _writing: trio.Lock = attrs.Factory(trio.Lock)
+    _commit_latency: Histogram = attrs.Factory(lambda: Histogram(SECONDS_BUCKETS))
+
+    @property
+    def commit_latency(self) -> Histogram:
+        """Seconds per cursor write that the store answered (read it with ``snapshot()``)."""
+        return self._commit_latency
 
     @property
     def flush_wanted(self) -> bool:
@@ -163,7 +170,7 @@ class CursorWriter:
             fences = self._fences([progress.name])
             if not fences:
                 raise self._lost(progress.name, fences)
-            refused = await self.store.commit_cursors({progress.name: seq}, fences=fences)
+            refused = await self._commit_cursors({progress.name: seq}, fences)
         if refused:
             raise self._lost(progress.name, fences)
         self._landed(progress, seq, processed)
@@ -202,9 +209,7 @@ class CursorWriter:
             fences = self._fences([p.name for p, _, _ in due])
             due = [item for item in due if item[0].name in fences]
             if due:
-                refused = await self.store.commit_cursors(
-                    {p.name: seq for p, seq, _ in due}, fences=fences
-                )
+                refused = await self._commit_cursors({p.name: seq for p, seq, _ in due}, fences)
                 for progress, seq, processed in due:
                     if progress.name in refused:
                         self._lost(progress.name, fences)
@@ -274,8 +279,8 @@ class CursorWriter:
             self._changed.unpark_all()
             return
         try:
-            refused = await self.store.commit_cursors(
-                {name: seq for name, (_, seq, _) in batch.items()}, fences=fences
+            refused = await self._commit_cursors(
+                {name: seq for name, (_, seq, _) in batch.items()}, fences
             )
         except Exception as exc:
             for progress, _, _ in batch.values():
@@ -287,6 +292,15 @@ class CursorWriter:
                 else:
                     self._landed(progress, seq, processed)
         self._changed.unpark_all()
+
+    async def _commit_cursors(
+        self, cursors: Mapping[str, int], fences: Mapping[str, int]
+    ) -> frozenset[str]:
+        """One store write of ``cursors``, timed."""
+        started = trio.current_time()
+        refused = await self.store.commit_cursors(cursors, fences=fences)
+        self._commit_latency.observe(trio.current_time() - started)
+        return refused
 
     def _failed(self, progress: CursorProgress, error: BaseException) -> None:
         progress._error = error

@@ -27,6 +27,7 @@ import trio
 from ._errors import BackpressureError, FlowClosedError, OutcomeUnknownError, StoreError
 from ._events import Event, NewEvent
 from ._groups import partition_of
+from ._histograms import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from ._policies import Overflow
 from .stores._base import Store
 
@@ -194,6 +195,8 @@ class _Publish:
     seqs: Sequence[int] = ()
     error: BaseException | None = None
     size: int = 0
+    #: When it was handed to the dispatcher (trio time).
+    submitted_at: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self.size = sum(event.size for event in self.events)
@@ -222,6 +225,9 @@ class Dispatcher:
     _poll_ok: bool = True
     _committing: bool = False
     _settled: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    #: Seconds from submit to committed, per publish request; events per group commit.
+    _publish_latency: Histogram = attrs.Factory(lambda: Histogram(SECONDS_BUCKETS))
+    _batch_size: Histogram = attrs.Factory(lambda: Histogram(BATCH_BUCKETS))
 
     @property
     def head(self) -> int:
@@ -233,6 +239,17 @@ class Dispatcher:
     def published(self) -> int:
         """Events this flow committed since it started."""
         return self._published
+
+    @property
+    def publish_latency(self) -> Histogram:
+        """Seconds from `submit` until the group commit holding the request returned,
+        per request that committed (read it with ``snapshot()``)."""
+        return self._publish_latency
+
+    @property
+    def batch_size(self) -> Histogram:
+        """Events per group commit (read it with ``snapshot()``)."""
+        return self._batch_size
 
     def subscribe(
         self,
@@ -293,7 +310,7 @@ class Dispatcher:
             BackpressureError: A handler of a consumer with ``overflow="block"``
                 published while that consumer is full.
         """
-        request = _Publish(events, feeding.get())
+        request = _Publish(events, feeding.get(), submitted_at=trio.current_time())
         self._pending.append(request)
         self._wakeup.set()
         try:
@@ -428,11 +445,15 @@ class Dispatcher:
                 request.done.set()
             raise
         start = 0
+        committed_at = trio.current_time()
+        latency = self._publish_latency
         for request in taken:
             request.seqs = appended.seqs[start : start + len(request.events)]
             start += len(request.events)
             request.done.set()
+            latency.observe(committed_at - request.submitted_at)
         self._published += len(events)
+        self._batch_size.observe(len(events))
         if not events:
             return
         if appended.after > self._head:

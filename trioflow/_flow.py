@@ -36,7 +36,7 @@ from ._events import ENCODE_CHUNK, JSON, NewEvent, check_items, encode, encode_m
 from ._groups import partition_key
 from ._leases import new_holder_id
 from ._ownership import LeaseKeeper
-from ._statistics import FlowStatistics
+from ._statistics import FlowStatistics, Readiness
 from ._store_calls import SlowCalls, WatchedStore
 from ._transactions import Transaction, append_published
 from ._watchdog import consumer_task_name, flow_task_name, watch_blocking
@@ -46,6 +46,9 @@ logger = logging.getLogger("trioflow")
 #: Seconds between looks at the stored cursors of consumers another flow owns,
 #: while `Flow.wait_idle` waits for them.
 STANDBY_CHECK = 0.2
+#: Seconds for which a store call that returned shows that the store answers
+#: (`Flow.readiness`), if no call failed since; after that it is asked again.
+STORE_ANSWERED_RECENTLY = 10.0
 
 
 class Flow:
@@ -218,13 +221,67 @@ class Flow:
 
     def statistics(self) -> FlowStatistics:
         """Return a snapshot of the flow and of every consumer."""
-        head = self._dispatcher.head
+        dispatcher = self._dispatcher
+        head = dispatcher.head
         return FlowStatistics(
             head=head,
             holder=self._holder,
-            published=self._dispatcher.published,
+            published=dispatcher.published,
             consumers={name: c.statistics(head) for name, c in self._consumers.items()},
+            publish_latency=dispatcher.publish_latency.snapshot(),
+            batch_size=dispatcher.batch_size.snapshot(),
+            cursor_commit_latency=self._cursors.commit_latency.snapshot(),
+            store_errors=self._store.errors,
         )
+
+    async def readiness(self, *, store_timeout: float = 2.0) -> Readiness:
+        """Whether the flow is ready to work, and if not, why: for readiness probes.
+
+        Ready means all of:
+
+        - the flow runs: it is not stopping;
+        - its store answers: a store call returned within the last
+          `STORE_ANSWERED_RECENTLY` seconds and none failed since, or else
+          the store answers a ``head()`` asked now within ``store_timeout``;
+        - every consumer is run by this flow (it holds its lease), or known to
+          be run by another flow (this one stands by). A consumer whose lease
+          this flow lost and whose next owner it has not yet seen is not, for
+          up to a lease renewal.
+
+        A halted consumer, or one retrying a failing event, leaves the flow
+        ready: neither is helped by taking the process out of service; both
+        show in `statistics` (and in the metrics, for alerts).
+
+        Args:
+            store_timeout: Seconds to wait for the store, when it is asked.
+        """
+        reasons: list[str] = []
+        if self._accepting != "all":
+            reasons.append("the flow is stopping")
+        store = self._store
+        if (
+            store.last_error is not None
+            or trio.current_time() - store.answered_at > STORE_ANSWERED_RECENTLY
+        ):
+            with trio.move_on_after(store_timeout) as probe:
+                try:
+                    await store.head()
+                except StoreError as exc:
+                    reasons.append(f"the store failed: {exc}")
+            if probe.cancelled_caught:
+                reasons.append(f"the store did not answer within {store_timeout:g}s")
+        else:
+            await trio.lowlevel.checkpoint()
+        for name, consumer in self._consumers.items():
+            if consumer.owned:
+                continue
+            owner = consumer.statistics(self._dispatcher.head).owner
+            if owner is None or owner == self._holder:
+                reasons.append(
+                    f"consumer {name!r} is neither run by this flow nor known to be run by "
+                    "another (its lease lapsed, or its next owner is not yet known)"
+                )
+        return Readiness(ready=not reasons, reasons=tuple(reasons))
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 import attrs
 
+from ._histograms import HistogramSnapshot
+
 
 @attrs.frozen(kw_only=True)
 class Stall:
@@ -43,6 +45,13 @@ class ConsumerStatistics:
         attached: False while it catches up from the store (bounded mode).
         processed: Events its handler finished, since the flow started.
         failures: Times its handler (or the store under it) failed.
+        retries: Calls of its handler for an event it had failed on before
+            (each attempt after the first, retried in place).
+        redelivered: Events its handler was given again after it had
+            finished with them in this flow: requeued dead letters. (A
+            restart within the flow redelivers nothing; what a crashed
+            process had handled past its cursor, at most ``commit_every``
+            events, is handled again by the next owner, which cannot tell.)
         restarts: Times it was restarted after a store error.
         dead_lettered: Events it recorded as dead letters, since the flow started.
         halted: Whether it stopped at an event (``on_exhausted="halt"``) and
@@ -54,6 +63,8 @@ class ConsumerStatistics:
         owner: The holder id of the flow that owns it as last seen (this
             flow's `FlowStatistics.holder` when ``owned``), or None when
             unknown (this flow lost it and has not seen the next owner yet).
+        handler_duration: How long its handler calls took, in seconds,
+            failed ones too (by `trio.current_time`).
     """
 
     cursor: int
@@ -65,12 +76,15 @@ class ConsumerStatistics:
     attached: bool
     processed: int
     failures: int
+    retries: int
+    redelivered: int
     restarts: int
     dead_lettered: int
     halted: bool
     stall: Stall | None
     owned: bool
     owner: str | None
+    handler_duration: HistogramSnapshot
 
 
 @attrs.frozen(kw_only=True)
@@ -82,9 +96,37 @@ class FlowStatistics:
         holder: This flow's id as the holder of leases (``host:pid:random``).
         published: Events this flow has published since it started.
         consumers: Each consumer's statistics, by name.
+        publish_latency: Seconds from a publish call handing its events to
+            the dispatcher until their group commit returned, per call that
+            committed (a ``publish_many`` is one).
+        batch_size: Events per group commit (one store append).
+        cursor_commit_latency: Seconds per cursor write of the cursor writer
+            (one store call, carrying any number of consumers' cursors).
+        store_errors: Failed store calls since the flow started, by
+            operation (the store method: ``append``, ``read``,
+            ``commit_cursors``, ...), every operation the flow calls present.
     """
 
     head: int
     holder: str
     published: int
     consumers: Mapping[str, ConsumerStatistics]
+    publish_latency: HistogramSnapshot
+    batch_size: HistogramSnapshot
+    cursor_commit_latency: HistogramSnapshot
+    store_errors: Mapping[str, int]
+
+
+@attrs.frozen(kw_only=True)
+class Readiness:
+    """Whether a flow is ready to work, from `Flow.readiness`, and if not, why.
+
+    Attributes:
+        ready: True when the flow runs (it is not stopping), its store
+            answers, and each of its consumers is run by this flow or known
+            to be run by another (this flow stands by).
+        reasons: What is not ready, one short sentence each; empty when ready.
+    """
+
+    ready: bool
+    reasons: tuple[str, ...]

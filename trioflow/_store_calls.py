@@ -15,6 +15,7 @@ event never ends the flow.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import itertools
@@ -35,6 +36,31 @@ from .stores._base import Appended, CursorInfo, LogBounds, Store, StoreWrapper
 logger = logging.getLogger("trioflow")
 
 T = TypeVar("T")
+
+#: The store operations the flow calls through `WatchedStore` (and `FaultyStore`
+#: can break), by `Store` method name.
+OPERATIONS = (
+    "append",
+    "read",
+    "head",
+    "load_cursors",
+    "commit_cursors",
+    "wait_for_append",
+    "record_dead_letter",
+    "claim_leases",
+    "release_leases",
+    "leases",
+    "dead_letters",
+    "requeue_dead_letters",
+    "due_dead_letters",
+    "discard_dead_letters",
+    "forget_consumer",
+    "cursors",
+    "set_cursor",
+    "log_bounds",
+    "seq_before",
+    "prune",
+)
 
 
 @attrs.define(eq=False)
@@ -117,121 +143,172 @@ class WatchedStore(StoreWrapper):
     """The flow's store, seen through `SlowCalls` and the error boundary.
 
     ``wait_for_append`` waits by design and is not watched; its errors are
-    contained all the same.
+    contained all the same. It also keeps what the flow's health and metrics
+    need to know of its store: its failed calls by operation, and when a call
+    last returned.
     """
 
     def __init__(self, inner: Store, calls: SlowCalls) -> None:
         super().__init__(inner)
         self._calls = calls
+        # Every operation from the start, so that a counter of failures
+        # shows as 0 before the first one (a rate needs two samples).
+        self._errors: collections.Counter[str] = collections.Counter(dict.fromkeys(OPERATIONS, 0))
+        self._answered_at = -math.inf
+        self._last_error: StoreError | None = None
 
-    async def _call(self, what: str | None, call: Callable[[], Awaitable[T]]) -> T:
+    @property
+    def errors(self) -> dict[str, int]:
+        """Failed calls so far, by operation (the `Store` method's name)."""
+        return dict(self._errors)
+
+    @property
+    def answered_at(self) -> float:
+        """When a call last returned (trio time; ``-inf`` before any did)."""
+        return self._answered_at
+
+    @property
+    def last_error(self) -> StoreError | None:
+        """The error of the last call that ended, if it failed; None if it returned."""
+        return self._last_error
+
+    async def _call(
+        self, op: str, detail: str | None, call: Callable[[], Awaitable[T]], *, watch: bool = True
+    ) -> T:
         try:
-            if what is None:
-                return await call()
-            with self._calls.track_store_call(what):
-                return await call()
+            if not watch:
+                result = await call()
+            else:
+                what = op if detail is None else f"{op} ({detail})"
+                with self._calls.track_store_call(what):
+                    result = await call()
+        except StoreError as exc:
+            self._failed(op, exc)
+            raise
         except TrioflowError:
+            # A refusal by design (a lost lease): the store answered.
+            self._answered()
             raise
         except Exception as exc:
             logger.error("the store %r raised an unexpected error", self.inner, exc_info=exc)
-            raise StoreError(
+            error = StoreError(
                 f"the store failed with an unexpected {type(exc).__name__}: {exc}; it should "
                 "raise trioflow.StoreError (a bug in the store)"
-            ) from exc
+            )
+            self._failed(op, error)
+            raise error from exc
+        self._answered()
+        return result
+
+    def _answered(self) -> None:
+        self._answered_at = trio.current_time()
+        self._last_error = None
+
+    def _failed(self, op: str, error: StoreError) -> None:
+        self._errors[op] += 1
+        self._last_error = error
 
     async def append(self, events: Sequence[NewEvent]) -> Appended:
-        return await self._call(f"append ({len(events)} events)", lambda: self.inner.append(events))
+        return await self._call(
+            "append", f"{len(events)} events", lambda: self.inner.append(events)
+        )
 
     async def read(
         self, after: int, limit: int, *, max_bytes: int | None = None
     ) -> Sequence[Event]:
         return await self._call(
-            f"read (events after {after})",
+            "read",
+            f"events after {after}",
             lambda: self.inner.read(after, limit, max_bytes=max_bytes),
         )
 
     async def head(self) -> int:
-        return await self._call("head", self.inner.head)
+        return await self._call("head", None, self.inner.head)
 
     async def load_cursors(self) -> dict[str, int]:
-        return await self._call("load_cursors", self.inner.load_cursors)
+        return await self._call("load_cursors", None, self.inner.load_cursors)
 
     async def commit_cursors(
         self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
     ) -> frozenset[str]:
         return await self._call(
-            f"commit_cursors ({_names(cursors)})",
+            "commit_cursors",
+            _names(cursors),
             lambda: self.inner.commit_cursors(cursors, fences=fences),
         )
 
     async def wait_for_append(self, after: int) -> int:
-        return await self._call(None, lambda: self.inner.wait_for_append(after))
+        return await self._call(
+            "wait_for_append", None, lambda: self.inner.wait_for_append(after), watch=False
+        )
 
     async def record_dead_letter(
         self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
     ) -> None:
         await self._call(
-            f"record_dead_letter ({letter.consumer}, seq {letter.seq})",
+            "record_dead_letter",
+            f"{letter.consumer}, seq {letter.seq}",
             lambda: self.inner.record_dead_letter(letter, cursor=cursor, fence=fence),
         )
 
     async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
         return await self._call(
-            f"claim_leases ({_names(keys)})", lambda: self.inner.claim_leases(holder, keys, ttl)
+            "claim_leases", _names(keys), lambda: self.inner.claim_leases(holder, keys, ttl)
         )
 
     async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
         await self._call(
-            f"release_leases ({_names(keys)})", lambda: self.inner.release_leases(holder, keys)
+            "release_leases", _names(keys), lambda: self.inner.release_leases(holder, keys)
         )
 
     async def leases(self) -> list[Lease]:
-        return await self._call("leases", self.inner.leases)
+        return await self._call("leases", None, self.inner.leases)
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
-        return await self._call("dead_letters", lambda: self.inner.dead_letters(consumer))
+        return await self._call("dead_letters", None, lambda: self.inner.dead_letters(consumer))
 
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
     ) -> list[int]:
         return await self._call(
-            f"requeue_dead_letters ({consumer})",
+            "requeue_dead_letters",
+            consumer,
             lambda: self.inner.requeue_dead_letters(consumer, seqs, after=after),
         )
 
     async def due_dead_letters(self, consumer: str) -> list[DeadLetter]:
         return await self._call(
-            f"due_dead_letters ({consumer})", lambda: self.inner.due_dead_letters(consumer)
+            "due_dead_letters", consumer, lambda: self.inner.due_dead_letters(consumer)
         )
 
     async def discard_dead_letters(self, consumer: str, seqs: Sequence[int]) -> list[int]:
         return await self._call(
-            f"discard_dead_letters ({consumer})",
+            "discard_dead_letters",
+            consumer,
             lambda: self.inner.discard_dead_letters(consumer, seqs),
         )
 
     async def forget_consumer(self, consumer: str) -> None:
-        await self._call(
-            f"forget_consumer ({consumer})", lambda: self.inner.forget_consumer(consumer)
-        )
+        await self._call("forget_consumer", consumer, lambda: self.inner.forget_consumer(consumer))
 
     async def cursors(self) -> list[CursorInfo]:
-        return await self._call("cursors", self.inner.cursors)
+        return await self._call("cursors", None, self.inner.cursors)
 
     async def set_cursor(self, consumer: str, seq: int) -> int | None:
         return await self._call(
-            f"set_cursor ({consumer})", lambda: self.inner.set_cursor(consumer, seq)
+            "set_cursor", consumer, lambda: self.inner.set_cursor(consumer, seq)
         )
 
     async def log_bounds(self) -> LogBounds:
-        return await self._call("log_bounds", self.inner.log_bounds)
+        return await self._call("log_bounds", None, self.inner.log_bounds)
 
     async def seq_before(self, time: datetime.datetime) -> int:
-        return await self._call("seq_before", lambda: self.inner.seq_before(time))
+        return await self._call("seq_before", None, lambda: self.inner.seq_before(time))
 
     async def prune(self, through: int, *, limit: int) -> int:
         return await self._call(
-            f"prune (through {through}, {limit} at most)",
+            "prune",
+            f"through {through}, {limit} at most",
             lambda: self.inner.prune(through, limit=limit),
         )
 

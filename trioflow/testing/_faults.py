@@ -22,31 +22,11 @@ from .._dead_letters import DeadLetter
 from .._errors import ConfigurationError, OutcomeUnknownError, StoreError, StoreUnavailableError
 from .._events import Event, NewEvent
 from .._leases import Lease
+from .._store_calls import OPERATIONS
 from ..stores._base import Appended, CursorInfo, LogBounds, Store, StoreWrapper
 from ..stores.memory import MemoryStore
 
-_METHODS = (
-    "append",
-    "read",
-    "head",
-    "load_cursors",
-    "commit_cursors",
-    "wait_for_append",
-    "record_dead_letter",
-    "dead_letters",
-    "requeue_dead_letters",
-    "due_dead_letters",
-    "discard_dead_letters",
-    "forget_consumer",
-    "claim_leases",
-    "release_leases",
-    "leases",
-    "cursors",
-    "set_cursor",
-    "log_bounds",
-    "seq_before",
-    "prune",
-)
+_METHODS = OPERATIONS
 #: The calls with an effect in the store: only they can lose an answer or land late.
 _EFFECTS = (
     "append",
