@@ -5,6 +5,7 @@ The same scenarios run on PostgreSQL in ``tests/postgres/test_cli.py``.
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -66,3 +67,27 @@ async def test_unreachable_stores_and_bad_arguments_in_a_process(tmp_path: Path)
     bad = await cli("consumers", "reset", "audit", "--to", "yesterday", "--store", "memory://")
     assert bad.returncode == 2
     one_error_line(bad, "--to 'yesterday'")
+
+
+async def test_run_serves_metrics_on_the_port_asked_for(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "events.db")
+    await publish(url, ("tick", {}))
+    args = ("run", APP, "--store", url, "--metrics-port", "0")
+    async with running_cli(*args, stderr=tmp_path / "run.stderr") as served:
+        assert await audited(served, 1) == [1]
+        await wait_logged(served, "serving metrics and health checks on port ")
+        logged = served.stderr.read_text()
+        port = int(re.search(r"on port (\d+)", logged)[1])  # type: ignore[index]
+        with trio.fail_after(LIMIT):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(
+                    b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                answer = b""
+                while chunk := await stream.receive_some():
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert b'consumer="audit"' in answer
+        served.process.send_signal(signal.SIGTERM)
+        await served.finish(limit=LIMIT)
