@@ -16,7 +16,7 @@ def test_all_is_sorted_and_complete() -> None:
     )
     public = {name for name in dir(trioflow) if not name.startswith("_")}
     # Submodules are reachable but not part of the surface.
-    public -= {"stores", "testing", "metrics"}
+    public -= {"stores", "testing", "metrics", "cli"}
     assert public == set(trioflow.__all__)
 
 
@@ -65,3 +65,47 @@ def test_leases_are_public() -> None:
     assert not issubclass(trioflow.LeaseLostError, trioflow.StoreError)
     assert trioflow.LeaseLostError("x", keys=frozenset({"c"})).keys == {"c"}
     assert "lease_ttl" in inspect.signature(trioflow.App).parameters
+
+
+def test_retention_is_public() -> None:
+    import trioflow.stores
+
+    assert issubclass(trioflow.PrunedLogError, trioflow.ConsumerStateError)
+    assert trioflow.PrunedLogError("x", consumers={"a": 1}).consumers == {"a": 1}
+    assert "retention" in inspect.signature(trioflow.App).parameters
+    for name in ("Retention", "PrunePlan", "PruneProgress", "PruneResult"):
+        assert getattr(trioflow, name).__module__ == "trioflow"
+    assert set(inspect.signature(trioflow.plan_prune).parameters) == {
+        "store",
+        "before",
+        "older_than",
+        "now",
+    }
+    for name in ("CursorInfo", "LogBounds"):
+        assert name in trioflow.stores.__all__
+    store_api = trioflow.stores.Store
+    for method in ("cursors", "set_cursor", "log_bounds", "seq_before", "prune"):
+        assert method in store_api.__abstractmethods__, method
+
+
+def test_the_command_is_a_click_group_with_its_exit_statuses() -> None:
+    import trioflow.cli
+
+    assert trioflow.cli.__all__ == ["ExitCode", "cli", "main"]
+    assert sorted(trioflow.cli.cli.commands) == [
+        "consumers",
+        "dead-letters",
+        "migrate",
+        "prune",
+        "run",
+        "status",
+        "tail",
+    ]
+    assert [(code.name, int(code)) for code in trioflow.cli.ExitCode] == [
+        ("OK", 0),
+        ("FAILED", 1),
+        ("USAGE", 2),
+        ("UNAVAILABLE", 3),
+        ("REFUSED", 4),
+        ("PENDING", 5),
+    ]

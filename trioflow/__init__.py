@@ -41,6 +41,12 @@ from ._policies import OnExhausted as OnExhausted
 from ._policies import Overflow as Overflow
 from ._policies import RestartPolicy as RestartPolicy
 from ._policies import Retry as Retry
+from ._retention import PrunePlan as PrunePlan
+from ._retention import PruneProgress as PruneProgress
+from ._retention import PruneResult as PruneResult
+from ._retention import Retention as Retention
+from ._retention import plan_prune as plan_prune
+from ._retention import run_prune as run_prune
 from ._statistics import ConsumerStatistics as ConsumerStatistics
 from ._statistics import FlowStatistics as FlowStatistics
 from ._statistics import Readiness as Readiness
@@ -72,11 +78,15 @@ __all__ = [
     "OnExhausted",
     "OutcomeUnknownError",
     "Overflow",
+    "PrunePlan",
+    "PruneProgress",
+    "PruneResult",
     "PrunedLogError",
     "QueryError",
     "Readiness",
     "Reject",
     "RestartPolicy",
+    "Retention",
     "Retry",
     "SchemaVersionError",
     "StartFrom",
@@ -89,6 +99,8 @@ __all__ = [
     "UnknownDeadLetterError",
     "UnknownStoreError",
     "open_flow",
+    "plan_prune",
+    "run_prune",
     "serve",
 ]
 

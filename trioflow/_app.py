@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import math
 import re
@@ -22,6 +23,7 @@ from ._policies import (
     Retry,
     delivery_policy,
 )
+from ._retention import Retention
 from ._transactions import Transaction
 from .stores._base import Store
 from .stores._url import default_store_url, store_from_url
@@ -183,6 +185,9 @@ class App:
             default), at once after a graceful stop. Shorter: faster
             failover, more store calls (one per flow every ``lease_ttl / 3``
             seconds, for all its consumers).
+        retention: Delete old events that every consumer has passed: a
+            `Retention`, or just the maximum age (a `datetime.timedelta`, or
+            seconds). None (default): keep every event. See `Retention`.
 
     Raises:
         ConfigurationError: An option is invalid.
@@ -205,6 +210,7 @@ class App:
         store_wait_warning: float | None = 5.0,
         blocking_warning: float | None = 0.1,
         lease_ttl: float = 6.0,
+        retention: Retention | datetime.timedelta | float | None = None,
     ) -> None:
         self._poll_interval = (
             None if poll_interval is None else _positive_float("poll_interval", poll_interval)
@@ -235,6 +241,7 @@ class App:
             hint = " (or None to turn the warning off)"
             blocking_warning = _positive_float("blocking_warning", blocking_warning, hint=hint)
         self.blocking_warning = blocking_warning
+        self.retention = None if retention is None else Retention.of(retention)
 
     def use_store(self, store: str | Store) -> None:
         """Point this App at another store, before it runs (``trioflow run --store``).
@@ -302,8 +309,9 @@ class App:
             types: Deliver only events of these types; the cursor still moves
                 past the others.
             start: Where a consumer with no stored cursor begins: ``"earliest"``
-                (replay the whole log) or ``"latest"`` (only events published
-                after the flow started).
+                (replay the whole log, from the oldest event retention kept)
+                or ``"latest"`` (only events published after the flow
+                started). Its first cursor is stored at once.
             buffer: Hold at most this many events in memory for this consumer.
                 None (default): unbounded.
             buffer_bytes: Hold at most this much event data (`Event.size`, in

@@ -43,7 +43,13 @@ from ._dead_letters import (
     DeadLetterReason,
 )
 from ._dispatch import Batch, Dispatcher, Subscription, feeding
-from ._errors import ConsumerStateError, HandlerTimeoutError, LeaseLostError, StoreError
+from ._errors import (
+    ConsumerStateError,
+    HandlerTimeoutError,
+    LeaseLostError,
+    PrunedLogError,
+    StoreError,
+)
 from ._events import Event
 from ._groups import partition_of
 from ._histograms import SECONDS_BUCKETS, Histogram
@@ -472,8 +478,9 @@ class Consumer:
             runner.cursors.moved_back(self._cursor, cursor or 0, self._processed)
             self._position = self._cursor.committed
         if cursor is None:
-            cursor = 0 if spec.start == "earliest" else await runner.store.head()
-            await runner.cursors.commit_first(self._cursor, cursor, self._processed)
+            cursor = await self._first_cursor()
+        else:
+            await self._check_not_pruned(cursor)
         runner.cursors.loaded(self._cursor, cursor, self._position, self._processed)
         # Events an earlier incarnation handled stay handled, whether or not
         # their cursor write landed: the position never moves back, so a
@@ -512,6 +519,48 @@ class Consumer:
             if batch.after > self._position:
                 await self._replay(until=batch.after)
             await self._handle(batch.events, batch.upto)
+
+    async def _first_cursor(self) -> int:
+        """Store the cursor of a consumer the store holds none for, at once; return it.
+
+        ``"earliest"`` begins after the pruned part of the log: with the
+        oldest event kept. Stored at once, the cursor holds pruning back
+        from then on; a prune that was under way meanwhile may have passed
+        it, so the bounds are read again after it landed (`Store.log_bounds`
+        waits for such a prune) and the cursor moved up to the pruned log:
+        for a new consumer that is where the earliest event still is.
+        """
+        runner, spec = self._runner, self.spec
+        bounds = await runner.store.log_bounds()
+        cursor = bounds.pruned_through if spec.start == "earliest" else bounds.head
+        while True:
+            await runner.cursors.commit_first(self._cursor, cursor, self._processed)
+            pruned_through = (await runner.store.log_bounds()).pruned_through
+            if pruned_through <= cursor:
+                return cursor
+            cursor = pruned_through
+
+    async def _check_not_pruned(self, cursor: int) -> None:
+        """Refuse to start from a stored cursor whose next events were pruned.
+
+        Pruning never passes a stored cursor, so this takes force: a cursor
+        written into the database by hand, or restored from an old backup.
+
+        Raises:
+            PrunedLogError: Events after ``cursor`` were pruned.
+        """
+        pruned_through = (await self._runner.store.log_bounds()).pruned_through
+        if cursor < pruned_through:
+            name = self.spec.name
+            raise PrunedLogError(
+                f"consumer {name!r} has cursor {cursor}, but the events up to "
+                f"{pruned_through} were pruned: it would skip events {cursor + 1} to "
+                f"{pruned_through}, so it does not start. Set its cursor to {pruned_through} "
+                f"or later to go on with the oldest event kept (store.set_cursor({name!r}, "
+                f"{pruned_through})), or remove it to start afresh (`trioflow consumers "
+                f"remove {name}`, or store.forget_consumer({name!r}))",
+                consumers={name: cursor},
+            )
 
     async def _take_idle(self) -> Batch:
         """Wait for the next batch, having the position made durable meanwhile.

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, Literal, Unpack
 
 import attrs
@@ -36,6 +37,7 @@ from ._events import ENCODE_CHUNK, JSON, NewEvent, check_items, encode, encode_m
 from ._groups import partition_key
 from ._leases import new_holder_id
 from ._ownership import LeaseKeeper
+from ._retention import keep_pruning
 from ._statistics import FlowStatistics, Readiness
 from ._store_calls import SlowCalls, WatchedStore
 from ._transactions import Transaction, append_published
@@ -588,6 +590,17 @@ class Flow:
             )
         if self._consumers:
             await self._start_watcher()
+        retention = self._app.retention
+        if retention is not None:
+            # After the consumers: each has stored its cursor by now, so none
+            # of this flow's can lose an event its replay needs.
+            await nursery.start(
+                self._guarded,
+                "retention",
+                partial(keep_pruning, self._store, retention),
+                False,
+                name=flow_task_name("retention"),
+            )
 
     async def _start_watcher(self) -> None:
         """Start the watcher of other processes' events, once: consumers need it."""
@@ -660,6 +673,10 @@ class Flow:
 
     async def _stop_in_order(self) -> None:
         grace = self._app.shutdown_grace
+        retention = self._scopes.pop("retention", None)
+        if retention is not None:
+            # Nothing to finish: a batch cut short is rolled back whole.
+            retention.cancel()
         # Handlers may still publish (the next step of a chain, say) until
         # they return; nobody else may.
         self._accepting = "handlers"
@@ -738,6 +755,8 @@ async def open_flow(app: App) -> AsyncIterator[Flow]:
         StoreUnavailableError: The store cannot be opened.
         SchemaVersionError: The store was written by a newer trioflow.
         ConfigurationError: This App already runs a flow.
+        PrunedLogError: A consumer's stored cursor is behind the pruned log
+            (the message names it and says how to fix it).
     """
     if not isinstance(app, App):
         raise ConfigurationError(f"open_flow needs a trioflow.App, got {app!r}")

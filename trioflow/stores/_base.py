@@ -63,7 +63,8 @@ Retention (what ``trioflow prune`` and ``App(retention=...)`` build on):
   appends go on numbering above every number ever given.
 * ``log_bounds`` tells the lowest sequence number still stored (``first``;
   ``head + 1`` when none is), the ``head`` and ``pruned_through`` (0 if never
-  pruned). A consumer whose cursor is below ``pruned_through`` may have lost
+  pruned), counting every prune that started before the call (one under way
+  is waited for). A consumer whose cursor is below ``pruned_through`` may have lost
   events: `set_cursor` refuses to put one there, and the runtime refuses to
   start one from there.
 * ``cursors`` lists every stored cursor with when it last changed, by

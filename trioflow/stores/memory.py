@@ -57,7 +57,9 @@ class MemoryStore(Store):
     async def append(self, events: Sequence[NewEvent]) -> Appended:
         await trio.lowlevel.checkpoint()
         after = self._head
-        now = datetime.datetime.now(datetime.UTC)
+        # The store's clock, which moves with trio's: under a MockClock,
+        # events age with virtual time (retention tests rely on it).
+        now = self._now()
         batch = [new.persisted(seq, now) for seq, new in enumerate(events, start=after + 1)]
         self._events.extend(batch)
         self._head += len(batch)
@@ -134,7 +136,8 @@ class MemoryStore(Store):
         ]
 
     def _now(self) -> datetime.datetime:
-        """The clock of dead letters' due times and leases: the wall clock, moving with trio's.
+        """The clock of commit times, dead letters' due times and leases: the wall clock,
+        moving with trio's.
 
         So a test under trio's MockClock sees requeued letters come due as
         virtual time passes.

@@ -740,9 +740,18 @@ class PostgresStore(Store):
         return previous
 
     async def log_bounds(self) -> LogBounds:
-        """The first stored sequence number, the head and ``pruned_through``."""
+        """The first stored sequence number, the head and ``pruned_through``.
+
+        Waits for a prune under way (it takes the pruning mark's row FOR
+        SHARE first, in a transaction of its own), so the answer covers every
+        prune that started before the call: a consumer that stored its first
+        cursor and then reads the bounds learns of any prune that may have
+        passed it.
+        """
         driver = self._require_open()
-        row = await driver.fetchrow(self._sql.log_bounds, operation="reading the log's bounds")
+        async with driver.transaction(operation="reading the log's bounds") as tx:
+            await tx.fetchval(self._sql.lock_log_state(prune=False))
+            row = await tx.fetchrow(self._sql.log_bounds)
         assert row is not None
         first, head, pruned_through = row[0], row[1], row[2]
         return LogBounds(
