@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 import trioflow
+import trioflow.stores
 from tests._procs import Child, child_environment, running_argv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,3 +158,24 @@ def one_error_line(done: subprocess.CompletedProcess[str], *fragments: str) -> N
     assert re.fullmatch(r"trioflow: error: [^\n]+\n", done.stderr), done.stderr
     for fragment in fragments:
         assert fragment in done.stderr, done.stderr
+
+
+async def check_prune_keeps_what_cursors_need(url: str) -> None:
+    """``trioflow prune`` refuses to pass a cursor, and deletes only what all passed."""
+    await publish(url, *[("tick", {"n": n}) for n in range(1, 21)])
+    store = trioflow.stores.store_from_url(url)
+    async with store.open():
+        await store.set_cursor("audit", 20)
+        await store.set_cursor("laggard", 5)
+    refused = await cli("prune", "--before", "21", "--store", url)
+    assert refused.returncode == 4, refused
+    one_error_line(refused, "would pass the cursors of consumer(s) 'laggard' (at 5)")
+    passed = await cli("prune", "--before", "21", "--only-passed", "--store", url)
+    assert (passed.returncode, passed.stdout) == (
+        0,
+        "deleted 5 event(s); the log holds seq 6 to 20\n",
+    ), passed
+    tail = await cli("tail", "--from", "1", "--last", "0", "--store", url)
+    assert tail.returncode == 2, tail
+    kept = await cli("tail", "--from", "1", "--store", url)
+    assert [json.loads(line)["seq"] for line in kept.stdout.splitlines()] == list(range(6, 21))

@@ -390,3 +390,68 @@ def test_remove_forgets_the_cursors_and_dead_letters_of_a_consumer_or_group(url:
 
     # The group's partition count is let go of: it may come back with another.
     assert trio.run(count_lease) == []
+
+
+# --- prune --------------------------------------------------------------------------------
+
+
+def set_cursor(url: str, consumer: str, seq: int) -> None:
+    async def move() -> None:
+        store = store_from_url(url)
+        async with store.open():
+            await store.set_cursor(consumer, seq)
+
+    trio.run(move)
+
+
+def test_prune_is_refused_while_a_cursor_needs_the_events_and_deletes_what_all_passed(
+    url: str,
+) -> None:
+    set_cursor(url, "laggard", 5)
+    for extra in ([], ["--dry-run"]):
+        refused = invoke("prune", "--before", "21", *extra, "--store", url)
+        assert_error(
+            refused,
+            ExitCode.REFUSED,
+            "would pass the cursors of consumer(s) 'laggard' (at 5)",
+            "up to 5",
+        )
+    dry = invoke("prune", "--before", "21", "--only-passed", "--dry-run", "--store", url)
+    assert dry.stdout == "would delete at most 5 event(s), up to seq 5, of seq 1 to 20\n"
+    assert [e["seq"] for e in lines_of(invoke("tail", "--from", "1", "--store", url))][:1] == [1]
+    passed = invoke("prune", "--before", "21", "--only-passed", "--batch-size", "2", "--store", url)
+    assert passed.stdout == "deleted 5 event(s); the log holds seq 6 to 20\n", passed.output
+    assert invoke("consumers", "remove", "laggard", "--store", url).exit_code == 0
+    # The dead letter of 'mailer' keeps its event (seq 7).
+    rest = invoke("prune", "--before", "21", "--store", url)
+    assert rest.stdout == "deleted 14 event(s); the log holds seq 7 to 20\n", rest.output
+    tail = invoke("tail", "--from", "1", "--store", url)
+    assert [event["seq"] for event in lines_of(tail)] == [7]
+    assert invoke("prune", "--before", "21", "--store", url).stdout == (
+        "nothing to prune: the log holds seq 7 to 20\n"
+    )
+    # A cursor cannot be put where the events were pruned.
+    behind = invoke("consumers", "reset", "audit", "--to", "3", "--store", url)
+    assert_error(behind, ExitCode.USAGE, "--to 3: a cursor goes from 20 to the head, 20")
+
+
+def test_prune_by_age_turns_the_age_into_a_sequence_number(url: str) -> None:
+    fresh = invoke("prune", "--older-than", "1h30m", "--store", url)
+    assert fresh.stdout == "nothing to prune: the log holds seq 1 to 20\n", fresh.output
+    everything = invoke("prune", "--older-than", "0s", "--store", url)
+    assert everything.stdout == "deleted 19 event(s); the log holds seq 7 to 20\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "give --older-than DURATION or --before SEQ"),
+        (["--before", "3", "--older-than", "1d"], "give --older-than DURATION or --before SEQ"),
+        (["--older-than", "soon"], "'soon' is not a duration such as 7d"),
+        (["--before", "0"], "Invalid value for '--before'"),
+    ],
+)
+def test_prune_refuses_bad_arguments_before_opening_the_store(
+    args: list[str], fragment: str
+) -> None:
+    assert_error(invoke("prune", *args), ExitCode.USAGE, fragment)

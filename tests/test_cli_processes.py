@@ -15,6 +15,7 @@ from tests._cli import (
     APP,
     LIMIT,
     audited,
+    check_prune_keeps_what_cursors_need,
     check_run_status_reset_and_stop,
     check_tail_follows,
     cli,
@@ -91,3 +92,7 @@ async def test_run_serves_metrics_on_the_port_asked_for(tmp_path: Path) -> None:
         assert b'consumer="audit"' in answer
         served.process.send_signal(signal.SIGTERM)
         await served.finish(limit=LIMIT)
+
+
+async def test_prune_keeps_what_cursors_need(tmp_path: Path) -> None:
+    await check_prune_keeps_what_cursors_need(sqlite_url(tmp_path / "events.db"))

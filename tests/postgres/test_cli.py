@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests._cli import check_run_status_reset_and_stop, check_tail_follows, cli, one_error_line
+from tests._cli import (
+    check_prune_keeps_what_cursors_need,
+    check_run_status_reset_and_stop,
+    check_tail_follows,
+    cli,
+    one_error_line,
+)
 
 
 async def test_run_status_reset_and_graceful_stop(store_url: str, tmp_path: Path) -> None:
@@ -30,3 +36,7 @@ async def test_a_schema_never_created_is_not_created_by_looking_at_it(store_url:
     assert migrated.returncode == 0, migrated
     assert "schema version none -> " in migrated.stdout
     assert (await cli("migrate", "--check", "--store", store_url)).returncode == 0
+
+
+async def test_prune_keeps_what_cursors_need(store_url: str) -> None:
+    await check_prune_keeps_what_cursors_need(store_url)

@@ -14,7 +14,7 @@ import click
 from ._common import ExitCode, OneLineGroup
 from ._consumers import consumers
 from ._dead_letters import dead_letters
-from ._maintenance import migrate
+from ._maintenance import migrate, prune
 from ._run import run_command
 from ._watch import status, tail
 
@@ -36,6 +36,7 @@ cli.add_command(status)
 cli.add_command(tail)
 cli.add_command(consumers)
 cli.add_command(dead_letters)
+cli.add_command(prune)
 cli.add_command(migrate)
 
 

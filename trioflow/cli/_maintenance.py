@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+import re
+import sys
+from typing import TYPE_CHECKING
+
 import click
+from rich.console import Console
+from rich.progress import Progress
 
 from .._errors import SchemaVersionError
-from ..stores._base import SchemaStatus, Store
-from ._common import ExitCode, build_store, run, shown, store_option
+from .._retention import DEFAULT_BATCH_SIZE, PruneProgress, plan_prune, run_prune
+from ..stores._base import LogBounds, SchemaStatus, Store
+from ._common import ExitCode, build_store, checks, run, shown, store_command, store_option
 
 
 def _version(status: SchemaStatus) -> str:
@@ -61,3 +69,126 @@ def migrate(store_url: str | None, check: bool) -> None:
             click.echo(f"schema version {_version(before)} -> {_version(after)}: migrated")
 
     run(body)
+
+
+#: Seconds per unit of a duration: ``90s``, ``15m``, ``12h``, ``7d``, ``2w``.
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhdw]))+")
+
+
+if TYPE_CHECKING:
+    # Generic in click 8.5's stubs, a plain class before: subscripted for mypy only.
+    _ParamType = click.ParamType[datetime.timedelta]
+else:
+    _ParamType = click.ParamType
+
+
+class Duration(_ParamType):
+    """A duration such as ``7d``, ``12h``, ``1h30m`` or ``90s``."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime.timedelta:
+        if isinstance(value, datetime.timedelta):
+            return value
+        text = str(value).strip().lower()
+        if not _DURATION.fullmatch(text):
+            self.fail(f"{value!r} is not a duration such as 7d, 12h, 1h30m or 90s", param, ctx)
+        seconds = sum(
+            float(number) * UNITS[unit]
+            for number, unit in re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text)
+        )
+        return datetime.timedelta(seconds=seconds)
+
+
+def _check_prune(
+    older_than: datetime.timedelta | None, before: int | None, **options: object
+) -> None:
+    if (older_than is None) == (before is None):
+        raise click.UsageError("give --older-than DURATION or --before SEQ (one of them)")
+
+
+@click.command()
+@store_option
+@click.option(
+    "--older-than",
+    type=Duration(),
+    default=None,
+    metavar="DURATION",
+    help="Delete the events committed longer ago than this: 7d, 12h, 1h30m, 90s.",
+)
+@click.option(
+    "--before",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="SEQ",
+    help="Delete the events with sequence numbers below SEQ.",
+)
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+@click.option(
+    "--only-passed",
+    is_flag=True,
+    help="Delete only what every consumer's cursor has passed, instead of refusing.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="The most events one store transaction deletes.",
+)
+@store_command
+@checks(_check_prune)
+async def prune(
+    store: Store,
+    older_than: datetime.timedelta | None,
+    before: int | None,
+    dry_run: bool,
+    only_passed: bool,
+    batch_size: int,
+) -> None:
+    """Delete old events that every consumer has passed.
+
+    Never deletes an event a stored cursor still needs, nor one a dead
+    letter refers to. Refused, naming them, when consumers' cursors are
+    below the bound (exit 4), unless --only-passed.
+    """
+    plan = await plan_prune(store, before=before, older_than=older_than)
+    if plan.behind and not only_passed:
+        raise plan.refusal()
+    through = plan.safe_through if only_passed else plan.through
+    bounds = plan.bounds
+    # Sequence numbers may have holes: at most this many events go.
+    events = through - max(bounds.pruned_through, bounds.first - 1)
+    if events <= 0:
+        click.echo(f"nothing to prune: the log holds {_span(bounds)}")
+        return
+    if dry_run:
+        click.echo(
+            f"would delete at most {events} event(s), up to seq {through}, of {_span(bounds)}"
+        )
+        return
+    with Progress(
+        *Progress.get_default_columns(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task("pruning", total=events)
+
+        def advance(progress: PruneProgress) -> None:
+            bar.update(task, completed=progress.deleted)
+
+        result = await run_prune(
+            store, plan, only_passed=only_passed, batch_size=batch_size, progress=advance
+        )
+    click.echo(f"deleted {result.deleted} event(s); the log holds {_span(result.bounds)}")
+
+
+def _span(bounds: LogBounds) -> str:
+    if bounds.first > bounds.head:
+        return f"no events (head {bounds.head})"
+    return f"seq {bounds.first} to {bounds.head}"
