@@ -125,6 +125,16 @@ def store_option(command: F) -> F:
     )(command)
 
 
+def optional(*declarations: str, type: Any, metavar: str, help: str) -> Callable[[F], F]:
+    """A click option without a default (None when not given)."""
+    return click.option(*declarations, type=type, default=None, metavar=metavar, help=help)
+
+
+def seq_option(*declarations: str, help: str) -> Callable[[F], F]:
+    """An option taking a sequence number (>= 1), None when not given."""
+    return optional(*declarations, type=click.IntRange(min=1), metavar="SEQ", help=help)
+
+
 def store_url_or_default(url: str | None) -> str:
     """The store URL a command uses: ``--store``, else $TRIOFLOW_STORE, else the default."""
     return default_store_url() if url is None else url

@@ -14,7 +14,17 @@ from rich.progress import Progress
 from .._errors import SchemaVersionError
 from .._retention import DEFAULT_BATCH_SIZE, PruneProgress, plan_prune, run_prune
 from ..stores._base import LogBounds, SchemaStatus, Store
-from ._common import ExitCode, build_store, checks, run, shown, store_command, store_option
+from ._common import (
+    ExitCode,
+    build_store,
+    checks,
+    optional,
+    run,
+    seq_option,
+    shown,
+    store_command,
+    store_option,
+)
 
 
 def _version(status: SchemaStatus) -> str:
@@ -113,20 +123,13 @@ def _check_prune(
 
 @click.command()
 @store_option
-@click.option(
+@optional(
     "--older-than",
     type=Duration(),
-    default=None,
     metavar="DURATION",
     help="Delete the events committed longer ago than this: 7d, 12h, 1h30m, 90s.",
 )
-@click.option(
-    "--before",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="SEQ",
-    help="Delete the events with sequence numbers below SEQ.",
-)
+@seq_option("--before", help="Delete the events with sequence numbers below SEQ.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 @click.option(
     "--only-passed",

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .._events import Event
 from ..stores._base import Store
-from ._common import checks, store_command, store_option
+from ._common import checks, optional, seq_option, store_command, store_option
 
 #: Events read from the store per query by ``tail``.
 PAGE = 1000
@@ -242,18 +242,10 @@ def _check_tail(from_seq: int | None, last: int | None, **options: object) -> No
 
 @click.command()
 @store_option
-@click.option(
-    "--from",
-    "from_seq",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="SEQ",
-    help="Start at this sequence number.",
-)
-@click.option(
+@seq_option("--from", "from_seq", help="Start at this sequence number.")
+@optional(
     "--last",
     type=click.IntRange(min=0),
-    default=None,
     metavar="N",
     help=f"Start with the last N events (of --type). Default: {DEFAULT_LAST}, without --from.",
 )
