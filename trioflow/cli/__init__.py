@@ -21,7 +21,7 @@ from ._watch import status, tail
 __all__ = ["ExitCode", "cli", "main"]
 
 
-@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("trioflow", cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="trioflow", prog_name="trioflow")
 def cli() -> None:
     """Run trioflow Apps and look after their stores.
