@@ -5,6 +5,7 @@ The same scenarios run on PostgreSQL in ``tests/postgres/test_cli.py``.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from pathlib import Path
@@ -96,3 +97,16 @@ async def test_run_serves_metrics_on_the_port_asked_for(tmp_path: Path) -> None:
 
 async def test_prune_keeps_what_cursors_need(tmp_path: Path) -> None:
     await check_prune_keeps_what_cursors_need(sqlite_url(tmp_path / "events.db"))
+
+
+async def test_status_watch_prints_a_document_per_refresh(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "events.db")
+    await publish(url, ("tick", {}))
+    args = ("status", "--watch", "--json", "--interval", "0.1", "--store", url)
+    async with running_cli(*args, stderr=tmp_path / "status.stderr") as watching:
+        first = json.loads(await watching.read_line(limit=LIMIT))
+        assert first == {"head": 1, "consumers": []}
+        await publish(url, ("tick", {}))
+        with trio.fail_after(LIMIT):
+            while json.loads(await watching.read_line(limit=LIMIT))["head"] != 2:
+                pass

@@ -71,7 +71,7 @@ async def read_status(store: Store) -> list[ConsumerRow]:
     for letter in await store.dead_letters():
         letters[letter.consumer] = letters.get(letter.consumer, 0) + 1
     rows = []
-    for name in sorted({*cursors, *owners, *letters}):
+    for name in sorted({*cursors, *owners, *letters}, key=_by_partition):
         info = cursors.get(name)
         rows.append(
             ConsumerRow(
@@ -85,6 +85,12 @@ async def read_status(store: Store) -> list[ConsumerRow]:
             )
         )
     return rows
+
+
+def _by_partition(name: str) -> tuple[str, int]:
+    """Sorts a group's partitions by number: ``billing/2`` before ``billing/10``."""
+    group, _, partition = name.partition("/")
+    return (group, int(partition) if partition.isdigit() else -1)
 
 
 def status_table(rows: Sequence[ConsumerRow], *, now: datetime.datetime) -> Table:
