@@ -1525,3 +1525,40 @@ def test_processes_racing_for_leases_never_share_a_token(tmp_path: pathlib.Path)
     assert not shared, f"one lease given to several processes: {shared}"
     # The leases did change hands (or lapse and get taken again) meanwhile.
     assert max(token for _, token in holders_of) > 1
+
+
+def pragma(path: pathlib.Path, name: str) -> int:
+    """The value of ``PRAGMA name`` on the file, read with plain sqlite3."""
+    ((value,),) = read_raw(path, f"PRAGMA {name}")
+    assert isinstance(value, int)
+    return value
+
+
+async def test_pruning_gives_the_space_back_on_a_new_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "new.db"
+    store = SQLiteStore(path)
+    async with store.open():
+        assert pragma(path, "auto_vacuum") == 2  # INCREMENTAL
+        for _ in range(10):
+            await store.append(make_events(500))
+        full = pragma(path, "page_count")
+        assert await store.prune(4500, limit=5000) == 4500
+        # The freed pages went back to the file system, not to the free list.
+        assert pragma(path, "freelist_count") == 0
+        assert pragma(path, "page_count") < full / 2
+
+
+async def test_an_old_file_keeps_its_vacuum_mode_and_reuses_pruned_space(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "old.db"
+    make_version_4_file(path, 3000, {"audit": 3000})
+    store = SQLiteStore(path)
+    async with store.open():
+        assert pragma(path, "auto_vacuum") == 0  # NONE: never rewritten
+        full = pragma(path, "page_count")
+        assert await store.prune(2500, limit=5000) == 2500
+        assert pragma(path, "freelist_count") > 0
+        await store.append(make_events(2000))
+        # New events went into the freed pages: the file did not grow.
+        assert pragma(path, "page_count") <= full
