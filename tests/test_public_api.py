@@ -6,7 +6,11 @@ import datetime
 import inspect
 import typing
 
+import attrs
+import trio
+
 import trioflow
+import trioflow.metrics
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -109,3 +113,20 @@ def test_the_command_is_a_click_group_with_its_exit_statuses() -> None:
         ("REFUSED", 4),
         ("PENDING", 5),
     ]
+
+
+def test_the_metrics_module_offers_a_collector_and_serve_metrics() -> None:
+    assert trioflow.metrics.__all__ == ["FlowCollector", "serve_metrics"]
+    # `trioflow run --metrics-port` calls it so.
+    parameters = inspect.signature(trioflow.metrics.serve_metrics).parameters
+    assert [(p.name, p.kind, p.default) for p in parameters.values()] == [
+        ("flow", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+        ("port", inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty),
+        ("host", inspect.Parameter.KEYWORD_ONLY, "0.0.0.0"),
+        ("task_status", inspect.Parameter.KEYWORD_ONLY, trio.TASK_STATUS_IGNORED),
+    ]
+    fields = {field.name for field in attrs.fields(trioflow.FlowStatistics)}
+    assert {"publish_latency", "batch_size", "cursor_commit_latency", "store_errors"} <= fields
+    assert {"retries", "redelivered", "handler_duration"} <= {
+        field.name for field in attrs.fields(trioflow.ConsumerStatistics)
+    }

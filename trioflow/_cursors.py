@@ -17,7 +17,7 @@ import trio
 
 from ._dead_letters import DeadLetter
 from ._errors import LeaseLostError, StoreError
-from ._histograms import SECONDS_BUCKETS, Histogram
+from ._histograms import SECONDS_BUCKETS, Histogram, HistogramSnapshot
 from ._ownership import LeaseKeeper
 from .stores._base import Store
 from .stores._transactions import StoreTransaction
@@ -90,9 +90,9 @@ class CursorWriter:
     _commit_latency: Histogram = attrs.Factory(lambda: Histogram(SECONDS_BUCKETS))
 
     @property
-    def commit_latency(self) -> Histogram:
-        """Seconds per cursor write that the store answered (read it with ``snapshot()``)."""
-        return self._commit_latency
+    def commit_latency(self) -> HistogramSnapshot:
+        """Seconds per cursor write that the store answered."""
+        return self._commit_latency.snapshot()
 
     @property
     def flush_wanted(self) -> bool:

@@ -27,7 +27,7 @@ import trio
 from ._errors import BackpressureError, FlowClosedError, OutcomeUnknownError, StoreError
 from ._events import Event, NewEvent
 from ._groups import partition_of
-from ._histograms import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
+from ._histograms import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram, HistogramSnapshot
 from ._policies import Overflow
 from .stores._base import Store
 
@@ -241,15 +241,15 @@ class Dispatcher:
         return self._published
 
     @property
-    def publish_latency(self) -> Histogram:
+    def publish_latency(self) -> HistogramSnapshot:
         """Seconds from `submit` until the group commit holding the request returned,
-        per request that committed (read it with ``snapshot()``)."""
-        return self._publish_latency
+        per request that committed."""
+        return self._publish_latency.snapshot()
 
     @property
-    def batch_size(self) -> Histogram:
-        """Events per group commit (read it with ``snapshot()``)."""
-        return self._batch_size
+    def batch_size(self) -> HistogramSnapshot:
+        """Events per group commit."""
+        return self._batch_size.snapshot()
 
     def subscribe(
         self,

@@ -230,9 +230,9 @@ class Flow:
             holder=self._holder,
             published=dispatcher.published,
             consumers={name: c.statistics(head) for name, c in self._consumers.items()},
-            publish_latency=dispatcher.publish_latency.snapshot(),
-            batch_size=dispatcher.batch_size.snapshot(),
-            cursor_commit_latency=self._cursors.commit_latency.snapshot(),
+            publish_latency=dispatcher.publish_latency,
+            batch_size=dispatcher.batch_size,
+            cursor_commit_latency=self._cursors.commit_latency,
             store_errors=self._store.errors,
         )
 
@@ -274,11 +274,8 @@ class Flow:
                 reasons.append(f"the store did not answer within {store_timeout:g}s")
         else:
             await trio.lowlevel.checkpoint()
-        for name, consumer in self._consumers.items():
-            if consumer.owned:
-                continue
-            owner = consumer.statistics(self._dispatcher.head).owner
-            if owner is None or owner == self._holder:
+        for name, consumer in self.statistics().consumers.items():
+            if not consumer.owned and consumer.owner in (None, self._holder):
                 reasons.append(
                     f"consumer {name!r} is neither run by this flow nor known to be run by "
                     "another (its lease lapsed, or its next owner is not yet known)"

@@ -72,6 +72,8 @@ REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 16 * 1024
 #: Connections served at once; further ones are closed at once.
 MAX_CONNECTIONS = 64
+#: Seconds a connection closed after a bad request may take to read its answer.
+LINGER = 1.0
 #: Seconds `/readyz` waits for the store when it asks it (`Flow.readiness`).
 READY_STORE_TIMEOUT = 2.0
 
@@ -311,6 +313,12 @@ async def serve_metrics(
     GCCollector(registry=registry)
     server = _Server(flow, registry)
     listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0:
+        # A host name of several addresses got a free port for each: keep
+        # the one reported.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
     bound = listeners[0].socket.getsockname()[1]
     logger.info("serving metrics and health checks on %s:%d", host, bound)
     task_status.started(bound)
@@ -353,44 +361,33 @@ class _Server:
 
     async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
         """Read one request and answer it; whether the connection may serve another."""
+        reader = _Reader(conn, stream)
         try:
-            request = await _next_event(conn, stream)
+            request = await reader.next_event()
             if not isinstance(request, h11.Request):
                 return False  # closed by the client
             # A GET carries no body; one that does is answered, then closed.
-            complete = isinstance(await _next_event(conn, stream, wait=False), h11.EndOfMessage)
+            complete = isinstance(await reader.next_event(wait=False), h11.EndOfMessage)
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 status = exc.error_status_hint
                 await _respond(
                     conn, stream, status, _PLAIN_TEXT, f"bad request: {exc}\n".encode(), close=True
                 )
+                await _linger(stream)
             return False
         method = request.method.decode("ascii", "replace").upper()
-        path = request.target.decode("ascii", "replace").partition("?")[0]
         extra: list[tuple[str, str]] = []
         if method not in ("GET", "HEAD"):
             status, content_type, body = 405, _PLAIN_TEXT, b"method not allowed: use GET\n"
             extra.append(("allow", "GET, HEAD"))
             complete = False
-        elif path == "/metrics":
-            accept = ",".join(
-                value.decode("latin-1") for name, value in request.headers if name == b"accept"
-            )
-            encoder, content_type = choose_encoder(accept)
-            status, body = 200, encoder(self._registry)
-        elif path == "/livez":
-            status, content_type, body = 200, _PLAIN_TEXT, b"alive\n"
-        elif path == "/readyz":
-            readiness = await self._flow.readiness(store_timeout=READY_STORE_TIMEOUT)
-            if readiness.ready:
-                status, content_type, body = 200, _PLAIN_TEXT, b"ready\n"
-            else:
-                text = "not ready:\n" + "".join(f"{reason}\n" for reason in readiness.reasons)
-                status, content_type, body = 503, _PLAIN_TEXT, text.encode()
         else:
-            status, content_type = 404, _PLAIN_TEXT
-            body = b"not found: try /metrics, /livez or /readyz\n"
+            try:
+                status, content_type, body = await self._answer(request)
+            except Exception as exc:
+                logger.error("answering %r failed", request.target, exc_info=exc)
+                status, content_type, body = 500, _PLAIN_TEXT, b"internal error: see the log\n"
         await _respond(
             conn,
             stream,
@@ -401,19 +398,66 @@ class _Server:
             head=method == "HEAD",
             extra=extra,
         )
+        if not complete:
+            await _linger(stream)
         return complete
 
+    async def _answer(self, request: h11.Request) -> tuple[int, str, bytes]:
+        """Status, content type and body for a GET of ``request.target``."""
+        path = request.target.decode("ascii", "replace").partition("?")[0]
+        if path == "/metrics":
+            accept = ",".join(
+                value.decode("latin-1") for name, value in request.headers if name == b"accept"
+            )
+            encoder, content_type = choose_encoder(accept)
+            return 200, content_type, encoder(self._registry)
+        if path == "/livez":
+            return 200, _PLAIN_TEXT, b"alive\n"
+        if path == "/readyz":
+            readiness = await self._flow.readiness(store_timeout=READY_STORE_TIMEOUT)
+            if readiness.ready:
+                return 200, _PLAIN_TEXT, b"ready\n"
+            text = "not ready:\n" + "".join(f"{reason}\n" for reason in readiness.reasons)
+            return 503, _PLAIN_TEXT, text.encode()
+        return 404, _PLAIN_TEXT, b"not found: try /metrics, /livez or /readyz\n"
 
-async def _next_event(
-    conn: h11.Connection, stream: trio.SocketStream, *, wait: bool = True
-) -> object:
-    """The next h11 event of the request, reading from ``stream`` as needed
-    (with ``wait=False``, only what has arrived: ``h11.NEED_DATA`` otherwise)."""
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA or not wait:
-            return event
-        conn.receive_data(await stream.receive_some(MAX_REQUEST_BYTES))
+
+class _Reader:
+    """Reads one request's h11 events, at most `MAX_REQUEST_BYTES` from the socket."""
+
+    def __init__(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._left = MAX_REQUEST_BYTES
+
+    async def next_event(self, *, wait: bool = True) -> object:
+        """The next h11 event, reading as needed (with ``wait=False``, only from what
+        has arrived: ``h11.NEED_DATA`` if that is not enough).
+
+        Raises:
+            h11.RemoteProtocolError: The request is malformed, or too large (431).
+        """
+        while True:
+            event = self._conn.next_event()
+            if event is not h11.NEED_DATA or not wait:
+                return event
+            if self._left <= 0:
+                raise h11.RemoteProtocolError(
+                    f"the request is larger than {MAX_REQUEST_BYTES} bytes", error_status_hint=431
+                )
+            data = await self._stream.receive_some(self._left)
+            self._left -= len(data)
+            self._conn.receive_data(data)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close our side, then read what the client still sends (for at most `LINGER`
+    seconds): closing a socket with unread data resets the connection, and the
+    client could lose the answer it has not read yet."""
+    with trio.move_on_after(LINGER):
+        await stream.send_eof()
+        while await stream.receive_some(MAX_REQUEST_BYTES):
+            pass
 
 
 async def _respond(
