@@ -28,6 +28,7 @@ from .._errors import (
 from .._leases import new_holder_id
 from ..stores._base import Store
 from ..stores._url import DEFAULT_STORE_URL, default_store_url, store_from_url
+from ..stores.memory import MemoryStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -153,27 +154,24 @@ def build_store(url: str | None) -> Store:
 
 
 @contextlib.asynccontextmanager
-async def open_store(store: Store, *, create: bool = False) -> AsyncIterator[Store]:
-    """Open ``store`` for a command.
+async def open_store(store: Store) -> AsyncIterator[Store]:
+    """Open ``store`` for a command, refusing one that holds no trioflow schema.
 
-    Args:
-        store: The store, as `build_store` gave it.
-        create: Whether the command may create the store's schema. The
-            others refuse a store that holds none: a mistyped URL or path
-            would otherwise leave an empty store behind and report nothing.
+    Only ``trioflow migrate`` (and any flow) creates a schema: a mistyped URL
+    or path would otherwise leave an empty store behind, and the command would
+    report an empty one instead of the mistake.
 
     Raises:
-        CommandError: The store holds no trioflow schema (and ``create`` is False).
+        CommandError: The store holds no trioflow schema.
         StoreUnavailableError: The store cannot be reached or opened.
     """
-    if not create:
-        status = await store.schema_status()
-        if status is not None and status.stored is None:
-            raise CommandError(
-                f"{shown(store)} holds no trioflow store (no flow ever opened it): check --store "
-                "or $TRIOFLOW_STORE; `trioflow migrate` creates one",
-                ExitCode.UNAVAILABLE,
-            )
+    status = await store.schema_status()
+    if status is not None and status.stored is None:
+        raise CommandError(
+            f"{shown(store)} holds no trioflow store (no flow ever opened it): check --store "
+            "or $TRIOFLOW_STORE; `trioflow migrate` creates one",
+            ExitCode.UNAVAILABLE,
+        )
     async with store.open():
         yield store
 
@@ -196,7 +194,7 @@ def checks(
 
 def shown(store: Store) -> str:
     """The store as messages name it (a PostgreSQL store's password masked)."""
-    return "memory://" if type(store).__name__ == "MemoryStore" else repr(store)
+    return "memory://" if isinstance(store, MemoryStore) else repr(store)
 
 
 def cli_holder() -> str:
@@ -209,8 +207,8 @@ def store_command(
 ) -> Callable[..., None]:
     """Make an async ``function(store, **options)`` a click callback taking ``store_url``.
 
-    The callback builds the store from the option, opens it (`open_store`,
-    never creating a schema) and runs the function in it with `run`. A
+    The callback builds the store from the option, opens it (`open_store`)
+    and runs the function in it with `run`. A
     function's ``check`` attribute, if set (`checks`), sees the options
     first: bad arguments are refused before any store is touched.
     """

@@ -8,8 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import click
 import trio
@@ -128,7 +127,7 @@ async def serve_until_signalled(
             outer.cancel_scope.cancel()
 
 
-async def _stop_on_signals(signals: Any, scope: trio.CancelScope) -> None:
+async def _stop_on_signals(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if not scope.cancel_called:
