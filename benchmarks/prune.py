@@ -21,7 +21,8 @@ report) is open for S seconds as the prune starts.
 
 Reported: the publisher's appends per second and its median, 99th
 percentile and worst append latency, alone and while pruning; how long the
-prune took; the events table's size (heap, indexes and TOAST, all
+prune took; how long `PostgresStore.seq_before` takes on the full log; the
+events table's size (heap, indexes and TOAST, all
 partitions) before, after the prune, after ``VACUUM``, and after appending
 ``--prune`` new events again (whether the freed space is reused).
 """
@@ -98,6 +99,18 @@ def _row(label: str, took: list[float], elapsed: float) -> str:
     )
 
 
+async def _time_seq_before(store: PostgresStore) -> list[float]:
+    """How long `PostgresStore.seq_before` takes, for times spread over the log."""
+    first, last = (await store.read(0, 1))[0], (await store.read(await store.head() - 1, 1))[0]
+    span = last.created_at - first.created_at
+    took = []
+    for step in range(21):
+        start = trio.current_time()
+        await store.seq_before(first.created_at + span * step / 20)
+        took.append(trio.current_time() - start)
+    return took
+
+
 async def _read(store: PostgresStore, schema: str, seconds: float) -> None:
     async with store.transaction() as tx:
         await tx.fetchval(f'SELECT count(*) FROM "{schema}".events')
@@ -135,6 +148,7 @@ async def _method(
                 await _partition(store, schema, 3 * (events + prune) + 200_000, part)
             await _fill(store, events)
             await store.commit_cursors({"reader": events})
+            searches = await _time_seq_before(store)
             alone, alone_s = await _measure(store, 10.0, None)
             before = await _size(store, schema)
 
@@ -174,6 +188,10 @@ async def _method(
             print(_row("alone (10 s)", alone, alone_s))
             print(_row(f"while pruning ({during_s:.1f} s)", during, during_s))
             print(f"prune took {during_s:.2f} s; VACUUM took {vacuum_s:.2f} s")
+            print(
+                f"seq_before on {events} events: median {statistics.median(searches) * 1e3:.2f} "
+                f"ms, max {max(searches) * 1e3:.2f} ms ({len(searches)} calls)"
+            )
             mib = 1024 * 1024
             print(
                 f"size MiB: before {before / mib:.1f}, after prune {pruned / mib:.1f}, after "

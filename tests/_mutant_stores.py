@@ -2,8 +2,9 @@
 
 `tests/test_contract_mutants.py` runs this module in a pytest process of its
 own (its name keeps the usual runs from collecting it) and checks that the
-contract's dead-letter tests catch every mutant, and that each of those tests
-catches one at least: a test that cannot fail checks nothing. The intact
+contract's dead-letter tests catch every dead-letter mutant, its retention
+tests every retention mutant, and that each of those tests catches one at
+least: a test that cannot fail checks nothing. The intact
 `MemoryStore` runs as the control, which must pass.
 
 Every suite here is the memory store's (``tests/test_store_contract.py``) on
@@ -22,6 +23,7 @@ import trio
 
 from tests import test_store_contract
 from trioflow._dead_letters import DeadLetter
+from trioflow.stores import CursorInfo, LogBounds
 from trioflow.stores.memory import MemoryStore
 
 _PLUS_TWO = datetime.timezone(datetime.timedelta(hours=2))
@@ -358,6 +360,132 @@ class LosesLettersOnReopen(MemoryStore):
             yield
 
 
+# -- retention -------------------------------------------------------------------------
+
+
+class PruneIgnoresCursors(MemoryStore):
+    """Prunes up to the bound whatever the cursors say."""
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        cursors = self._cursors
+        self._cursors = {}
+        try:
+            return await super().prune(through, limit=limit)
+        finally:
+            self._cursors = cursors
+
+
+class PruneIgnoresLetters(MemoryStore):
+    """Prunes the events dead letters refer to too."""
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        letters = self._dead
+        self._dead = {}
+        try:
+            return await super().prune(through, limit=limit)
+        finally:
+            self._dead = letters
+
+
+class PruneIgnoresLimit(MemoryStore):
+    """Deletes everything it may in one call, however small the limit."""
+
+    async def prune(self, through: int, *, limit: int) -> int:
+        return await super().prune(through, limit=10**9)
+
+
+class HeadGoesBack(MemoryStore):
+    """Reports the highest event stored as the head: 0 once everything is pruned."""
+
+    async def head(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._events[-1].seq if self._events else 0
+
+
+class ResetOnlyForward(MemoryStore):
+    """Sets a cursor only forward, as a commit does."""
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        previous = self._cursors.get(consumer)
+        await super().set_cursor(consumer, max(seq, previous or 0))
+        return previous
+
+
+class ResetBehindPruned(MemoryStore):
+    """Lets a cursor be set behind the pruned log."""
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        pruned, self._pruned_through = self._pruned_through, 0
+        try:
+            return await super().set_cursor(consumer, seq)
+        finally:
+            self._pruned_through = pruned
+
+
+class ResetChecksThenWaits(MemoryStore):
+    """Checks the bounds, then yields, then writes: a prune slips between."""
+
+    async def set_cursor(self, consumer: str, seq: int) -> int | None:
+        await trio.lowlevel.checkpoint()
+        if seq < self._pruned_through or seq > self._head:
+            return await super().set_cursor(consumer, seq)
+        await trio.lowlevel.checkpoint()
+        previous = self._cursors.get(consumer)
+        self._cursors[consumer] = seq
+        self._cursor_times[consumer] = self._now()
+        return previous
+
+
+class CursorsByTime(MemoryStore):
+    """Lists cursors in the order they were first stored, not by name."""
+
+    async def cursors(self) -> list[CursorInfo]:
+        listed = await super().cursors()
+        order = list(self._cursors)
+        return sorted(listed, key=lambda info: order.index(info.consumer))
+
+
+class FirstIsHead(MemoryStore):
+    """Says the first stored seq is the head when nothing is stored."""
+
+    async def log_bounds(self) -> LogBounds:
+        bounds = await super().log_bounds()
+        return attrs.evolve(bounds, first=min(bounds.first, bounds.head))
+
+
+class SeqBeforeInclusive(MemoryStore):
+    """Counts an event committed at the very time as committed before it."""
+
+    async def seq_before(self, time: datetime.datetime) -> int:
+        return await super().seq_before(time + datetime.timedelta(microseconds=1))
+
+
+class LosesPruningOnReopen(MemoryStore):
+    """Forgets how far the log was pruned when it is opened again."""
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        self._pruned_through = 0
+        async with super().open():
+            yield
+
+
+#: Each retention mutant, and the contract test written to catch it.
+RETENTION_MUTANTS: dict[type[MemoryStore], str] = {
+    PruneIgnoresCursors: "test_prune_keeps_every_event_a_cursor_needs",
+    PruneIgnoresLetters: "test_prune_keeps_every_event_a_letter_refers_to",
+    PruneIgnoresLimit: "test_prune_deletes_the_oldest_events_up_to_through_in_batches",
+    HeadGoesBack: "test_pruning_every_event_keeps_the_head_and_the_numbering",
+    ResetOnlyForward: "test_set_cursor_moves_a_cursor_either_way_and_returns_the_previous",
+    ResetBehindPruned: "test_set_cursor_refuses_a_position_outside_the_log",
+    ResetChecksThenWaits: "test_a_reset_racing_a_prune_never_loses_an_event_it_needs",
+    CursorsByTime: "test_cursors_lists_every_cursor_by_code_point_with_its_time",
+    FirstIsHead: "test_log_bounds_of_an_empty_and_a_growing_log",
+    SeqBeforeInclusive: "test_seq_before_finds_the_last_event_committed_before_a_time",
+    LosesPruningOnReopen: "test_pruning_and_resets_survive_reopening",
+}
+
+
 #: Each mutant, and the contract test written to catch it (others may too).
 MUTANTS: dict[type[MemoryStore], str] = {
     NoCursor: "test_dead_letter_moves_its_consumers_cursor_forward_never_back",
@@ -403,6 +531,6 @@ def _suite(store_class: type[MemoryStore]) -> type[test_store_contract.TestMemor
     return type(name, (test_store_contract.TestMemoryStore,), namespace)
 
 
-_STORE_CLASSES: list[type[MemoryStore]] = [MemoryStore, *MUTANTS]
+_STORE_CLASSES: list[type[MemoryStore]] = [MemoryStore, *MUTANTS, *RETENTION_MUTANTS]
 for _store_class in _STORE_CLASSES:
     globals()[f"Test{_store_class.__name__}"] = _suite(_store_class)

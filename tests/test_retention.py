@@ -17,6 +17,7 @@ from tests.test_store_sqlite import write_raw
 from trioflow.stores import LogBounds
 from trioflow.stores.memory import MemoryStore
 from trioflow.stores.sqlite import SQLiteStore
+from trioflow.testing import FaultyStore
 from trioflow.testing._store_contract import make_events, make_letter, read_all
 
 HOUR = datetime.timedelta(hours=1)
@@ -297,3 +298,27 @@ async def test_a_consumer_whose_cursor_is_behind_the_pruned_log_refuses_to_start
     async with trioflow.open_flow(app) as flow:
         await flow.wait_idle()
     assert seen == [7, 8, 9, 10]
+
+
+async def test_app_retention_goes_on_after_a_store_failure(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FaultyStore()
+    app = trioflow.App(store, retention=trioflow.Retention(max_age=60, interval=60, batch_size=2))
+    seen = recorder(app, "audit")
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", {"n": n}) for n in range(6)])
+        await flow.wait_idle()
+        await trio.sleep(1)  # the first check, at the start, has found nothing to do
+        # At 60 s a read fails; at 120 s the first batch is deleted, but its
+        # answer is lost. Each is logged, and the check after goes on.
+        store.fail_next("prune", lose_answer=True)
+        store.fail_next("seq_before")
+        await trio.sleep(150)
+        assert len(await read_all(store)) == 4
+        assert (await store.log_bounds()).pruned_through == 2
+        assert [r.getMessage() for r in caplog.records if "pruning failed" in r.getMessage()]
+        await trio.sleep(60)
+        assert await read_all(store) == []
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert ("prune", "lose") in store.injected and ("seq_before", "fail") in store.injected

@@ -234,7 +234,8 @@ class MemoryStore(Store):
 
     async def seq_before(self, time: datetime.datetime) -> int:
         await trio.lowlevel.checkpoint()
-        index = bisect.bisect_left(self._events, time, key=_created_at)
+        # A naive time counts as local time, as the SQL stores take it.
+        index = bisect.bisect_left(self._events, time.astimezone(datetime.UTC), key=_created_at)
         return self._events[index - 1].seq if index else 0
 
     async def prune(self, through: int, *, limit: int) -> int:
