@@ -127,14 +127,31 @@ async def running(
 
     With ``stdin`` its stdin is a pipe (`Child.send_line`), else it is inherited.
     """
+    argv = [sys.executable, str(CHILDREN / script), *map(str, args)]
+    async with running_argv(argv, stderr=stderr, stdin=stdin) as child:
+        yield child
+
+
+@contextlib.asynccontextmanager
+async def running_argv(
+    argv: Sequence[str],
+    *,
+    stderr: Path,
+    stdin: bool = False,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Child]:
+    """Run ``argv`` with stdout piped and stderr appended to a file; kill it if
+    still running on exit. ``env`` defaults to `child_environment`."""
     fd = os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         process = await trio.lowlevel.open_process(
-            [sys.executable, str(CHILDREN / script), *map(str, args)],
+            list(argv),
             stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=fd,
-            env=child_environment(),
+            cwd=cwd,
+            env=child_environment() if env is None else dict(env),
         )
     finally:
         os.close(fd)

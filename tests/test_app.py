@@ -148,3 +148,35 @@ def test_default_store_comes_from_the_environment(
 def test_a_store_instance_is_used_as_given() -> None:
     store = MemoryStore()
     assert trioflow.App(store).store is store
+
+
+def test_use_store_points_the_app_at_another_store_with_its_options() -> None:
+    app = trioflow.App(store="memory://", poll_interval=0.5)
+    before = app.store
+    app.use_store("memory://")
+    assert app.store is not before
+    assert app.store.poll_interval == 0.5
+
+
+def test_use_store_refuses_a_store_its_transactional_consumers_cannot_use(
+    tmp_path: Path,
+) -> None:
+    app = trioflow.App(store=f"sqlite:///{tmp_path}/app.db")
+
+    @app.consumer("projection", transactional=True)
+    async def project(event: trioflow.Event, tx: trioflow.Transaction) -> None:
+        pass
+
+    kept = app.store
+    with pytest.raises(trioflow.ConfigurationError, match="'projection' are transactional"):
+        app.use_store("memory://")
+    assert app.store is kept
+    with pytest.raises(trioflow.UnknownStoreError):
+        app.use_store("nowhere://")
+
+
+async def test_use_store_refuses_while_the_app_runs() -> None:
+    app = trioflow.App(store="memory://")
+    async with trioflow.open_flow(app):
+        with pytest.raises(trioflow.ConfigurationError, match="runs a flow"):
+            app.use_store("memory://")

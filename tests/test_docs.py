@@ -57,11 +57,14 @@ from pathlib import Path
 from typing import NoReturn
 
 import attrs
+import click
 import pytest
 from packaging.requirements import InvalidRequirement, Requirement
 
 from benchmarks.__main__ import check_command_line
 from tests.postgres._server import DEFAULT_URL, drop_schemas, require_server, with_options
+from trioflow.cli import cli as trioflow_cli
+from trioflow.cli._run import load_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -480,6 +483,40 @@ def check_mkdocs(shell: Shell, command: Command) -> None:
         shell.fail(command, "pyproject.toml's `docs` extra does not install mkdocs")
 
 
+#: Options with which a `trioflow` command never ends by itself.
+ENDLESS = frozenset({"--follow", "-f", "--watch"})
+
+
+def parse_trioflow(shell: Shell, command: Command) -> click.Command:
+    """Parse ``command``'s arguments as the `trioflow` command would; its subcommand."""
+    words = list(command.words[1:])
+    chosen: click.Command = trioflow_cli
+    while isinstance(chosen, click.Group):
+        if not words or words[0] not in chosen.commands:
+            shell.fail(command, f"no command {words[0] if words else ''!r} in {chosen.name}")
+        chosen = chosen.commands[words.pop(0)]
+    try:
+        chosen.make_context(chosen.name, words)
+    except click.ClickException as exc:
+        shell.fail(command, f"refused by its own parser: {exc.format_message()}")
+    return chosen
+
+
+def check_trioflow_run(shell: Shell, command: Command) -> None:
+    parse_trioflow(shell, command)
+    target = next(word for word in command.words[2:] if not word.startswith("-"))
+    try:
+        load_app(target)
+    except click.ClickException as exc:
+        shell.fail(command, exc.format_message())
+
+
+def run_trioflow(shell: Shell, command: Command) -> None:
+    parse_trioflow(shell, command)
+    if not ENDLESS.intersection(command.words):
+        run_command(shell, command)
+
+
 def check_createdb(shell: Shell, command: Command) -> None:
     database = DEFAULT_URL.rsplit("/", 1)[1]
     if command.words[1:] != (database,):
@@ -564,6 +601,19 @@ SHELL_RULES: tuple[Rule, ...] = (
         "not run (the database exists where the tests run): it must be the tests' database",
     ),
     Rule(("python",), run_command, "run"),
+    Rule(
+        ("trioflow", "run"),
+        check_trioflow_run,
+        "parsed by the command's own parser, and its MODULE:APP imported, not run: it serves "
+        "until a signal",
+    ),
+    Rule(
+        ("trioflow",),
+        run_trioflow,
+        "parsed by the command's own parser, then run in the copy of the repository (a store "
+        "file there is the docs' own), unless it follows or watches (--follow, --watch): it "
+        "would not end by itself",
+    ),
 )
 
 
@@ -796,6 +846,12 @@ def test_shell_lines_become_commands() -> None:
         ("python -m pytest tests/no_such_tests.py", "exit status 4"),
         ("python -c 'raise SystemExit(3)'", "exit status 3"),
         ("curl https://example.com", "no rule of SHELL_RULES"),
+        ("trioflow tail --no-such-option", "No such option '--no-such-option'"),
+        ("trioflow status --watch --interval 0", "refused by its own parser"),
+        ("trioflow no-such-command", "no command 'no-such-command' in trioflow"),
+        ("trioflow run examples.no_such_module:app", "no module named"),
+        ("trioflow run examples.served_app:nothing", "has no attribute 'nothing'"),
+        ("trioflow status", "exit status 3"),
     ],
 )
 def test_a_wrong_command_fails(line: str, failure: str, tmp_path: Path, server: Server) -> None:

@@ -20,7 +20,7 @@ def test_all_is_sorted_and_complete() -> None:
     )
     public = {name for name in dir(trioflow) if not name.startswith("_")}
     # Submodules are reachable but not part of the surface.
-    public -= {"stores", "testing", "metrics"}
+    public -= {"stores", "testing", "metrics", "cli"}
     assert public == set(trioflow.__all__)
 
 
@@ -71,23 +71,6 @@ def test_leases_are_public() -> None:
     assert "lease_ttl" in inspect.signature(trioflow.App).parameters
 
 
-def test_the_metrics_module_offers_a_collector_and_serve_metrics() -> None:
-    assert trioflow.metrics.__all__ == ["FlowCollector", "serve_metrics"]
-    # `trioflow run --metrics-port` calls it so.
-    parameters = inspect.signature(trioflow.metrics.serve_metrics).parameters
-    assert [(p.name, p.kind, p.default) for p in parameters.values()] == [
-        ("flow", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
-        ("port", inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty),
-        ("host", inspect.Parameter.KEYWORD_ONLY, "0.0.0.0"),
-        ("task_status", inspect.Parameter.KEYWORD_ONLY, trio.TASK_STATUS_IGNORED),
-    ]
-    fields = {field.name for field in attrs.fields(trioflow.FlowStatistics)}
-    assert {"publish_latency", "batch_size", "cursor_commit_latency", "store_errors"} <= fields
-    assert {"retries", "redelivered", "handler_duration"} <= {
-        field.name for field in attrs.fields(trioflow.ConsumerStatistics)
-    }
-
-
 def test_retention_is_public() -> None:
     import trioflow.stores
 
@@ -107,3 +90,43 @@ def test_retention_is_public() -> None:
     store_api = trioflow.stores.Store
     for method in ("cursors", "set_cursor", "log_bounds", "seq_before", "prune"):
         assert method in store_api.__abstractmethods__, method
+
+
+def test_the_command_is_a_click_group_with_its_exit_statuses() -> None:
+    import trioflow.cli
+
+    assert trioflow.cli.__all__ == ["ExitCode", "cli", "main"]
+    assert sorted(trioflow.cli.cli.commands) == [
+        "consumers",
+        "dead-letters",
+        "migrate",
+        "prune",
+        "run",
+        "status",
+        "tail",
+    ]
+    assert [(code.name, int(code)) for code in trioflow.cli.ExitCode] == [
+        ("OK", 0),
+        ("FAILED", 1),
+        ("USAGE", 2),
+        ("UNAVAILABLE", 3),
+        ("REFUSED", 4),
+        ("PENDING", 5),
+    ]
+
+
+def test_the_metrics_module_offers_a_collector_and_serve_metrics() -> None:
+    assert trioflow.metrics.__all__ == ["FlowCollector", "serve_metrics"]
+    # `trioflow run --metrics-port` calls it so.
+    parameters = inspect.signature(trioflow.metrics.serve_metrics).parameters
+    assert [(p.name, p.kind, p.default) for p in parameters.values()] == [
+        ("flow", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+        ("port", inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty),
+        ("host", inspect.Parameter.KEYWORD_ONLY, "0.0.0.0"),
+        ("task_status", inspect.Parameter.KEYWORD_ONLY, trio.TASK_STATUS_IGNORED),
+    ]
+    fields = {field.name for field in attrs.fields(trioflow.FlowStatistics)}
+    assert {"publish_latency", "batch_size", "cursor_commit_latency", "store_errors"} <= fields
+    assert {"retries", "redelivered", "handler_duration"} <= {
+        field.name for field in attrs.fields(trioflow.ConsumerStatistics)
+    }

@@ -212,13 +212,13 @@ class App:
         lease_ttl: float = 6.0,
         retention: Retention | datetime.timedelta | float | None = None,
     ) -> None:
-        if store is None:
-            store = default_store_url()
-        self.store: Store = store if isinstance(store, Store) else store_from_url(store)
+        self._poll_interval = (
+            None if poll_interval is None else _positive_float("poll_interval", poll_interval)
+        )
+        self._consumers: dict[str, ConsumerSpec] = {}
+        self.store: Store = self._build_store(default_store_url() if store is None else store)
         self.commit_every = _positive_int("commit_every", commit_every)
         self.commit_interval = _positive_float("commit_interval", commit_interval)
-        if poll_interval is not None:
-            self.store.poll_interval = _positive_float("poll_interval", poll_interval)
         self.page_size = _positive_int("page_size", page_size)
         self.page_bytes = _positive_int("page_bytes", page_bytes)
         self.max_batch = _positive_int("max_batch", max_batch)
@@ -242,7 +242,41 @@ class App:
             blocking_warning = _positive_float("blocking_warning", blocking_warning, hint=hint)
         self.blocking_warning = blocking_warning
         self.retention = None if retention is None else Retention.of(retention)
-        self._consumers: dict[str, ConsumerSpec] = {}
+
+    def use_store(self, store: str | Store) -> None:
+        """Point this App at another store, before it runs (``trioflow run --store``).
+
+        The App's own options (``poll_interval``) apply to the new store as
+        they did to the one it was built with.
+
+        Args:
+            store: A store URL or a `Store` instance, as for the constructor.
+
+        Raises:
+            ConfigurationError: The App runs a flow now, or it has a
+                transactional consumer and the new store cannot run
+                transactions.
+            UnknownStoreError: The store URL is not one trioflow can open.
+        """
+        if getattr(self, "_running", False):
+            raise ConfigurationError(
+                "this App runs a flow; stop it before pointing it at another store"
+            )
+        self.store = self._build_store(store)
+
+    def _build_store(self, store: str | Store) -> Store:
+        """The store ``store`` names, with this App's options, checked against its consumers."""
+        built = store if isinstance(store, Store) else store_from_url(store)
+        transactional = [spec.name for spec in self._consumers.values() if spec.transactional]
+        if transactional and not built.supports_transactions:
+            raise ConfigurationError(
+                f"consumers {', '.join(map(repr, transactional))} are transactional, but the "
+                f"{type(built).__name__} cannot run transactions: use the SQLite or "
+                "PostgreSQL store"
+            )
+        if self._poll_interval is not None:
+            built.poll_interval = self._poll_interval
+        return built
 
     @property
     def consumers(self) -> Mapping[str, ConsumerSpec]:

@@ -460,6 +460,23 @@ class Consumer:
     async def _incarnation(self, task_status: _StartedOnce) -> None:
         runner, spec = self._runner, self.spec
         cursor = (await runner.store.load_cursors()).get(spec.name)
+        known = self._cursor.committed
+        if (cursor is None and (known or self._position)) or (
+            cursor is not None and cursor < known
+        ):
+            # Flows never move a stored cursor back: an operator did
+            # (`trioflow consumers reset` or `remove`), holding its lease, so
+            # this flow lost the consumer meanwhile. Start from where the
+            # store says, not from what this flow had reached.
+            logger.warning(
+                "consumer %r: its stored cursor was moved back from %d to %s; it goes on "
+                "from there",
+                self.name,
+                known,
+                "none (it starts afresh)" if cursor is None else cursor,
+            )
+            runner.cursors.moved_back(self._cursor, cursor or 0, self._processed)
+            self._position = self._cursor.committed
         if cursor is None:
             cursor = await self._first_cursor()
         else:

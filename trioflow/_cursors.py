@@ -76,7 +76,9 @@ class CursorWriter:
     store: Store
     #: Whose fencing tokens every write carries, and who learns of refusals.
     leases: LeaseKeeper
-    _pending: dict[str, tuple[CursorProgress, int, int]] = attrs.Factory(dict)
+    #: Requested positions by consumer: (progress, seq, processed, the
+    #: fencing token of the ownership that reached seq).
+    _pending: dict[str, tuple[CursorProgress, int, int, int | None]] = attrs.Factory(dict)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     #: Woken after every write, successful or not.
     _changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
@@ -133,8 +135,22 @@ class CursorWriter:
             return
         progress._requested = seq
         progress._requested_processed = processed
-        self._pending[progress.name] = (progress, seq, processed)
+        # Fenced by the token it was reached under, not the one current when
+        # the write goes out: a position reached before the lease passed on
+        # must never land under a later ownership (after an operator's reset).
+        token = self.leases.token(progress.name)
+        self._pending[progress.name] = (progress, seq, processed, token)
         self._wakeup.set()
+
+    def moved_back(self, progress: CursorProgress, cursor: int, processed: int) -> None:
+        """The stored cursor is below the one this flow committed: an operator
+        moved it back (`Store.set_cursor`, or forgot it). Count from there, and
+        drop a request for a later position still pending.
+        """
+        progress._committed = progress._requested = cursor
+        progress._committed_processed = progress._requested_processed = processed
+        progress._error = None
+        self._pending.pop(progress.name, None)
 
     async def wait_durable(self, progress: CursorProgress, seq: int) -> None:
         """Wait until the consumer's durable cursor is at ``seq`` or beyond.
@@ -271,22 +287,28 @@ class CursorWriter:
             if request[1] > request[0]._committed
         }
         self._pending = {}
-        fences = self._fences(batch)
+        owned = self._fences(batch)
+        fences = {
+            name: token
+            for name, (_, _, _, token) in batch.items()
+            if token is not None and owned.get(name) == token
+        }
         for name in [name for name in batch if name not in fences]:
-            # Not this flow's (any more): nothing to write for it.
-            self._failed(batch.pop(name)[0], self._lost(name, fences))
+            # Not this flow's (any more), or reached under an ownership that
+            # ended: nothing to write for it.
+            self._failed(batch.pop(name)[0], self._lost(name, {}))
         if not batch:
             self._changed.unpark_all()
             return
         try:
             refused = await self._commit_cursors(
-                {name: seq for name, (_, seq, _) in batch.items()}, fences
+                {name: seq for name, (_, seq, _, _) in batch.items()}, fences
             )
         except Exception as exc:
-            for progress, _, _ in batch.values():
+            for progress, _, _, _ in batch.values():
                 self._failed(progress, exc)
         else:
-            for name, (progress, seq, processed) in batch.items():
+            for name, (progress, seq, processed, _) in batch.items():
                 if name in refused:
                     self._failed(progress, self._lost(name, fences))
                 else:

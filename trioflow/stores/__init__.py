@@ -10,7 +10,7 @@ processes on many machines.
 from __future__ import annotations
 
 from .._events import NewEvent
-from ._base import Appended, CursorInfo, LogBounds, Store, StoreWrapper
+from ._base import Appended, CursorInfo, LogBounds, SchemaStatus, Store, StoreWrapper
 from ._transactions import ParamStyle, Row, StoreTransaction
 from ._url import store_from_url
 
@@ -21,6 +21,7 @@ __all__ = [
     "NewEvent",
     "ParamStyle",
     "Row",
+    "SchemaStatus",
     "Store",
     "StoreTransaction",
     "StoreWrapper",

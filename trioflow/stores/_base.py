@@ -87,6 +87,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
+import trio
 
 from .._dead_letters import DeadLetter
 from .._errors import ConfigurationError, ConsumerStateError, PrunedLogError
@@ -115,6 +116,26 @@ class Appended:
     #: The batch as `Event`s, when the store built them anyway (else None:
     #: the runtime builds them from the `NewEvent`s and ``seqs``).
     events: Sequence[Event] | None = None
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class SchemaStatus:
+    """A store's schema version: the one it holds, and the one this trioflow writes.
+
+    Attributes:
+        stored: The version the store holds now; None when it holds no
+            trioflow schema yet (opening the store creates it).
+        current: The version this trioflow creates, and migrates older ones to,
+            when it opens the store.
+    """
+
+    stored: int | None
+    current: int
+
+    @property
+    def pending(self) -> bool:
+        """Whether opening the store would create or migrate its schema."""
+        return self.stored is None or self.stored < self.current
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -175,6 +196,22 @@ class Store(abc.ABC):
             StoreUnavailableError: The store cannot be reached or opened.
             SchemaVersionError: The schema was written by a newer trioflow.
         """
+
+    async def schema_status(self) -> SchemaStatus | None:
+        """Read the store's schema version, changing nothing; the store need not be open.
+
+        `open` creates or migrates the schema; this only says whether it
+        would (``trioflow migrate --check``). A schema newer than this
+        trioflow's is reported, not refused.
+
+        Returns:
+            The versions, or None for a store that keeps no schema (memory).
+
+        Raises:
+            StoreUnavailableError: The store cannot be reached.
+        """
+        await trio.lowlevel.checkpoint()
+        return None
 
     @abc.abstractmethod
     async def append(self, events: Sequence[NewEvent]) -> Appended:
@@ -393,6 +430,9 @@ class StoreWrapper(Store):
 
     def open(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self.inner.open()
+
+    async def schema_status(self) -> SchemaStatus | None:
+        return await self.inner.schema_status()
 
     async def record_dead_letter(
         self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None

@@ -261,6 +261,11 @@ async def _check_high_water(driver: Driver, sql: Queries) -> None:
     )
 
 
+async def stored_version(driver: Driver, sql: Queries) -> int | None:
+    """The schema version the database holds (None: no trioflow schema yet), changing nothing."""
+    return await _read_version(driver, sql)
+
+
 async def _read_version(conn: Driver | Transaction, sql: Queries) -> int | None:
     # A query on pg_tables, not to_regclass(): inside a transaction that
     # just waited for the migration lock, to_regclass() can answer from a

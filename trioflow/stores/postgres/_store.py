@@ -42,6 +42,7 @@ from .._base import (
     Appended,
     CursorInfo,
     LogBounds,
+    SchemaStatus,
     Store,
     check_limit,
     check_reset,
@@ -60,7 +61,7 @@ from ._driver import (
 )
 from ._listen import listen_forever
 from ._recovery import settle_in_doubt, settle_transaction
-from ._schema import DEFAULT_SCHEMA, check_schema_name, prepare
+from ._schema import DEFAULT_SCHEMA, SCHEMA_VERSION, check_schema_name, prepare, stored_version
 from ._sql import LETTER_COLUMNS, Queries, lock_key
 from ._transaction import PostgresTransaction
 from ._url import parse_url
@@ -301,6 +302,17 @@ class PostgresStore(Store):
             self._checkpointed_at.clear()
         if error is not None:
             raise error
+
+    async def schema_status(self) -> SchemaStatus:
+        """Read the schema's version on one connection of its own, changing nothing.
+
+        Raises:
+            StoreUnavailableError: The server cannot be reached or refused the login.
+        """
+        config = attrs.evolve(self._config, min_size=1, max_size=1)
+        async with open_driver(config) as driver:
+            stored = await stored_version(driver, self._sql)
+        return SchemaStatus(stored=stored, current=SCHEMA_VERSION)
 
     async def append(self, events: Sequence[NewEvent]) -> Appended:
         """Commit ``events`` in one round trip; see the module docstring for the order."""

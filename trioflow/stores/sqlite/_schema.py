@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Mapping, Sequence
 
 from ..._errors import SchemaVersionError, StoreError
@@ -143,6 +145,30 @@ def ensure_schema(writer: sqlite3.Connection, shown: str) -> None:
     # After the commit: a file whose cursors fail the check is still
     # migrated, and opens once they are fixed.
     _check_cursors(writer, shown)
+
+
+def read_version(path: str) -> int | None:
+    """The schema version of the file at ``path`` as it is, opened read-only (in a
+    worker thread); None if there is no file, or no trioflow schema in it yet.
+
+    Raises:
+        sqlite3.Error: The file cannot be read (the caller translates it).
+    """
+    if not os.path.exists(path):
+        return None
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        exists = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trioflow_schema'"
+        ).fetchall()
+        if not exists:
+            return None
+        rows = connection.execute("SELECT version FROM trioflow_schema").fetchall()
+    finally:
+        connection.close()
+    version = rows[0][0] if len(rows) == 1 else None
+    return version if isinstance(version, int) else None
 
 
 def _stored_version(writer: sqlite3.Connection, shown: str) -> int:

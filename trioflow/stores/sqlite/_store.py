@@ -16,12 +16,12 @@ from ..._dead_letters import DeadLetter
 from ..._errors import ConfigurationError, StoreError, StoreUnavailableError, UnknownStoreError
 from ..._events import Event, NewEvent
 from ..._leases import Lease
-from .._base import Appended, CursorInfo, LogBounds, Store, check_limit
+from .._base import Appended, CursorInfo, LogBounds, SchemaStatus, Store, check_limit
 from .._transactions import StoreTransaction
 from . import _sql
 from ._connections import new_connection, switch_to_wal, translate_errors, write_transaction
 from ._files import OpenedFile, check_directory, create_private
-from ._schema import ensure_schema
+from ._schema import SCHEMA_VERSION, ensure_schema, read_version
 from ._transaction import SQLiteTransaction
 from ._url import parse_url
 
@@ -193,6 +193,16 @@ class SQLiteStore(Store):
                     await self._close()
             finally:
                 self._is_open = False
+
+    async def schema_status(self) -> SchemaStatus:
+        """Read the file's schema version, changing nothing (a missing file is not created).
+
+        Raises:
+            StoreUnavailableError: The file cannot be read.
+        """
+        with self._errors("reading the schema version"):
+            stored = await trio.to_thread.run_sync(read_version, self._path)
+        return SchemaStatus(stored=stored, current=SCHEMA_VERSION)
 
     async def append(self, events: Sequence[NewEvent]) -> Appended:
         """Commit ``events`` atomically; see `Store.append`.
