@@ -65,3 +65,14 @@ def test_leases_are_public() -> None:
     assert not issubclass(trioflow.LeaseLostError, trioflow.StoreError)
     assert trioflow.LeaseLostError("x", keys=frozenset({"c"})).keys == {"c"}
     assert "lease_ttl" in inspect.signature(trioflow.App).parameters
+
+
+def test_batch_consumers_are_public() -> None:
+    assert issubclass(trioflow.BatchError, trioflow.TrioflowError)
+    assert not issubclass(trioflow.BatchError, trioflow.StoreError)
+    error = trioflow.BatchError(2, ValueError("x"))
+    assert (error.index, type(error.cause)) == (2, ValueError)
+    consumer = inspect.signature(trioflow.App.consumer).parameters
+    assert consumer["batch"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert consumer["max_wait"].default is None
+    assert "batch" in inspect.signature(trioflow.Flow.add_consumer).parameters
