@@ -282,6 +282,36 @@ async def test_exhaustion_narrows_a_batch_down_to_the_failing_event(
     assert (stats.processed, stats.dead_lettered, stats.cursor) == (5, 1, 6)
 
 
+async def test_a_named_event_is_given_up_alone_after_its_attempts_and_batches_go_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = trioflow.App(MemoryStore())
+    calls: list[list[int]] = []
+
+    @app.consumer(
+        "loader",
+        batch=10,
+        retry=trioflow.Retry(attempts=3, initial=0.5),
+        on_exhausted="dead-letter",
+    )
+    async def load(events: Events) -> None:
+        calls.append(seqs(events))
+        for index, event in enumerate(events):
+            if event.seq == 3:
+                raise trioflow.BatchError(index, KeyError(event.seq))
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", None)] * 6)
+        await flow.wait_idle()
+        letters = await flow.dead_letters("loader")
+        stats = flow.statistics().consumers["loader"]
+    assert calls == [[1, 2, 3, 4, 5, 6], [3, 4, 5, 6], [3, 4, 5, 6], [4, 5, 6]]
+    assert [(letter.seq, letter.attempts, letter.error_type) for letter in letters] == [
+        (3, 3, "builtins.KeyError")
+    ]
+    assert (stats.processed, stats.dead_lettered, stats.failures, stats.cursor) == (5, 1, 3, 6)
+
+
 async def test_a_rejected_event_in_a_batch_halts_there_and_resumes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -305,7 +335,8 @@ async def test_a_rejected_event_in_a_batch_halts_there_and_resumes(
         healed = True
         await flow.resume("loader")
         await flow.wait_idle()
-    assert calls == [[1, 2, 3, 4, 5], [3], [3, 4, 5]]
+    # Named by the BatchError, 3 halted at once, without a retry alone.
+    assert calls == [[1, 2, 3, 4, 5], [3, 4, 5]]
 
 
 async def test_the_timeout_is_per_batch(autojump_clock: trio.testing.MockClock) -> None:

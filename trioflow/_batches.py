@@ -10,13 +10,18 @@ What differs is here:
 * `handle_batches`: it cuts what it holds into batches of up to ``batch``
   events it selects (types, partition), calls the handler once per batch, and
   moves its position past a batch once the handler returns. A `BatchError`
-  moves it past the events the handler says it did; the delivery policy
-  decides on the failure, and a retry hands over the rest, in place, after
-  the backoff. When the policy gives up on a batch (its attempts ran out, or
-  `Reject`), the rest of the batch is narrowed down: handed over one event at
-  a time (batches of one), each with the whole policy, by the consumer's
-  per-event path, so only events that fail on their own become dead letters
-  or halt the consumer.
+  moves it past the events the handler says it did, and names the event that
+  failed; the delivery policy decides on the failure, and a retry hands over
+  the rest, in place, after the backoff. When the policy gives up:
+
+  - on a named event (a `BatchError`): that event is given up on (a dead
+    letter, or a halt), after its attempts, as a single event's would be,
+    and the rest goes on in batches;
+  - on a batch that failed as a whole (any other error, a timeout): the
+    failing event is unknown, so the rest of the batch is narrowed down:
+    handed over one event at a time (batches of one), each with the whole
+    policy, by the consumer's per-event path, so only events that fail on
+    their own become dead letters or halt the consumer.
 * Its redelivery bound counts batches: before a batch, it waits for its cursor
   to be durable if it would otherwise hold ``commit_every`` handled batches
   (or parts of batches a `BatchError` marked done) that are not.
@@ -29,6 +34,7 @@ that each file does one job.
 from __future__ import annotations
 
 import bisect
+import datetime
 import logging
 import math
 from collections.abc import Sequence
@@ -116,6 +122,10 @@ async def handle_batches(consumer: Consumer, events: Sequence[Event]) -> bool:
     return True
 
 
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
 def _seq(event: Event) -> int:
     return event.seq
 
@@ -124,6 +134,7 @@ async def _deliver(consumer: Consumer, chunk: Sequence[Event]) -> bool:
     """Handle one batch with the delivery policy; False if it stopped first."""
     policy = consumer.spec.policy
     attempts = 0
+    first_failed_at = _utcnow()
     while True:
         if consumer._must_stop() or not consumer._ownership.owned:
             # As for single events: no handler starts once the consumer is
@@ -134,11 +145,13 @@ async def _deliver(consumer: Consumer, chunk: Sequence[Event]) -> bool:
             await consumer._call_events(chunk)
         except Exception as exc:
             consumer._reraise_store_failure(exc)
-            index, error = _how_far(consumer, exc, len(chunk))
+            index, error, named = _how_far(consumer, exc, len(chunk))
             if index:
                 _done(consumer, chunk[:index])
                 chunk = chunk[index:]
                 attempts = 0  # the attempts count per first event of a batch
+            if not attempts:
+                first_failed_at = _utcnow()
             attempts += 1
             consumer._failures += 1
             decision = policy.after_failure(error, attempts)
@@ -150,6 +163,16 @@ async def _deliver(consumer: Consumer, chunk: Sequence[Event]) -> bool:
                     return False
                 continue
             consumer._stall = None
+            if named:
+                # The handler named the event that failed: give it up alone.
+                await consumer._give_up(
+                    chunk[0], error, attempts, first_failed_at, decision, requeued=False
+                )
+                consumer._position = chunk[0].seq
+                chunk, attempts = chunk[1:], 0
+                if not chunk:
+                    return True
+                continue
             if len(chunk) > 1:
                 logger.warning(
                     "consumer %r gave up on the batch of seqs %d..%d after %d attempt(s) "
@@ -189,10 +212,11 @@ async def _one_at_a_time(consumer: Consumer, events: Sequence[Event]) -> bool:
     return True
 
 
-def _how_far(consumer: Consumer, error: Exception, size: int) -> tuple[int, Exception]:
-    """How many events of a batch of ``size`` its failed handler did, and why it failed."""
+def _how_far(consumer: Consumer, error: Exception, size: int) -> tuple[int, Exception, bool]:
+    """How many events of a batch of ``size`` its failed handler did, why it failed,
+    and whether it named the event that failed (the one after those it did)."""
     if not isinstance(error, BatchError):
-        return 0, error
+        return 0, error, False
     if error.index >= size:
         logger.warning(
             "consumer %r: its handler raised BatchError(%d, ...) on a batch of %d events, "
@@ -202,8 +226,8 @@ def _how_far(consumer: Consumer, error: Exception, size: int) -> tuple[int, Exce
             error.index,
             size,
         )
-        return 0, error.cause
-    return error.index, error.cause
+        return 0, error.cause, False
+    return error.index, error.cause, True
 
 
 def _done(consumer: Consumer, events: Sequence[Event]) -> None:

@@ -61,6 +61,7 @@ from ._events import Event
 from ._groups import partition_of
 from ._ownership import LeaseKeeper, Ownership
 from ._pages import PageReader
+from ._policies import Decision
 from ._statistics import ConsumerStatistics, Stall
 from ._store_calls import SlowCalls
 from ._transactions import Transaction, append_published
@@ -870,14 +871,10 @@ class Consumer:
         while True:
             self._failures += 1
             decision = policy.after_failure(error, attempts)
-            if decision.action == "halt":
-                raise _Halted(event, error, attempts)
-            if decision.action == "dead-letter":
-                assert decision.reason is not None
-                await self._dead_letter(
-                    event, error, attempts, first_failed_at, decision.reason, requeued=requeued
+            if decision.action != "retry":
+                await self._give_up(
+                    event, error, attempts, first_failed_at, decision, requeued=requeued
                 )
-                self._stall = None
                 return "dead-lettered"
             if not await self._back_off(event, error, attempts, decision.delay):
                 return "stopped"
@@ -890,6 +887,26 @@ class Consumer:
                 continue
             self._stall = None
             return "handled"
+
+    async def _give_up(
+        self,
+        event: Event,
+        error: Exception,
+        attempts: int,
+        first_failed_at: datetime.datetime,
+        decision: Decision,
+        *,
+        requeued: bool,
+    ) -> None:
+        """Give ``event`` up as ``decision`` says: record it as a dead letter (the
+        cursor moved past it), or halt at it (by raising `_Halted`)."""
+        if decision.action == "halt":
+            raise _Halted(event, error, attempts)
+        assert decision.reason is not None
+        await self._dead_letter(
+            event, error, attempts, first_failed_at, decision.reason, requeued=requeued
+        )
+        self._stall = None
 
     async def _back_off(
         self, event: Event, error: Exception, attempts: int, delay: float, *, batch: int = 1

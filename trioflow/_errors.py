@@ -135,8 +135,11 @@ class BatchError(TrioflowError):
     redelivery bound). The rest failed with ``cause``: the consumer's delivery
     policy decides on ``cause`` as on any handler failure (``retry_on``, and
     `Reject` to give up at once), and a retry hands over a batch that starts
-    at the event at ``index``. Any other exception from a batch handler counts
-    as ``BatchError(0, error)``: nothing of the batch was done.
+    at the event at ``index``. Once the policy gives up, that event alone is
+    a dead letter (or halts the consumer), and the rest goes on in batches.
+    Any other exception from a batch handler means nothing of the batch was
+    done, and names no event: a batch given up on is then handed over again
+    one event at a time, to find the events that fail.
 
     In a transactional handler the whole transaction rolls back, so
     ``index`` is not used: none of the batch was done.
