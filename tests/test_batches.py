@@ -122,6 +122,25 @@ async def test_batches_hold_what_is_available_in_order(
     assert (stats.processed, stats.cursor) == (11, 11)
 
 
+async def test_a_handler_may_keep_or_change_its_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = trioflow.App(MemoryStore())
+    kept: list[Events] = []
+
+    @app.consumer("clearing", batch=10)
+    async def clear(events: Events) -> None:
+        kept.append(events)
+        events.clear()  # type: ignore[attr-defined]
+
+    calls = recorder(app, batch=10)
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", None)] * 25)
+        await flow.wait_idle()
+    assert calls == [list(range(1, 11)), list(range(11, 21)), list(range(21, 26))]
+    assert [list(batch) for batch in kept] == [[], [], []]
+
+
 async def test_events_waiting_in_the_feed_are_joined_into_one_batch(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -105,16 +105,18 @@ async def handle_batches(consumer: Consumer, events: Sequence[Event]) -> bool:
     filtered = spec.types is not None or spec.partition is not None
     start = bisect.bisect_right(events, consumer._position, key=_seq)
     while start < len(events):
+        chunk: Sequence[Event]
         if filtered:
-            chunk: list[Event] = []
+            selected: list[Event] = []
             end = start
-            while end < len(events) and len(chunk) < size:
+            while end < len(events) and len(selected) < size:
                 if consumer._selects(events[end]):
-                    chunk.append(events[end])
+                    selected.append(events[end])
                 end += 1
+            chunk = selected
         else:
             end = min(start + size, len(events))
-            chunk = list(events[start:end])
+            chunk = events[start:end]
         if chunk and not await _deliver(consumer, chunk):
             return False
         consumer._position = max(consumer._position, events[end - 1].seq)

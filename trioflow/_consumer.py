@@ -717,10 +717,11 @@ class Consumer:
                 await _plain(spec)(event)
             else:
                 await _with_transaction(spec)(event, tx)
+        # A list of its own, every call: the handler may keep or change it.
         elif tx is None:
-            await _batch_handler(spec)(events)
+            await _batch_handler(spec)(list(events))
         else:
-            await _batch_with_transaction(spec)(events, tx)
+            await _batch_with_transaction(spec)(list(events), tx)
 
     async def _call_timed(self, events: Sequence[Event], tx: Transaction | None = None) -> None:
         """Call the handler, cancelled after the policy's timeout (a failed attempt)."""
