@@ -472,3 +472,41 @@ async def test_a_transactional_batch_runs_in_one_transaction_and_narrows_on_fail
     assert [row["seq"] for row in rows] == [1, 2, 3, 4, 5, 7, 8, 9, 10]
     assert [letter.seq for letter in letters] == [6]
     assert (stats.cursor, stats.processed) == (10, 9)
+
+
+async def test_a_running_flow_adds_a_batch_consumer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = trioflow.App(MemoryStore())
+    calls: list[list[int]] = []
+
+    async def load(events: Events) -> None:
+        calls.append(seqs(events))
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", None)] * 5)
+        await flow.add_consumer("loader", load, batch=3, max_wait=0.5)
+        await flow.wait_idle()
+        with pytest.raises(trioflow.ConfigurationError, match="give it batch= too"):
+            await flow.add_consumer("other", load, max_wait=0.5)
+    assert calls == [[1, 2, 3], [4, 5]]
+
+
+async def test_stopping_cuts_a_max_wait_short_and_redelivers_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    app = trioflow.App(store)
+    calls = recorder(app, batch=10, max_wait=1_000.0)
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", None)] * 3)
+        await trio.sleep(1)
+        started = trio.current_time()
+    # It stopped at once, without waiting to fill the batch or handling it.
+    assert trio.current_time() - started < 1_000
+    assert calls == []
+    app = trioflow.App(store)
+    calls = recorder(app, batch=10)
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+    assert calls == [[1, 2, 3]]
