@@ -18,6 +18,11 @@ Cases (``--case`` selects by id; ``raw`` always runs, the ratios need it):
 ``publish-tasks``
     ``--publishers`` tasks each call ``publish`` one event at a time (trioflow
     groups concurrent calls into one store transaction).
+``batch``
+    As ``publish-many``, with batch consumers (``batch=1000``): each handler
+    call takes up to 1,000 events (the same per-event work, in a loop), and
+    ``commit_every`` is 1 batch: the cursor is durable up to the batch before
+    the one being handled.
 ``tx`` (SQLite and PostgreSQL stores)
     As ``publish-many``, with transactional consumers
     (``transactional=True, commit_every=C``) each inserting one effect row
@@ -123,6 +128,18 @@ class Tally:
             self.out_of_order += 1
         self.last = seq
         self.count += 1
+
+    async def handle_batch(self, events: Sequence[trioflow.Event]) -> None:
+        """`handle` each of ``events``, as a batch consumer's handler."""
+        last, out_of_order = self.last, 0
+        for event in events:
+            seq = event.seq
+            if seq != last + 1:
+                out_of_order += 1
+            last = seq
+        self.last = last
+        self.count += len(events)
+        self.out_of_order += out_of_order
 
 
 class EffectWriter:
@@ -287,6 +304,8 @@ async def _flow_run(
             app.consumer(
                 f"consumer-{index}", transactional=True, commit_every=variant.commit_every
             )(effects.handle)
+        elif variant.batch is not None:
+            app.consumer(f"consumer-{index}", batch=variant.batch)(tally.handle_batch)
         else:
             app.consumer(f"consumer-{index}")(tally.handle)
     async with trioflow.open_flow(app) as flow:
@@ -468,6 +487,17 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             batches=item_batches,
             baseline="asyncpg-commit1",
         ),
+        _FlowVariant(
+            id="batch",
+            description=(
+                f"as publish-many, with batch consumers (batch={PAGE_SIZE:,}): up to "
+                f"{PAGE_SIZE:,} events per handler call, commit_every=1 batch"
+            ),
+            commit_every=1,
+            batch=PAGE_SIZE,
+            batches=item_batches,
+            baseline="asyncpg",
+        ),
     ]
     tx_variants = [
         _FlowVariant(
@@ -538,6 +568,8 @@ class _FlowVariant:
     baseline: str | None = None
     #: Whether its consumers are transactional, each writing one effect row per event.
     transactional: bool = False
+    #: For batch consumers: the most events per handler call.
+    batch: int | None = None
 
     @property
     def events(self) -> int:
@@ -547,6 +579,8 @@ class _FlowVariant:
         params: dict[str, object] = {"commit_every": self.commit_every, "data_bytes": DATA_BYTES}
         if self.transactional:
             params.update(transactional=True, effect_rows=1)
+        if self.batch is not None:
+            params.update(consumer_batch=self.batch)
         if self.batches:
             params.update(publish="publish_many", batch_size=len(self.batches[0]))
         if self.shares:

@@ -25,6 +25,10 @@ ratios need it):
     the same handler, ``commit_every=--commit-every``,
     ``page_size=--page-size``: each consumer loads its cursor and replays
     the backlog from the store, committing its cursor as it goes.
+``batch``
+    As ``replay``, with batch consumers (``batch=--page-size``, default
+    ``commit_every``: one batch): each handler call takes up to a page of
+    events and runs the same handler on each.
 
 Figures: seconds runs from opening the store (entering ``open_flow``, or
 ``store.open()``) until every consumer had handled all N events and its
@@ -163,12 +167,19 @@ async def replay(
     *,
     commit_every: int,
     page_size: int,
+    batch: int | None = None,
 ) -> Figures:
-    """A new flow on the reopened store, timed until every consumer caught up and committed."""
+    """A new flow on the reopened store, timed until every consumer caught up and committed.
+
+    With ``batch``, its consumers are batch consumers of that many events.
+    """
     app = trioflow.App(reopen(), commit_every=commit_every, page_size=page_size, shutdown_grace=1.0)
     names = [f"consumer-{index}" for index in range(len(tallies))]
     for name, tally in zip(names, tallies, strict=True):
-        app.consumer(name)(tally.handle)
+        if batch is None:
+            app.consumer(name)(tally.handle)
+        else:
+            app.consumer(name, batch=batch)(tally.handle_batch)
     started = perf_counter()
     async with trioflow.open_flow(app) as flow:
         opened = perf_counter()
@@ -304,7 +315,7 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             params={**params, **extra},
             run=functools.partial(run_once, kind, backlog, measure, what=what, timeout=timeout),
             reference=case_id == "store-read" and kind.name == "memory",
-            baseline="store-read" if case_id == "replay" else None,
+            baseline="store-read" if case_id in ("replay", "batch") else None,
         )
 
     read_description = (
@@ -328,6 +339,16 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
                 replay_description,
                 page_size=page_size,
                 commit_every=commit_every,
+            )
+        )
+        cases.append(
+            case(
+                kind,
+                "batch",
+                functools.partial(flow, batch=page_size),
+                f"as replay, with batch consumers (batch={page_size:,}, commit_every=1 batch)",
+                page_size=page_size,
+                consumer_batch=page_size,
             )
         )
     return cases

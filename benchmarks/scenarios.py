@@ -25,6 +25,13 @@ Cases (``--case`` selects by id; ``raw`` always runs, the ratio needs it):
     ``types``, ``buffer``, ``commit_every`` and policy, handlers that sleep
     and raise as planned, until ``flow.wait_idle()``; a consumer that halts
     has its event healed and is resumed at once.
+``batch`` (once per ``--store``)
+    As ``trioflow``, with batch consumers (``batch=100``): each handler call
+    takes up to 100 events and runs the per-event handler on each, in order;
+    at the first that raises it raises ``trioflow.BatchError(index, error)``,
+    so the events before are done and the policy applies to that one, as for
+    a single event (the same check holds). A ``timeout`` is per call, so per
+    batch: the plan's, times 100.
 
 Per scenario: delivered ev/s is the events handled (each consumer counting
 the events of its types) over the time from the first publish until all were
@@ -93,6 +100,8 @@ Figures = Mapping[str, float]
 T = TypeVar("T")
 
 #: How a consumer is restarted after a store error (see `benchmarks._scenario_plans`).
+#: The batch case's consumers' ``batch``.
+SCENARIO_BATCH = 100
 RESTART = trioflow.RestartPolicy(initial=BACKOFF_INITIAL_S, maximum=BACKOFF_MAXIMUM_S)
 #: The defaults of ``--scenarios`` and ``--seed``.
 DEFAULT_SCENARIOS = 20
@@ -430,10 +439,10 @@ class _Settings:
     max_consumers: int
     timeout: float
 
-    def reproduce(self, store: str | None, number: int) -> str:
-        """The command running scenario ``number`` alone on ``store``."""
+    def reproduce(self, store: str | None, number: int, case: str = "trioflow") -> str:
+        """The command running scenario ``number`` alone on ``store`` (its ``case``)."""
         command = ["python", "-m", "benchmarks", "run", "scenarios"]
-        command += ["--store", store or "memory", "--case", "raw" if store is None else "trioflow"]
+        command += ["--store", store or "memory", "--case", "raw" if store is None else case]
         command += ["--seed", str(self.seed), "--scenarios", str(self.count)]
         if self.max_events != MAX_EVENTS:
             command += ["--events", str(self.max_events)]
@@ -578,8 +587,27 @@ async def _resume_halted(
                 await flow.resume(name)
 
 
+def _batch_handler(
+    recorder: Recorder,
+) -> Callable[[Sequence[trioflow.Event]], Awaitable[None]]:
+    """A batch consumer's handler: ``recorder``'s on each event, saying how far it got."""
+
+    async def handle(events: Sequence[trioflow.Event]) -> None:
+        for index, event in enumerate(events):
+            try:
+                await recorder.handle(event)
+            except InjectedFailure as exc:
+                raise trioflow.BatchError(index, exc) from exc
+
+    return handle
+
+
 async def _flow_run(
-    store: Store, scenario: Scenario, prepared: Prepared, recorders: Sequence[Recorder]
+    store: Store,
+    scenario: Scenario,
+    prepared: Prepared,
+    recorders: Sequence[Recorder],
+    batch: int | None = None,
 ) -> tuple[_Timed, trioflow.FlowStatistics, list[GivenUp]]:
     # Stopping is not measured; a short grace keeps a run quick should
     # stopping wait out its grace period.
@@ -587,17 +615,26 @@ async def _flow_run(
     for number, (plan, recorder) in enumerate(
         zip(scenario.consumers, recorders, strict=True), start=1
     ):
-        app.consumer(
-            consumer_name(number),
-            types=plan.types,
-            buffer=plan.buffer,
-            commit_every=plan.commit_every,
-            retry=trioflow.Retry(
-                attempts=plan.attempts, initial=BACKOFF_INITIAL_S, maximum=BACKOFF_MAXIMUM_S
-            ),
-            timeout=plan.timeout,
-            on_exhausted=plan.on_exhausted,
-        )(recorder.handle)
+        retry = trioflow.Retry(
+            attempts=plan.attempts, initial=BACKOFF_INITIAL_S, maximum=BACKOFF_MAXIMUM_S
+        )
+        options: trioflow.ConsumerOptions = {
+            "types": plan.types,
+            "buffer": plan.buffer,
+            "retry": retry,
+            "on_exhausted": plan.on_exhausted,
+        }
+        name = consumer_name(number)
+        if batch is None:
+            options["commit_every"] = plan.commit_every
+            options["timeout"] = plan.timeout
+            app.consumer(name, **options)(recorder.handle)
+        else:
+            # commit_every counts batches: 1 (the default) is the closest to
+            # a bound of commit_every events; the timeout is per call.
+            if plan.timeout is not None:
+                options["timeout"] = plan.timeout * batch
+            app.consumer(name, batch=batch, **options)(_batch_handler(recorder))
     calls = [
         [(prepared.types[index], prepared.data[index]) for index in batch]
         for batch in prepared.batches
@@ -674,10 +711,18 @@ def _unplanned(records: Sequence[logging.LogRecord]) -> list[logging.LogRecord]:
 
 
 def _flow_scenario(
-    kind: StoreKind, scenario: Scenario, prepared: Prepared, seconds: float, settings: _Settings
+    kind: StoreKind,
+    scenario: Scenario,
+    prepared: Prepared,
+    seconds: float,
+    settings: _Settings,
+    *,
+    batch: int | None = None,
 ) -> ScenarioFigures:
-    what = f"trioflow on {kind.name}"
-    reproduce = settings.reproduce(kind.name, scenario.number)
+    what = f"trioflow on {kind.name}" if batch is None else f"batch consumers on {kind.name}"
+    reproduce = settings.reproduce(
+        kind.name, scenario.number, "trioflow" if batch is None else "batch"
+    )
     recorders = [
         Recorder(sleeps, failing, poison, plan.attempts)
         for sleeps, failing, poison, plan in zip(
@@ -686,7 +731,7 @@ def _flow_scenario(
     ]
     with kind.fresh() as store, _trioflow_log() as records:
         outcome = _run_for(
-            seconds, functools.partial(_flow_run, store, scenario, prepared, recorders)
+            seconds, functools.partial(_flow_run, store, scenario, prepared, recorders, batch)
         )
     if outcome is None:
         raise _timed_out(scenario, recorders, seconds, what, reproduce)
@@ -945,13 +990,14 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
     ]
     for kind in options.stores:
 
-        def run(kind: StoreKind = kind) -> Figures:
-            runner = functools.partial(_flow_scenario, kind)
+        def run(kind: StoreKind = kind, batch: int | None = None) -> Figures:
+            runner = functools.partial(_flow_scenario, kind, batch=batch)
+            label = "trioflow" if batch is None else "batch"
             return run_scenarios(
                 scenarios,
                 runner,
                 settings,
-                label=f"trioflow on {kind.name}",
+                label=f"{label} on {kind.name}",
                 progress=options.progress,
             )
 
@@ -968,6 +1014,21 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
                 events=events,
                 params=params,
                 run=run,
+            )
+        )
+        cases.append(
+            Case(
+                id="batch",
+                description=(
+                    f"as trioflow, with batch consumers (batch={SCENARIO_BATCH}) whose handler "
+                    "runs the per-event one on each event and raises BatchError(index, error) "
+                    "at the first that fails; timeout per batch (the plan's, times the batch)"
+                ),
+                store=kind.name,
+                consumers=consumers,
+                events=events,
+                params={**params, "consumer_batch": SCENARIO_BATCH},
+                run=functools.partial(run, kind, SCENARIO_BATCH),
             )
         )
     return cases

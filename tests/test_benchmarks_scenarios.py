@@ -41,6 +41,7 @@ def _check_report(report: dict[str, object], store: str, stderr: str, stdout: st
     assert [(result["case"], result["store"]) for result in results] == [
         ("raw", None),
         ("trioflow", store),
+        ("batch", store),
     ]
     for result in results:
         (run,) = result["runs"]
@@ -58,16 +59,18 @@ def _check_report(report: dict[str, object], store: str, stderr: str, stdout: st
             assert run[f"s{number:02d}.delivered_per_s"] > 0
             assert run[f"s{number:02d}.p99_ms"] >= run[f"s{number:02d}.p50_ms"]
         assert f"| {result['case']} " in stdout
-    raw, flow = results
+    raw, *flows = results
     assert raw["runs"][0]["failures"] == 0
-    # Every planned failure was raised once and redelivered exactly once, but
-    # for the last failure of each event given up on as a dead letter.
-    assert (
-        flow["runs"][0]["redeliveries"] + flow["runs"][0]["dead_letters"]
-        == flow["runs"][0]["failures"]
-    )
-    assert flow["runs"][0]["rewound"] == 0
-    for label in ("raw", f"trioflow on {store}"):
+    for flow in flows:
+        # Every planned failure was raised once and redelivered exactly once,
+        # but for the last failure of each event given up on as a dead letter.
+        assert (
+            flow["runs"][0]["redeliveries"] + flow["runs"][0]["dead_letters"]
+            == flow["runs"][0]["failures"]
+        )
+        assert flow["runs"][0]["rewound"] == 0
+    assert flows[1]["params"]["consumer_batch"] == 100
+    for label in ("raw", f"trioflow on {store}", f"batch on {store}"):
         assert sum(f"  {label} scenario " in line for line in stderr.splitlines()) == 3
 
 
@@ -380,19 +383,26 @@ def test_a_scenario_that_never_finishes_fails(
 SETTINGS = scenarios._Settings(seed=1, count=4, max_events=30, max_consumers=16, timeout=60.0)
 
 
-def test_trioflow_runs_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("batch", "case", "what"), [(None, "trioflow", "trioflow"), (4, "batch", "batch consumers")]
+)
+def test_trioflow_runs_are_checked_too(
+    monkeypatch: pytest.MonkeyPatch, batch: int | None, case: str, what: str
+) -> None:
     monkeypatch.setattr(scenarios, "Recorder", _Forgetful)
     scenario = attrs.evolve(_scenario(_plan(), _plan(types=("order.paid",))), events=6)
 
     with pytest.raises(BenchmarkFailed) as failed:
-        scenarios._flow_scenario(STORES["memory"], scenario, prepare(scenario), 60.0, SETTINGS)
+        scenarios._flow_scenario(
+            STORES["memory"], scenario, prepare(scenario), 60.0, SETTINGS, batch=batch
+        )
 
     message = str(failed.value)
-    assert message.startswith("trioflow on memory: scenario 4 broke the delivery guarantees")
+    assert message.startswith(f"{what} on memory: scenario 4 broke the delivery guarantees")
     assert "consumer c01 (no sleep, commit 10): call 2 was given seq 3 where seq 2 was due" in (
         message
     )
-    assert "--store memory --case trioflow --seed 1 --scenarios 4 --events 30 --only 4" in message
+    assert f"--store memory --case {case} --seed 1 --scenarios 4 --events 30 --only 4" in message
 
 
 def _policy_scenario() -> Scenario:
@@ -418,13 +428,16 @@ def _policy_scenario() -> Scenario:
     )
 
 
-def test_trioflow_runs_dead_letter_and_halt_as_planned() -> None:
+@pytest.mark.parametrize("batch", [None, 5])
+def test_trioflow_runs_dead_letter_and_halt_as_planned(batch: int | None) -> None:
     scenario = _policy_scenario()
     prepared = prepare(scenario)
     letters, halts = (prepared.given_up(number, scenario.consumers[number]) for number in (0, 1))
     assert letters and halts and prepared.failing[2], "the draw plans no letter, halt or failure"
 
-    figures = scenarios._flow_scenario(STORES["memory"], scenario, prepared, 60.0, SETTINGS)
+    figures = scenarios._flow_scenario(
+        STORES["memory"], scenario, prepared, 60.0, SETTINGS, batch=batch
+    )
 
     assert (figures.dead_letters, figures.halts) == (len(letters), len(halts))
     assert figures.store_errors == figures.rewound == 0

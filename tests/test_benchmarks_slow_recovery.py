@@ -202,7 +202,12 @@ def test_recovery_runs_and_passes_its_check(
     assert report["workload"] == "recovery"
     assert report["reference_case"] == "store-read"
     results = {(result["case"], result["store"]): result for result in report["results"]}
-    assert set(results) == {("store-read", "memory"), ("store-read", store), ("replay", store)}
+    assert set(results) == {
+        ("store-read", "memory"),
+        ("store-read", store),
+        ("replay", store),
+        ("batch", store),
+    }
     # The memory store's read is the one reference, and it runs first.
     assert [r["reference"] for r in report["results"]] == [True] + [False] * (len(results) - 1)
     for result in results.values():
@@ -217,6 +222,9 @@ def test_recovery_runs_and_passes_its_check(
     assert replay["baseline_case"] == "store-read"
     assert replay["ratio_to_baseline"]["delivered_per_s"] > 0
     assert replay["params"]["commit_every"] == 10
+    batch = results["batch", store]
+    assert batch["baseline_case"] == "store-read"
+    assert batch["params"]["consumer_batch"] == batch["params"]["page_size"]
     assert "| vs memory read | vs store read |" in captured.out
 
 
@@ -265,6 +273,7 @@ def _kind(store_class: type[Store]) -> StoreKind:
     [
         (_LossyReadStore, "read", r"consumer 0 handled 19 events ending at seq 20 with 1 out"),
         (_LossyReadStore, "replay", r"consumer 0 handled 19 events ending at seq 20 with 1 out"),
+        (_LossyReadStore, "batch", r"consumer 0 handled 19 events ending at seq 20 with 1 out"),
         (_ForgetfulStore, "read", r"committed cursors \{'consumer-0': 19, 'consumer-1': 19\}"),
     ],
 )
@@ -280,6 +289,7 @@ def test_recovery_fails_when_a_consumer_misses_an_event_or_its_cursor(
     measures: dict[str, recovery.Measure] = {
         "read": functools.partial(recovery.read_backlog, page_size=6),
         "replay": functools.partial(recovery.replay, commit_every=5, page_size=6),
+        "batch": functools.partial(recovery.replay, commit_every=5, page_size=6, batch=6),
     }
     with pytest.raises(BenchmarkFailed, match=problem):
         recovery.run_once(_kind(store_class), backlog, measures[measure], what=measure, timeout=30)
@@ -301,4 +311,9 @@ def test_slow_consumer_and_recovery_on_postgres(
     report = json.loads(recovery_out.read_text(encoding="utf-8"))
     assert report["machine"]["postgresql"]
     ran = {(result["case"], result["store"]) for result in report["results"]}
-    assert ran == {("store-read", "memory"), ("store-read", "postgres"), ("replay", "postgres")}
+    assert ran == {
+        ("store-read", "memory"),
+        ("store-read", "postgres"),
+        ("replay", "postgres"),
+        ("batch", "postgres"),
+    }

@@ -23,7 +23,7 @@ from benchmarks._harness import BenchmarkFailed
 from benchmarks._stores import POSTGRES_URL_VARIABLE, STORES, fresh_postgres_schema
 from tests._servers import server_missing
 
-FLOW_CASES = ("publish-many", "publish-many-commit1", "publish-tasks")
+FLOW_CASES = ("publish-many", "publish-many-commit1", "batch", "publish-tasks")
 #: The cases of transactional consumers, on the stores that run transactions.
 TX_CASES = ("tx", "tx-commit1")
 POSTGRES_STORES = ("postgres", "postgres-async", "postgres-unlogged")
@@ -134,6 +134,7 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
             ("publish-many", "asyncpg"),
             ("publish-tasks", "asyncpg"),
             ("publish-many-commit1", "asyncpg-commit1"),
+            ("batch", "asyncpg"),
             ("asyncpg-tx", "asyncpg-tx"),
             ("tx", "asyncpg-tx"),
             ("asyncpg-tx-commit1", "asyncpg-tx-commit1"),
@@ -153,6 +154,7 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
             assert (params["cursor_durability"], params["commit_every"]) == ("sync", every)
             assert params["transactional"]
         assert results["tx-commit1", store]["params"]["commit_every"] == 1
+        assert results["batch", store]["params"]["consumer_batch"] == 1000
     assert "| vs hand-written |" in captured.out
     assert "| asyncpg-commit1      | postgres-unlogged |" in captured.out
 

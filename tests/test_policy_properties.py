@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trioflow
+from tests import _mending as mending
 from trioflow._policies import ON_EXHAUSTED, OVERFLOWS
 from trioflow.stores.memory import MemoryStore
 
@@ -165,13 +166,7 @@ def run_scenario(scenario: Scenario) -> Run:
 
     async def mend(flow: trioflow.Flow) -> None:
         await note_halts(flow)
-        for name, stats in flow.statistics().consumers.items():
-            if stats.halted:
-                await flow.resume(name)
-            letters = [letter.seq for letter in await flow.dead_letters(name)]
-            if letters:
-                run.requeued[name].update(letters)
-                await flow.requeue(name, letters)
+        await mending.mend(flow, run.requeued.__getitem__)
 
     async def main() -> None:
         nonlocal healed
@@ -204,18 +199,7 @@ def run_scenario(scenario: Scenario) -> Run:
                         break
         healed = True
         async with trioflow.open_flow(build_app()) as flow:
-            # Mend (resume, requeue) until every consumer is level and idle:
-            # failures that were planned to end keep happening a few times.
-            for _ in range(12):
-                await mend(flow)
-                with trio.move_on_after(1_000) as waiting:
-                    await flow.wait_idle()
-                stats = flow.statistics().consumers.values()
-                settled = not waiting.cancelled_caught and not any(s.halted for s in stats)
-                if settled and not await flow.dead_letters():
-                    break
-            else:
-                raise AssertionError("the consumers did not settle")
+            await mending.settle(flow, mend)
             await note_halts(flow)
         # What was published: a publish given up on may or may not have been.
         async with store.open():

@@ -130,3 +130,14 @@ def test_the_metrics_module_offers_a_collector_and_serve_metrics() -> None:
     assert {"retries", "redelivered", "handler_duration"} <= {
         field.name for field in attrs.fields(trioflow.ConsumerStatistics)
     }
+
+
+def test_batch_consumers_are_public() -> None:
+    assert issubclass(trioflow.BatchError, trioflow.TrioflowError)
+    assert not issubclass(trioflow.BatchError, trioflow.StoreError)
+    error = trioflow.BatchError(2, ValueError("x"))
+    assert (error.index, type(error.cause)) == (2, ValueError)
+    consumer = inspect.signature(trioflow.App.consumer).parameters
+    assert consumer["batch"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert consumer["max_wait"].default is None
+    assert "batch" in inspect.signature(trioflow.Flow.add_consumer).parameters

@@ -11,6 +11,7 @@ from ._app import ConsumerSpec as ConsumerSpec
 from ._app import StartFrom as StartFrom
 from ._dead_letters import DeadLetter as DeadLetter
 from ._errors import BackpressureError as BackpressureError
+from ._errors import BatchError as BatchError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConsumerStateError as ConsumerStateError
 from ._errors import FlowClosedError as FlowClosedError
@@ -60,6 +61,7 @@ __all__ = [
     "MAX_DEPTH",
     "App",
     "BackpressureError",
+    "BatchError",
     "ConfigurationError",
     "ConsumerOptions",
     "ConsumerSpec",

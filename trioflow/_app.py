@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections.abc
 import datetime
 import inspect
 import math
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Literal, TypedDict, TypeVar, Unpack, overload
 
 import attrs
@@ -32,6 +34,14 @@ from .stores._url import default_store_url, store_from_url
 #: transactional consumer, its Transaction).
 Handler = Callable[[Event], Awaitable[object]] | Callable[[Event, Transaction], Awaitable[object]]
 H = TypeVar("H", bound=Handler)
+#: A batch consumer's handler (``batch=``): an async function taking a
+#: sequence of Events, in order (and, for a transactional consumer, their
+#: Transaction).
+BatchHandler = (
+    Callable[[Sequence[Event]], Awaitable[object]]
+    | Callable[[Sequence[Event], Transaction], Awaitable[object]]
+)
+B = TypeVar("B", bound=BatchHandler)
 
 #: Where a consumer with no stored cursor begins.
 StartFrom = Literal["earliest", "latest"]
@@ -65,7 +75,8 @@ class ConsumerSpec:
 
     Attributes:
         name: The durable name its cursor is stored under.
-        handler: The async function called once per event, in order.
+        handler: The async function called once per event, in order (once
+            per batch of events for a batch consumer).
         types: The event types it receives, or None for all.
         start: Where it begins when the store holds no cursor for it yet.
         buffer: The most events held for it in memory, or None (unbounded).
@@ -81,10 +92,14 @@ class ConsumerSpec:
         partition: For one partition of a group, as a flow runs it: which one.
         transactional: Whether its handler runs in a store transaction that
             also moves its cursor (exactly-once effects), taking ``(event, tx)``.
+        batch: For a batch consumer, the most events its handler takes per
+            call (a sequence of them); None for a consumer of single events.
+        max_wait: For a batch consumer, how long (seconds) to wait for more
+            events to fill a batch once one is available; None: never wait.
     """
 
     name: str
-    handler: Handler
+    handler: Handler | BatchHandler
     types: frozenset[str] | None
     start: StartFrom
     buffer: int | None
@@ -95,6 +110,8 @@ class ConsumerSpec:
     partitions: int | None = None
     partition: int | None = None
     transactional: bool = False
+    batch: int | None = None
+    max_wait: float | None = None
 
     def partition_spec(self, partition: int) -> ConsumerSpec:
         """The spec of one partition of this group: its own cursor and lease key."""
@@ -288,6 +305,17 @@ class App:
 
     @overload
     def consumer(
+        self,
+        name: str | None = None,
+        /,
+        *,
+        batch: int,
+        max_wait: float | None = None,
+        **options: Unpack[ConsumerOptions],
+    ) -> Callable[[B], B]: ...
+
+    @overload
+    def consumer(
         self, name: str | None = None, /, **options: Unpack[ConsumerOptions]
     ) -> Callable[[H], H]: ...
 
@@ -295,8 +323,11 @@ class App:
         self,
         name: str | H | None = None,
         /,
+        *,
+        batch: int | None = None,
+        max_wait: float | None = None,
         **options: Unpack[ConsumerOptions],
-    ) -> H | Callable[[H], H]:
+    ) -> H | Callable[[H], H] | Callable[[B], B]:
         """Register an async function as a durable consumer.
 
         Use as ``@app.consumer("audit")``, with options, or bare as
@@ -348,7 +379,19 @@ class App:
                 together, so each event's effect is applied exactly once, even
                 across crashes. ``commit_every`` (default 1 here) events share
                 one transaction. Needs the SQLite or PostgreSQL store (see
-                docs/transactions.md).
+                docs/transactions.md). With ``batch``: one transaction per
+                batch, ``async def handler(events, tx)``.
+            batch: Make it a batch consumer: its handler takes a sequence of
+                up to this many events, in order (``async def
+                handler(events)``), handed over as soon as they are available
+                (all that are, up to ``batch``; during a replay, at most a
+                page). Its cursor moves once the handler returns; a handler
+                that did part of a batch says how far it got by raising
+                `BatchError`. ``commit_every`` then counts batches (default
+                1). See the README's "Batch consumers".
+            max_wait: For a batch consumer: once events are available, wait up
+                to this many seconds for more, to fill the batch. None
+                (default): hand over what is available at once.
 
         Returns:
             The function itself, unchanged.
@@ -358,12 +401,21 @@ class App:
                 not async or cannot take an event, or an option is invalid.
         """
         if callable(name):
-            if options:
+            if options or batch is not None or max_wait is not None:
                 raise ConfigurationError(
                     "give options with the consumer's name: @app.consumer('name', ...)"
                 )
             self._register(self.make_spec(name))
             return name
+
+        if batch is not None or max_wait is not None:
+
+            def decorate_batch(handler: B) -> B:
+                spec = self.make_spec(handler, name, batch=batch, max_wait=max_wait, **options)
+                self._register(spec)
+                return handler
+
+            return decorate_batch
 
         def decorate(handler: H) -> H:
             self._register(self.make_spec(handler, name, **options))
@@ -373,7 +425,7 @@ class App:
 
     def make_spec(
         self,
-        handler: Handler,
+        handler: Handler | BatchHandler,
         name: str | None = None,
         *,
         types: Iterable[str] | None = None,
@@ -388,6 +440,8 @@ class App:
         on_exhausted: OnExhausted = "retry-forever",
         partitions: int | None = None,
         transactional: bool = False,
+        batch: int | None = None,
+        max_wait: float | None = None,
     ) -> ConsumerSpec:
         """Check a consumer's handler and options, with this App's defaults, and
         return its `ConsumerSpec` without registering it (`Flow.add_consumer`
@@ -403,7 +457,22 @@ class App:
             )
         if not isinstance(transactional, bool):
             raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
-        _check_takes_one_event(handler, transactional=transactional)
+        if batch is not None:
+            _positive_int("batch", batch)
+        if max_wait is not None:
+            if batch is None:
+                raise ConfigurationError(
+                    "max_wait is how long a batch consumer waits to fill a batch: give it "
+                    "batch= too (batch=1000, say), or drop max_wait"
+                )
+            max_wait = _positive_float("max_wait", max_wait, hint=" (or None: never wait)")
+        if batch is not None and transactional and commit_every is not None:
+            raise ConfigurationError(
+                "a transactional batch consumer commits its cursor in each batch's "
+                "transaction, so commit_every does not apply: drop it (batch= sets the "
+                "events per transaction)"
+            )
+        _check_takes_one_event(handler, transactional=transactional, batch=batch is not None)
         if transactional and not self.store.supports_transactions:
             raise ConfigurationError(
                 f"consumer {name!r} is transactional, but the {type(self.store).__name__} "
@@ -458,10 +527,13 @@ class App:
             overflow=overflow,
             # A transactional consumer's cursor moves in each handler's
             # transaction: one event per transaction unless asked for more.
-            commit_every=(1 if transactional else self.commit_every)
+            # A batch consumer's counts batches: after each, by default.
+            commit_every=(1 if transactional or batch is not None else self.commit_every)
             if commit_every is None
             else _positive_int("commit_every", commit_every),
             transactional=transactional,
+            batch=batch,
+            max_wait=max_wait,
             policy=delivery_policy(
                 retry=self.retry if retry is None else retry,
                 retry_on=retry_on,
@@ -487,24 +559,71 @@ def _is_async_callable(obj: object) -> bool:
     )
 
 
-def _check_takes_one_event(handler: Callable[..., object], *, transactional: bool = False) -> None:
-    """Refuse a handler that cannot be called with the event (and, for a
-    transactional consumer, its transaction) as positional arguments."""
+def _check_takes_one_event(
+    handler: Callable[..., object], *, transactional: bool = False, batch: bool = False
+) -> None:
+    """Refuse a handler that cannot be called with the event (a batch
+    consumer's: the sequence of events; and, for a transactional consumer, its
+    transaction) as positional arguments, or whose annotation says it takes
+    the other kind: one event where a batch comes, or the reverse."""
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):
         return  # Some callables (builtins, C extensions) have no signature to check.
+    what, call = (
+        ("the sequence of events", "async def handler(events")
+        if batch
+        else ("the event", "async def handler(event")
+    )
     try:
         signature.bind(None, None) if transactional else signature.bind(None)
     except TypeError:
         if transactional:
             raise ConfigurationError(
-                f"the handler {handler!r} of a transactional consumer must take the event "
+                f"the handler {handler!r} of a transactional consumer must take {what} "
                 f"and its transaction, but its signature is {signature}; define it as "
-                "`async def handler(event, tx): ...`"
+                f"`{call}, tx): ...`"
             ) from None
         raise ConfigurationError(
-            f"consumer handler {handler!r} must take the event as its one positional "
-            f"argument, but its signature is {signature}; define it as "
-            "`async def handler(event): ...`"
+            f"consumer handler {handler!r} must take {what} as its one positional "
+            f"argument, but its signature is {signature}; define it as `{call}): ...`"
         ) from None
+    takes = _annotated_kind(handler, signature)
+    if batch and takes == "event":
+        raise ConfigurationError(
+            f"consumer handler {handler!r} is annotated to take one Event, but its "
+            "consumer has batch=, so it is called with a sequence of events: annotate it "
+            "`events: Sequence[Event]`, or drop batch="
+        )
+    if not batch and takes == "batch":
+        raise ConfigurationError(
+            f"consumer handler {handler!r} is annotated to take a sequence of events: give "
+            "its consumer batch= (the most events per call, batch=1000, say), or make it "
+            "take one Event"
+        )
+
+
+def _annotated_kind(
+    handler: Callable[..., object], signature: inspect.Signature
+) -> Literal["event", "batch"] | None:
+    """What the handler's first parameter is annotated to take, if that is clear."""
+    first = next(iter(signature.parameters.values()), None)
+    if first is None or first.annotation is inspect.Parameter.empty:
+        return None
+    annotation: object = first.annotation
+    if isinstance(annotation, str):
+        try:
+            target = (
+                handler
+                if inspect.isfunction(handler) or inspect.ismethod(handler)
+                else type(handler).__call__
+            )
+            annotation = typing.get_type_hints(target).get(first.name, annotation)
+        except Exception:  # An annotation that does not resolve: not ours to judge.
+            return None
+    if annotation is Event:
+        return "event"
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
+        return "batch"
+    return None

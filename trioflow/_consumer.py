@@ -16,6 +16,11 @@ until resumed. A store error ends the incarnation: its cancel scope is
 cancelled and, after a backoff, a new incarnation starts from the durable
 cursor (or the position already reached, if further), by the start-up path.
 
+A batch consumer (``batch=``) takes the same path; its handler is called
+once per batch of up to ``batch`` events (`trioflow._batches`), and a batch
+that fails for good is narrowed down to single events (one-event batches),
+which take this module's per-event path.
+
 Who owns what: a `Consumer` owns its position and counters; its feed belongs
 to the dispatcher (`Subscription`), its cursor progress to the cursor writer
 (`CursorProgress`); it changes those only through their owners' methods.
@@ -23,6 +28,7 @@ to the dispatcher (`Subscription`), its cursor progress to the cursor writer
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import datetime
 import logging
@@ -35,6 +41,7 @@ import attrs
 import trio
 
 from ._app import ConsumerSpec
+from ._batches import fill_batch, handle_batches
 from ._cursors import CursorProgress, CursorWriter
 from ._dead_letters import (
     MAX_MESSAGE_LENGTH,
@@ -44,6 +51,7 @@ from ._dead_letters import (
 )
 from ._dispatch import Batch, Dispatcher, Subscription, feeding
 from ._errors import (
+    BatchError,
     ConsumerStateError,
     HandlerTimeoutError,
     LeaseLostError,
@@ -55,6 +63,7 @@ from ._groups import partition_of
 from ._histograms import SECONDS_BUCKETS, Histogram
 from ._ownership import LeaseKeeper, Ownership
 from ._pages import PageReader
+from ._policies import Decision
 from ._statistics import ConsumerStatistics, Stall
 from ._store_calls import SlowCalls
 from ._transactions import Transaction, append_published
@@ -109,6 +118,24 @@ def _plain(spec: ConsumerSpec) -> Callable[[Event], Awaitable[object]]:
 def _with_transaction(spec: ConsumerSpec) -> Callable[[Event, Transaction], Awaitable[object]]:
     """The handler of a transactional consumer: it takes the event and its transaction."""
     return cast(Callable[[Event, Transaction], Awaitable[object]], spec.handler)
+
+
+def _batch_handler(spec: ConsumerSpec) -> Callable[[Sequence[Event]], Awaitable[object]]:
+    """The handler of a batch consumer that is not transactional: it takes the events."""
+    return cast(Callable[[Sequence[Event]], Awaitable[object]], spec.handler)
+
+
+def _batch_with_transaction(
+    spec: ConsumerSpec,
+) -> Callable[[Sequence[Event], Transaction], Awaitable[object]]:
+    """The handler of a transactional batch consumer: it takes the events and their
+    transaction."""
+    return cast(Callable[[Sequence[Event], Transaction], Awaitable[object]], spec.handler)
+
+
+def _handler_error(error: Exception) -> Exception:
+    """What the delivery policy decides on: a `BatchError`'s cause, else the error."""
+    return error.cause if isinstance(error, BatchError) else error
 
 
 def _describe(error: BaseException) -> str:
@@ -218,6 +245,14 @@ class Consumer:
     _handler_scope: trio.CancelScope | None = None
     #: The wait before the next attempt at a failed event, while it waits.
     _backoff_scope: trio.CancelScope | None = None
+    #: A batch consumer's wait for more events to fill a batch (``max_wait``).
+    _fill_scope: trio.CancelScope | None = None
+    #: A batch consumer's: a batch taken from its feed while filling one, that
+    #: does not follow on from it (it handles it next).
+    _held: Batch | None = None
+    #: A batch consumer's: the positions after each batch it handled that may
+    #: not be durable yet (its redelivery bound counts batches).
+    _batch_ends: collections.deque[int] = attrs.Factory(collections.deque)
     #: Stopping on its own (removed from the flow), not with the whole flow,
     #: and when its handlers in flight are cancelled then (trio time).
     _stopping: bool = False
@@ -323,6 +358,8 @@ class Consumer:
             self._handler_scope.deadline = deadline
         if self._backoff_scope is not None:
             self._backoff_scope.cancel()
+        if self._fill_scope is not None:
+            self._fill_scope.cancel()
 
     def _must_stop(self) -> bool:
         return self._stopping or self._runner.stopping
@@ -372,7 +409,8 @@ class Consumer:
         self._stall = None
         self._halted = False
         self._resumed = trio.Event()
-        self._handler_scope = self._backoff_scope = None
+        self._handler_scope = self._backoff_scope = self._fill_scope = None
+        self._held = None
         self._runner.cursors.nudge()
 
     async def _run_owned(self, status: _StartedOnce) -> None:
@@ -398,7 +436,8 @@ class Consumer:
                         exc,
                     )
                 finally:
-                    self._handler_scope = self._backoff_scope = None
+                    self._handler_scope = self._backoff_scope = self._fill_scope = None
+                    self._held = None
                 # Everything the incarnation started goes with it.
                 scope.cancel()
             if self._must_stop():
@@ -508,7 +547,10 @@ class Consumer:
             if trio.current_time() >= self._requeue_check_at:
                 await self._handle_requeued()
             try:
-                batch = feed.take_nowait()
+                if self._held is not None:
+                    batch, self._held = self._held, None
+                else:
+                    batch = feed.take_nowait()
             except trio.WouldBlock:
                 if not feed.attached:
                     await self._catch_up()
@@ -518,6 +560,8 @@ class Consumer:
                 continue
             if batch.after > self._position:
                 await self._replay(until=batch.after)
+            if spec.batch is not None:
+                batch = await fill_batch(self, batch)
             await self._handle(batch.events, batch.upto)
 
     async def _first_cursor(self) -> int:
@@ -675,9 +719,14 @@ class Consumer:
             self._ownership.cancelling(scope),
         ):
             self._handler_scope = scope
-            if transactional and commit_every > 1:
-                # Whole transactions of up to commit_every events; from a
-                # failed one on, one event per transaction, with the policy.
+            finished = True
+            if spec.batch is not None and not transactional:
+                finished = await handle_batches(self, events)
+                events = ()
+            elif transactional and (commit_every > 1 or spec.batch is not None):
+                # Whole transactions of up to commit_every events (a batch
+                # consumer's: batch); from a failed one on, one event per
+                # transaction, with the policy.
                 events = await self._handle_in_transactions(events)
             for event in events:
                 seq = event.seq
@@ -687,6 +736,7 @@ class Consumer:
                     # Lost, or its lease's time ran out: the cancellation
                     # reaches the incarnation at its next checkpoint (once the
                     # keeper has run); no handler starts meanwhile.
+                    finished = False
                     break
                 if (types is None or event.type in types) and (
                     partition is None or partition_of(event.key, seq, partitions) == partition
@@ -701,7 +751,7 @@ class Consumer:
                             started = clock()
                             try:
                                 if timed:
-                                    await self._call_timed(event)
+                                    await self._call_timed((event,))
                                 else:
                                     await handler(event)
                             finally:
@@ -710,6 +760,7 @@ class Consumer:
                         self._reraise_store_failure(exc)
                         outcome = await self._after_failure(event, exc, requeued=False)
                         if outcome == "stopped":
+                            finished = False
                             break
                         if outcome == "dead-lettered":
                             self._position = seq
@@ -721,7 +772,7 @@ class Consumer:
                         cursors.request(cursor, seq, self._processed)
                 else:
                     self._position = seq
-            else:
+            if finished:
                 if upto > self._position:
                     self._position = upto
                 now = trio.current_time()
@@ -733,47 +784,66 @@ class Consumer:
             # Leave the rest to the stop sequence, which cancels this task.
             await trio.sleep_forever()
 
-    async def _call_timed(self, event: Event, tx: Transaction | None = None) -> None:
+    async def _invoke(self, events: Sequence[Event], tx: Transaction | None = None) -> None:
+        """Call the handler once: on ``events`` (a batch consumer's), else on its one event."""
+        spec = self.spec
+        if spec.batch is None:
+            (event,) = events
+            if tx is None:
+                await _plain(spec)(event)
+            else:
+                await _with_transaction(spec)(event, tx)
+        # A list of its own, every call: the handler may keep or change it.
+        elif tx is None:
+            await _batch_handler(spec)(list(events))
+        else:
+            await _batch_with_transaction(spec)(list(events), tx)
+
+    async def _call_timed(self, events: Sequence[Event], tx: Transaction | None = None) -> None:
         """Call the handler, cancelled after the policy's timeout (a failed attempt)."""
         timeout = self.spec.policy.timeout
         assert timeout is not None
+        first = events[0]
+        seqs = f"seq={first.seq}" if len(events) == 1 else f"seqs {first.seq}..{events[-1].seq}"
         started = trio.current_time()
         # Reported if it goes on well past its timeout: cancellation cannot
         # stop a blocking call, or code that catches trio.Cancelled.
         with (
             self._runner.slow_calls.track(
-                still=f"the handler of consumer {self.name!r} on seq={event.seq} is still "
+                still=f"the handler of consumer {self.name!r} on {seqs} is still "
                 f"running {{elapsed:.1f}}s after it started, though it was cancelled at its "
                 f"timeout of {timeout:g}s: it ignores cancellation (a blocking call, or code "
                 "that catches trio.Cancelled)",
-                done=f"the handler of consumer {self.name!r} on seq={event.seq} returned "
+                done=f"the handler of consumer {self.name!r} on {seqs} returned "
                 "{elapsed:.1f}s after it started",
                 after=2 * timeout,
             ),
             trio.move_on_after(timeout) as scope,
         ):
-            if tx is None:
-                await _plain(self.spec)(event)
-            else:
-                await _with_transaction(self.spec)(event, tx)
+            await self._invoke(events, tx)
         if scope.cancelled_caught:
             raise HandlerTimeoutError(
-                self.name, event.seq, event.type, timeout, trio.current_time() - started
+                self.name, first.seq, first.type, timeout, trio.current_time() - started
             )
 
-    async def _call(self, event: Event) -> None:
-        if self.spec.transactional:
-            # Times its handler calls itself, not the transaction around them.
-            await self._call_in_transaction(event)
-            return
+    async def _call_events(self, events: Sequence[Event]) -> None:
+        """Call a handler that is not transactional once, with the timeout if any."""
         started = trio.current_time()
         try:
             if self.spec.policy.timeout is None:
-                await _plain(self.spec)(event)
+                await self._invoke(events)
             else:
-                await self._call_timed(event)
+                await self._call_timed(events)
         finally:
             self._handler_duration.observe(trio.current_time() - started)
+
+    async def _call(self, event: Event) -> None:
+        """Handle one event (a batch consumer's: as a batch of one)."""
+        if self.spec.transactional:
+            # Times its handler calls itself, not the transaction around them.
+            await self._call_in_transaction(event)
+        else:
+            await self._call_events((event,))
 
     def _selects(self, event: Event) -> bool:
         spec = self.spec
@@ -800,7 +870,8 @@ class Consumer:
                 return pending[start:]
             chunk: list[Event] = []
             end = start
-            while end < len(pending) and len(chunk) < spec.commit_every:
+            size = spec.commit_every if spec.batch is None else spec.batch
+            while end < len(pending) and len(chunk) < size:
                 if self._selects(pending[end]):
                     chunk.append(pending[end])
                 end += 1
@@ -828,15 +899,12 @@ class Consumer:
         async with runner.store.transaction() as store_tx:
             tx = Transaction(store_tx, f"the handler of consumer {self.name!r} on seq={seqs}")
             try:
-                for event in chunk:
-                    started = trio.current_time()
-                    try:
-                        if self.spec.policy.timeout is None:
-                            await _with_transaction(self.spec)(event, tx)
-                        else:
-                            await self._call_timed(event, tx)
-                    finally:
-                        self._handler_duration.observe(trio.current_time() - started)
+                if self.spec.batch is not None:
+                    # One call for the whole chunk: it is the batch.
+                    await self._call_in(chunk, tx)
+                else:
+                    for event in chunk:
+                        await self._call_in((event,), tx)
             finally:
                 tx._close()
             published = await append_published(tx)
@@ -845,6 +913,18 @@ class Consumer:
                 await store_tx.discard_dead_letters(self.name, [chunk[0].seq])
             await runner.cursors.commit_in_transaction(store_tx, self._cursor, last)
         return bool(published)
+
+    async def _call_in(self, events: Sequence[Event], tx: Transaction) -> None:
+        """Call a transactional handler once in ``tx``, with the timeout if any;
+        timed itself, not the transaction around it."""
+        started = trio.current_time()
+        try:
+            if self.spec.policy.timeout is None:
+                await self._invoke(events, tx)
+            else:
+                await self._call_timed(events, tx)
+        finally:
+            self._handler_duration.observe(trio.current_time() - started)
 
     def _reraise_store_failure(self, error: Exception) -> None:
         """Raise ``error`` again if it is not the handler's failure but the store's:
@@ -875,43 +955,16 @@ class Consumer:
         policy = self.spec.policy
         attempts = 1
         first_failed_at = _utcnow()
+        error = _handler_error(error)
         while True:
             self._failures += 1
             decision = policy.after_failure(error, attempts)
-            if decision.action == "halt":
-                raise _Halted(event, error, attempts)
-            if decision.action == "dead-letter":
-                assert decision.reason is not None
-                await self._dead_letter(
-                    event, error, attempts, first_failed_at, decision.reason, requeued=requeued
+            if decision.action != "retry":
+                await self._give_up(
+                    event, error, attempts, first_failed_at, decision, requeued=requeued
                 )
-                self._stall = None
                 return "dead-lettered"
-            self._stall = Stall(
-                seq=event.seq,
-                type=event.type,
-                attempts=attempts,
-                last_error=_describe(error),
-                next_attempt_at=_utcnow() + datetime.timedelta(seconds=decision.delay),
-            )
-            logger.error(
-                "consumer %r failed on seq=%d (type %r), attempt %d: %s; retrying in %.2fs",
-                self.name,
-                event.seq,
-                event.type,
-                attempts,
-                _describe(error),
-                decision.delay,
-                # The whole traceback once; the attempts after, one line each.
-                exc_info=error if attempts == 1 else None,
-            )
-            with trio.CancelScope() as backoff:
-                self._backoff_scope = backoff
-                if self._must_stop():
-                    backoff.cancel()
-                await trio.sleep(decision.delay)
-            self._backoff_scope = None
-            if backoff.cancelled_caught or self._must_stop() or not self._ownership.owned:
+            if not await self._back_off(event, error, attempts, decision.delay):
                 return "stopped"
             attempts += 1
             self._retries += 1
@@ -919,10 +972,62 @@ class Consumer:
                 await self._call(event)
             except Exception as exc:
                 self._reraise_store_failure(exc)
-                error = exc
+                error = _handler_error(exc)
                 continue
             self._stall = None
             return "handled"
+
+    async def _give_up(
+        self,
+        event: Event,
+        error: Exception,
+        attempts: int,
+        first_failed_at: datetime.datetime,
+        decision: Decision,
+        *,
+        requeued: bool,
+    ) -> None:
+        """Give ``event`` up as ``decision`` says: record it as a dead letter (the
+        cursor moved past it), or halt at it (by raising `_Halted`)."""
+        if decision.action == "halt":
+            raise _Halted(event, error, attempts)
+        assert decision.reason is not None
+        await self._dead_letter(
+            event, error, attempts, first_failed_at, decision.reason, requeued=requeued
+        )
+        self._stall = None
+
+    async def _back_off(
+        self, event: Event, error: Exception, attempts: int, delay: float, *, batch: int = 1
+    ) -> bool:
+        """Note the stall at ``event`` (the first of ``batch`` events), log, and wait
+        ``delay`` before the next attempt; return False if it must stop instead."""
+        self._stall = Stall(
+            seq=event.seq,
+            type=event.type,
+            attempts=attempts,
+            last_error=_describe(error),
+            next_attempt_at=_utcnow() + datetime.timedelta(seconds=delay),
+        )
+        logger.error(
+            "consumer %r failed on seq=%d (type %r)%s, attempt %d: %s; retrying in %.2fs",
+            self.name,
+            event.seq,
+            event.type,
+            "" if batch == 1 else f" and the {batch - 1} event(s) after it in its batch",
+            attempts,
+            _describe(error),
+            delay,
+            # The whole traceback once; the attempts after, one line each.
+            exc_info=error if attempts == 1 else None,
+        )
+        with trio.CancelScope() as backoff:
+            self._backoff_scope = backoff
+            if self._must_stop():
+                backoff.cancel()
+            await trio.sleep(delay)
+        self._backoff_scope = None
+        return not (backoff.cancelled_caught or self._must_stop() or not self._ownership.owned)
 
     async def _dead_letter(
         self,

@@ -15,6 +15,7 @@ catch them all at once::
     ├── UnknownDeadLetterError  requeuing or discarding a seq that is no dead letter
     ├── HandlerTimeoutError     a handler ran past its consumer's timeout
     ├── Reject                  raised by a handler: never retry this event
+    ├── BatchError              raised by a batch handler: how far it got, and why it stopped
     ├── LeaseLostError          another flow took over a consumer this flow owned
     ├── QueryError              the database refused a statement of a transaction
     ├── TransactionClosedError  a Transaction used after its handler or block ended
@@ -143,6 +144,52 @@ class Reject(TrioflowError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class BatchError(TrioflowError):
+    """Raised by a batch consumer's handler (``batch=``) that handled part of its batch.
+
+    The events before ``index`` are done: the consumer's position moves past
+    them, and they are not handed over again (but for a crash, within the
+    redelivery bound). The rest failed with ``cause``: the consumer's delivery
+    policy decides on ``cause`` as on any handler failure (``retry_on``, and
+    `Reject` to give up at once), and a retry hands over a batch that starts
+    at the event at ``index``. Once the policy gives up, that event alone is
+    a dead letter (or halts the consumer), and the rest goes on in batches.
+    Any other exception from a batch handler means nothing of the batch was
+    done, and names no event: a batch given up on is then handed over again
+    one event at a time, to find the events that fail.
+
+    In a transactional handler the whole transaction rolls back, so
+    ``index`` is not used: none of the batch was done.
+
+    Example::
+
+        @app.consumer("loader", batch=1000)
+        async def load(events: Sequence[trioflow.Event]) -> None:
+            for index, event in enumerate(events):
+                try:
+                    await insert(event)
+                except OSError as exc:
+                    raise trioflow.BatchError(index, exc) from exc
+
+    Args:
+        index: The position in the batch of the first event not done (0: none
+            was; at most the batch's length minus one).
+        cause: Why the event at ``index`` failed.
+    """
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise TypeError(f"BatchError's index must be an int >= 0, got {index!r}")
+        if not isinstance(cause, Exception):
+            raise TypeError(f"BatchError's cause must be an Exception, got {cause!r}")
+        super().__init__(
+            f"the batch handler did {index} event(s) of its batch, then failed: "
+            f"{type(cause).__qualname__}: {cause}"
+        )
+        self.index = index
+        self.cause = cause
 
 
 class LeaseLostError(TrioflowError):

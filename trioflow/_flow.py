@@ -21,7 +21,7 @@ from typing import Any, Literal, Unpack
 import attrs
 import trio
 
-from ._app import App, ConsumerOptions, ConsumerSpec, Handler, check_consumer_name
+from ._app import App, BatchHandler, ConsumerOptions, ConsumerSpec, Handler, check_consumer_name
 from ._consumer import Consumer, ConsumerRunner, handler_of
 from ._cursors import CursorWriter
 from ._dead_letters import DeadLetter
@@ -394,11 +394,18 @@ class Flow:
         await trio.lowlevel.checkpoint()
 
     async def add_consumer(
-        self, name: str, handler: Handler, **options: Unpack[ConsumerOptions]
+        self,
+        name: str,
+        handler: Handler | BatchHandler,
+        *,
+        batch: int | None = None,
+        max_wait: float | None = None,
+        **options: Unpack[ConsumerOptions],
     ) -> None:
         """Start a consumer in this running flow, as ``@app.consumer(name, **options)`` would.
 
-        It takes the same options, with the same checks, and recovers like any
+        It takes the same options (``batch`` and ``max_wait`` too, for a
+        batch consumer), with the same checks, and recovers like any
         other: from its stored cursor, or from ``start``. Returns once it has
         loaded its cursor. It runs until the flow stops or `remove_consumer`.
 
@@ -407,7 +414,7 @@ class Flow:
                 or an option is invalid.
         """
         self._check_open()
-        spec = self._app.make_spec(handler, name, **options)
+        spec = self._app.make_spec(handler, name, batch=batch, max_wait=max_wait, **options)
         if spec.name in self._consumers or spec.name in self._groups:
             raise ConfigurationError(
                 f"this flow already runs a consumer named {spec.name!r}; remove it first "
