@@ -508,8 +508,17 @@ async def sigkill_while_dead_lettering(
     context = f"seed {seed} (rerun: TRIOFLOW_CRASH_SEED={seed}); logs in {tmp_path}"
     store = store_from_url(store_url)
     lettered: list[int] = []
-    for run in range(kills + 1):
-        final = run == kills
+
+    def grown() -> int:
+        """How many runs ended with more dead letters than the run before."""
+        return sum(1 for before, after in itertools.pairwise([0, *lettered]) if after > before)
+
+    # Kills that all fell before the first letters (a slow start-up on a busy
+    # machine) would test nothing: up to 2 * kills more runs, each killed
+    # after it is ready, until the kills fell among the letters.
+    run = 0
+    while True:
+        final = run >= kills and (grown() >= 2 or run >= 3 * kills)
         args = [child_url(run), logs, total, rng.randrange(2**32), pace, "--poison"]
         async with running(
             "crash_child.py",
@@ -521,7 +530,7 @@ async def sigkill_while_dead_lettering(
                 output = await child.finish(limit=120)
                 assert output.split() == ["ready", "idle"], context
             else:
-                await kill_at_random(child, rng, ready=run == 0)
+                await kill_at_random(child, rng, ready=run == 0 or run >= kills)
         if settle is not None:
             await settle(run)
         async with store.open():
@@ -532,10 +541,12 @@ async def sigkill_while_dead_lettering(
                 holes=holes,
                 total=total if final else None,
             )
+        if final:
+            break
         lettered.append(letters)
+        run += 1
     # The kills fell among the dead letters, not all before them.
-    grew = sum(1 for before, after in itertools.pairwise([0, *lettered[:-1]]) if after > before)
-    assert grew >= 2, f"dead letters recorded after each kill: {lettered[:-1]}; {context}"
+    assert grown() >= 2, f"dead letters recorded after each kill: {lettered}; {context}"
 
 
 async def check_poison_state(
