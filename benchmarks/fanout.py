@@ -813,7 +813,8 @@ WORKLOAD = Workload(
     name="fanout",
     summary=(
         "publish N events, deliver them to K consumers; compared with raw trio channels "
-        "and, on PostgreSQL, a hand-written asyncpg program"
+        "and, on PostgreSQL, a hand-written asyncpg program and its ceilings (COPY alone, "
+        "bytes-only readers)"
     ),
     metrics=(
         Metric(key="publish_per_s", label="publish ev/s", unit="events/s"),
