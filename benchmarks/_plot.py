@@ -37,9 +37,9 @@ LOG_SPAN = 10.0
 #: Bar colours by role (`_role`), and their legend entries, in legend order.
 COLOURS = {
     "trioflow": ("tab:blue", "trioflow"),
-    "baseline": ("tab:orange", "compared with: hand-written program, ceiling, baseline"),
+    "baseline": ("tab:orange", "a baseline of others (hand-written, ceiling, ...)"),
     "peer": ("tab:green", "peer (another system)"),
-    "reference": ("tab:gray", "reference (dashed line) and other cases with no store"),
+    "reference": ("tab:gray", "reference (dashed line), other cases with no store"),
 }
 #: Short forms of units that a metric's label may already contain ("p99 ms").
 _UNIT_WORDS = {"events/s": {"ev/s"}, "s": {"seconds"}}
@@ -109,18 +109,46 @@ def _compared_ids(result: Result) -> set[str]:
 
 
 def _ratios(report: Mapping[str, Any], result: Result, key: str) -> list[str]:
-    """The ratios of ``result``'s figure ``key`` the table shows, as ``1.10x asyncpg``."""
-    shown = []
-    reference = report.get("reference_case")
-    if key == report["ratio_metric"] and not result["reference"]:
-        ratio = result["ratio_to_reference"].get(key)
-        if ratio is not None and reference:
-            shown.append(f"{ratio:.2f}x {reference}")
+    """``result``'s figure ``key`` over that of each case it is compared with, as ``1.10x asyncpg``.
+
+    The cases are the table's: the reference (with as many consumers), the
+    baseline (on the same store) and the comparisons on this figure.
+    """
+    results: Sequence[Result] = report["results"]
+    others: list[Result | None] = []
+    references = [other for other in results if other["reference"]]
+    if references and not result["reference"]:
+        # Several references (latency's one per rate): the one with as many
+        # consumers and the most settings in common.
+        params = result["params"]
+        others.append(
+            max(
+                references,
+                key=lambda other: (
+                    other["consumers"] == result["consumers"],
+                    sum(other["params"].get(name) == value for name, value in params.items()),
+                ),
+            )
+        )
     baseline = result.get("baseline_case")
-    if key == report["ratio_metric"] and baseline and baseline != result["case"]:
-        ratio = result["ratio_to_baseline"].get(key)
-        if ratio is not None:
-            shown.append(f"{ratio:.2f}x {baseline}")
+    if baseline and baseline != result["case"]:
+        others.append(
+            next(
+                (
+                    other
+                    for other in results
+                    if other["case"] == baseline
+                    and other["store"] == result["store"]
+                    and other["consumers"] == result["consumers"]
+                ),
+                None,
+            )
+        )
+    shown = [
+        f"{result['median'][key] / other['median'][key]:.2f}x {other['case']}"
+        for other in others
+        if other is not None and other["median"].get(key)
+    ]
     for entry in result.get("comparisons", {}).values():
         if entry["metric"] == key and entry["case"] != result["case"] and entry["ratio"]:
             shown.append(f"{entry['ratio']:.2f}x {entry['case']}")
@@ -283,7 +311,7 @@ def _bars(
         + (" (log scale)" if log else ""),
         fontsize="small",
     )
-    axes.set_title(f"{report['workload']}: {axis_label(metric)}", loc="left")
+    axes.set_title(f"{report['workload']}: {axis_label(metric)}", loc="left", pad=18)
     axes.grid(axis="x", alpha=0.3)
     axes.xaxis.set_major_formatter(_thousands())
     from matplotlib.patches import Patch
@@ -296,6 +324,9 @@ def _bars(
         ],
         fontsize="x-small",
         loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncol=len(roles_seen),
+        frameon=False,
     )
     figure.tight_layout()
     path = directory / f"{_slug(report['workload'])}-{_slug(key)}.png"
