@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks._progress import ProgressBar, format_duration
+from benchmarks._report import CaseResult, Comparison, Metric, Report
 
 
 def _run(tmp_path: Path, *extra: str) -> dict[str, object]:
@@ -179,9 +180,7 @@ def test_a_program_s_figures_come_back_and_its_failures_fail_the_run() -> None:
         run_program(python("import time; time.sleep(30)"), what="prog", timeout=0.5)
 
 
-def test_a_comparison_is_a_column_of_ratios_to_a_case_on_the_same_store_or_none() -> None:
-    from benchmarks._report import CaseResult, Comparison, Metric, Report
-
+def _compared_report() -> Report:
     def result(case: str, store: str | None, consumers: int, **runs: float) -> CaseResult:
         compared = {"copy": "copy", "peer": "peer"} if case == "flow" else {}
         return CaseResult(
@@ -190,13 +189,14 @@ def test_a_comparison_is_a_column_of_ratios_to_a_case_on_the_same_store_or_none(
             store=store,
             consumers=consumers,
             events=10,
-            params={},
+            # Settings of every kind, as the peers' server and client are.
+            params={"server": {"version": "7"}} if case == "peer" else {},
             reference=case == "raw",
             runs=[runs],
             compared=compared,
         )
 
-    report = Report(
+    return Report(
         workload="fanout",
         command="",
         started_at="",
@@ -222,6 +222,9 @@ def test_a_comparison_is_a_column_of_ratios_to_a_case_on_the_same_store_or_none(
         ],
     )
 
+
+def test_a_comparison_is_a_column_of_ratios_to_a_case_on_the_same_store_or_none() -> None:
+    report = _compared_report()
     lines = report.table().splitlines()
     assert lines[0].split("|")[-4:-1] == [" vs raw ", " publish vs COPY ", " vs peer "]
     assert [cell.strip() for cell in lines[3].split("|")[1:-1]] == [
@@ -282,3 +285,21 @@ def test_an_axis_says_its_unit_once(label: str, unit: str, shown: str) -> None:
     from benchmarks._plot import axis_label
 
     assert axis_label({"label": label, "unit": unit}) == shown
+
+
+def test_a_bar_stands_beside_what_it_is_compared_with_labelled_with_the_ratios(
+    tmp_path: Path,
+) -> None:
+    from benchmarks._plot import _groups, _ratios, plot_report
+
+    report = _compared_report().to_json()
+    results = report["results"]
+    assert isinstance(results, list)
+    groups = dict(_groups(results, "publish_per_s", sweep=False))
+    # The writer alone (K=0) and the peer stand in the store's group, beside the flow.
+    assert [r["case"] for r in groups["pg"]] == ["flow", "copy", "peer"]
+    assert [r["case"] for r in groups["no store"]] == ["raw", "peer"]
+    assert _ratios(report, results[2], "publish_per_s") == ["2.00x raw", "0.40x copy"]
+    assert _ratios(report, results[2], "delivered_per_s") == ["2.00x raw", "4.00x peer"]
+    names = {path.name for path in plot_report(report, tmp_path)}
+    assert names == {"fanout-publish-per-s.png", "fanout-delivered-per-s.png"}
