@@ -117,7 +117,8 @@ def _ratios(report: Mapping[str, Any], result: Result, key: str) -> list[str]:
     results: Sequence[Result] = report["results"]
     others: list[Result | None] = []
     references = [other for other in results if other["reference"]]
-    if references and not result["reference"]:
+    # A case that feeds no consumers has no reference: references go by consumer count.
+    if references and not result["reference"] and result["consumers"]:
         # Several references (latency's one per rate): the one with as many
         # consumers and the most settings in common.
         params = result["params"]
@@ -299,7 +300,7 @@ def _bars(
     log = _spans_magnitudes(values)
     if log:
         axes.set_xscale("log")
-        axes.set_xlim(min(values) / 1.5, max(values) * 40)
+        axes.set_xlim(min(values) / 1.5, max(values) * 8)
     else:
         axes.set_xlim(0, max(values) * 1.55)
     axes.set_yticks(ticks, labels)
@@ -350,14 +351,27 @@ def _by_consumers(
             lines.setdefault((result["case"], result["store"]), []).append(
                 (result["consumers"], result["median"][key])
             )
+    compared = set().union(*(_compared_ids(result) for result in report["results"]))
+    roles = {(r["case"], r["store"]): _role(r, compared) for r in report["results"]}
+    # Solid: trioflow; dashed: what it is compared with; dotted: the peers; gray: the reference.
+    styles = {"trioflow": "-", "baseline": "--", "peer": ":", "reference": "-."}
     for (case, store), points in lines.items():
         points.sort()
         label = f"{case} ({store or 'no store'})"
+        role = roles[case, store]
+        colour = "tab:gray" if role == "reference" else None
         if [k for k, _ in points] == [0]:
             # Feeds no consumers: the same at every K.
             axes.axhline(points[0][1], linestyle="--", linewidth=1, color="black", label=label)
             continue
-        axes.plot([k for k, _ in points], [v for _, v in points], marker="o", label=label)
+        axes.plot(
+            [k for k, _ in points],
+            [v for _, v in points],
+            marker="o",
+            linestyle=styles[role],
+            color=colour,
+            label=label,
+        )
     axes.set_xscale("log", base=2)
     if _spans_magnitudes([value for points in lines.values() for _, value in points]):
         axes.set_yscale("log")
@@ -367,6 +381,8 @@ def _by_consumers(
     axes.set_title(f"{report['workload']}: {axis_label(metric)} by consumer count", loc="left")
     axes.grid(alpha=0.3)
     axes.yaxis.set_major_formatter(_thousands())
+    axes.yaxis.set_minor_formatter(_thousands())
+    axes.tick_params(axis="y", which="minor", labelsize="x-small")
     axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     path = directory / f"{_slug(report['workload'])}-{_slug(key)}-by-consumers.png"
