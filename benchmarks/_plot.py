@@ -36,8 +36,8 @@ INSTALL_HINT = "pip install '.[bench]' (matplotlib draws the plots)"
 LOG_SPAN = 10.0
 #: Bar colours by role (`_role`), and their legend entries, in legend order.
 COLOURS = {
-    "trioflow": ("tab:blue", "trioflow"),
-    "baseline": ("tab:orange", "a baseline of others (hand-written, ceiling, ...)"),
+    "trioflow": ("tab:blue", "trioflow (and its store's own API)"),
+    "baseline": ("tab:orange", "hand-written program (and its ceilings)"),
     "peer": ("tab:green", "peer (another system)"),
     "reference": ("tab:gray", "reference (dashed line), other cases with no store"),
 }
@@ -93,11 +93,12 @@ def _format(value: float, decimals: int) -> str:
 
 
 def _role(result: Result, compared: set[str]) -> str:
+    """How a case is drawn: trioflow, a hand-written program, a peer, or the reference."""
     if result["reference"]:
         return "reference"
     if result["store"] is None:
         return "peer" if result["case"] in compared else "reference"
-    return "baseline" if result["case"] in compared else "trioflow"
+    return "baseline" if "program" in result["params"] else "trioflow"
 
 
 def _compared_ids(result: Result) -> set[str]:
@@ -237,7 +238,7 @@ def _bars(
     rows: list[Result] = [result for _, members in groups for result in members]
     # One blank row per group for its title.
     height = 1.0 + 0.34 * (len(rows) + 1.3 * len(groups))
-    figure, axes = plt.subplots(figsize=(11, height))
+    figure, axes = plt.subplots(figsize=(12, height))
     position = 0.0
     ticks: list[float] = []
     labels: list[str] = []
@@ -300,7 +301,7 @@ def _bars(
     log = _spans_magnitudes(values)
     if log:
         axes.set_xscale("log")
-        axes.set_xlim(min(values) / 1.5, max(values) * 8)
+        axes.set_xlim(min(values) / 1.5, max(values) * 25)
     else:
         axes.set_xlim(0, max(values) * 1.55)
     axes.set_yticks(ticks, labels)
