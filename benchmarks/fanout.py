@@ -451,11 +451,10 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
     # The hand-written program's cases (PostgreSQL stores), by what they are compared with.
     hand_written = _Program(id="asyncpg", commit_every=commit_every)
     ceilings = {
-        key: attrs.evolve(program, column=key)
-        for key, program in {
-            "copy": _Program(id="copy", commit_every=commit_every, readers=0),
-            "bytes": _Program(id="asyncpg-bytes", commit_every=commit_every, bytes_only=True),
-        }.items()
+        "copy": _Program(id="copy", commit_every=commit_every, readers=0, column="copy"),
+        "bytes": _Program(
+            id="asyncpg-bytes", commit_every=commit_every, bytes_only=True, column="bytes"
+        ),
     }
     peers = {peer.name: peer.case for peer in peers_named(args.peer or ())}
     variants = [
