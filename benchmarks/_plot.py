@@ -215,15 +215,26 @@ def plot_report(report: Mapping[str, Any], directory: Path) -> list[Path]:
     return written
 
 
+def _number(value: float) -> str:
+    # 1,234,567 rather than 1.2e6: the same figures the table shows.
+    return f"{value:,.0f}" if value == int(value) or abs(value) >= 10 else f"{value:.2g}"
+
+
 def _thousands() -> Any:
     from matplotlib.ticker import FuncFormatter
 
-    # 1,234,567 rather than 1.2e6: the same figures the table shows.
-    return FuncFormatter(
-        lambda value, _: (
-            f"{value:,.0f}" if value == int(value) or abs(value) >= 10 else f"{value:.2g}"
-        )
-    )
+    return FuncFormatter(lambda value, _: _number(value))
+
+
+def _twos_and_fives() -> Any:
+    """Labels for a log axis's minor ticks: 2 and 5 times a power of ten, no others."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, _: object) -> str:
+        leading = f"{value:e}"[0]
+        return _number(value) if leading in "25" else ""
+
+    return FuncFormatter(label)
 
 
 def _bars(
@@ -316,6 +327,9 @@ def _bars(
     axes.set_title(f"{report['workload']}: {axis_label(metric)}", loc="left", pad=18)
     axes.grid(axis="x", alpha=0.3)
     axes.xaxis.set_major_formatter(_thousands())
+    if log:
+        axes.xaxis.set_minor_formatter(_twos_and_fives())
+        axes.tick_params(axis="x", which="minor", labelsize="x-small")
     from matplotlib.patches import Patch
 
     axes.legend(
@@ -382,7 +396,7 @@ def _by_consumers(
     axes.set_title(f"{report['workload']}: {axis_label(metric)} by consumer count", loc="left")
     axes.grid(alpha=0.3)
     axes.yaxis.set_major_formatter(_thousands())
-    axes.yaxis.set_minor_formatter(_thousands())
+    axes.yaxis.set_minor_formatter(_twos_and_fives())
     axes.tick_params(axis="y", which="minor", labelsize="x-small")
     axes.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
