@@ -146,11 +146,14 @@ def _ratios(report: Mapping[str, Any], result: Result, key: str) -> list[str]:
                 None,
             )
         )
-    shown = [
-        f"{result['median'][key] / other['median'][key]:.2f}x {other['case']}"
-        for other in others
-        if other is not None and other["median"].get(key)
-    ]
+    shown = []
+    for index, other in enumerate(others):
+        if other is None or not other["median"].get(key) or other in others[:index]:
+            continue
+        # Named by its store too where that is another store (recovery's memory read).
+        where = other["store"] not in (None, result["store"])
+        name = f"{other['case']} ({other['store']})" if where else other["case"]
+        shown.append(f"{result['median'][key] / other['median'][key]:.2f}x {name}")
     for entry in result.get("comparisons", {}).values():
         if entry["metric"] == key and entry["case"] != result["case"] and entry["ratio"]:
             shown.append(f"{entry['ratio']:.2f}x {entry['case']}")
