@@ -184,6 +184,9 @@ def _build_cases(
 ) -> list[Case]:
     """The workload's cases for every consumer count in ``sweep``, in that order.
 
+    A case that feeds no consumers (K=0: a program that only writes) is the
+    same at every count: it runs once, with the first.
+
     Raises:
         ValueError: ``--case`` names a case the workload does not have.
     """
@@ -191,7 +194,15 @@ def _build_cases(
     for consumers in sweep:
         each = attrs.evolve(options, consumers=consumers)
         cases.extend(select_cases(workload.cases(each, args), args.case))
-    return cases
+    alone: set[tuple[str, str | None]] = set()
+    once: list[Case] = []
+    for case in cases:
+        if case.consumers == 0:
+            if (case.id, case.store) in alone:
+                continue
+            alone.add((case.id, case.store))
+        once.append(case)
+    return once
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio_metric=workload.ratio_metric,
         ratio_label=workload.ratio_label,
         baseline_label=workload.baseline_label,
+        comparisons=workload.comparisons,
         results=results,
         machine=machine_info()
         | (

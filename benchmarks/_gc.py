@@ -16,17 +16,25 @@ class GCTimer:
 
     Trio programs allocate heavily; this shows how much of a run was
     collection pauses (``gc_s`` in the JSON file), which grow with the heap.
+    With ``keep_pauses``, each pause is also kept in `pauses`, as (start, end)
+    in ``time.monotonic_ns()``: the clock the latency workload stamps events
+    with, one for every process of the machine.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_pauses: bool = False) -> None:
         self.seconds = 0.0
-        self._started = 0.0
+        self.pauses: list[tuple[int, int]] = []
+        self._keep = keep_pauses
+        self._started = 0
 
     def _callback(self, phase: str, info: Mapping[str, int]) -> None:
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started = time.monotonic_ns()
         else:
-            self.seconds += time.perf_counter() - self._started
+            ended = time.monotonic_ns()
+            self.seconds += (ended - self._started) / 1e9
+            if self._keep:
+                self.pauses.append((self._started, ended))
 
     def __enter__(self) -> GCTimer:
         gc.callbacks.append(self._callback)

@@ -22,7 +22,7 @@ import attrs
 
 from ._gc import GCTimer
 from ._progress import ProgressBar
-from ._report import CaseResult, Metric
+from ._report import CaseResult, Comparison, Metric
 from ._stores import StoreKind
 
 #: The directory holding the ``benchmarks`` package: where its programs start.
@@ -124,6 +124,9 @@ class Case:
         baseline: The id of a case on the same store whose figures this
             case's are also divided by (the workload's ``baseline_label``
             column), or None.
+        compared: The ids of the cases it is compared with in the workload's
+            other columns of ratios, by `Comparison` key: cases on the same
+            store or on none (peers), with as many consumers or none.
     """
 
     id: str
@@ -135,6 +138,7 @@ class Case:
     params: Mapping[str, object] = attrs.field(factory=dict)
     reference: bool = False
     baseline: str | None = None
+    compared: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def positive_int(text: str) -> int:
@@ -181,6 +185,8 @@ class Workload:
             ``consumers`` and ``repeat``, where they differ from 100,000, 4 and 3.
         option_help: What the common options mean for this workload, where
             that differs (shown by ``--help``).
+        comparisons: Its other columns of ratios (`Case.compared` names the
+            cases each case is compared with), shown where some case has one.
     """
 
     name: str
@@ -193,10 +199,12 @@ class Workload:
     baseline_label: str = "vs baseline"
     defaults: Mapping[str, int] = attrs.field(factory=dict)
     option_help: Mapping[str, str] = attrs.field(factory=dict)
+    comparisons: Sequence[Comparison] = ()
 
 
 def select_cases(cases: Sequence[Case], wanted: Sequence[str] | None) -> list[Case]:
-    """Keep the cases named in ``wanted`` (all if None), the reference, and their baselines.
+    """Keep the cases named in ``wanted`` (all if None), the reference, and those they are
+    compared with.
 
     Raises:
         ValueError: A name in ``wanted`` is not one of the cases' ids.
@@ -210,6 +218,7 @@ def select_cases(cases: Sequence[Case], wanted: Sequence[str] | None) -> list[Ca
             f"unknown case {', '.join(unknown)}; this workload has: {', '.join(sorted(known))}"
         )
     baselines = {case.baseline for case in cases if case.id in wanted}
+    baselines |= {other for case in cases if case.id in wanted for other in case.compared.values()}
     return [case for case in cases if case.reference or case.id in wanted or case.id in baselines]
 
 
@@ -248,6 +257,7 @@ def run_cases(
                 shown = "  ".join(
                     f"{metric.label} {figures[metric.key]:,.{metric.decimals}f}"
                     for metric in workload.metrics
+                    if metric.key in figures
                 )
                 progress.advance(
                     f"[{done}/{total}] {workload.name} {case.id} ({where}) "
@@ -265,6 +275,7 @@ def run_cases(
             params=case.params,
             reference=case.reference,
             baseline=case.baseline,
+            compared=case.compared,
             runs=case_runs,
         )
         for case, case_runs in zip(cases, runs, strict=True)

@@ -26,8 +26,11 @@ from pathlib import Path
 import trio
 
 import trioflow
+from trioflow.stores import store_from_url
 
+from ._gc import GCTimer
 from ._harness import positive_float, positive_int
+from ._stages import TimedStore
 from .latency import READY, STORE_URL_VARIABLE, LatencyTally, child_report
 
 
@@ -49,9 +52,15 @@ class _Counted(LatencyTally):
 
 
 async def consume(
-    url: str, *, consumers: int, events: int, poll_interval: float | None
+    url: str,
+    *,
+    consumers: int,
+    events: int,
+    poll_interval: float | None,
+    timed: TimedStore | None = None,
 ) -> tuple[list[LatencyTally], dict[str, int]]:
-    """Run ``consumers`` consumers on ``url`` until each handled ``events`` events.
+    """Run ``consumers`` consumers on ``url`` (or ``timed``, its store timed) until each
+    handled ``events`` events.
 
     Returns their tallies and their committed cursors.
     """
@@ -65,7 +74,7 @@ async def consume(
             finished.set()
 
     tallies = [_Counted(events, done) for _ in range(consumers)]
-    app = trioflow.App(url, poll_interval=poll_interval, shutdown_grace=1.0)
+    app = trioflow.App(timed or url, poll_interval=poll_interval, shutdown_grace=1.0)
     for index, tally in enumerate(tallies):
         app.consumer(f"consumer-{index}")(tally.handle)
     async with trioflow.open_flow(app) as flow:
@@ -87,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, metavar="FILE")
     parser.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS")
     parser.add_argument("--poll-interval", type=positive_float, metavar="SECONDS")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="time the store's reads and notifications and the collector's pauses",
+    )
     return parser
 
 
@@ -94,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Consume, then write the report to ``--out``; return the exit status."""
     args = build_parser().parse_args(argv)
     url = os.environ[STORE_URL_VARIABLE]
+    timed = TimedStore(store_from_url(url)) if args.stages else None
 
     async def run() -> tuple[list[LatencyTally], dict[str, int]]:
         # The parent kills this process when its run times out; this bound
@@ -104,10 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 consumers=args.consumers,
                 events=args.events,
                 poll_interval=args.poll_interval,
+                timed=timed,
             )
 
-    tallies, cursors = trio.run(run)
-    args.out.write_text(child_report(tallies, cursors), encoding="utf-8")
+    with GCTimer(keep_pauses=True) as collecting:
+        tallies, cursors = trio.run(run)
+    stages = None
+    if timed is not None:
+        stages = {"reads": timed.reads, "wakes": timed.wakes, "pauses": collecting.pauses}
+    args.out.write_text(child_report(tallies, cursors, stages), encoding="utf-8")
     return 0
 
 

@@ -33,7 +33,9 @@ from typing import Any
 
 import attrs
 
+from ._readers import Outcome as Outcome
 from ._readers import Tally as Tally
+from ._readers import figures as figures
 from ._readers import order_problems as order_problems
 from ._readers import report
 
@@ -235,31 +237,6 @@ def program_parser(peer: PeerKind, description: str) -> argparse.ArgumentParser:
         help="give up (and fail) after this long; the stream is deleted all the same",
     )
     return parser
-
-
-#: A program's run: the figures, and under "problems" what its check found.
-Outcome = dict[str, object]
-
-
-def figures(
-    *,
-    events: int,
-    readers: int,
-    started: float,
-    published: float,
-    delivered: float,
-    gc_seconds: float,
-    problems: list[str],
-) -> Outcome:
-    """A run's figures, with the same meaning as the hand-written asyncpg program's."""
-    return {
-        "publish_s": published - started,
-        "delivered_s": delivered - started,
-        "publish_per_s": events / (published - started),
-        "delivered_per_s": readers * events / (delivered - started),
-        "gc_s": gc_seconds,
-        "problems": problems,
-    }
 
 
 def program_main(

@@ -1,7 +1,9 @@
 """The readers of the hand-written programs: a no-op handler that checks order, and its verdict.
 
-Shared by the hand-written asyncpg program and the peers' programs (asyncio
-processes that must not import trio), so the standard library only.
+Shared by the hand-written asyncpg program (and its ceilings: the COPY writer
+alone, the bytes-only readers) and the peers' programs (asyncio processes
+that must not import trio), so the standard library only: the handler, the
+order check, the figures every program reports and how it prints them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,37 @@ def order_problems(tallies: Sequence[Tally], events: int) -> list[str]:
         for index, tally in enumerate(tallies)
         if tally.count != events or tally.last != events or tally.out_of_order
     ]
+
+
+#: A program's run: the figures, and under "problems" what its check found.
+Outcome = dict[str, object]
+
+
+def figures(
+    *,
+    events: int,
+    readers: int,
+    started: float,
+    published: float,
+    delivered: float | None,
+    gc_seconds: float,
+    problems: list[str],
+) -> Outcome:
+    """A run's figures, with the same meaning in every program and in trioflow's cases.
+
+    ``delivered`` is None for a writer alone (no readers): it reports only
+    what it published.
+    """
+    outcome: Outcome = {
+        "publish_s": published - started,
+        "publish_per_s": events / (published - started),
+        "gc_s": gc_seconds,
+        "problems": problems,
+    }
+    if delivered is not None:
+        outcome["delivered_s"] = delivered - started
+        outcome["delivered_per_s"] = readers * events / (delivered - started)
+    return outcome
 
 
 def report(outcome: Mapping[str, object]) -> int:

@@ -42,6 +42,25 @@ class Metric:
 
 
 @attrs.frozen(kw_only=True)
+class Comparison:
+    """A column of ratios beside the workload's own: a case's figure over another case's.
+
+    A case names the case it is compared with under `key` (`CaseResult.compared`);
+    that case ran in the same run, on the same store or on none (a peer), with
+    as many consumers or with none (a program that only writes).
+
+    Attributes:
+        key: Its name in the JSON file, such as ``"copy"``.
+        label: Its column header, such as ``"publish vs COPY"``.
+        metric: The figure divided, such as ``"publish_per_s"``.
+    """
+
+    key: str
+    label: str
+    metric: str
+
+
+@attrs.frozen(kw_only=True)
 class CaseResult:
     """Every run of one case, and what was measured on each.
 
@@ -56,6 +75,7 @@ class CaseResult:
         baseline: The id of the case on the same store it is also compared
             with, or None.
         runs: One mapping of metric key to value per run, in run order.
+        compared: The ids of the cases it is compared with, by `Comparison` key.
     """
 
     case: str
@@ -67,6 +87,7 @@ class CaseResult:
     reference: bool
     runs: Sequence[Mapping[str, float]]
     baseline: str | None = None
+    compared: Mapping[str, str] = attrs.field(factory=dict)
 
     def figures(self) -> list[str]:
         """The figures measured on every run, sorted."""
@@ -77,6 +98,10 @@ class CaseResult:
     def median(self, key: str) -> float:
         """The median over the runs of the figure ``key``."""
         return float(statistics.median(run[key] for run in self.runs))
+
+    def has(self, key: str) -> bool:
+        """Whether every run measured the figure ``key`` (a writer alone delivers nothing)."""
+        return bool(self.runs) and all(key in run for run in self.runs)
 
     def summary(self, metric: Metric) -> float:
         """The figure ``metric`` as the table shows it: its median or its max over the runs."""
@@ -101,6 +126,8 @@ class Report:
             ``baseline`` case (shown when some case has one).
         results: One entry per case, in the order the cases ran.
         machine: Where it ran (see `machine_info`).
+        comparisons: The workload's other columns of ratios, shown when some
+            case has a baseline for them.
     """
 
     workload: str
@@ -117,6 +144,7 @@ class Report:
     skipped: Mapping[str, str] = attrs.field(factory=dict)
     #: Peers asked for but skipped (client not installed, server unreachable), with why.
     skipped_peers: Mapping[str, str] = attrs.field(factory=dict)
+    comparisons: Sequence[Comparison] = ()
 
     @property
     def reference(self) -> CaseResult | None:
@@ -137,11 +165,7 @@ class Report:
 
     def ratio(self, result: CaseResult, key: str) -> float | None:
         """The median of ``key`` for ``result`` over that of its reference case."""
-        reference = self.reference_for(result)
-        if reference is None:
-            return None
-        base = reference.median(key)
-        return result.median(key) / base if base else None
+        return _ratio(result, self.reference_for(result), key)
 
     def baseline_of(self, result: CaseResult) -> CaseResult | None:
         """The case ``result`` is compared with (its ``baseline``, on its store), if it ran."""
@@ -160,11 +184,36 @@ class Report:
 
     def baseline_ratio(self, result: CaseResult, key: str) -> float | None:
         """The median of ``key`` for ``result`` over that of its baseline case."""
-        baseline = self.baseline_of(result)
-        if baseline is None:
-            return None
-        base = baseline.median(key)
-        return result.median(key) / base if base else None
+        return _ratio(result, self.baseline_of(result), key)
+
+    def compared_with(self, result: CaseResult, comparison: Comparison) -> CaseResult | None:
+        """The case ``result`` is compared with under ``comparison``, if it ran.
+
+        It ran on ``result``'s store or on none, with as many consumers or none.
+        """
+        case = result.compared.get(comparison.key)
+        return next(
+            (
+                other
+                for other in self.results
+                if other.case == case
+                and other.store in (result.store, None)
+                and other.consumers in (result.consumers, 0)
+            ),
+            None,
+        )
+
+    def comparison_ratio(self, result: CaseResult, comparison: Comparison) -> float | None:
+        """``comparison``'s figure for ``result`` over that of the case it is compared with."""
+        return _ratio(result, self.compared_with(result, comparison), comparison.metric)
+
+    def shown_comparisons(self) -> list[Comparison]:
+        """The comparisons some case of this run has a ratio for: the table's extra columns."""
+        return [
+            comparison
+            for comparison in self.comparisons
+            if any(self.comparison_ratio(result, comparison) for result in self.results)
+        ]
 
     def table(self) -> str:
         """The results as a Markdown table: medians (or maxima), and the ratios to the baselines.
@@ -173,23 +222,29 @@ class Report:
         """
         with_reference = self.reference is not None
         with_baselines = any(result.baseline is not None for result in self.results)
+        comparisons = self.shown_comparisons()
         header = ["case", "store", "K", "N", *(m.label for m in self.metrics)]
         if with_reference:
             header.append(self.ratio_label)
         if with_baselines:
             header.append(self.baseline_label)
+        header += [comparison.label for comparison in comparisons]
         rows = [header]
         for result in self.results:
             ratios = [self.ratio(result, self.ratio_metric)] if with_reference else []
             if with_baselines:
                 ratios.append(self.baseline_ratio(result, self.ratio_metric))
+            ratios += [self.comparison_ratio(result, comparison) for comparison in comparisons]
             rows.append(
                 [
                     result.case,
                     result.store or "-",
                     str(result.consumers),
                     f"{result.events:,}",
-                    *(f"{result.summary(m):,.{m.decimals}f}" for m in self.metrics),
+                    *(
+                        f"{result.summary(m):,.{m.decimals}f}" if result.has(m.key) else "-"
+                        for m in self.metrics
+                    ),
                     *("-" if ratio is None else f"{ratio:.2f}" for ratio in ratios),
                 ]
             )
@@ -226,6 +281,7 @@ class Report:
             "reference_case": None if self.reference is None else self.reference.case,
             "skipped_stores": dict(self.skipped),
             "skipped_peers": dict(self.skipped_peers),
+            "comparisons": [attrs.asdict(comparison) for comparison in self.comparisons],
             "results": [
                 {
                     "case": result.case,
@@ -251,6 +307,15 @@ class Report:
                         if (baseline := self.baseline_of(result)) is not None
                         and key in baseline.figures()
                     },
+                    "comparisons": {
+                        comparison.key: {
+                            "case": other.case,
+                            "metric": comparison.metric,
+                            "ratio": self.comparison_ratio(result, comparison),
+                        }
+                        for comparison in self.comparisons
+                        if (other := self.compared_with(result, comparison)) is not None
+                    },
                 }
                 for result in self.results
             ],
@@ -260,6 +325,14 @@ class Report:
         """Write `to_json` to ``path`` (its directory is created if missing)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def _ratio(result: CaseResult, base: CaseResult | None, key: str) -> float | None:
+    """The median of ``key`` for ``result`` over ``base``'s; None where either lacks it."""
+    if base is None or not (result.has(key) and base.has(key)):
+        return None
+    divisor = base.median(key)
+    return result.median(key) / divisor if divisor else None
 
 
 def utc_now() -> str:

@@ -49,6 +49,17 @@ What it does, all in one process on the default asyncio event loop:
   ``synchronous_commit = off``; ``unlogged`` makes ``cursors`` an UNLOGGED
   table (trioflow also keeps a logged checkpoint every 5 s; this does not).
 
+Two ceilings, the same program with less to do (shared code, not copies):
+
+- ``--readers 0``, **the publish ceiling** (the ``copy`` case): the writer
+  alone, the same COPY batches with no reader competing for the process.
+  It reports what it published only.
+- ``--bytes-only``, **the delivery ceiling** (the ``asyncpg-bytes`` case):
+  each reader selects only ``seq, data``, with asyncpg's codec for ``json``
+  set to hand over the column's bytes as they came (no ``json.loads``, no
+  str), and calls the no-op handler with the seq and those bytes; paging,
+  waking and cursor upserts as above.
+
 Figures: publish ev/s is N over the time from the first COPY until the last
 one returned; delivered ev/s is K*N over the time from the first COPY until
 every reader had committed N. The check: every reader saw exactly seqs
@@ -66,7 +77,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
 import asyncpg
@@ -74,7 +85,7 @@ import asyncpg
 from ._data import EVENT_TYPE, Data, make_data
 from ._effects import count_sql, create_sql, effect_problems, effect_table, insert_sql
 from ._gc import GCTimer
-from ._readers import Tally, order_problems, report
+from ._readers import Tally, figures, order_problems, report
 
 #: The environment variable naming the server (as for the harness), and its default.
 URL_VARIABLE = "TRIOFLOW_BENCH_POSTGRES_URL"
@@ -151,17 +162,17 @@ async def read(
     commit_every: int,
     wakeup: Wakeup,
     effects: str | None = None,
+    raw: bool = False,
 ) -> float:
     """Read, decode, handle and commit up to seq ``events``; return perf_counter() then.
 
     With ``effects`` (a table), in transactions of ``commit_every`` events
-    that each insert one row per event there and move the cursor.
+    that each insert one row per event there and move the cursor. With
+    ``raw``, only seq and the data's bytes, undecoded (see `hand_over_json_bytes`).
     """
     q = f'"{schema}"'
-    select = (
-        f"SELECT seq, id, type, key, data, created_at FROM {q}.events "
-        "WHERE seq > $1 ORDER BY seq LIMIT $2"
-    )
+    columns = "seq, data" if raw else "seq, id, type, key, data, created_at"
+    select = f"SELECT {columns} FROM {q}.events WHERE seq > $1 ORDER BY seq LIMIT $2"
     upsert = (
         f"INSERT INTO {q}.cursors (consumer, seq, updated_at) VALUES ($1, $2, now()) "
         "ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at"
@@ -186,7 +197,7 @@ async def read(
         else:
             for row in rows:
                 seq = row[0]
-                await handle(seq, _loads(row[4]))
+                await handle(seq, row[1] if raw else _loads(row[4]))
                 position = seq
                 uncommitted += 1
                 if uncommitted >= commit_every:
@@ -200,6 +211,13 @@ async def read(
     if uncommitted:
         await connection.execute(upsert, name, position)
     return time.perf_counter()
+
+
+async def hand_over_json_bytes(connection: Connection) -> None:
+    """Make ``connection`` return ``json`` columns as the bytes the server sent: no decoding."""
+    await connection.set_type_codec(
+        "json", schema="pg_catalog", encoder=bytes, decoder=bytes, format="binary"
+    )
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -226,6 +244,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         connections = [
             await asyncpg.connect(args.url, server_settings=reader_settings) for _ in range(readers)
         ]
+        if args.bytes_only:
+            for connection in connections:
+                await hand_over_json_bytes(connection)
         try:
             tallies = [Tally() for _ in range(readers)]
             wakeup = Wakeup()
@@ -245,13 +266,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             commit_every=args.commit_every,
                             wakeup=wakeup,
                             effects=tables[index] if tables else None,
+                            raw=args.bytes_only,
                         )
                         for index, (connection, tally) in enumerate(
                             zip(connections, tallies, strict=True)
                         )
                     ),
                 )
-            delivered = max(finished)
+            # A writer alone (no readers) delivers nothing: only its publish figures.
+            delivered = max(finished, default=None)
         finally:
             for connection in [writer, *connections]:
                 await connection.close()
@@ -270,21 +293,28 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         if cursors.get(f"reader-{index}") != events
     ]
     problems += effect_problems([dict(count) for count in counts if count is not None], events)
-    return {
-        "publish_s": published - started,
-        "delivered_s": delivered - started,
-        "publish_per_s": events / (published - started),
-        "delivered_per_s": readers * events / (delivered - started),
-        "gc_s": collecting.seconds,
-        "problems": problems,
-    }
+    return figures(
+        events=events,
+        readers=readers,
+        started=started,
+        published=published,
+        delivered=delivered,
+        gc_seconds=collecting.seconds,
+        problems=problems,
+    )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,7 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--schema", required=True, help="a schema name to create, use and drop (must not exist)"
     )
     parser.add_argument("--events", type=_positive_int, default=100_000, metavar="N")
-    parser.add_argument("--readers", type=_positive_int, default=4, metavar="K")
+    parser.add_argument(
+        "--readers",
+        type=_at_least(0),
+        default=4,
+        metavar="K",
+        help="readers (default: %(default)s); 0: the writer alone, the publish ceiling",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=1000, metavar="B")
     parser.add_argument("--page-size", type=_positive_int, default=1000, metavar="P")
     parser.add_argument("--commit-every", type=_positive_int, default=100, metavar="C")
@@ -314,12 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one effect row per event, inserted with the cursor move in one transaction",
     )
+    parser.add_argument(
+        "--bytes-only",
+        action="store_true",
+        help="the delivery ceiling: readers select seq and the data's bytes, decoding nothing",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run once; print the figures as JSON; return 1 if the check failed."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.bytes_only and args.effects:
+        parser.error("--bytes-only readers decode nothing, and --effects needs the decoded data")
     return report(asyncio.run(run(args)))
 
 

@@ -34,6 +34,14 @@ Cases (``--case`` selects by id; ``raw`` always runs, the ratios need it):
     The hand-written program (`benchmarks.asyncpg_fanout`) doing the job of
     ``publish-many``, ``publish-many-commit1``, ``tx`` and ``tx-commit1``:
     the ``vs hand-written`` baseline of each.
+``copy`` (PostgreSQL stores; K=0)
+    The publish ceiling: the same program's writer alone (``--readers 0``),
+    binary COPY of the same payloads in batches of ``--batch-size``: the
+    ``publish vs COPY`` column of ``publish-many`` and ``publish-tasks``.
+``asyncpg-bytes`` (PostgreSQL stores)
+    The delivery ceiling: the same program with readers that decode nothing
+    (``--bytes-only``: ``seq`` and the data's bytes, a no-op handler, a cursor
+    upsert every ``--commit-every``): the ``vs bytes-only`` column.
 ``redis-streams`` (with ``--peer redis``)
     A peer, not a trioflow store (its store column is empty): Redis Streams
     with one consumer group per reader, driven by the asyncio program
@@ -96,7 +104,7 @@ from ._data import make_data as make_data
 from ._effects import count_sql, create_sql, effect_problems, effect_table, insert_sql
 from ._harness import BenchmarkFailed, Case, Options, Workload, positive_int, run_program
 from ._peers import ALL_PEERS, PEERS, PeerKind, peers_named
-from ._report import Metric
+from ._report import Comparison, Metric
 from ._stores import POSTGRES_URL_VARIABLE, StoreKind, fresh_postgres_schema
 
 #: Rows per query of the hand-written program's readers (trioflow's default page_size).
@@ -459,6 +467,15 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             run=lambda: _raw_batch_case(event_batches, consumers=k, timeout=timeout),
         ),
     ]
+    # The hand-written program's cases (PostgreSQL stores), by what they are compared with.
+    hand_written = _Program(id="asyncpg", commit_every=commit_every)
+    ceilings = {
+        "copy": _Program(id="copy", commit_every=commit_every, readers=0, column="copy"),
+        "bytes": _Program(
+            id="asyncpg-bytes", commit_every=commit_every, bytes_only=True, column="bytes"
+        ),
+    }
+    peers = {peer.name: peer.case for peer in peers_named(args.peer or ())}
     variants = [
         _FlowVariant(
             id="publish-many",
@@ -468,7 +485,9 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             ),
             commit_every=commit_every,
             batches=item_batches,
-            baseline="asyncpg",
+            baseline=hand_written,
+            ceilings=ceilings,
+            peers=peers,
         ),
         _FlowVariant(
             id="publish-tasks",
@@ -478,14 +497,16 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             ),
             commit_every=commit_every,
             shares=shares,
-            baseline="asyncpg",
+            baseline=hand_written,
+            ceilings=ceilings,
+            peers=peers,
         ),
         _FlowVariant(
             id="publish-many-commit1",
             description="as publish-many, with commit_every=1 (a cursor commit after every event)",
             commit_every=1,
             batches=item_batches,
-            baseline="asyncpg-commit1",
+            baseline=_Program(id="asyncpg-commit1", commit_every=1),
         ),
         _FlowVariant(
             id="batch",
@@ -496,7 +517,9 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             commit_every=1,
             batch=PAGE_SIZE,
             batches=item_batches,
-            baseline="asyncpg",
+            baseline=hand_written,
+            ceilings=ceilings,
+            peers=peers,
         ),
     ]
     tx_variants = [
@@ -510,7 +533,7 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             commit_every=commit_every,
             batches=item_batches,
             transactional=True,
-            baseline="asyncpg-tx",
+            baseline=_Program(id="asyncpg-tx", commit_every=commit_every, effects=True),
         ),
         _FlowVariant(
             id="tx-commit1",
@@ -518,18 +541,21 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
             commit_every=1,
             batches=item_batches,
             transactional=True,
-            baseline="asyncpg-tx-commit1",
+            baseline=_Program(id="asyncpg-tx-commit1", commit_every=1, effects=True),
         ),
     ]
     for kind in options.stores:
         # The memory store runs no transactions.
         kind_variants = variants + (tx_variants if kind.family != "memory" else [])
         store_cases: list[Case] = []
+        postgres = kind.family == "postgres"
         for variant in kind_variants:
-            if kind.family == "postgres" and variant.baseline not in {c.id for c in store_cases}:
-                # Each hand-written run just before the trioflow cases compared
-                # with it, so that both see the machine in the same state.
-                store_cases.append(_asyncpg_case(kind, options, batch_size, variant))
+            programs = variant.programs() if postgres else []
+            for program in programs:
+                if program.id not in {c.id for c in store_cases}:
+                    # Each hand-written run just before the trioflow cases compared
+                    # with it, so that both see the machine in the same state.
+                    store_cases.append(_asyncpg_case(kind, options, batch_size, program))
             store_cases.append(
                 Case(
                     id=variant.id,
@@ -539,7 +565,11 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
                     events=n,
                     params=variant.params(),
                     run=_flow_case(kind, variant, consumers=k, timeout=timeout),
-                    baseline=variant.baseline if kind.family == "postgres" else None,
+                    baseline=variant.baseline.id if postgres and variant.baseline else None,
+                    compared={
+                        **({key: p.id for key, p in variant.ceilings.items()} if postgres else {}),
+                        **variant.peers,
+                    },
                 )
             )
         cases.extend(store_cases)
@@ -564,12 +594,20 @@ class _FlowVariant:
     batches: Sequence[Sequence[tuple[str, Data]]] = ()
     #: For publish: the data each publishing task publishes, one call each.
     shares: Sequence[Sequence[Data]] = ()
-    #: On PostgreSQL: the id of the hand-written case it is compared with.
-    baseline: str | None = None
+    #: On PostgreSQL: the hand-written program's case it is compared with.
+    baseline: _Program | None = None
+    #: On PostgreSQL: the ceilings it is compared with, by `Comparison` key.
+    ceilings: Mapping[str, _Program] = attrs.field(factory=dict)
+    #: The peers' cases it is compared with, by `Comparison` key (the peer's name).
+    peers: Mapping[str, str] = attrs.field(factory=dict)
     #: Whether its consumers are transactional, each writing one effect row per event.
     transactional: bool = False
     #: For batch consumers: the most events per handler call.
     batch: int | None = None
+
+    def programs(self) -> list[_Program]:
+        """The hand-written program's cases it is compared with, on a PostgreSQL store."""
+        return [*([self.baseline] if self.baseline else []), *self.ceilings.values()]
 
     @property
     def events(self) -> int:
@@ -637,21 +675,42 @@ def _flow_case(
 # --- the hand-written asyncpg program (PostgreSQL stores only) ------------------------
 
 
-def _asyncpg_case(
-    kind: StoreKind, options: Options, batch_size: int, variant: _FlowVariant
-) -> Case:
-    """The hand-written program (`benchmarks.asyncpg_fanout`) on ``kind``'s server,
-    doing what ``variant`` does: its case is ``variant``'s baseline.
+@attrs.frozen(kw_only=True)
+class _Program:
+    """A run of the hand-written program (`benchmarks.asyncpg_fanout`): one case.
+
+    Attributes:
+        id: Its case id.
+        commit_every: Events per cursor upsert (with ``effects``: per transaction).
+        effects: One effect row per event, in the transaction moving the cursor.
+        bytes_only: Readers that decode nothing (the delivery ceiling).
+        readers: Its readers: None for the run's K; 0 for the writer alone
+            (the publish ceiling), a case of K=0 that runs once per sweep.
+        column: The `Comparison` key of the column it is the 1.00 of; None
+            for the ``vs hand-written`` column.
+    """
+
+    id: str
+    commit_every: int
+    effects: bool = False
+    bytes_only: bool = False
+    readers: int | None = None
+    column: str | None = None
+
+
+def _asyncpg_case(kind: StoreKind, options: Options, batch_size: int, program: _Program) -> Case:
+    """The hand-written program (`benchmarks.asyncpg_fanout`) on ``kind``'s server, as
+    ``program`` says.
 
     It runs in a subprocess, so that asyncio and trio never share a process,
     with the cursor durability of the store it is compared with; in one
     transaction with effect rows (as a transactional consumer's cursor, which
     is as durable as its transaction) with sync, logged cursors.
     """
-    assert variant.baseline is not None
-    case_id, commit_every, effects = variant.baseline, variant.commit_every, variant.transactional
+    case_id, commit_every, effects = program.id, program.commit_every, program.effects
     durability = "sync" if effects else kind.options.get("cursor_durability", "sync")
-    n, k, timeout = options.events, options.consumers, options.timeout
+    n, timeout = options.events, options.timeout
+    k = options.consumers if program.readers is None else program.readers
     command = [
         sys.executable,
         "-m",
@@ -663,6 +722,7 @@ def _asyncpg_case(
         f"--commit-every={commit_every}",
         f"--cursor-durability={durability}",
         *(["--effects"] if effects else []),
+        *(["--bytes-only"] if program.bytes_only else []),
     ]
     what = f"hand-written asyncpg program ({case_id}) on {kind.name}"
 
@@ -676,12 +736,22 @@ def _asyncpg_case(
             )
 
     events = f"{commit_every} event{'s' if commit_every != 1 else ''}"
-    return Case(
-        id=case_id,
-        description=(
-            f"hand-written asyncio+asyncpg program in a subprocess: COPY batches of "
-            f"{batch_size:,}; {k} readers paging by seq {PAGE_SIZE:,} rows at a time, "
-            f"json.loads and a no-op handler per event, "
+    writer = f"COPY batches of {batch_size:,}"
+    if k == 0:
+        description = (
+            f"the publish ceiling: the hand-written asyncio+asyncpg program's writer alone in a "
+            f"subprocess, binary COPY (copy_records_to_table) of the same payloads in {writer}"
+        )
+    else:
+        reading = (
+            "seq and the data's bytes (no decoding) and a no-op handler per event"
+            if program.bytes_only
+            else "json.loads and a no-op handler per event"
+        )
+        description = (
+            ("the delivery ceiling: " if program.bytes_only else "")
+            + f"hand-written asyncio+asyncpg program in a subprocess: {writer}; "
+            f"{k} readers paging by seq {PAGE_SIZE:,} rows at a time, {reading}, "
             + (
                 f"one effect row inserted per event and a cursor upsert, in a transaction "
                 f"per {events}"
@@ -689,21 +759,27 @@ def _asyncpg_case(
                 else f"cursor upsert every {events}"
             )
             + f" (cursor_durability={durability})"
-        ),
+        )
+    return Case(
+        id=case_id,
+        description=description,
         store=kind.name,
         consumers=k,
         events=n,
         params={
             "program": "benchmarks.asyncpg_fanout",
+            "readers": k,
             "commit_every": commit_every,
             "batch_size": batch_size,
             "page_size": PAGE_SIZE,
             "cursor_durability": durability,
             "data_bytes": DATA_BYTES,
             **({"transactional": True, "effect_rows": 1} if effects else {}),
+            **({"bytes_only": True} if program.bytes_only else {}),
         },
         run=run,
-        baseline=case_id,
+        baseline=case_id if program.column is None else None,
+        compared={} if program.column is None else {program.column: case_id},
     )
 
 
@@ -772,7 +848,8 @@ WORKLOAD = Workload(
     name="fanout",
     summary=(
         "publish N events, deliver them to K consumers; compared with raw trio channels "
-        "and, on PostgreSQL, a hand-written asyncpg program"
+        "and, on PostgreSQL, a hand-written asyncpg program and its ceilings (COPY alone, "
+        "bytes-only readers)"
     ),
     metrics=(
         Metric(key="publish_per_s", label="publish ev/s", unit="events/s"),
@@ -781,6 +858,14 @@ WORKLOAD = Workload(
     ratio_metric="delivered_per_s",
     ratio_label="delivered vs raw",
     baseline_label="vs hand-written",
+    comparisons=(
+        Comparison(key="copy", label="publish vs COPY", metric="publish_per_s"),
+        Comparison(key="bytes", label="vs bytes-only", metric="delivered_per_s"),
+        *(
+            Comparison(key=peer.name, label=f"vs {peer.case}", metric="delivered_per_s")
+            for peer in PEERS.values()
+        ),
+    ),
     cases=_cases,
     add_arguments=_add_arguments,
 )

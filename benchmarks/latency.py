@@ -50,6 +50,13 @@ just before it (1.0 for the raw runs): the table's ratio column shows its
 median. Every run checks that each consumer handled exactly sequence
 numbers 1..N, each once and in order, and that the committed cursors are at
 N; otherwise the benchmark fails.
+
+With ``--stages``, the trioflow cases also split every delivery's latency
+into stages (`benchmarks._stages`): the wait for the group commit, the
+store's append, the fan-out and wake-up and, across processes, the
+notification and the read; the JSON file gets each stage's median and its
+mean in the slowest 1%, and how many of those slow deliveries overlapped a
+garbage collection.
 """
 
 from __future__ import annotations
@@ -67,17 +74,19 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 import trioflow
-from trioflow.stores import Store
+from trioflow.stores import Store, store_from_url
 
 from ._data import DATA_BYTES, EVENT_TYPE, Data, make_data
+from ._gc import GCTimer
 from ._harness import ROOT, BenchmarkFailed, Case, Options, Workload, positive_float
 from ._report import Metric
+from ._stages import TimedStore, breakdown
 from ._stores import StoreKind, fresh_postgres_schema, with_options
 from .fanout import Figures, Tally, _receive_each, _run_within, check_tallies, make_events
 
@@ -180,10 +189,19 @@ def check_cursors(cursors: Mapping[str, int], events: int, *, what: str) -> None
         raise BenchmarkFailed(f"{what}: committed cursors {wrong}, expected {events:,} each")
 
 
-def child_report(tallies: Sequence[LatencyTally], cursors: Mapping[str, int]) -> str:
-    """What the cross-process child writes for its parent: JSON, one entry per consumer."""
+def child_report(
+    tallies: Sequence[LatencyTally],
+    cursors: Mapping[str, int],
+    stages: Mapping[str, object] | None = None,
+) -> str:
+    """What the cross-process child writes for its parent: JSON, one entry per consumer.
+
+    With ``--stages``, ``stages`` holds its store's reads and notifications
+    and its collector's pauses (`benchmarks._stages`).
+    """
     return json.dumps(
         {
+            "stages": stages,
             "consumers": [
                 {
                     "count": tally.count,
@@ -198,8 +216,10 @@ def child_report(tallies: Sequence[LatencyTally], cursors: Mapping[str, int]) ->
     )
 
 
-def read_child_report(text: str) -> tuple[list[LatencyTally], dict[str, int]]:
-    """The consumers' tallies and committed cursors from a `child_report`."""
+def read_child_report(
+    text: str,
+) -> tuple[list[LatencyTally], dict[str, int], dict[str, Any] | None]:
+    """The consumers' tallies, committed cursors and stage timings from a `child_report`."""
     report = json.loads(text)
     tallies = []
     for entry in report["consumers"]:
@@ -207,7 +227,8 @@ def read_child_report(text: str) -> tuple[list[LatencyTally], dict[str, int]]:
         tally.count, tally.last = entry["count"], entry["last"]
         tally.out_of_order, tally.samples = entry["out_of_order"], entry["samples_ns"]
         tallies.append(tally)
-    return tallies, {str(name): int(cursor) for name, cursor in report["cursors"].items()}
+    cursors = {str(name): int(cursor) for name, cursor in report["cursors"].items()}
+    return tallies, cursors, report.get("stages")
 
 
 # --- the paced publisher --------------------------------------------------------------
@@ -243,12 +264,16 @@ async def pace(
     return Pacing(events=len(items), rate=rate, seconds=trio.current_time() - start, late=late)
 
 
-def _stamped_publish(flow: trioflow.Flow) -> Callable[[Data], Awaitable[None]]:
+def _stamped_publish(
+    flow: trioflow.Flow, stamps: dict[int, int]
+) -> Callable[[Data], Awaitable[None]]:
+    """Publish an item stamped with the time; note the stamp in ``stamps`` by seq."""
+
     async def publish(item: Data) -> None:
         # Each event has its own dict and consumers get a decoded copy of it,
         # so stamping in place is safe, and no copy is made after the stamp.
-        item[STAMP] = now_ns()
-        await flow.publish(EVENT_TYPE, item)
+        item[STAMP] = stamp = now_ns()
+        stamps[await flow.publish(EVENT_TYPE, item)] = stamp
 
     return publish
 
@@ -263,6 +288,8 @@ class _Plan:
     rate: float
     data: Sequence[Data]
     spawn: bool
+    #: Whether the trioflow runs time their stages (`benchmarks._stages`).
+    stages: bool = False
 
     @property
     def events(self) -> int:
@@ -299,18 +326,31 @@ async def _raw_run(
 async def _in_process_run(
     store: Store, plan: _Plan, tallies: Sequence[LatencyTally], warmup: int, what: str
 ) -> Figures:
+    timed = TimedStore(store) if plan.stages else None
     # Stopping is not measured; a short grace keeps a run quick should it be needed.
-    app = trioflow.App(store, shutdown_grace=1.0)
+    app = trioflow.App(timed or store, shutdown_grace=1.0)
     for index, tally in enumerate(tallies):
         app.consumer(f"consumer-{index}")(tally.handle)
-    async with trioflow.open_flow(app) as flow:
-        pacing = await pace(plan.rate, plan.data, _stamped_publish(flow), spawn=plan.spawn)
-        await flow.wait_idle()
-        statistics = flow.statistics()
+    stamps: dict[int, int] = {}
+    with GCTimer(keep_pauses=True) as collecting:
+        async with trioflow.open_flow(app) as flow:
+            pacing = await pace(
+                plan.rate, plan.data, _stamped_publish(flow, stamps), spawn=plan.spawn
+            )
+            await flow.wait_idle()
+            statistics = flow.statistics()
     figures = summarize(tallies, pacing, warmup=warmup, what=what)
     if statistics.published != plan.events:
         raise BenchmarkFailed(f"{what}: published {statistics.published:,} of {plan.events:,}")
     check_cursors({n: c.cursor for n, c in statistics.consumers.items()}, plan.events, what=what)
+    if timed is not None:
+        figures |= breakdown(
+            stamps=stamps,
+            samples=[tally.samples for tally in tallies],
+            warmup=warmup,
+            appends=timed.appends,
+            pauses=collecting.pauses,
+        )
     return figures
 
 
@@ -350,6 +390,10 @@ class _ChildRun:
     said: bytes = b""
     pacing: Pacing | None = None
     completed: subprocess.CompletedProcess[bytes] | None = None
+    #: Each event's publish timestamp, by seq.
+    stamps: dict[int, int] = attrs.Factory(dict)
+    #: With stages: the publisher's store, timed.
+    timed: TimedStore | None = None
 
     def failure(self, what: str) -> str | None:
         """Why the run failed (the child did not get ready, or did not exit 0), or None."""
@@ -390,7 +434,9 @@ async def _publish_to_child(
     url: str, plan: _Plan, command: Sequence[str], record: _ChildRun
 ) -> None:
     """Start the child, wait until it is ready, publish; return once it exited."""
-    app = trioflow.App(url, shutdown_grace=1.0)
+    if plan.stages:
+        record.timed = TimedStore(store_from_url(url))
+    app = trioflow.App(record.timed or url, shutdown_grace=1.0)
     # The flow opens first: it creates the store's schema before the child opens it.
     async with trioflow.open_flow(app) as flow, trio.open_nursery() as nursery:
         env = {**os.environ, STORE_URL_VARIABLE: url}
@@ -401,7 +447,7 @@ async def _publish_to_child(
         await child.stdout.aclose()
         if record.said == READY.encode():
             record.pacing = await pace(
-                plan.rate, plan.data, _stamped_publish(flow), spawn=plan.spawn
+                plan.rate, plan.data, _stamped_publish(flow, record.stamps), spawn=plan.spawn
             )
         elif record.said:
             nursery.cancel_scope.cancel()
@@ -438,18 +484,32 @@ def _cross_process_run(
         ]
         if poll_interval is not None:
             command.append(f"--poll-interval={poll_interval}")
-        if trio.run(main):
+        if plan.stages:
+            command.append("--stages")
+        with GCTimer(keep_pauses=True) as collecting:
+            timed_out = trio.run(main)
+        if timed_out:
             pid = "" if record.process is None else f" {record.process.pid}"
             raise BenchmarkFailed(f"{what} timed out after {timeout:g}s; child process{pid} killed")
         problem = record.failure(what)
         if problem is not None:
             raise BenchmarkFailed(problem)
         assert record.pacing is not None
-        tallies, cursors = read_child_report(out.read_text(encoding="utf-8"))
+        tallies, cursors, stages = read_child_report(out.read_text(encoding="utf-8"))
     if len(tallies) != consumers:
         raise BenchmarkFailed(f"{what}: the child reported {len(tallies)} of {consumers} consumers")
     figures = summarize(tallies, record.pacing, warmup=warmup, what=what)
     check_cursors(cursors, plan.events, what=what)
+    if record.timed is not None and stages is not None:
+        figures |= breakdown(
+            stamps=record.stamps,
+            samples=[tally.samples for tally in tallies],
+            warmup=warmup,
+            appends=record.timed.appends,
+            reads=[tuple(span) for span in stages["reads"]],
+            wakes=[tuple(wake) for wake in stages["wakes"]],
+            pauses=collecting.pauses + [tuple(pause) for pause in stages["pauses"]],
+        )
     return figures
 
 
@@ -495,6 +555,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "events another process appended (default: the store's own; SQLite 0.1, "
         "PostgreSQL 1.0 as a fallback to its notifications)",
     )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also time each delivery's stages (group commit wait, append, notification, "
+        "read, fan-out and wake-up) and the garbage collector's pauses; in the JSON file",
+    )
 
 
 def _versus_raw(figures: Figures, floors: Mapping[float, float], rate: float) -> Figures:
@@ -518,9 +584,14 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
     for item in data:
         # In place from the start, so that every run's events are the same size.
         item[STAMP] = 0
-    plans = {rate: _Plan(rate=rate, data=data[: per_rate[rate]], spawn=spawn) for rate in rates}
+    plans = {
+        rate: _Plan(rate=rate, data=data[: per_rate[rate]], spawn=spawn, stages=args.stages)
+        for rate in rates
+    }
     floors: dict[float, float] = {}
     common = {"data_bytes": DATA_BYTES, "timestamp": STAMP, "warmup": warmup}
+    if args.stages:
+        common["stages"] = True
 
     def raw_run(plan: _Plan) -> Callable[[], Figures]:
         events = make_events(plan.data)

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks._progress import ProgressBar, format_duration
+from benchmarks._report import CaseResult, Comparison, Metric, Report
 
 
 def _run(tmp_path: Path, *extra: str) -> dict[str, object]:
@@ -140,9 +141,9 @@ def test_a_workload_sets_its_own_defaults_for_the_common_options() -> None:
 
 @pytest.mark.parametrize(
     ("values", "log"),
-    [([0.1, 5.0], False), ([0.1, 10.0], True), ([0.0, 1000.0], False), ([], False)],
+    [([0.1, 0.5], False), ([0.1, 1.0], True), ([0.0, 1000.0], False), ([], False)],
 )
-def test_figures_spanning_a_factor_of_100_are_drawn_on_a_log_scale(
+def test_figures_spanning_a_factor_of_10_are_drawn_on_a_log_scale(
     values: list[float], log: bool
 ) -> None:
     from benchmarks._plot import _spans_magnitudes
@@ -177,3 +178,128 @@ def test_a_program_s_figures_come_back_and_its_failures_fail_the_run() -> None:
         run_program(python(failing), what="prog", timeout=60, check_status=3)
     with pytest.raises(BenchmarkFailed, match=r"^prog timed out after 0.5s$"):
         run_program(python("import time; time.sleep(30)"), what="prog", timeout=0.5)
+
+
+def _compared_report() -> Report:
+    def result(case: str, store: str | None, consumers: int, **runs: float) -> CaseResult:
+        compared = {"copy": "copy", "peer": "peer"} if case == "flow" else {}
+        return CaseResult(
+            case=case,
+            description="",
+            store=store,
+            consumers=consumers,
+            events=10,
+            # Settings of every kind, as the peers' server and client are.
+            params={"server": {"version": "7"}} if case == "peer" else {},
+            reference=case == "raw",
+            runs=[runs],
+            compared=compared,
+        )
+
+    return Report(
+        workload="fanout",
+        command="",
+        started_at="",
+        options={},
+        metrics=[
+            Metric(key="publish_per_s", label="publish ev/s", unit="events/s"),
+            Metric(key="delivered_per_s", label="delivered ev/s", unit="events/s"),
+        ],
+        ratio_metric="delivered_per_s",
+        ratio_label="vs raw",
+        machine={},
+        comparisons=[
+            Comparison(key="copy", label="publish vs COPY", metric="publish_per_s"),
+            Comparison(key="peer", label="vs peer", metric="delivered_per_s"),
+            Comparison(key="unused", label="vs nothing", metric="delivered_per_s"),
+        ],
+        results=[
+            result("raw", None, 4, publish_per_s=10.0, delivered_per_s=40.0),
+            # A writer alone: no consumers, nothing delivered.
+            result("copy", "pg", 0, publish_per_s=50.0),
+            result("flow", "pg", 4, publish_per_s=20.0, delivered_per_s=80.0),
+            result("peer", None, 4, publish_per_s=5.0, delivered_per_s=20.0),
+        ],
+    )
+
+
+def test_a_comparison_is_a_column_of_ratios_to_a_case_on_the_same_store_or_none() -> None:
+    report = _compared_report()
+    lines = report.table().splitlines()
+    assert lines[0].split("|")[-4:-1] == [" vs raw ", " publish vs COPY ", " vs peer "]
+    assert [cell.strip() for cell in lines[3].split("|")[1:-1]] == [
+        "copy",
+        "pg",
+        "0",
+        "10",
+        "50",
+        "-",
+        "-",
+        "-",
+        "-",
+    ]
+    assert [cell.strip() for cell in lines[4].split("|")[-4:-1]] == ["2.00", "0.40", "4.00"]
+    flow = report.to_json()["results"][2]  # type: ignore[index]
+    assert flow["comparisons"] == {
+        "copy": {"case": "copy", "metric": "publish_per_s", "ratio": 0.4},
+        "peer": {"case": "peer", "metric": "delivered_per_s", "ratio": 4.0},
+    }
+
+
+def test_a_case_with_no_consumers_runs_once_in_a_sweep() -> None:
+    import argparse
+
+    from benchmarks.__main__ import _build_cases
+    from benchmarks._harness import Case, Options, Workload
+
+    def cases(options: Options, args: argparse.Namespace) -> list[Case]:
+        def case(id: str, consumers: int) -> Case:
+            return Case(id=id, description="", store="pg", consumers=consumers, events=1, run=dict)
+
+        return [case("flow", options.consumers), case("writer", 0)]
+
+    workload = Workload(
+        name="w", summary="", metrics=(), ratio_metric="", ratio_label="", cases=cases
+    )
+    options = Options(events=1, consumers=1, repeat=1, stores=[], timeout=1.0)
+    built = _build_cases(workload, options, [1, 4], argparse.Namespace(case=None))
+    assert [(case.id, case.consumers) for case in built] == [
+        ("flow", 1),
+        ("writer", 0),
+        ("flow", 4),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("label", "unit", "shown"),
+    [
+        ("delivered ev/s", "events/s", "delivered (events/s)"),
+        ("p99 ms", "ms", "p99 (ms)"),
+        ("p99 ms median", "ms", "p99 median (ms)"),
+        ("seconds", "s", "seconds (s)"),
+        ("peak MiB", "MiB", "peak (MiB)"),
+        ("rehandled", "events", "rehandled (events)"),
+    ],
+)
+def test_an_axis_says_its_unit_once(label: str, unit: str, shown: str) -> None:
+    from benchmarks._plot import axis_label
+
+    assert axis_label({"label": label, "unit": unit}) == shown
+
+
+def test_a_bar_stands_beside_what_it_is_compared_with_labelled_with_the_ratios(
+    tmp_path: Path,
+) -> None:
+    from benchmarks._plot import _groups, _ratios, plot_report
+
+    report = _compared_report().to_json()
+    results = report["results"]
+    assert isinstance(results, list)
+    groups = dict(_groups(results, "publish_per_s", sweep=False))
+    # The writer alone (K=0) and the peer stand in the store's group, beside the flow.
+    assert [r["case"] for r in groups["pg"]] == ["flow", "copy", "peer"]
+    assert [r["case"] for r in groups["no store"]] == ["raw", "peer"]
+    assert _ratios(report, results[2], "publish_per_s") == ["2.00x raw", "0.40x copy"]
+    assert _ratios(report, results[2], "delivered_per_s") == ["2.00x raw", "4.00x peer"]
+    names = {path.name for path in plot_report(report, tmp_path)}
+    assert names == {"fanout-publish-per-s.png", "fanout-delivered-per-s.png"}

@@ -150,7 +150,7 @@ async def test_a_consumer_that_missed_repeated_or_reordered_an_event_fails(
         latency.summarize([complete, wrong], PACING, warmup=0, what="x")
 
     # The child's report goes through the same check.
-    tallies, cursors = latency.read_child_report(
+    tallies, cursors, _ = latency.read_child_report(
         latency.child_report([complete, wrong], {"consumer-0": 5, "consumer-1": 5})
     )
     assert tallies[1].samples == wrong.samples
@@ -169,8 +169,8 @@ def test_an_event_never_published_fails_the_run(
 ) -> None:
     stamped = latency._stamped_publish
 
-    def losing(flow: trioflow.Flow) -> Callable[[Data], Awaitable[None]]:
-        publish = stamped(flow)
+    def losing(flow: trioflow.Flow, stamps: dict[int, int]) -> Callable[[Data], Awaitable[None]]:
+        publish = stamped(flow, stamps)
 
         async def lose_the_third(item: Data) -> None:
             if item["order"] != 3:
@@ -220,3 +220,55 @@ def test_a_child_that_failed_is_reported_with_its_stderr() -> None:
         failed, completed=subprocess.CompletedProcess(["child"], 0, None, b""), said=b"ready"
     )
     assert ok.failure("x") is None
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("bench_postgres")
+def test_stages_split_the_latency_in_and_across_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*ARGV, "--store", "postgres", "--stages"]
+    report, _ = _run(argv, tmp_path / "latency.json", capsys)
+    results = {result["case"]: result for result in report["results"]}
+    in_process = {"queue", "append", "deliver"}
+    across = {"queue", "append_notify", "poll", "read", "deliver"}
+    for case, stages in [("in-process@200", in_process), ("cross-process@200", across)]:
+        figures = results[case]["median"]
+        assert results[case]["params"]["stages"]
+        for stage in stages:
+            assert figures[f"{stage}_p50_ms"] >= 0
+            assert figures[f"{stage}_tail_ms"] >= 0
+        assert {"gc_tail_ms", "gc_pause_max_ms"} <= set(figures)
+    assert "queue_p50_ms" not in results["raw@200"]["median"]
+
+
+def test_a_stage_breakdown_adds_up_to_each_delivery() -> None:
+    from benchmarks._stages import breakdown
+
+    ms = 1_000_000
+    # Three events: published at 0, 1 and 2 ms; appended together from 3 to 5 ms;
+    # the consumers' process notified at 6 ms, read from 7 to 8 ms, handled at 9 ms,
+    # but event 3 at 30 ms (the tail, with a 2 ms collection in it).
+    stamps = {1: 0, 2: 1 * ms, 3: 2 * ms}
+    samples = [[9 * ms, 8 * ms, 28 * ms]]
+    figures = breakdown(
+        stamps=stamps,
+        samples=samples,
+        warmup=0,
+        appends=[(3 * ms, 5 * ms, 1, 3)],
+        reads=[(7 * ms, 8 * ms, 1, 3)],
+        wakes=[(6 * ms, 3)],
+        pauses=[(20 * ms, 22 * ms)],
+    )
+    assert figures["queue_p50_ms"] == 2
+    assert figures["append_notify_p50_ms"] == 3
+    assert (figures["poll_p50_ms"], figures["read_p50_ms"]) == (1, 1)
+    assert figures["deliver_p50_ms"] == 1
+    # The tail (at or above the p99) is event 3 alone.
+    assert (figures["queue_tail_ms"], figures["deliver_tail_ms"]) == (1, 22)
+    assert (figures["gc_tail_ms"], figures["gc_pause_max_ms"]) == (2, 2)
+
+    in_process = breakdown(
+        stamps=stamps, samples=samples, warmup=1, appends=[(3 * ms, 5 * ms, 1, 3)]
+    )
+    assert (in_process["append_p50_ms"], in_process["deliver_tail_ms"]) == (2, 25)

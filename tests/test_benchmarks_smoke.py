@@ -16,7 +16,7 @@ import pytest
 import trio
 
 import trioflow
-from benchmarks import asyncpg_fanout, fanout
+from benchmarks import _readers, asyncpg_fanout, fanout
 from benchmarks.__main__ import main
 from benchmarks._effects import effect_problems
 from benchmarks._harness import BenchmarkFailed
@@ -155,8 +155,49 @@ def test_fanout_on_postgres_runs_next_to_the_hand_written_program(
             assert params["transactional"]
         assert results["tx-commit1", store]["params"]["commit_every"] == 1
         assert results["batch", store]["params"]["consumer_batch"] == 1000
+        # The ceilings: the COPY writer alone (no consumers, no delivered figure) and
+        # the bytes-only readers, each the 1.00 of its own column.
+        copy, raw_readers = results["copy", store], results["asyncpg-bytes", store]
+        assert (copy["consumers"], copy["params"]["readers"]) == (0, 0)
+        assert "delivered_per_s" not in copy["median"]
+        assert copy["median"]["publish_per_s"] > 0
+        assert copy["comparisons"]["copy"]["ratio"] == 1.0
+        assert raw_readers["params"]["bytes_only"]
+        assert raw_readers["comparisons"]["bytes"]["ratio"] == 1.0
+        for case in ("publish-many", "publish-tasks"):
+            comparisons = results[case, store]["comparisons"]
+            assert comparisons["copy"]["case"] == "copy"
+            assert comparisons["copy"]["metric"] == "publish_per_s"
+            assert comparisons["copy"]["ratio"] > 0
+            assert comparisons["bytes"]["case"] == "asyncpg-bytes"
+            assert comparisons["bytes"]["ratio"] > 0
     assert "| vs hand-written |" in captured.out
+    assert "| publish vs COPY | vs bytes-only |" in captured.out
     assert "| asyncpg-commit1      | postgres-unlogged |" in captured.out
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("bench_postgres")
+def test_the_bytes_only_readers_are_handed_the_data_undecoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    given: list[object] = []
+
+    async def note(self: object, order: int, data: object) -> None:
+        given.append(data)
+
+    monkeypatch.setattr(_readers.Tally, "handle", note)
+    argv = ["--events", "10", "--readers", "2", "--batch-size", "4", "--bytes-only"]
+    with fresh_postgres_schema() as (url, schema):
+        args = asyncpg_fanout.build_parser().parse_args(
+            [*argv, f"--url={url}", f"--schema={schema}"]
+        )
+        asyncio.run(asyncpg_fanout.run(args))
+    assert len(given) == 20
+    first = given[0]
+    assert isinstance(first, bytes)
+    assert all(isinstance(data, bytes) for data in given)
+    assert json.loads(first) == fanout.make_data(1)[0]
 
 
 def test_the_effect_row_check_wants_one_row_per_event() -> None:
