@@ -5,13 +5,16 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import gc
 import json
 import pickle
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -178,15 +181,13 @@ def test_new_ids_are_random_version_4_uuids() -> None:
         assert pickle.loads(pickle.dumps(made)) == made
 
 
-def test_a_live_event_decodes_its_data_once_and_drops_the_text() -> None:
+def test_a_live_event_decodes_its_data_once_until_it_is_forgotten() -> None:
     new = encode("t", {"a": [1, 2.5]}, "k", uuid.uuid4())
     now = datetime.datetime.now(datetime.UTC)
     event = new.persisted(3, now)
-    assert event._payload is not None
     first = event.data
     assert first == {"a": [1, 2.5]}
     assert event.data is first
-    assert event._payload is None
     replayed = Event(seq=3, id=new.id, type="t", data={"a": [1, 2.5]}, key="k", created_at=now)
     assert replayed == event
     assert replayed.size == event.size == new.size
@@ -195,3 +196,58 @@ def test_a_live_event_decodes_its_data_once_and_drops_the_text() -> None:
     assert repr(event) == repr(replayed)
     with pytest.raises(AttributeError):
         setattr(event, "seq", 4)  # noqa: B010
+    # Far behind the head: decoded anew, equal, and not kept.
+    event.forget_data()
+    again = event.data
+    assert again == first and again is not first
+    assert event.data is not again
+    # A replayed event has no text to decode again: it keeps its data.
+    replayed.forget_data()
+    assert replayed.data is replayed.data
+
+
+@pytest.mark.parametrize("reads_data", [False, True], ids=["untouched", "read-by-others"])
+async def test_a_lagging_consumer_holds_little_more_than_each_events_json_text(
+    monkeypatch: pytest.MonkeyPatch, reads_data: bool
+) -> None:
+    """An event held for a consumer far behind costs its 200 bytes of JSON and at
+    most 500 more, whether or not the consumers that keep up read its data."""
+    monkeypatch.setattr("trioflow._dispatch.DECODED_KEPT", 100)
+    app = trioflow.App("memory://")
+    gate, caught_up = trio.Event(), trio.Event()
+    handled = 0
+    count = 3000
+
+    @app.consumer("lagging")
+    async def lagging(event: trioflow.Event) -> None:
+        await gate.wait()
+
+    @app.consumer("keeping-up")
+    async def keeping_up(event: trioflow.Event) -> None:
+        nonlocal handled
+        if reads_data:
+            assert event.data["n"] == event.seq - 2
+        handled += 1
+        if handled == count + 1:
+            caught_up.set()
+
+    # Built before measuring, as a publisher's own values are: 200 bytes of JSON each.
+    items = [("t", {"n": n, "pad": "x" * (185 - len(str(n)))}) for n in range(count)]
+    assert len(json.dumps(items[0][1], separators=(",", ":"))) == 200
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish("t", {"n": -1})
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for start in range(0, count, 1000):
+                await flow.publish_many(items[start : start + 1000])
+            await caught_up.wait()
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        gate.set()
+    # The memory store keeps every event too (in the same objects): this is
+    # the whole cost of holding them.
+    assert held / count <= 200 + 500

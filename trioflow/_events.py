@@ -31,8 +31,15 @@ MAX_DEPTH = 128
 MAX_DATA_BYTES = 64 * 1024 * 1024
 
 
+#: Live events whose decoded data the dispatcher keeps (those fanned out last),
+#: at most, and at most this much of their JSON text (bytes).
+DECODED_KEPT = 4096
+DECODED_KEPT_BYTES = 4 * 1024 * 1024
+
 #: Stands for "not decoded yet" in `Event`'s data slot (data may be None).
 _UNDECODED: Final[Any] = type("_Undecoded", (), {"__repr__": lambda self: "<undecoded>"})()
+#: Stands for "decoded anew whenever asked for" (`Event.forget_data`).
+_FORGOTTEN: Final[Any] = type("_Forgotten", (), {"__repr__": lambda self: "<forgotten>"})()
 
 
 class Event:
@@ -49,10 +56,13 @@ class Event:
         id: A unique identifier, generated when the event was published.
         type: The event type, for example ``"order.created"``.
         data: The event's JSON value, decoded (as the store will replay it).
-            Every consumer receives the same object: treat it as read-only.
-            An event fanned out live keeps only its JSON text until ``data``
-            is first asked for: a consumer that is far behind holds a few
-            hundred bytes per event, not the decoded value.
+            Treat it as read-only. An event fanned out live keeps its JSON
+            text and decodes it when ``data`` is first asked for; consumers
+            that keep up share that one decoded object. Once the event is
+            far behind the head of the stream (`DECODED_KEPT`) the decoded
+            value is dropped, so a consumer that lags holds a few hundred
+            bytes per event, and its handler gets an equal value decoded
+            anew.
         key: An optional key (for example a customer id), or None.
         created_at: When the event was committed, an aware UTC datetime.
         size: The size of ``data`` as the store keeps it: its JSON text, in
@@ -135,10 +145,25 @@ class Event:
         if data is _UNDECODED:
             payload = self._payload
             assert payload is not None
-            # Kept: every consumer gets this one object. The text goes.
+            # Kept while the event is recent (`forget_data`): consumers that
+            # keep up share this one object.
             data = self._data = decode_json(payload)
-            self._payload = None
+        elif data is _FORGOTTEN:
+            payload = self._payload
+            assert payload is not None
+            data = decode_json(payload)
         return data
+
+    def forget_data(self) -> None:
+        """Drop the decoded ``data`` of an event that keeps its JSON text (a live one).
+
+        The dispatcher calls it once the event is well behind the head of the
+        stream: a consumer that lags behind then holds the text, not the
+        decoded value (several times larger), and its handler decodes the
+        text again (an equal value, not kept) whenever it asks for ``data``.
+        """
+        if self._payload is not None:
+            self._data = _FORGOTTEN
 
     @property
     def key(self) -> str | None:
