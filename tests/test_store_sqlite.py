@@ -938,6 +938,42 @@ async def test_polls_for_other_processes_start_fast_and_back_off(
         assert [round(at - store.polls[0], 6) for at in store.polls] == [0, 0.005, 0.015]
 
 
+class HeadReads(SQLiteStore):
+    """Counts its head reads."""
+
+    reads = 0
+
+    async def head(self) -> int:
+        self.reads += 1
+        return await super().head()
+
+
+async def test_the_flows_own_appends_cost_no_head_read(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No poll falls within the test: every read counted is one an append caused.
+    monkeypatch.setattr("trioflow.stores.sqlite._store._FIRST_POLL", 3600.0)
+    store = HeadReads(tmp_path / "t.db", poll_interval=3600.0)
+    app = trioflow.App(store)
+    seen: list[int] = []
+
+    @app.consumer("c")
+    async def note(event: trioflow.Event) -> None:
+        seen.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+        before = store.reads
+        for number in range(20):
+            await flow.publish("t", number)
+            await trio.sleep(0.001)
+        await flow.publish_many([("t", number) for number in range(5)])
+        await trio.sleep(0.01)
+        assert store.reads - before == 0
+        await flow.wait_idle()
+    assert seen == list(range(1, 26))
+
+
 async def test_duplicate_event_id_rolls_back_the_batch(tmp_path: pathlib.Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     async with store.open():

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from ._errors import BackpressureError, FlowClosedError, OutcomeUnknownError, StoreError
-from ._events import Event, NewEvent
+from ._events import DECODED_KEPT, DECODED_KEPT_BYTES, Event, NewEvent
 from ._groups import partition_of
 from ._histograms import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram, HistogramSnapshot
 from ._policies import Overflow
@@ -228,6 +228,10 @@ class Dispatcher:
     #: Seconds from submit to committed, per publish request; events per group commit.
     _publish_latency: Histogram = attrs.Factory(lambda: Histogram(SECONDS_BUCKETS))
     _batch_size: Histogram = attrs.Factory(lambda: Histogram(BATCH_BUCKETS))
+    #: The events fanned out last, oldest first, and their total size: past
+    #: `DECODED_KEPT` (or `DECODED_KEPT_BYTES`) their decoded data is dropped.
+    _recent: collections.deque[Event] = attrs.Factory(collections.deque)
+    _recent_bytes: int = 0
 
     @property
     def head(self) -> int:
@@ -505,3 +509,20 @@ class Dispatcher:
                     buckets[partition_of(event.key, event.seq, partitions)].append(event)
             subscription._offer(after, upto, buckets[mine])
         self._head = upto
+        self._forget_old_data(events)
+
+    def _forget_old_data(self, events: Sequence[Event]) -> None:
+        """Drop the decoded data of events now far behind the head (`Event.forget_data`).
+
+        Consumers that keep up have handled them; one that lags keeps their
+        JSON text only, not a decoded copy several times its size.
+        """
+        recent = self._recent
+        recent.extend(events)
+        self._recent_bytes += sum(event.size for event in events)
+        while len(recent) > DECODED_KEPT or (
+            self._recent_bytes > DECODED_KEPT_BYTES and len(recent) > 1
+        ):
+            old = recent.popleft()
+            self._recent_bytes -= old.size
+            old.forget_data()

@@ -6,12 +6,15 @@ import datetime
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
-
-import attrs
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, TypeAlias
 
 from ._errors import InvalidEventError
+
+try:
+    import msgspec
+except ImportError:  # pragma: no cover - the `fast` extra is not installed
+    msgspec = None  # type: ignore[assignment]
 
 #: What an event's ``data`` may hold: anything that round-trips through JSON.
 JSON: TypeAlias = Any
@@ -28,9 +31,23 @@ MAX_DEPTH = 128
 MAX_DATA_BYTES = 64 * 1024 * 1024
 
 
-@attrs.frozen(kw_only=True, slots=True, weakref_slot=False)
+#: Live events whose decoded data the dispatcher keeps (those fanned out last),
+#: at most, and at most this much of their JSON text (bytes).
+DECODED_KEPT = 4096
+DECODED_KEPT_BYTES = 4 * 1024 * 1024
+
+#: Stands for "not decoded yet" in `Event`'s data slot (data may be None).
+_UNDECODED: Final[Any] = type("_Undecoded", (), {"__repr__": lambda self: "<undecoded>"})()
+#: Stands for "decoded anew whenever asked for" (`Event.forget_data`).
+_FORGOTTEN: Final[Any] = type("_Forgotten", (), {"__repr__": lambda self: "<forgotten>"})()
+
+
 class Event:
     """One persisted event, as every consumer receives it.
+
+    Events are frozen values: their attributes are read-only. One `Event`
+    object stands for one event in the whole flow: every consumer receives
+    the same one.
 
     Attributes:
         seq: The sequence number the store gave the event. Sequence numbers grow
@@ -39,7 +56,13 @@ class Event:
         id: A unique identifier, generated when the event was published.
         type: The event type, for example ``"order.created"``.
         data: The event's JSON value, decoded (as the store will replay it).
-            Every consumer receives the same object: treat it as read-only.
+            Treat it as read-only. An event fanned out live keeps its JSON
+            text and decodes it when ``data`` is first asked for; consumers
+            that keep up share that one decoded object. Once the event is
+            far behind the head of the stream (`DECODED_KEPT`) the decoded
+            value is dropped, so a consumer that lags holds a few hundred
+            bytes per event, and its handler gets an equal value decoded
+            anew.
         key: An optional key (for example a customer id), or None.
         created_at: When the event was committed, an aware UTC datetime.
         size: The size of ``data`` as the store keeps it: its JSON text, in
@@ -47,20 +70,157 @@ class Event:
             Computed from ``data`` when not given.
     """
 
-    seq: int
-    id: uuid.UUID
-    type: str
-    data: JSON
-    key: str | None
-    created_at: datetime.datetime
-    size: int = attrs.field(repr=False)
+    __slots__ = ("_created_at", "_data", "_id", "_key", "_payload", "_seq", "_size", "_type")
 
-    @size.default
-    def _size_of_data(self) -> int:
-        return utf8_size(_encoder.encode(self.data))
+    _seq: int
+    _id: uuid.UUID
+    _type: str
+    _data: JSON
+    _payload: str | None
+    _key: str | None
+    _created_at: datetime.datetime
+    _size: int
+
+    def __init__(
+        self,
+        *,
+        seq: int,
+        id: uuid.UUID,
+        type: str,
+        data: JSON,
+        key: str | None,
+        created_at: datetime.datetime,
+        size: int | None = None,
+    ) -> None:
+        self._seq = seq
+        self._id = id
+        self._type = type
+        self._data = data
+        self._payload = None
+        self._key = key
+        self._created_at = created_at
+        self._size = utf8_size(_encoder.encode(data)) if size is None else size
+
+    @classmethod
+    def _lazy(
+        cls,
+        seq: int,
+        event_id: uuid.UUID,
+        event_type: str,
+        payload: str,
+        key: str | None,
+        created_at: datetime.datetime,
+        size: int,
+    ) -> Event:
+        """An event holding its JSON text, decoded when ``data`` is first asked for.
+
+        Only for text `encode` produced (so it decodes): its data was checked then.
+        """
+        event = _new_object(cls)
+        event._seq = seq
+        event._id = event_id
+        event._type = event_type
+        event._data = _UNDECODED
+        event._payload = payload
+        event._key = key
+        event._created_at = created_at
+        event._size = size
+        return event
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self._id
+
+    @property
+    def type(self) -> str:
+        return self._type
+
+    @property
+    def data(self) -> JSON:
+        data = self._data
+        if data is _UNDECODED:
+            payload = self._payload
+            assert payload is not None
+            # Kept while the event is recent (`forget_data`): consumers that
+            # keep up share this one object.
+            data = self._data = decode_json(payload)
+        elif data is _FORGOTTEN:
+            payload = self._payload
+            assert payload is not None
+            data = decode_json(payload)
+        return data
+
+    def forget_data(self) -> None:
+        """Drop the decoded ``data`` of an event that keeps its JSON text (a live one).
+
+        The dispatcher calls it once the event is well behind the head of the
+        stream: a consumer that lags behind then holds the text, not the
+        decoded value (several times larger), and its handler decodes the
+        text again (an equal value, not kept) whenever it asks for ``data``.
+        """
+        if self._payload is not None:
+            self._data = _FORGOTTEN
+
+    @property
+    def key(self) -> str | None:
+        return self._key
+
+    @property
+    def created_at(self) -> datetime.datetime:
+        return self._created_at
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self._seq, self._id, self._type, self.data, self._key, self._created_at, self._size)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Event)
+        return self._fields() == other._fields()
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def __hash__(self) -> int:
+        # Not the data (a dict or list is unhashable): equal events still hash alike.
+        return hash((self._seq, self._id, self._type, self._key, self._created_at, self._size))
+
+    def __repr__(self) -> str:
+        return (
+            f"Event(seq={self._seq!r}, id={self._id!r}, type={self._type!r}, "
+            f"data={self.data!r}, key={self._key!r}, created_at={self._created_at!r})"
+        )
+
+    def __reduce__(self) -> tuple[Callable[..., Event], tuple[object, ...]]:
+        return (_rebuild_event, self._fields())
 
 
-@attrs.frozen(kw_only=True, slots=True, weakref_slot=False)
+def _rebuild_event(
+    seq: int,
+    event_id: uuid.UUID,
+    event_type: str,
+    data: JSON,
+    key: str | None,
+    created_at: datetime.datetime,
+    size: int,
+) -> Event:
+    return Event(
+        seq=seq, id=event_id, type=event_type, data=data, key=key, created_at=created_at, size=size
+    )
+
+
+_new_object = object.__new__
+
+
 class NewEvent:
     """An event checked and encoded, on its way into a store.
 
@@ -69,32 +229,64 @@ class NewEvent:
         type: The event type.
         key: The key, or None.
         payload: ``data`` encoded as compact JSON text: what the store keeps.
-        data: ``payload`` decoded again, the exact value replay will produce.
+        data: ``payload`` decoded, the exact value replay will produce
+            (decoded when asked for: the live path hands consumers the text).
         size: ``payload``'s length in UTF-8 bytes.
     """
 
-    id: uuid.UUID
-    type: str
-    key: str | None
-    payload: str
-    data: JSON
-    size: int
+    __slots__ = ("id", "key", "payload", "size", "type")
+
+    def __init__(self, id: uuid.UUID, type: str, key: str | None, payload: str, size: int) -> None:
+        self.id = id
+        self.type = type
+        self.key = key
+        self.payload = payload
+        self.size = size
+
+    @property
+    def data(self) -> JSON:
+        return decode_json(self.payload)
 
     def persisted(self, seq: int, created_at: datetime.datetime) -> Event:
         """Return the `Event` this becomes once the store gave it ``seq``."""
-        return Event(
-            seq=seq,
-            id=self.id,
-            type=self.type,
-            data=self.data,
-            key=self.key,
-            created_at=created_at,
-            size=self.size,
+        return Event._lazy(seq, self.id, self.type, self.payload, self.key, created_at, self.size)
+
+    def __repr__(self) -> str:
+        return (
+            f"NewEvent(id={self.id!r}, type={self.type!r}, key={self.key!r}, "
+            f"payload={self.payload!r}, size={self.size!r})"
         )
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _decode = json.JSONDecoder().decode
+
+# The fast codec (the `fast` extra, msgspec), when installed. Its decoder gives
+# back exactly what `json` does for every text trioflow writes (floats such as
+# 1e23 and -0.0, integers of any size, key order); for what it refuses (texts
+# trioflow never writes, such as 1e400 or a lone surrogate escape) `json` has
+# the last word. Its encoder is used only where its output decodes back equal
+# to the data given: anything else takes the `json` path, so what publishing
+# accepts and refuses, and why, does not depend on it.
+_fast_encode: Callable[[object], bytes] | None = None
+_fast_decode: Callable[[bytes | str], Any] | None = None
+if msgspec is not None:
+    _fast_encode = msgspec.json.Encoder().encode
+    _fast_decode = msgspec.json.Decoder().decode
+
+
+def decode_json(text: str) -> JSON:
+    """Decode JSON text that a store keeps, exactly as `json.loads` would.
+
+    Raises:
+        ValueError, RecursionError: As `json.loads` does.
+    """
+    if _fast_decode is not None:
+        try:
+            return _fast_decode(text)
+        except Exception:
+            pass
+    return _decode(text)
 
 
 def utf8_size(text: str) -> int:
@@ -122,6 +314,8 @@ def data_depth(value: JSON) -> int:
 
 def check_type(event_type: object) -> str:
     """Return ``event_type`` if it is a valid event type, else raise InvalidEventError."""
+    if type(event_type) is str and event_type in _valid_types:
+        return event_type
     if (
         not isinstance(event_type, str)
         or not event_type
@@ -133,7 +327,16 @@ def check_type(event_type: object) -> str:
             f"event type must be a non-empty str of at most {MAX_TYPE_LENGTH} characters "
             f"of valid Unicode without NUL, got {event_type!r}"
         )
+    if len(_valid_types) < _VALID_TYPES_KEPT and type(event_type) is str:
+        _valid_types.add(event_type)
     return event_type
+
+
+#: Event types found valid: an application publishes few, over and over.
+#: Only exact `str`s, so a hit is the same check; bounded, so that types
+#: made up per event cannot grow it without end.
+_valid_types: set[str] = set()
+_VALID_TYPES_KEPT: Final = 4096
 
 
 def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> NewEvent:
@@ -156,6 +359,42 @@ def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> 
             f"event key must be None or a str of at most {MAX_KEY_LENGTH} characters "
             f"of valid Unicode without NUL, got {key!r}"
         )
+    if _fast_encode is not None:
+        new = _encode_fast(event_type, data, key, event_id)
+        if new is not None:
+            return new
+    return _encode_checked(event_type, data, key, event_id)
+
+
+def _encode_fast(
+    event_type: str, data: JSON, key: str | None, event_id: uuid.UUID
+) -> NewEvent | None:
+    """Encode ``data`` with the fast codec if that is certainly faithful; else None.
+
+    Faithful means: the text decodes back equal to ``data`` (so nothing was
+    lost or turned into something else: not a NaN into null, a UUID or a
+    datetime into a string, an int key into a str), it is shallow enough, has
+    no NUL and is within `MAX_DATA_BYTES`. Anything else is left to
+    `_encode_checked`, which accepts or refuses it exactly as before.
+    """
+    assert _fast_encode is not None and _fast_decode is not None
+    try:
+        raw = _fast_encode(data)
+    except Exception:
+        return None
+    size = len(raw)
+    if size > MAX_DATA_BYTES or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH or b"\\u0000" in raw:
+        return None
+    try:
+        if _fast_decode(raw) != data:
+            return None
+    except Exception:
+        return None
+    return NewEvent(event_id, event_type, key, raw.decode(), size)
+
+
+def _encode_checked(event_type: str, data: JSON, key: str | None, event_id: uuid.UUID) -> NewEvent:
+    """`encode`'s data, with the standard library's codec: every check, every message."""
     try:
         payload = _encoder.encode(data)
     except RecursionError:
@@ -199,7 +438,7 @@ def encode(event_type: object, data: JSON, key: object, event_id: uuid.UUID) -> 
             f"data of event {event_type!r} has dict keys that are not str; JSON would turn "
             "them into strings and a replay would differ from live delivery: use str keys"
         )
-    return NewEvent(id=event_id, type=event_type, key=key, payload=payload, data=decoded, size=size)
+    return NewEvent(event_id, event_type, key, payload, size)
 
 
 def _too_deep(event_type: str) -> InvalidEventError:
@@ -244,7 +483,25 @@ def _same_keys(original: JSON, decoded: JSON) -> bool:
 def new_ids(count: int) -> list[uuid.UUID]:
     """Return ``count`` random (version 4) UUIDs, drawing the randomness in one call."""
     raw = os.urandom(16 * count)
-    return [uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, 16 * count, 16)]
+    # What uuid.UUID(bytes=..., version=4) makes, without its checks and
+    # conversions (a third of the cost of publishing a small event).
+    ids: list[uuid.UUID] = []
+    add = ids.append
+    from_bytes = int.from_bytes
+    for start in range(0, 16 * count, 16):
+        made = _new_object(_UUID)
+        _set_attribute(made, "int", from_bytes(raw[start : start + 16]) & _V4_CLEAR | _V4_SET)
+        _set_attribute(made, "is_safe", _UNKNOWN_SAFETY)
+        add(made)
+    return ids
+
+
+_UUID = uuid.UUID
+_set_attribute = object.__setattr__
+_UNKNOWN_SAFETY = uuid.SafeUUID.unknown
+# The version (4, bits 76-79) and the RFC 4122 variant (bits 62-63).
+_V4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET: Final = (4 << 76) | (0x8000 << 48)
 
 
 #: Events `publish_many` encodes between two checkpoints: encoding takes a few

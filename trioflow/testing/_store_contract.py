@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import json
+import math
 import random
 import uuid
 from collections.abc import Iterator, Sequence
@@ -407,6 +409,44 @@ class StoreContract:
             assert events == expected
             for event in events:
                 assert event.created_at.utcoffset() == datetime.timedelta(0)
+
+    async def test_replayed_data_is_live_data_for_awkward_numbers_and_key_orders(self) -> None:
+        """What a consumer is handed live and what a replay reads back are the same data,
+        exactly: numbers keep their type, value and sign (1e23 stays a float, a
+        20-digit integer an int, -0.0 negative), keys keep their order, and both
+        are what `json` gives back for the data published.
+        """
+        items: list[JSON] = [
+            1e23,
+            -0.0,
+            [0.0, -0.0, 1.0, -1.0, 0.1, 1e16, 1e22, 1e-7, 5e-324, 1.7976931348623157e308],
+            [2**63 - 1, 2**63, 2**64 + 1, -(2**63) - 1, 10**30, -(10**40), 0, -1],
+            [123456789.0, 9007199254740993, 2.5e-308, 1e300, 12345678901234567890.0],
+            {"b": 1, "a": 2, "c": {"z": 0, "y": [], "x": {}}, "A": None, "": True, "é": False},
+            {str(n): n for n in (10, 9, 2, 1, 100, 0)},
+            {"nested": [{"y": 1.5, "x": -2.5e-10}, (1, 2.0, "3"), [True, None, "1e23"]]},
+            "1e23",
+            "",
+            0,
+            None,
+        ]
+        ids = new_ids(len(items))
+        batch = [
+            encode("t", data, None, event_id) for data, event_id in zip(items, ids, strict=True)
+        ]
+        async with self.open_store() as store:
+            appended = await store.append(batch)
+            live = appended.events or [
+                new.persisted(seq, appended.created_at)
+                for new, seq in zip(batch, appended.seqs, strict=True)
+            ]
+            replayed = list(await store.read(appended.after, len(items)))
+            assert [event.seq for event in replayed] == list(appended.seqs)
+            for data, live_event, replayed_event in zip(items, live, replayed, strict=True):
+                expected = json.loads(json.dumps(data))
+                assert_same_json(live_event.data, expected)
+                assert_same_json(replayed_event.data, expected)
+                assert replayed_event.size == live_event.size
 
     async def test_read_pages(self) -> None:
         """``read(after, limit)`` pages through the log, across batch boundaries."""
@@ -1983,6 +2023,27 @@ def _sql(tx: StoreTransaction, query: str) -> str:
 def _lease_of(leases: Sequence[Lease], key: str) -> Lease:
     (lease,) = [lease for lease in leases if lease.key == key]
     return lease
+
+
+def assert_same_json(got: JSON, expected: JSON) -> None:
+    """Assert ``got`` is ``expected`` to the last bit: the same types (1.0 is not 1), the
+    same floats (-0.0 is not 0.0), dict keys in the same order."""
+    assert type(got) is type(expected), (got, expected)
+    if isinstance(expected, dict):
+        assert list(got) == list(expected), (got, expected)
+        for key, value in expected.items():
+            assert_same_json(got[key], value)
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), (got, expected)
+        for got_item, expected_item in zip(got, expected, strict=True):
+            assert_same_json(got_item, expected_item)
+    elif isinstance(expected, float):
+        assert got == expected and math.copysign(1.0, got) == math.copysign(1.0, expected), (
+            got,
+            expected,
+        )
+    else:
+        assert got == expected, (got, expected)
 
 
 def make_events(count: int, event_type: str = "test.event") -> list[NewEvent]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -36,7 +35,7 @@ import trio
 
 from ..._dead_letters import DeadLetter
 from ..._errors import ConfigurationError, LeaseLostError, StoreError, StoreUnavailableError
-from ..._events import JSON, MAX_DEPTH, Event, NewEvent
+from ..._events import JSON, MAX_DEPTH, Event, NewEvent, decode_json
 from ..._leases import Lease
 from .._base import (
     Appended,
@@ -474,12 +473,12 @@ class PostgresStore(Store):
             StoreError: An event cannot be decoded; the message names it.
         """
         try:
-            datas: list[JSON] = _decode_json("[" + ",".join([row[4] for row in rows]) + "]")
+            datas: list[JSON] = decode_json("[" + ",".join([row[4] for row in rows]) + "]")
         except Exception:
             datas = []
             for row in rows:
                 try:
-                    datas.append(_decode_json(row[4]))
+                    datas.append(decode_json(row[4]))
                 except Exception as exc:
                     raise self._undecodable(row, exc) from exc
         return datas
@@ -885,9 +884,6 @@ class PostgresStore(Store):
         # waiters re-read the head.
         self._stale = True
         self._wake()
-
-
-_decode_json = json.JSONDecoder().decode
 
 
 def _append_args(events: Sequence[NewEvent]) -> tuple[list[object], ...]:

@@ -9,7 +9,6 @@ stored as microseconds since 1970 (UTC).
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import sqlite3
 import uuid
@@ -18,7 +17,7 @@ from typing import Any
 
 from ..._dead_letters import DeadLetter
 from ..._errors import LeaseLostError, StoreError
-from ..._events import Event, NewEvent, utf8_size
+from ..._events import Event, NewEvent, decode_json, utf8_size
 from ..._leases import Lease
 from .._base import CursorInfo, LogBounds, check_reset, run_search
 
@@ -27,8 +26,8 @@ _MICROSECOND = datetime.timedelta(microseconds=1)
 # SQLite integers are signed 64-bit; larger Python ints cannot be bound.
 MIN_INT64 = -(2**63)
 MAX_INT64 = 2**63 - 1
-# The same decoder the publishing side uses, so replayed data equals live data.
-_decode = json.JSONDecoder().decode
+# The same decoder the live path uses, so replayed data equals live data.
+_decode = decode_json
 # The latest expiry a datetime can hold: a lease claimed for longer gets it.
 _LATEST = (datetime.datetime.max.replace(tzinfo=datetime.UTC) - _EPOCH) // _MICROSECOND
 

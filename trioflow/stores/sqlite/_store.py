@@ -116,6 +116,12 @@ class SQLiteStore(Store):
         self._read_limiter = trio.CapacityLimiter(1)
         self._is_open = False
         self._appended = trio.Event()
+        #: The highest sequence number known to be committed: from this
+        #: instance's own appends and head reads.
+        self._known_head = 0
+        #: Whether `_known_head` comes from an append just made: the next
+        #: `wait_for_append` needs no head read to start with.
+        self._fresh = False
         # The file opened (see _check_file).
         self._opened: OpenedFile | None = None
         # Whether the file gives pages freed by pruning back to the file system.
@@ -181,6 +187,8 @@ class SQLiteStore(Store):
             )
         # Set before the first checkpoint so a concurrent open() sees it.
         self._is_open = True
+        # Nothing is known of the file until its head is read again.
+        self._known_head, self._fresh = 0, False
         try:
             with self._errors("opening the database"):
                 self._writer, self._reader = await trio.to_thread.run_sync(self._connect)
@@ -231,6 +239,8 @@ class SQLiteStore(Store):
             after, first, created_at = await trio.to_thread.run_sync(
                 self._write, _sql.append, writer, batch, limiter=self._write_limiter
             )
+        self._known_head = max(self._known_head, first + len(batch) - 1)
+        self._fresh = True
         self._wake_waiters()
         return Appended(after=after, seqs=range(first, first + len(batch)), created_at=created_at)
 
@@ -272,7 +282,9 @@ class SQLiteStore(Store):
         """
         reader = self._connection(self._reader)
         with self._errors("reading the head"):
-            return await trio.to_thread.run_sync(self._head, reader, limiter=self._read_limiter)
+            head = await trio.to_thread.run_sync(self._head, reader, limiter=self._read_limiter)
+        self._known_head = max(self._known_head, head)
+        return head
 
     async def load_cursors(self) -> dict[str, int]:
         """Return every consumer's committed cursor, by consumer name."""
@@ -562,22 +574,35 @@ class SQLiteStore(Store):
         5 ms after the call, then after twice as long each time, up to
         `poll_interval` seconds. A caller that keeps finding events (another
         process publishing) thus keeps polling every few milliseconds. An
-        append through this instance ends the wait at once.
+        append through this instance ends the wait at once, with the head it
+        made and no read; a wait that starts level with that head does not
+        read it again either: other processes' events are looked for at its
+        first poll.
 
         Raises:
             StoreError: The path no longer names the file that was opened:
                 no other process's events will come.
         """
         delay = min(_FIRST_POLL, self.poll_interval)
+        # A caller level with the head this instance's own append just made
+        # (the flow's watcher, once the dispatcher fanned that batch out)
+        # learns nothing from a read now: it polls after the first delay.
+        fresh, self._fresh = self._fresh, False
+        read_now = not (fresh and self._known_head == after)
         while True:
             # Taken before reading the head, so an append that commits while
             # the head is read still wakes this wait: no lost wake-up.
             appended = self._appended
-            head = await self.head()
-            if head > after:
-                return head
+            if read_now:
+                head = await self.head()
+                if head > after:
+                    return head
             with trio.move_on_after(delay):
                 await appended.wait()
+            if self._fresh and self._known_head > after:
+                # Woken by this instance's own append: its head is known.
+                return self._known_head
+            read_now = True
             delay = min(2 * delay, self.poll_interval)
 
     # -- internals ---------------------------------------------------------
