@@ -141,6 +141,34 @@ def test_dead_letters_are_listed_requeued_and_discarded(url: str) -> None:
     assert invoke("dead-letters", "list", "--json", "--store", url).stdout == "[]\n"
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list", "mailr"],
+        ["list", "mailr", "--json"],
+        ["requeue", "mailr", "--all"],
+        ["discard", "mailr", "--all"],
+        ["discard", "billing/7", "--all"],
+    ],
+)
+def test_dead_letters_of_a_consumer_the_store_does_not_know_are_refused(
+    url: str, args: list[str]
+) -> None:
+    # A mistyped name must not look like a consumer without dead letters.
+    result = invoke("dead-letters", *args, "--store", url)
+    assert_error(
+        result, ExitCode.USAGE, f"knows no consumer named {args[1]!r}; it knows 'audit', 'billing'"
+    )
+
+
+def test_dead_letters_of_a_known_consumer_or_partition_without_any_are_none(url: str) -> None:
+    for name in ("audit", "billing", "billing/1"):
+        listed = invoke("dead-letters", "list", name, "--store", url)
+        assert listed.stdout == f"no dead letters of {name!r}\n", listed.output
+        discarded = invoke("dead-letters", "discard", name, "--all", "--store", url)
+        assert discarded.stdout == f"discarded 0 dead letter(s) of {name!r}\n", discarded.output
+
+
 # --- migrate ------------------------------------------------------------------------------
 
 

@@ -21,16 +21,39 @@ SHOWN_MESSAGE = 60
 
 
 async def letters_of(store: Store, consumer: str | None) -> list[DeadLetter]:
-    """The dead letters of ``consumer`` (of each partition, for a group), or of all."""
+    """The dead letters of ``consumer`` (of each partition, for a group), or of all.
+
+    Raises:
+        CommandError: The store knows no consumer of that name (a typo would
+            otherwise list, requeue or discard nothing and succeed).
+    """
     letters = await store.dead_letters()
     if consumer is None:
         return letters
     prefix = partition_key(consumer, 0).removesuffix("0")
-    return [
+    chosen = [
         letter
         for letter in letters
         if letter.consumer == consumer or letter.consumer.startswith(prefix)
     ]
+    if not chosen:
+        await _check_known(store, consumer, prefix)
+    return chosen
+
+
+async def _check_known(store: Store, consumer: str, prefix: str) -> None:
+    # Known by a cursor or a lease, as `trioflow status` lists it: a consumer
+    # or group, or one partition of a group (``billing/1``).
+    keys = {info.consumer for info in await store.cursors()}
+    keys |= {lease.key for lease in await store.leases() if "#" not in lease.key}
+    if any(key == consumer or key.startswith(prefix) for key in keys):
+        return
+    known = sorted({key.split("/")[0] for key in keys})
+    raise CommandError(
+        f"the store knows no consumer named {consumer!r}; it knows "
+        f"{', '.join(map(repr, known)) or 'none'} (`trioflow status` lists them)",
+        ExitCode.USAGE,
+    )
 
 
 def letter_json(letter: DeadLetter) -> dict[str, object]:
