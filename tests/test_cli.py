@@ -264,6 +264,15 @@ def test_an_unreachable_store_is_a_one_line_error_without_its_password(tmp_path:
     assert_error(nowhere, ExitCode.UNAVAILABLE, "holds no trioflow store")
 
 
+@pytest.mark.parametrize("option", ["sslmode=sometimes", "target_session_attrs=any-old"])
+def test_an_option_the_postgres_driver_refuses_is_a_bad_url(option: str) -> None:
+    # asyncpg checks these as it connects, before any network: a mistake in
+    # the URL, like a malformed one, not a failing store.
+    result = invoke("status", "--store", f"postgresql://ann:s3cret-pw@127.0.0.1:1/db?{option}")
+    assert_error(result, ExitCode.USAGE, "store URL postgresql://***@127.0.0.1:1/db", option)
+    assert "s3cret" not in result.output
+
+
 def test_a_store_never_opened_is_not_created_by_looking_at_it(tmp_path: Path) -> None:
     typo = tmp_path / "typo.db"
     result = invoke("tail", "--store", sqlite_url(typo))
