@@ -23,6 +23,8 @@ from trioflow.cli._run import METRICS_MISSING
 from trioflow.stores import store_from_url
 from trioflow.stores.sqlite._schema import MIGRATIONS, SCHEMA_VERSION
 
+ROOT = Path(__file__).resolve().parent.parent
+
 #: A one-line error, as every command prints it.
 ERROR = re.compile(r"trioflow: error: [^\n]+\n")
 
@@ -167,6 +169,21 @@ def test_dead_letters_of_a_known_consumer_or_partition_without_any_are_none(url:
         assert listed.stdout == f"no dead letters of {name!r}\n", listed.output
         discarded = invoke("dead-letters", "discard", name, "--all", "--store", url)
         assert discarded.stdout == f"discarded 0 dead letter(s) of {name!r}\n", discarded.output
+
+
+def test_the_json_outputs_have_the_fields_the_docs_show(url: str) -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc.split("### Output for scripts")[1].split("\n### ")[0]
+    status_doc, event_doc, letters_doc = (
+        json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.DOTALL)
+    )
+    status = json.loads(invoke("status", "--json", "--store", url).stdout)
+    assert status.keys() == status_doc.keys()
+    assert {tuple(row) for row in status["consumers"]} == {tuple(status_doc["consumers"][0])}
+    (event,) = lines_of(invoke("tail", "--last", "1", "--store", url))
+    assert list(event) == list(event_doc)
+    (letter,) = json.loads(invoke("dead-letters", "list", "--json", "--store", url).stdout)
+    assert list(letter) == list(letters_doc[0])
 
 
 # --- migrate ------------------------------------------------------------------------------
