@@ -475,10 +475,15 @@ def test_prune_is_refused_while_a_cursor_needs_the_events_and_deletes_what_all_p
     assert [e["seq"] for e in lines_of(invoke("tail", "--from", "1", "--store", url))][:1] == [1]
     passed = invoke("prune", "--before", "21", "--only-passed", "--batch-size", "2", "--store", url)
     assert passed.stdout == "deleted 5 event(s); the log holds seq 6 to 20\n", passed.output
+    # Without a terminal, a prune of several batches says how far it has got.
+    assert passed.stderr == "".join(
+        f"pruning: {n} of at most 5 event(s) deleted\n" for n in (2, 4, 5)
+    )
     assert invoke("consumers", "remove", "laggard", "--store", url).exit_code == 0
     # The dead letter of 'mailer' keeps its event (seq 7).
     rest = invoke("prune", "--before", "21", "--store", url)
     assert rest.stdout == "deleted 14 event(s); the log holds seq 7 to 20\n", rest.output
+    assert rest.stderr == ""  # one batch: nothing to report on the way
     tail = invoke("tail", "--from", "1", "--store", url)
     assert [event["seq"] for event in lines_of(tail)] == [7]
     assert invoke("prune", "--before", "21", "--store", url).stdout == (
