@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -288,6 +289,19 @@ def test_an_option_the_postgres_driver_refuses_is_a_bad_url(option: str) -> None
     result = invoke("status", "--store", f"postgresql://ann:s3cret-pw@127.0.0.1:1/db?{option}")
     assert_error(result, ExitCode.USAGE, "store URL postgresql://***@127.0.0.1:1/db", option)
     assert "s3cret" not in result.output
+
+
+def test_a_metrics_port_in_use_is_named_in_a_one_line_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = invoke(
+            "run", "examples.served_app:app", "--store", "memory://", "--metrics-port", port
+        )
+    assert_error(
+        result, ExitCode.FAILED, f"--metrics-port {port}: cannot listen on it", "choose a free"
+    )
 
 
 def test_a_store_never_opened_is_not_created_by_looking_at_it(tmp_path: Path) -> None:
