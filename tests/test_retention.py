@@ -14,6 +14,8 @@ import trio.testing
 import trioflow
 from tests.test_flow import recorder
 from tests.test_store_sqlite import write_raw
+from trioflow._retention import shown_duration
+from trioflow.cli._maintenance import Duration
 from trioflow.stores import LogBounds
 from trioflow.stores.memory import MemoryStore
 from trioflow.stores.sqlite import SQLiteStore
@@ -181,6 +183,7 @@ async def test_app_retention_prunes_what_every_consumer_passed_and_names_who_hol
         # 70... 120 minutes.
         assert len(warnings) == 12
         assert all("'stopped' (at 0)" in warning for warning in warnings)
+        assert all("are older than 1h," in warning for warning in warnings)
         # Removed, it no longer holds anything back.
         await store.forget_consumer("stopped")
         await trio.sleep(6 * 60)
@@ -355,3 +358,18 @@ async def test_app_retention_goes_on_after_a_store_failure(
         assert await read_all(store) == []
     assert seen == [1, 2, 3, 4, 5, 6]
     assert ("prune", "lose") in store.injected and ("seq_before", "fail") in store.injected
+
+
+@pytest.mark.parametrize(
+    ("age", "shown"),
+    [
+        (datetime.timedelta(days=7), "7d"),
+        (datetime.timedelta(hours=1, minutes=30), "1h30m"),
+        (datetime.timedelta(seconds=90), "1m30s"),
+        (datetime.timedelta(seconds=0.5), "0.5s"),
+        (datetime.timedelta(0), "0s"),
+    ],
+)
+def test_ages_are_shown_as_trioflow_prune_takes_them(age: datetime.timedelta, shown: str) -> None:
+    assert shown_duration(age) == shown
+    assert Duration().convert(shown, None, None) == age
