@@ -246,6 +246,13 @@ def test_migrate_says_a_memory_store_has_no_schema() -> None:
     )
 
 
+def test_the_help_lists_every_exit_status() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    listed = re.findall(r"^ +(\d+) +\w", result.stdout.split("Exit statuses:")[1], re.MULTILINE)
+    assert listed == [str(int(code)) for code in ExitCode] + ["130"]
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
