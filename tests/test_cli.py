@@ -137,11 +137,26 @@ def test_dead_letters_are_listed_requeued_and_discarded(url: str) -> None:
     assert_error(neither, ExitCode.USAGE, "or --all")
     requeued = invoke("dead-letters", "requeue", "mailer", "7", "--after", "60", "--store", url)
     assert requeued.stdout == "requeued 1 dead letter(s) of 'mailer'\n"
+    assert requeued.stderr == ""  # no flow runs it: it handles them when it starts
     (letter,) = json.loads(invoke("dead-letters", "list", "--json", "--store", url).stdout)
     assert letter["due_at"] is not None
     discarded = invoke("dead-letters", "discard", "mailer", "--all", "--store", url)
     assert discarded.stdout == "discarded 1 dead letter(s) of 'mailer'\n"
     assert invoke("dead-letters", "list", "--json", "--store", url).stdout == "[]\n"
+
+
+def test_requeueing_the_letters_of_a_consumer_a_flow_runs_says_when_they_are_handled(
+    url: str,
+) -> None:
+    # That flow looks for requeued letters when the consumer starts: the
+    # operator must not wait for them in vain.
+    claim(url, "host:42:abcd", ["mailer"])
+    requeued = invoke("dead-letters", "requeue", "mailer", "--all", "--store", url)
+    assert requeued.stdout == "requeued 1 dead letter(s) of 'mailer'\n", requeued.output
+    assert requeued.stderr == (
+        "note: 'mailer' runs in a flow (host:42:abcd), which may handle them only when the "
+        "consumer next starts there: restart that process to have them handled now\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -422,13 +437,19 @@ def test_consumers_refuse_bad_arguments(url: str, args: list[str], fragment: str
     assert cursors_of(url)["audit"] == 20
 
 
-def test_reset_is_refused_while_a_flow_holds_the_lease_unless_forced(url: str) -> None:
-    async def claim(holder: str, keys: list[str]) -> list[trioflow.Lease]:
+def claim(url: str, holder: str, keys: list[str]) -> list[trioflow.Lease]:
+    """Claim the leases on ``keys`` for ``holder``, as a flow running them would."""
+
+    async def claiming() -> list[trioflow.Lease]:
         store = store_from_url(url)
         async with store.open():
             return await store.claim_leases(holder, keys, 600)
 
-    (before,) = trio.run(claim, "host:42:abcd", ["billing/1"])
+    return trio.run(claiming)
+
+
+def test_reset_is_refused_while_a_flow_holds_the_lease_unless_forced(url: str) -> None:
+    (before,) = claim(url, "host:42:abcd", ["billing/1"])
     refused = invoke("consumers", "reset", "billing", "--to", "0", "--store", url)
     assert_error(
         refused,
@@ -441,7 +462,7 @@ def test_reset_is_refused_while_a_flow_holds_the_lease_unless_forced(url: str) -
     assert forced.stdout == "billing/0: 20 -> 0\nbilling/1: 20 -> 0\n"
     # The lease passed on: the old holder's token is stale, its writes fenced off;
     # the command released it, so a flow takes it again at once.
-    (after,) = trio.run(claim, "host:43:ef01", ["billing/1"])
+    (after,) = claim(url, "host:43:ef01", ["billing/1"])
     assert after.holder == "host:43:ef01"
     assert after.token > before.token + 1
     # Removing is refused while a flow runs it too.

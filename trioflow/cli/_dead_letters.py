@@ -162,13 +162,24 @@ async def requeue(
 ) -> None:
     """Hand dead letters back to CONSUMER, to be handled again with its policy.
 
-    The flow running CONSUMER handles them when the consumer next starts
-    (a flow's own `flow.requeue` wakes it at once).
+    A flow running CONSUMER in another process handles them when the
+    consumer next starts there (said on stderr when one does); a flow's own
+    `flow.requeue` wakes it at once.
     """
     by_key = await chosen_letters(store, consumer, seqs, every)
     for key, key_seqs in by_key.items():
         await store.requeue_dead_letters(key, key_seqs, after=after)
     click.echo(f"requeued {_count(by_key)} dead letter(s) of {consumer!r}")
+    # A flow learns of requeues made in its own process only: say so, or
+    # the operator waits for letters a running flow does not look for.
+    holders = sorted({lease.holder for lease in await store.leases() if lease.key in by_key})
+    if holders:
+        click.echo(
+            f"note: {consumer!r} runs in a flow ({', '.join(holders)}), which may handle "
+            "them only when the consumer next starts there: restart that process to have "
+            "them handled now",
+            err=True,
+        )
 
 
 @dead_letters.command("discard")
