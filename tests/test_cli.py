@@ -227,15 +227,19 @@ def test_migrate_creates_the_schema_and_check_says_whether_one_is_pending(tmp_pa
     )
 
 
-def test_migrate_check_sees_an_old_schema_and_refuses_a_newer_one(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    url = sqlite_url(path)
-    # A file as a trioflow of schema version 3 left it.
+def old_schema(path: Path) -> str:
+    """The URL of a SQLite file as a trioflow of schema version 3 left it."""
     with sqlite3.connect(path) as db:
         for step in (1, 2, 3):
             for statement in MIGRATIONS[step]:
                 db.execute(statement)
         db.execute("UPDATE trioflow_schema SET version = 3")
+    return sqlite_url(path)
+
+
+def test_migrate_check_sees_an_old_schema_and_refuses_a_newer_one(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    url = old_schema(path)
     pending = invoke("migrate", "--check", "--store", url)
     assert pending.exit_code == ExitCode.PENDING, pending.output
     assert f"schema version 3: a migration to version {SCHEMA_VERSION} is pending" in pending.stdout
@@ -251,6 +255,24 @@ def test_migrate_check_sees_an_old_schema_and_refuses_a_newer_one(tmp_path: Path
         ExitCode.FAILED,
         f"schema version 99, newer than this trioflow knows ({SCHEMA_VERSION})",
     )
+
+
+def test_commands_never_migrate_an_old_schema_they_look_at(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    # Flows of the trioflow that left it may still run on it.
+    url = old_schema(path)
+    for args in (["status"], ["tail"], ["prune", "--before", "2", "--dry-run"]):
+        refused = invoke(*args, "--store", url)
+        assert_error(
+            refused,
+            ExitCode.PENDING,
+            f"has schema version 3, older than this trioflow's ({SCHEMA_VERSION})",
+            "run `trioflow migrate`",
+        )
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM trioflow_schema").fetchone() == (3,)
+    assert invoke("migrate", "--store", url).exit_code == 0
+    assert invoke("status", "--store", url).exit_code == 0
 
 
 def test_migrate_says_a_memory_store_has_no_schema() -> None:

@@ -30,7 +30,8 @@ Exit statuses:
   3    the store cannot be reached, or holds no trioflow store
   4    refused as unsafe: a flow runs the consumer (--force), or pruning would
        pass a consumer's cursor
-  5    migrate --check: a migration is pending
+  5    the store's schema needs a migration (migrate --check, and the commands
+       that will not migrate it: all but run and migrate)
   130  interrupted (Ctrl+C)
 """
 
