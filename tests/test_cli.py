@@ -301,6 +301,8 @@ def test_the_help_lists_every_exit_status() -> None:
         (["tail", "--from", "3", "--last", "2"], "give --from or --last, not both"),
         (["tail", "--last", "-1"], "Invalid value for '--last'"),
         (["tail", "--store", "mysql://db"], "unknown store URL 'mysql://db'"),
+        (["status", "--store", "memory://"], "memory:// is a store inside one process"),
+        (["tail", "--store", "memory://"], "name the store the App uses"),
         (["dead-letters", "requeue"], "Missing argument 'CONSUMER'"),
         (["run", "no_colon"], "'no_colon' is not MODULE:APP"),
         (["run", "tests.no_such_module:app"], "no module named 'tests.no_such_module'"),

@@ -121,7 +121,7 @@ def store_option(command: F) -> F:
         metavar="URL",
         default=None,
         help=(
-            "The store: memory://, sqlite:///path.db, postgresql://user@host/db. "
+            "The store: sqlite:///path.db, postgresql://user@host/db. "
             f"Default: $TRIOFLOW_STORE, else {DEFAULT_STORE_URL}."
         ),
     )(command)
@@ -231,6 +231,13 @@ def store_command(
         if check is not None:
             check(**options)
         store = build_store(store_url)
+        if isinstance(store, MemoryStore):
+            # It would look at a new, empty store of its own, and report that.
+            raise CommandError(
+                "memory:// is a store inside one process, which this command cannot see: "
+                "name the store the App uses (sqlite:///path.db, postgresql://...)",
+                ExitCode.USAGE,
+            )
 
         async def body() -> None:
             async with open_store(store) as opened:
