@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from trioflow.cli import ExitCode, cli
 from trioflow.cli._run import METRICS_MISSING
 from trioflow.stores import store_from_url
 from trioflow.stores.sqlite._schema import MIGRATIONS, SCHEMA_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: A one-line error, as every command prints it.
 ERROR = re.compile(r"trioflow: error: [^\n]+\n")
@@ -134,11 +137,69 @@ def test_dead_letters_are_listed_requeued_and_discarded(url: str) -> None:
     assert_error(neither, ExitCode.USAGE, "or --all")
     requeued = invoke("dead-letters", "requeue", "mailer", "7", "--after", "60", "--store", url)
     assert requeued.stdout == "requeued 1 dead letter(s) of 'mailer'\n"
+    assert requeued.stderr == ""  # no flow runs it: it handles them when it starts
     (letter,) = json.loads(invoke("dead-letters", "list", "--json", "--store", url).stdout)
     assert letter["due_at"] is not None
     discarded = invoke("dead-letters", "discard", "mailer", "--all", "--store", url)
     assert discarded.stdout == "discarded 1 dead letter(s) of 'mailer'\n"
     assert invoke("dead-letters", "list", "--json", "--store", url).stdout == "[]\n"
+
+
+def test_requeueing_the_letters_of_a_consumer_a_flow_runs_says_when_they_are_handled(
+    url: str,
+) -> None:
+    # That flow looks for requeued letters when the consumer starts: the
+    # operator must not wait for them in vain.
+    claim(url, "host:42:abcd", ["mailer"])
+    requeued = invoke("dead-letters", "requeue", "mailer", "--all", "--store", url)
+    assert requeued.stdout == "requeued 1 dead letter(s) of 'mailer'\n", requeued.output
+    assert requeued.stderr == (
+        "note: 'mailer' runs in a flow (host:42:abcd), which may handle them only when the "
+        "consumer next starts there: restart that process to have them handled now\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list", "mailr"],
+        ["list", "mailr", "--json"],
+        ["requeue", "mailr", "--all"],
+        ["discard", "mailr", "--all"],
+        ["discard", "billing/7", "--all"],
+    ],
+)
+def test_dead_letters_of_a_consumer_the_store_does_not_know_are_refused(
+    url: str, args: list[str]
+) -> None:
+    # A mistyped name must not look like a consumer without dead letters.
+    result = invoke("dead-letters", *args, "--store", url)
+    assert_error(
+        result, ExitCode.USAGE, f"knows no consumer named {args[1]!r}; it knows 'audit', 'billing'"
+    )
+
+
+def test_dead_letters_of_a_known_consumer_or_partition_without_any_are_none(url: str) -> None:
+    for name in ("audit", "billing", "billing/1"):
+        listed = invoke("dead-letters", "list", name, "--store", url)
+        assert listed.stdout == f"no dead letters of {name!r}\n", listed.output
+        discarded = invoke("dead-letters", "discard", name, "--all", "--store", url)
+        assert discarded.stdout == f"discarded 0 dead letter(s) of {name!r}\n", discarded.output
+
+
+def test_the_json_outputs_have_the_fields_the_docs_show(url: str) -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc.split("### Output for scripts")[1].split("\n### ")[0]
+    status_doc, event_doc, letters_doc = (
+        json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.DOTALL)
+    )
+    status = json.loads(invoke("status", "--json", "--store", url).stdout)
+    assert status.keys() == status_doc.keys()
+    assert {tuple(row) for row in status["consumers"]} == {tuple(status_doc["consumers"][0])}
+    (event,) = lines_of(invoke("tail", "--last", "1", "--store", url))
+    assert list(event) == list(event_doc)
+    (letter,) = json.loads(invoke("dead-letters", "list", "--json", "--store", url).stdout)
+    assert list(letter) == list(letters_doc[0])
 
 
 # --- migrate ------------------------------------------------------------------------------
@@ -166,15 +227,19 @@ def test_migrate_creates_the_schema_and_check_says_whether_one_is_pending(tmp_pa
     )
 
 
-def test_migrate_check_sees_an_old_schema_and_refuses_a_newer_one(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    url = sqlite_url(path)
-    # A file as a trioflow of schema version 3 left it.
+def old_schema(path: Path) -> str:
+    """The URL of a SQLite file as a trioflow of schema version 3 left it."""
     with sqlite3.connect(path) as db:
         for step in (1, 2, 3):
             for statement in MIGRATIONS[step]:
                 db.execute(statement)
         db.execute("UPDATE trioflow_schema SET version = 3")
+    return sqlite_url(path)
+
+
+def test_migrate_check_sees_an_old_schema_and_refuses_a_newer_one(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    url = old_schema(path)
     pending = invoke("migrate", "--check", "--store", url)
     assert pending.exit_code == ExitCode.PENDING, pending.output
     assert f"schema version 3: a migration to version {SCHEMA_VERSION} is pending" in pending.stdout
@@ -192,12 +257,37 @@ def test_migrate_check_sees_an_old_schema_and_refuses_a_newer_one(tmp_path: Path
     )
 
 
+def test_commands_never_migrate_an_old_schema_they_look_at(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    # Flows of the trioflow that left it may still run on it.
+    url = old_schema(path)
+    for args in (["status"], ["tail"], ["prune", "--before", "2", "--dry-run"]):
+        refused = invoke(*args, "--store", url)
+        assert_error(
+            refused,
+            ExitCode.PENDING,
+            f"has schema version 3, older than this trioflow's ({SCHEMA_VERSION})",
+            "run `trioflow migrate`",
+        )
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM trioflow_schema").fetchone() == (3,)
+    assert invoke("migrate", "--store", url).exit_code == 0
+    assert invoke("status", "--store", url).exit_code == 0
+
+
 def test_migrate_says_a_memory_store_has_no_schema() -> None:
     result = invoke("migrate", "--store", "memory://")
     assert (result.exit_code, result.stdout) == (
         0,
         "memory:// keeps no schema: nothing to migrate\n",
     )
+
+
+def test_the_help_lists_every_exit_status() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    listed = re.findall(r"^ +(\d+) +\w", result.stdout.split("Exit statuses:")[1], re.MULTILINE)
+    assert listed == [str(int(code)) for code in ExitCode] + ["130"]
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -211,6 +301,8 @@ def test_migrate_says_a_memory_store_has_no_schema() -> None:
         (["tail", "--from", "3", "--last", "2"], "give --from or --last, not both"),
         (["tail", "--last", "-1"], "Invalid value for '--last'"),
         (["tail", "--store", "mysql://db"], "unknown store URL 'mysql://db'"),
+        (["status", "--store", "memory://"], "memory:// is a store inside one process"),
+        (["tail", "--store", "memory://"], "name the store the App uses"),
         (["dead-letters", "requeue"], "Missing argument 'CONSUMER'"),
         (["run", "no_colon"], "'no_colon' is not MODULE:APP"),
         (["run", "tests.no_such_module:app"], "no module named 'tests.no_such_module'"),
@@ -234,6 +326,28 @@ def test_an_unreachable_store_is_a_one_line_error_without_its_password(tmp_path:
     assert "s3cret" not in result.output
     nowhere = invoke("status", "--store", sqlite_url(tmp_path / "no-such-dir" / "x.db"))
     assert_error(nowhere, ExitCode.UNAVAILABLE, "holds no trioflow store")
+
+
+@pytest.mark.parametrize("option", ["sslmode=sometimes", "target_session_attrs=any-old"])
+def test_an_option_the_postgres_driver_refuses_is_a_bad_url(option: str) -> None:
+    # asyncpg checks these as it connects, before any network: a mistake in
+    # the URL, like a malformed one, not a failing store.
+    result = invoke("status", "--store", f"postgresql://ann:s3cret-pw@127.0.0.1:1/db?{option}")
+    assert_error(result, ExitCode.USAGE, "store URL postgresql://***@127.0.0.1:1/db", option)
+    assert "s3cret" not in result.output
+
+
+def test_a_metrics_port_in_use_is_named_in_a_one_line_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = invoke(
+            "run", "examples.served_app:app", "--store", "memory://", "--metrics-port", port
+        )
+    assert_error(
+        result, ExitCode.FAILED, f"--metrics-port {port}: cannot listen on it", "choose a free"
+    )
 
 
 def test_a_store_never_opened_is_not_created_by_looking_at_it(tmp_path: Path) -> None:
@@ -347,13 +461,19 @@ def test_consumers_refuse_bad_arguments(url: str, args: list[str], fragment: str
     assert cursors_of(url)["audit"] == 20
 
 
-def test_reset_is_refused_while_a_flow_holds_the_lease_unless_forced(url: str) -> None:
-    async def claim(holder: str, keys: list[str]) -> list[trioflow.Lease]:
+def claim(url: str, holder: str, keys: list[str]) -> list[trioflow.Lease]:
+    """Claim the leases on ``keys`` for ``holder``, as a flow running them would."""
+
+    async def claiming() -> list[trioflow.Lease]:
         store = store_from_url(url)
         async with store.open():
             return await store.claim_leases(holder, keys, 600)
 
-    (before,) = trio.run(claim, "host:42:abcd", ["billing/1"])
+    return trio.run(claiming)
+
+
+def test_reset_is_refused_while_a_flow_holds_the_lease_unless_forced(url: str) -> None:
+    (before,) = claim(url, "host:42:abcd", ["billing/1"])
     refused = invoke("consumers", "reset", "billing", "--to", "0", "--store", url)
     assert_error(
         refused,
@@ -366,7 +486,7 @@ def test_reset_is_refused_while_a_flow_holds_the_lease_unless_forced(url: str) -
     assert forced.stdout == "billing/0: 20 -> 0\nbilling/1: 20 -> 0\n"
     # The lease passed on: the old holder's token is stale, its writes fenced off;
     # the command released it, so a flow takes it again at once.
-    (after,) = trio.run(claim, "host:43:ef01", ["billing/1"])
+    (after,) = claim(url, "host:43:ef01", ["billing/1"])
     assert after.holder == "host:43:ef01"
     assert after.token > before.token + 1
     # Removing is refused while a flow runs it too.
@@ -421,10 +541,15 @@ def test_prune_is_refused_while_a_cursor_needs_the_events_and_deletes_what_all_p
     assert [e["seq"] for e in lines_of(invoke("tail", "--from", "1", "--store", url))][:1] == [1]
     passed = invoke("prune", "--before", "21", "--only-passed", "--batch-size", "2", "--store", url)
     assert passed.stdout == "deleted 5 event(s); the log holds seq 6 to 20\n", passed.output
+    # Without a terminal, a prune of several batches says how far it has got.
+    assert passed.stderr == "".join(
+        f"pruning: {n} of at most 5 event(s) deleted\n" for n in (2, 4, 5)
+    )
     assert invoke("consumers", "remove", "laggard", "--store", url).exit_code == 0
     # The dead letter of 'mailer' keeps its event (seq 7).
     rest = invoke("prune", "--before", "21", "--store", url)
     assert rest.stdout == "deleted 14 event(s); the log holds seq 7 to 20\n", rest.output
+    assert rest.stderr == ""  # one batch: nothing to report on the way
     tail = invoke("tail", "--from", "1", "--store", url)
     assert [event["seq"] for event in lines_of(tail)] == [7]
     assert invoke("prune", "--before", "21", "--store", url).stdout == (

@@ -110,3 +110,16 @@ async def test_status_watch_prints_a_document_per_refresh(tmp_path: Path) -> Non
         with trio.fail_after(LIMIT):
             while json.loads(await watching.read_line(limit=LIMIT))["head"] != 2:
                 pass
+
+
+async def test_status_watch_without_a_terminal_prints_a_table_per_refresh(tmp_path: Path) -> None:
+    # A terminal's table is redrawn in place; a pipe or a log gets each one.
+    url = sqlite_url(tmp_path / "events.db")
+    await publish(url, ("tick", {}))
+    args = ("status", "--watch", "--interval", "0.1", "--store", url)
+    async with running_cli(*args, stderr=tmp_path / "status.stderr") as watching:
+        assert (await watching.read_line(limit=LIMIT)).strip() == "0 consumer(s), head 1"
+        await publish(url, ("tick", {}))
+        with trio.fail_after(LIMIT):
+            while (await watching.read_line(limit=LIMIT)).strip() != "0 consumer(s), head 2":
+                pass

@@ -14,6 +14,8 @@ import trio.testing
 import trioflow
 from tests.test_flow import recorder
 from tests.test_store_sqlite import write_raw
+from trioflow._retention import shown_duration
+from trioflow.cli._maintenance import Duration
 from trioflow.stores import LogBounds
 from trioflow.stores.memory import MemoryStore
 from trioflow.stores.sqlite import SQLiteStore
@@ -181,6 +183,7 @@ async def test_app_retention_prunes_what_every_consumer_passed_and_names_who_hol
         # 70... 120 minutes.
         assert len(warnings) == 12
         assert all("'stopped' (at 0)" in warning for warning in warnings)
+        assert all("are older than 1h," in warning for warning in warnings)
         # Removed, it no longer holds anything back.
         await store.forget_consumer("stopped")
         await trio.sleep(6 * 60)
@@ -270,22 +273,31 @@ async def test_a_new_consumer_passed_by_a_prune_as_it_starts_goes_on_from_the_pr
     assert seen == [9]
 
 
-async def test_a_consumer_whose_cursor_is_behind_the_pruned_log_refuses_to_start(
-    tmp_path: pathlib.Path,
-) -> None:
+async def rewound_behind_the_pruned_log(
+    tmp_path: pathlib.Path, cursors: dict[str, int], rewound: str
+) -> SQLiteStore:
+    """A store of 10 events pruned through 6, the cursor of ``rewound`` then set to 2."""
     path = tmp_path / "events.db"
     store = SQLiteStore(path)
     async with store.open():
         await store.append(make_events(10))
-        await store.commit_cursors({"audit": 6})
+        await store.commit_cursors(cursors)
         assert await store.prune(10, limit=100) == 6
     # Forced: an old cursor written back by hand (from a backup, say).
-    write_raw(path, "UPDATE trioflow_cursors SET seq = 2 WHERE consumer = 'audit'")
+    write_raw(path, f"UPDATE trioflow_cursors SET seq = 2 WHERE consumer = '{rewound}'")
+    return store
+
+
+async def test_a_consumer_whose_cursor_is_behind_the_pruned_log_refuses_to_start(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = await rewound_behind_the_pruned_log(tmp_path, {"audit": 6}, "audit")
     app = trioflow.App(store)
     seen = recorder(app, "audit")
     with pytest.raises(
         trioflow.PrunedLogError,
-        match=r"'audit' has cursor 2, but the events up to 6 were pruned.*set_cursor"
+        match=r"'audit' has cursor 2, but the events up to 6 were pruned.*"
+        r"`trioflow consumers reset audit --to earliest`, or store.set_cursor"
         r".*trioflow consumers remove audit",
     ) as refused:
         async with trioflow.open_flow(app):
@@ -298,6 +310,30 @@ async def test_a_consumer_whose_cursor_is_behind_the_pruned_log_refuses_to_start
     async with trioflow.open_flow(app) as flow:
         await flow.wait_idle()
     assert seen == [7, 8, 9, 10]
+
+
+async def test_a_partition_behind_the_pruned_log_is_told_what_the_command_can_do(
+    tmp_path: pathlib.Path,
+) -> None:
+    # `trioflow consumers` takes a group's name, never a partition's: the
+    # message must not name a command that refuses what it is given.
+    cursors = {"billing/0": 10, "billing/1": 6}
+    store = await rewound_behind_the_pruned_log(tmp_path, cursors, "billing/1")
+    app = trioflow.App(store)
+
+    @app.consumer("billing", partitions=2)
+    async def billing(event: trioflow.Event) -> None:
+        pass  # pragma: no cover
+
+    with pytest.raises(trioflow.PrunedLogError) as refused:
+        async with trioflow.open_flow(app):
+            pass  # pragma: no cover
+    message = str(refused.value)
+    assert "'billing/1' has cursor 2" in message
+    assert "store.set_cursor('billing/1', 6)" in message
+    assert "the whole group: `trioflow consumers remove billing`" in message
+    assert "consumers reset" not in message
+    assert "remove billing/1" not in message
 
 
 async def test_app_retention_goes_on_after_a_store_failure(
@@ -322,3 +358,18 @@ async def test_app_retention_goes_on_after_a_store_failure(
         assert await read_all(store) == []
     assert seen == [1, 2, 3, 4, 5, 6]
     assert ("prune", "lose") in store.injected and ("seq_before", "fail") in store.injected
+
+
+@pytest.mark.parametrize(
+    ("age", "shown"),
+    [
+        (datetime.timedelta(days=7), "7d"),
+        (datetime.timedelta(hours=1, minutes=30), "1h30m"),
+        (datetime.timedelta(seconds=90), "1m30s"),
+        (datetime.timedelta(seconds=0.5), "0.5s"),
+        (datetime.timedelta(0), "0s"),
+    ],
+)
+def test_ages_are_shown_as_trioflow_prune_takes_them(age: datetime.timedelta, shown: str) -> None:
+    assert shown_duration(age) == shown
+    assert Duration().convert(shown, None, None) == age

@@ -596,13 +596,22 @@ class Consumer:
         pruned_through = (await self._runner.store.log_bounds()).pruned_through
         if cursor < pruned_through:
             name = self.spec.name
+            if self.spec.partition is None:
+                command = f"`trioflow consumers reset {name} --to earliest`, or "
+                remove = f"`trioflow consumers remove {name}`, or "
+            else:
+                # The command moves or removes a whole group, never one
+                # partition: resetting would send the others back too.
+                group = name.rpartition("/")[0]
+                command = ""
+                remove = f"the whole group: `trioflow consumers remove {group}`, or "
             raise PrunedLogError(
                 f"consumer {name!r} has cursor {cursor}, but the events up to "
                 f"{pruned_through} were pruned: it would skip events {cursor + 1} to "
                 f"{pruned_through}, so it does not start. Set its cursor to {pruned_through} "
-                f"or later to go on with the oldest event kept (store.set_cursor({name!r}, "
-                f"{pruned_through})), or remove it to start afresh (`trioflow consumers "
-                f"remove {name}`, or store.forget_consumer({name!r}))",
+                f"or later to go on with the oldest event kept ({command}"
+                f"store.set_cursor({name!r}, {pruned_through})), or remove it to start afresh "
+                f"({remove}store.forget_consumer({name!r}))",
                 consumers={name: cursor},
             )
 

@@ -282,7 +282,7 @@ async def _prune_once(store: Store, retention: Retention, now: datetime.datetime
             "passed them: they are kept. Remove consumers no longer used (`trioflow "
             "consumers remove NAME`)",
             plan.through,
-            retention.max_age,
+            shown_duration(retention.max_age),
             named,
         )
     result = await run_prune(store, plan, only_passed=True, batch_size=retention.batch_size)
@@ -290,6 +290,23 @@ async def _prune_once(store: Store, retention: Retention, now: datetime.datetime
         logger.info(
             "retention: deleted %d event(s) older than %s; the log now starts at %d",
             result.deleted,
-            retention.max_age,
+            shown_duration(retention.max_age),
             result.bounds.first,
         )
+
+
+def shown_duration(age: datetime.timedelta) -> str:
+    """``age`` as ``trioflow prune --older-than`` takes it: ``7d``, ``1h30m``, ``90s``.
+
+    Python shows ``timedelta(days=7)`` as ``7 days, 0:00:00``, which a log
+    reader has to decode.
+    """
+    rest = round(age.total_seconds(), 3)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if rest >= size:
+            count, rest = divmod(rest, size)
+            parts.append(f"{int(count)}{unit}")
+    if rest or not parts:
+        parts.append(f"{rest:g}s")
+    return "".join(parts)

@@ -21,7 +21,27 @@ from ._watch import status, tail
 __all__ = ["ExitCode", "cli", "main"]
 
 
-@click.group("trioflow", cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+#: The exit statuses, as ``trioflow --help`` lists them (`ExitCode`).
+EPILOG = """\b
+Exit statuses:
+  0    done
+  1    failed: the store failed or refused an operation; run: the flow stopped
+  2    bad arguments: an option, a store URL, a consumer the store does not know
+  3    the store cannot be reached, or holds no trioflow store
+  4    refused as unsafe: a flow runs the consumer (--force), or pruning would
+       pass a consumer's cursor
+  5    the store's schema needs a migration (migrate --check, and the commands
+       that will not migrate it: all but run and migrate)
+  130  interrupted (Ctrl+C)
+"""
+
+
+@click.group(
+    "trioflow",
+    cls=OneLineGroup,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="trioflow", prog_name="trioflow")
 def cli() -> None:
     """Run trioflow Apps and look after their stores.

@@ -50,7 +50,8 @@ class ExitCode(enum.IntEnum):
     #: Refused as unsafe: the consumer runs in a flow (``--force`` overrides),
     #: or pruning would delete events a consumer still needs.
     REFUSED = 4
-    #: ``trioflow migrate --check``: the store's schema needs a migration.
+    #: The store's schema needs a migration: ``trioflow migrate --check`` says
+    #: so, and the other commands (but ``run``) refuse to migrate it themselves.
     PENDING = 5
 
 
@@ -120,7 +121,7 @@ def store_option(command: F) -> F:
         metavar="URL",
         default=None,
         help=(
-            "The store: memory://, sqlite:///path.db, postgresql://user@host/db. "
+            "The store: sqlite:///path.db, postgresql://user@host/db. "
             f"Default: $TRIOFLOW_STORE, else {DEFAULT_STORE_URL}."
         ),
     )(command)
@@ -159,10 +160,11 @@ async def open_store(store: Store) -> AsyncIterator[Store]:
 
     Only ``trioflow migrate`` (and any flow) creates a schema: a mistyped URL
     or path would otherwise leave an empty store behind, and the command would
-    report an empty one instead of the mistake.
+    report an empty one instead of the mistake. Nor does it migrate an older
+    schema: that is for ``trioflow migrate``, at a time the operator chooses.
 
     Raises:
-        CommandError: The store holds no trioflow schema.
+        CommandError: The store holds no trioflow schema, or an older one.
         StoreUnavailableError: The store cannot be reached or opened.
     """
     status = await store.schema_status()
@@ -171,6 +173,16 @@ async def open_store(store: Store) -> AsyncIterator[Store]:
             f"{shown(store)} holds no trioflow store (no flow ever opened it): check --store "
             "or $TRIOFLOW_STORE; `trioflow migrate` creates one",
             ExitCode.UNAVAILABLE,
+        )
+    if status is not None and status.pending:
+        # Opening would migrate it: a look at a store (status, tail) must not
+        # change its schema under the flows of an older trioflow that run on it.
+        raise CommandError(
+            f"{shown(store)} has schema version {status.stored}, older than this trioflow's "
+            f"({status.current}); commands other than run and migrate never migrate it: run "
+            "`trioflow migrate` when the store's flows are upgraded, or use the trioflow "
+            "they run",
+            ExitCode.PENDING,
         )
     async with store.open():
         yield store
@@ -219,6 +231,13 @@ def store_command(
         if check is not None:
             check(**options)
         store = build_store(store_url)
+        if isinstance(store, MemoryStore):
+            # It would look at a new, empty store of its own, and report that.
+            raise CommandError(
+                "memory:// is a store inside one process, which this command cannot see: "
+                "name the store the App uses (sqlite:///path.db, postgresql://...)",
+                ExitCode.USAGE,
+            )
 
         async def body() -> None:
             async with open_store(store) as opened:

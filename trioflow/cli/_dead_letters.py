@@ -21,16 +21,39 @@ SHOWN_MESSAGE = 60
 
 
 async def letters_of(store: Store, consumer: str | None) -> list[DeadLetter]:
-    """The dead letters of ``consumer`` (of each partition, for a group), or of all."""
+    """The dead letters of ``consumer`` (of each partition, for a group), or of all.
+
+    Raises:
+        CommandError: The store knows no consumer of that name (a typo would
+            otherwise list, requeue or discard nothing and succeed).
+    """
     letters = await store.dead_letters()
     if consumer is None:
         return letters
     prefix = partition_key(consumer, 0).removesuffix("0")
-    return [
+    chosen = [
         letter
         for letter in letters
         if letter.consumer == consumer or letter.consumer.startswith(prefix)
     ]
+    if not chosen:
+        await _check_known(store, consumer, prefix)
+    return chosen
+
+
+async def _check_known(store: Store, consumer: str, prefix: str) -> None:
+    # Known by a cursor or a lease, as `trioflow status` lists it: a consumer
+    # or group, or one partition of a group (``billing/1``).
+    keys = {info.consumer for info in await store.cursors()}
+    keys |= {lease.key for lease in await store.leases() if "#" not in lease.key}
+    if any(key == consumer or key.startswith(prefix) for key in keys):
+        return
+    known = sorted({key.split("/")[0] for key in keys})
+    raise CommandError(
+        f"the store knows no consumer named {consumer!r}; it knows "
+        f"{', '.join(map(repr, known)) or 'none'} (`trioflow status` lists them)",
+        ExitCode.USAGE,
+    )
 
 
 def letter_json(letter: DeadLetter) -> dict[str, object]:
@@ -139,13 +162,24 @@ async def requeue(
 ) -> None:
     """Hand dead letters back to CONSUMER, to be handled again with its policy.
 
-    The flow running CONSUMER handles them when the consumer next starts
-    (a flow's own `flow.requeue` wakes it at once).
+    A flow running CONSUMER in another process handles them when the
+    consumer next starts there (said on stderr when one does); a flow's own
+    `flow.requeue` wakes it at once.
     """
     by_key = await chosen_letters(store, consumer, seqs, every)
     for key, key_seqs in by_key.items():
         await store.requeue_dead_letters(key, key_seqs, after=after)
     click.echo(f"requeued {_count(by_key)} dead letter(s) of {consumer!r}")
+    # A flow learns of requeues made in its own process only: say so, or
+    # the operator waits for letters a running flow does not look for.
+    holders = sorted({lease.holder for lease in await store.leases() if lease.key in by_key})
+    if holders:
+        click.echo(
+            f"note: {consumer!r} runs in a flow ({', '.join(holders)}), which may handle "
+            "them only when the consumer next starts there: restart that process to have "
+            "them handled now",
+            err=True,
+        )
 
 
 @dead_letters.command("discard")

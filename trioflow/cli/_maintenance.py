@@ -81,6 +81,10 @@ def migrate(store_url: str | None, check: bool) -> None:
     run(body)
 
 
+#: Without a terminal, ``prune`` prints a line of progress at each of this
+#: many equal steps of a prune of more than one batch.
+PROGRESS_STEPS = 10
+
 #: Seconds per unit of a duration: ``90s``, ``15m``, ``12h``, ``7d``, ``2w``.
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -174,16 +178,30 @@ async def prune(
             f"would delete at most {events} event(s), up to seq {through}, of {_span(bounds)}"
         )
         return
+    terminal = sys.stderr.isatty()
     with Progress(
         *Progress.get_default_columns(),
         console=Console(stderr=True),
         transient=True,
-        disable=not sys.stderr.isatty(),
+        disable=not terminal,
     ) as bar:
         task = bar.add_task("pruning", total=events)
+        shown = 0
 
         def advance(progress: PruneProgress) -> None:
+            nonlocal shown
             bar.update(task, completed=progress.deleted)
+            if terminal or events <= batch_size:
+                return
+            # No terminal for a bar (a job's log): a line at each tenth of
+            # the work, so a long prune shows it is moving, and how far.
+            tenth = PROGRESS_STEPS * progress.deleted // events
+            if tenth > shown:
+                shown = tenth
+                click.echo(
+                    f"pruning: {progress.deleted} of at most {events} event(s) deleted",
+                    err=True,
+                )
 
         result = await run_prune(
             store, plan, only_passed=only_passed, batch_size=batch_size, progress=advance

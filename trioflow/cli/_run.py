@@ -114,9 +114,15 @@ async def serve_until_signalled(
                 async with trio.open_nursery() as nursery:
                     flow: Flow = await nursery.start(serve, app)
                     if serve_metrics is not None:
-                        port = await nursery.start(
-                            functools.partial(serve_metrics, flow, port=metrics_port)
-                        )
+                        try:
+                            port = await nursery.start(
+                                functools.partial(serve_metrics, flow, port=metrics_port)
+                            )
+                        except OSError as exc:
+                            raise CommandError(
+                                f"--metrics-port {metrics_port}: cannot listen on it "
+                                f"({exc.strerror or exc}); choose a free port, or 0 for any"
+                            ) from None
                         logger.info("serving metrics and health checks on port %d", port)
                     logger.info(
                         "serving %d consumer(s) on %r as %s; SIGINT or SIGTERM stops",

@@ -93,10 +93,14 @@ def _by_partition(name: str) -> tuple[str, int]:
     return (group, int(partition) if partition.isdigit() else -1)
 
 
-def status_table(rows: Sequence[ConsumerRow], *, now: datetime.datetime) -> Table:
+async def read_head(store: Store, rows: Sequence[ConsumerRow]) -> int:
+    """The head the rows were read with; the store's, when there are none."""
+    return rows[0].head if rows else await store.head()
+
+
+def status_table(rows: Sequence[ConsumerRow], *, head: int, now: datetime.datetime) -> Table:
     """The rows as a table for a terminal."""
-    head = rows[0].head if rows else None
-    title = f"{len(rows)} consumer(s)" + ("" if head is None else f", head {head}")
+    title = f"{len(rows)} consumer(s), head {head}"
     table = Table(title=title, title_justify="left", box=None, header_style="bold")
     table.add_column("CONSUMER", no_wrap=True)
     for name in ("CURSOR", "LAG"):
@@ -159,27 +163,36 @@ async def status(store: Store, as_json: bool, watch: bool, interval: float) -> N
     --json, one JSON object ({"head": ..., "consumers": [...]}); with --watch
     too, one such line per refresh.
     """
-    if as_json:
+    out = console()
+
+    async def table() -> Table:
+        rows = await read_status(store)
+        now = datetime.datetime.now(datetime.UTC)
+        return status_table(rows, head=await read_head(store, rows), now=now)
+
+    if as_json or not (watch and out.is_terminal):
+        # No terminal to redraw a table in (a pipe, a job's log): with
+        # --watch, a whole document or table per refresh.
         while True:
-            rows = await read_status(store)
-            head = await store.head() if not rows else rows[0].head
-            document = {"head": head, "consumers": [row.to_json() for row in rows]}
-            click.echo(json.dumps(document, separators=(",", ":") if watch else None))
+            if as_json:
+                rows = await read_status(store)
+                document = {
+                    "head": await read_head(store, rows),
+                    "consumers": [row.to_json() for row in rows],
+                }
+                click.echo(json.dumps(document, separators=(",", ":") if watch else None))
+            else:
+                out.print(await table())
             if not watch:
                 return
             sys.stdout.flush()
             await trio.sleep(interval)
-    out = console()
-    rows = await read_status(store)
-    table = status_table(rows, now=datetime.datetime.now(datetime.UTC))
-    if not watch:
-        out.print(table)
-        return
-    with Live(table, console=out, auto_refresh=False) as live:
+            if not as_json:
+                out.print()
+    with Live(await table(), console=out, auto_refresh=False) as live:
         while True:
             await trio.sleep(interval)
-            rows = await read_status(store)
-            live.update(status_table(rows, now=datetime.datetime.now(datetime.UTC)), refresh=True)
+            live.update(await table(), refresh=True)
 
 
 def event_json(event: Event) -> str:

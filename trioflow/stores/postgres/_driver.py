@@ -38,7 +38,13 @@ import attrs
 import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
-from ..._errors import QueryError, StoreError, StoreUnavailableError
+from ..._errors import (
+    ConfigurationError,
+    QueryError,
+    StoreError,
+    StoreUnavailableError,
+    TrioflowError,
+)
 from .._aio_loop import open_lean_loop
 from .._masking import dsn_secrets, mask_dsn, scrub
 
@@ -186,7 +192,7 @@ def shorten(query: str, width: int = 120) -> str:
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
-def _translate(exc: Exception, config: DriverConfig, operation: str | None) -> StoreError | None:
+def _translate(exc: Exception, config: DriverConfig, operation: str | None) -> TrioflowError | None:
     """The trioflow error for ``exc``, or None when it is not the driver's to translate."""
     display = config.display
     detail = scrub(str(exc), config.secrets)
@@ -230,6 +236,12 @@ def _translate(exc: Exception, config: DriverConfig, operation: str | None) -> S
         return StoreError(
             f"PostgreSQL at {display} failed: {type(exc).__name__} "
             f"(SQLSTATE {exc.sqlstate}): {detail}"
+        )
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        # An option of the URL asyncpg checks as it connects (sslmode=...):
+        # the URL is wrong, not the server, and retrying cannot help.
+        return ConfigurationError(
+            f"store URL {display}: {detail}; fix that option in the store URL"
         )
     if isinstance(exc, asyncpg.InterfaceError):
         if "closed" in detail or "not connected" in detail:
