@@ -7,13 +7,16 @@ line. Two formats:
 
 * crash logs (`read_runs`): ``"<seq>"`` per event, and a ``restart`` line
   whenever the child starts, so a log splits into the runs of the child;
-* row logs (`read_rows`): ``"<seq> <publisher> <counter>"`` per event.
+* row logs (`read_rows`): ``"<seq> <publisher> <counter>"`` per event;
+* batch logs (`read_batch_runs`): ``"<seq> <seq> ..."`` per batch a batch
+  consumer did, with ``restart`` lines as in crash logs.
 
 The store, read directly, is the ground truth the logs are checked against.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import itertools
@@ -34,6 +37,7 @@ import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from tests._children.batch_crash_child import BATCH_CONSUMERS
 from trioflow.stores import Store, store_from_url
 from trioflow.testing._store_contract import make_events, read_all
 
@@ -195,13 +199,18 @@ async def run_together(
 
 def read_runs(path: Path) -> list[list[int]]:
     """Split a crash log into the seqs each run of the child handled."""
-    runs: list[list[int]] = []
+    return [[seq for batch in run for seq in batch] for run in read_batch_runs(path)]
+
+
+def read_batch_runs(path: Path) -> list[list[list[int]]]:
+    """Split a crash or batch log into the batches (lines of seqs) each run of the child did."""
+    runs: list[list[list[int]]] = []
     for line in path.read_text().splitlines():
         if line == "restart":
             runs.append([])
         else:
             assert runs, f"{path}: an event logged before the first restart marker"
-            runs[-1].append(int(line))
+            runs[-1].append([int(seq) for seq in line.split()])
     return runs
 
 
@@ -482,6 +491,30 @@ async def kill_at_random(child: Child, rng: random.Random, *, ready: bool) -> No
     await child.kill(limit=30)
 
 
+async def finish_or_kill(
+    script: str,
+    args: Sequence[object],
+    stderr: Path,
+    rng: random.Random,
+    context: str,
+    *,
+    final: bool,
+    ready: bool = True,
+    stop: bool = False,
+) -> None:
+    """Run one run of a storm's child ``script``: with ``final`` (adding ``--finish``)
+    until it printed ``ready`` and ``idle`` and exited 0; else `kill_at_random`
+    (with ``ready``), or with ``stop`` `stop_then_kill`."""
+    async with running(script, *args, *(["--finish"] if final else []), stderr=stderr) as child:
+        if final:
+            output = await child.finish(limit=120)
+            assert output.split() == ["ready", "idle"], context
+        elif stop:
+            await stop_then_kill(child, rng)
+        else:
+            await kill_at_random(child, rng, ready=ready)
+
+
 async def sigkill_while_dead_lettering(
     store_url: str,
     child_url: Callable[[int], str],
@@ -520,17 +553,9 @@ async def sigkill_while_dead_lettering(
     while True:
         final = run >= kills and (grown() >= 2 or run >= 3 * kills)
         args = [child_url(run), logs, total, rng.randrange(2**32), pace, "--poison"]
-        async with running(
-            "crash_child.py",
-            *args,
-            *(["--finish"] if final else []),
-            stderr=tmp_path / f"run{run}.stderr",
-        ) as child:
-            if final:
-                output = await child.finish(limit=120)
-                assert output.split() == ["ready", "idle"], context
-            else:
-                await kill_at_random(child, rng, ready=run == 0 or run >= kills)
+        stderr = tmp_path / f"run{run}.stderr"
+        ready = run == 0 or run >= kills
+        await finish_or_kill("crash_child.py", args, stderr, rng, context, final=final, ready=ready)
         if settle is not None:
             await settle(run)
         async with store.open():
@@ -614,6 +639,179 @@ async def check_poison_state(
     return len(letters)
 
 
+async def stop_then_kill(child: Child, rng: random.Random) -> None:
+    """SIGSTOP ``child`` at a random moment after it printed ``ready``, SIGCONT it
+    after a while (at times longer than its leases last), then SIGKILL it."""
+    await child.expect_line("ready", limit=30)
+    await trio.sleep(rng.uniform(0.0, 0.5))
+    child.process.send_signal(signal.SIGSTOP)
+    await trio.sleep(rng.uniform(0.3, 1.5))
+    child.process.send_signal(signal.SIGCONT)
+    await trio.sleep(rng.uniform(0.0, 0.5))
+    await child.kill(limit=30)
+
+
+async def sigkill_batch_consumers(
+    store_url: str,
+    child_url: Callable[[int], str],
+    tmp_path: Path,
+    *,
+    seed: int,
+    events_per_run: int = 500,
+    holes: bool = False,
+    kills: int = 6,
+    pace: float = 0.02,
+    settle: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """SIGKILL ``batch_crash_child.py`` at random moments ``kills`` times, then let it finish.
+
+    Run ``n`` of the child opens ``child_url(n)`` and publishes up to
+    ``events_per_run`` events, so that each run has some to handle; run 1 is
+    stopped (SIGSTOP) for a while first. After each run ``settle(n)`` waits,
+    if need be, until its last statement is over, and the store at
+    ``store_url`` and the logs are checked with `check_batch_state`. The last
+    run publishes its events at once and waits until its consumers are idle.
+    ``holes``: sequence numbers may skip (PostgreSQL).
+    """
+    rng = random.Random(seed)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    context = f"seed {seed} (rerun: TRIOFLOW_CRASH_SEED={seed}); logs in {tmp_path}"
+    store = store_from_url(store_url)
+    killed_at: list[Mapping[str, int]] = []
+    pending: list[int] = []
+
+    # Kills that all fell where no batch was done past a durable cursor (a slow
+    # start-up on a busy machine) would not test the bound: up to 2 * kills
+    # more runs, each killed after it is ready, until enough fell among them.
+    run = stored = 0
+    while True:
+        landed = sum(1 for batches in pending if batches)
+        final = run >= kills and (landed >= kills // 2 or run >= 3 * kills)
+        # Written here, before the child starts, so a kill at any moment splits the runs.
+        for name in BATCH_CONSUMERS:
+            with (logs / f"{name}.log").open("a") as log:
+                log.write("restart\n")
+        total = stored + events_per_run
+        args = [child_url(run), logs, total, rng.randrange(2**32), pace]
+        await finish_or_kill(
+            "batch_crash_child.py",
+            args,
+            tmp_path / f"run{run}.stderr",
+            rng,
+            context,
+            final=final,
+            ready=run == 0 or run >= kills,
+            stop=run == 1,
+        )
+        if settle is not None:
+            await settle(run)
+        async with store.open():
+            events = [(event.seq, event.type, event.data["n"]) for event in await read_all(store)]
+            cursors = await store.load_cursors()
+        stored = len(events)
+        where = f"after {'the final run' if final else f'kill {run}'}; {context}"
+        if final:
+            check_batch_state(events, cursors, killed_at, logs, where, holes=holes, total=total)
+            break
+        killed_at.append(cursors)
+        pending.append(check_batch_state(events, cursors, killed_at, logs, where, holes=holes))
+        run += 1
+    # The kills fell among the batches: they left batches done past the cursors.
+    assert landed >= kills // 2, (
+        f"batches done past the durable cursors at each kill: {pending}; {context}"
+    )
+
+
+def split_batches(batches: Sequence[Sequence[int]]) -> list[list[Sequence[int]]]:
+    """Split one process's batches into runs, wherever a batch does not go on past
+    the last (a consumer restarted inside the process, back at its cursor)."""
+    runs: list[list[Sequence[int]]] = []
+    for batch in batches:
+        if not runs or batch[0] <= runs[-1][-1][-1]:
+            runs.append([])
+        runs[-1].append(batch)
+    return runs
+
+
+def check_batch_state(
+    events: Sequence[tuple[int, str, int]],
+    cursors: Mapping[str, int],
+    killed_at: Sequence[Mapping[str, int]],
+    logs: Path,
+    context: str,
+    *,
+    holes: bool,
+    total: int | None = None,
+) -> int:
+    """Check the store and logs of ``batch_crash_child.py``; return how many batches
+    were done past the cursors at the last kill.
+
+    ``killed_at`` holds the stored cursors after each kill, one per killed run.
+    For each consumer: every batch is of its types, of at most ``batch``
+    events; within a run (and after a restart inside it) the events come in
+    order without gaps (`check_runs`), and a run handles again at most
+    ``commit_every * batch`` events. A killed run did at most ``commit_every``
+    batches past the cursor stored at its kill, and the next run starts right
+    after that cursor. Every event up to the cursor was handled. With
+    ``total`` (after a run that ended with ``wait_idle``) every event is
+    stored and handled, every cursor at the head, and every consumer with
+    ``batch`` above 1 handled a batch of more than one event.
+    """
+    check_counters(events, logs / "published.log", context, holes=holes)
+    head = events[-1][0] if events else 0
+    past = 0
+    for name, (size, options) in BATCH_CONSUMERS.items():
+        commit_every, types = options["commit_every"] or 1, options.get("types")
+        expected = [seq for seq, kind, _ in events if types is None or kind in types]
+        runs = read_batch_runs(logs / f"{name}.log")
+        cursor = cursors.get(name, 0)
+        where = f"consumer {name!r} (batch={size}, commit_every={commit_every}); {context}"
+        assert len(runs) == len(killed_at) + (total is not None), f"runs {len(runs)}; {where}"
+        wrong = [batch for run in runs for batch in run if not 0 < len(batch) <= size]
+        assert not wrong, f"batches of the wrong size: {wrong[:3]}; {where}"
+        for number, run in enumerate(runs):
+            if number and run:
+                stored = killed_at[number - 1].get(name, 0)
+                after = bisect.bisect_right(expected, stored)
+                assert after < len(expected) and run[0][0] == expected[after], (
+                    f"run {number} started with {run[0]}, not right after the cursor {stored} "
+                    f"stored at the kill before; {where}"
+                )
+            if number < len(killed_at):
+                stored = killed_at[number].get(name, 0)
+                done = [[b for b in part if b[-1] > stored] for part in split_batches(run)]
+                assert all(len(batches) <= commit_every for batches in done), (
+                    f"run {number} did the batches of seqs "
+                    f"{[[f'{b[0]}..{b[-1]}' for b in batches] for batches in done]} past the "
+                    f"cursor {stored} stored at its kill; {where}"
+                )
+                if number == len(killed_at) - 1 and total is None:
+                    past += len(done[-1]) if done else 0
+        parts = [part for run in runs for part in split_batches(run)]
+        flat = [[seq for batch in part for seq in batch] for part in parts]
+        for number, again in enumerate(check_runs(flat, expected, where)):
+            assert len(again) <= commit_every * size, (
+                f"run {number} (or restart) handled {len(again)} events again: {again}; {where}"
+            )
+        assert cursor <= head, f"cursor {cursor} past the head {head}; {where}"
+        handled = {seq for run in flat for seq in run}
+        missed = [seq for seq in expected if seq <= cursor and seq not in handled]
+        assert not missed, f"cursor {cursor} is past unhandled events {missed[:10]}; {where}"
+        if total is not None:
+            assert handled == set(expected), (
+                f"never handled {sorted(set(expected) - handled)[:20]}; {where}"
+            )
+            assert cursor == head, f"cursor {cursor} not at the head {head} after idle; {where}"
+            if size > 1:
+                assert max(len(batch) for run in runs for batch in run) > 1, (
+                    f"never handled more than one event at once; {where}"
+                )
+    if total is not None:
+        assert len(events) == total, f"{len(events)} events in the store, not {total}; {context}"
+    return past
+
+
 #: The event types ``projection_child.py``'s projection applies.
 PROJECTED = frozenset({"pay", "order.created"})
 
@@ -660,16 +858,10 @@ async def sigkill_projection(
     applied: list[int] = []
     for run in range(kills + 1):
         final = run == kills
-        flags = [*(["--finish"] if final else []), *([f"--tables={tables}"] if tables else [])]
+        flags = [f"--tables={tables}"] if tables else []
         args = [child_url(run), logs, commit_every, rng.randrange(2**32), 0.02, *flags]
-        async with running(
-            "projection_child.py", *args, stderr=tmp_path / f"run{run}.stderr"
-        ) as child:
-            if final:
-                output = await child.finish(limit=120)
-                assert output.split() == ["ready", "idle"], context
-            else:
-                await kill_at_random(child, rng, ready=True)
+        stderr = tmp_path / f"run{run}.stderr"
+        await finish_or_kill("projection_child.py", args, stderr, rng, context, final=final)
         if settle is not None:
             await settle(run)
         state = await read_state()

@@ -27,6 +27,7 @@ from tests._procs import (
     kill_at_random,
     read_runs,
     running,
+    sigkill_batch_consumers,
     sigkill_projection,
     sigkill_while_dead_lettering,
     sigkill_while_recording_dead_letters,
@@ -112,6 +113,14 @@ async def test_sigkill_while_a_flow_dead_letters_poison_events_loses_none(
     await sigkill_while_dead_lettering(
         url, lambda run: url, tmp_path, seed=seed, total=POISON_TOTAL, kills=KILLS
     )
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+async def test_sigkill_among_batches_loses_nothing_and_redoes_at_most_commit_every_batches(
+    tmp_path: Path, seed: int
+) -> None:
+    url = sqlite_url(tmp_path / "events.db")
+    await sigkill_batch_consumers(url, lambda run: url, tmp_path, seed=seed)
 
 
 def read_projection(db: Path) -> ProjectionState:

@@ -3,9 +3,10 @@
 The same checks as tests/test_crash.py and tests/test_multiprocess.py make on
 SQLite, on the test server (a fresh schema per test): flows in child processes
 (``tests/_children``) are SIGKILLed at random moments and restarted, also
-while their consumers dead-letter poison events; three publisher processes
-and a consumer process share one schema. The store, read directly, is the
-ground truth the children's logs are checked against (see ``tests/_procs.py``).
+while their consumers dead-letter poison events, and with batch consumers;
+three publisher processes and a consumer process share one schema. The
+store, read directly, is the ground truth the children's logs are checked
+against (see ``tests/_procs.py``).
 
 Unlike SQLite, PostgreSQL finishes a statement whose client was killed: an
 append in flight at the kill may still commit a moment later. Before reading
@@ -20,7 +21,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ from tests._procs import (
     run_outbox_publishers,
     run_together,
     running,
+    sigkill_batch_consumers,
     sigkill_projection,
     sigkill_while_dead_lettering,
     sigkill_while_recording_dead_letters,
@@ -75,6 +77,23 @@ async def check_state(
 ) -> None:
     events, cursors = await read_store(admin, schema)
     check_crash_state(events, cursors, logs, context, total=total, holes=True)
+
+
+def tagged_runs(
+    make_url: Callable[..., str], admin: Driver, name: str, **options: object
+) -> tuple[Callable[[int], str], Callable[[int], Awaitable[None]]]:
+    """A storm's ``child_url`` and ``settle``: run ``n`` opens a URL with
+    ``options`` whose ``application_name`` tags it, and its settle waits until
+    the sessions so tagged are gone."""
+    prefix = f"tf-{name}-{uuid.uuid4().hex[:12]}"
+
+    def child_url(run: int) -> str:
+        return make_url(application_name=f"{prefix}-{run}", **options)
+
+    async def settle(run: int) -> None:
+        await wait_sessions_gone(admin, f"{prefix}-{run}")
+
+    return child_url, settle
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -159,13 +178,7 @@ async def test_three_publisher_processes_and_a_consumer_process(
 async def test_sigkill_while_recording_dead_letters_keeps_each_with_its_cursor(
     tmp_path: Path, make_url: Callable[..., str], schema: str, admin: Driver
 ) -> None:
-    prefix = f"tf-dead-{uuid.uuid4().hex[:12]}"
-
-    def child_url(run: int) -> str:
-        return make_url(schema=schema, application_name=f"{prefix}-{run}")
-
-    async def settle(run: int) -> None:
-        await wait_sessions_gone(admin, f"{prefix}-{run}")
+    child_url, settle = tagged_runs(make_url, admin, "dead", schema=schema)
 
     await sigkill_while_recording_dead_letters(
         make_url(schema=schema), child_url, tmp_path, seed=1, settle=settle
@@ -176,13 +189,7 @@ async def test_sigkill_while_recording_dead_letters_keeps_each_with_its_cursor(
 async def test_sigkill_while_a_flow_dead_letters_poison_events_loses_none(
     tmp_path: Path, seed: int, make_url: Callable[..., str], schema: str, admin: Driver
 ) -> None:
-    prefix = f"tf-poison-{uuid.uuid4().hex[:12]}"
-
-    def child_url(run: int) -> str:
-        return make_url(schema=schema, poll_interval=0.2, application_name=f"{prefix}-{run}")
-
-    async def settle(run: int) -> None:
-        await wait_sessions_gone(admin, f"{prefix}-{run}")
+    child_url, settle = tagged_runs(make_url, admin, "poison", schema=schema, poll_interval=0.2)
 
     await sigkill_while_dead_lettering(
         make_url(schema=schema),
@@ -193,6 +200,17 @@ async def test_sigkill_while_a_flow_dead_letters_poison_events_loses_none(
         holes=True,
         kills=KILLS,
         settle=settle,
+    )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_sigkill_among_batches_loses_nothing_and_redoes_at_most_commit_every_batches(
+    tmp_path: Path, seed: int, make_url: Callable[..., str], schema: str, admin: Driver
+) -> None:
+    child_url, settle = tagged_runs(make_url, admin, "batches", schema=schema, poll_interval=0.2)
+
+    await sigkill_batch_consumers(
+        make_url(schema=schema), child_url, tmp_path, seed=seed, holes=True, settle=settle
     )
 
 
@@ -219,13 +237,7 @@ async def read_projection(admin: Driver, schema: str) -> ProjectionState:
 async def test_sigkill_storm_on_a_transactional_projection_applies_each_event_once(
     tmp_path: Path, commit_every: int, make_url: Callable[..., str], schema: str, admin: Driver
 ) -> None:
-    prefix = f"tf-projection-{uuid.uuid4().hex[:12]}"
-
-    def child_url(run: int) -> str:
-        return make_url(schema=schema, poll_interval=0.2, application_name=f"{prefix}-{run}")
-
-    async def settle(run: int) -> None:
-        await wait_sessions_gone(admin, f"{prefix}-{run}")
+    child_url, settle = tagged_runs(make_url, admin, "projection", schema=schema, poll_interval=0.2)
 
     await sigkill_projection(
         child_url,
