@@ -137,7 +137,7 @@ def test_dead_letters_are_listed_requeued_and_discarded(url: str) -> None:
     assert_error(neither, ExitCode.USAGE, "or --all")
     requeued = invoke("dead-letters", "requeue", "mailer", "7", "--after", "60", "--store", url)
     assert requeued.stdout == "requeued 1 dead letter(s) of 'mailer'\n"
-    assert requeued.stderr == ""  # no flow runs it: it handles them when it starts
+    assert requeued.stderr == ""  # no flow runs it: it finds them when it starts
     (letter,) = json.loads(invoke("dead-letters", "list", "--json", "--store", url).stdout)
     assert letter["due_at"] is not None
     discarded = invoke("dead-letters", "discard", "mailer", "--all", "--store", url)
@@ -148,14 +148,12 @@ def test_dead_letters_are_listed_requeued_and_discarded(url: str) -> None:
 def test_requeueing_the_letters_of_a_consumer_a_flow_runs_says_when_they_are_handled(
     url: str,
 ) -> None:
-    # That flow looks for requeued letters when the consumer starts: the
-    # operator must not wait for them in vain.
+    # That flow is not told: it finds them at its next look.
     claim(url, "host:42:abcd", ["mailer"])
     requeued = invoke("dead-letters", "requeue", "mailer", "--all", "--store", url)
     assert requeued.stdout == "requeued 1 dead letter(s) of 'mailer'\n", requeued.output
     assert requeued.stderr == (
-        "note: 'mailer' runs in a flow (host:42:abcd), which may handle them only when the "
-        "consumer next starts there: restart that process to have them handled now\n"
+        "note: 'mailer' runs in a flow (host:42:abcd), which looks for requeued letters every 5s\n"
     )
 
 

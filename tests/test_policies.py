@@ -367,6 +367,32 @@ async def test_requeued_dead_letters_are_handled_again_and_removed(
     assert [seq for seq, what in log if what == "ok"] == [1, 4, 3, 2, 5]
 
 
+async def test_letters_requeued_by_another_process_are_handled_without_a_restart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The `trioflow dead-letters requeue` command (or another process's flow)
+    # requeues through the store: the flow running the consumer is not told.
+    store = MemoryStore()
+    app = trioflow.App(store)
+    broken = {2}
+
+    def poison(event: trioflow.Event, attempt: int) -> Exception | None:
+        return RuntimeError("down") if event.seq in broken else None
+
+    log = failing_on(app, "c", poison, retry=trioflow.Retry(attempts=1), on_exhausted="dead-letter")
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", i) for i in range(3)])
+        await flow.wait_idle()
+        assert [letter.seq for letter in await flow.dead_letters("c")] == [2]
+        broken.clear()
+        # Long idle first: the consumer has looked, found nothing, and waits.
+        await trio.sleep(60)
+        assert await store.requeue_dead_letters("c", [2]) == [2]
+        await trio.sleep(10)
+        assert await flow.dead_letters("c") == []
+    assert [seq for seq, what in log if what == "ok"] == [1, 3, 2]
+
+
 async def test_a_requeued_event_that_fails_again_is_a_dead_letter_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -343,7 +343,7 @@ class Flow:
         Args:
             consumer: The consumer's name. If this flow runs it, it is woken at
                 once (or after ``after``); a consumer another process runs
-                finds them when it next (re)starts.
+                finds them at its next look (every few seconds).
             seqs: Sequence numbers of its dead letters.
             after: Hand them back only after this many seconds (an outage that
                 needs time to clear).

@@ -20,6 +20,9 @@ logger = logging.getLogger("trioflow")
 
 #: Seconds between looks for requeued dead letters while some are not yet due.
 REQUEUE_RECHECK = 5.0
+#: Seconds between looks for dead letters requeued where this flow is not told:
+#: by another process (another flow, the `trioflow dead-letters` command).
+REQUEUE_POLL = 5.0
 
 
 class Requeues(Failures):
@@ -45,7 +48,8 @@ class Requeues(Failures):
         runner = self._runner
         self._requeue_check_at = math.inf
         store = runner.store
-        for letter in await store.due_dead_letters(self.name):
+        due = await store.due_dead_letters(self.name)
+        for letter in due:
             page = await store.read(letter.seq - 1, 1)
             if not page or page[0].seq != letter.seq:
                 logger.error(
@@ -84,14 +88,32 @@ class Requeues(Failures):
             self._handler_scope = None
             if outcome == "stopped" or self._must_stop():
                 return
-        # Letters requeued to come due later: look again then.
-        later = [
-            letter.due_at
-            for letter in await store.dead_letters(self.name)
-            if letter.due_at is not None
-        ]
+        # Letters requeued to come due later: look again then. Listing them
+        # reads every letter of the consumer, so it is done only when some
+        # may be waiting; a look that found nothing due and knew of none
+        # lists nothing.
+        later = (
+            [
+                letter.due_at
+                for letter in await store.dead_letters(self.name)
+                if letter.due_at is not None
+            ]
+            if due or self._requeues_later
+            else []
+        )
+        self._requeues_later = bool(later)
         if later:
             # By this host's clock, which may differ from the store's: look
             # again at least every few seconds.
             wait = (min(later) - utcnow()).total_seconds()
             self._requeue_check_at = trio.current_time() + min(max(wait, 0.0), REQUEUE_RECHECK)
+        else:
+            # Letters requeued elsewhere (another process, the command) are
+            # not announced to this flow: look for due ones now and then.
+            self._requeue_check_at = trio.current_time() + REQUEUE_POLL
+        # Those this flow requeued are looked for when they come due, by
+        # trio's clock (which the host's may not follow, under a test's).
+        if self._requeue_told_at > trio.current_time():
+            self._requeue_check_at = min(self._requeue_check_at, self._requeue_told_at)
+        else:
+            self._requeue_told_at = math.inf

@@ -194,7 +194,10 @@ class Consumer(Replay, Startup):
 
     def requeued(self, after: float) -> None:
         """Dead letters of it were requeued, due in ``after`` seconds: look for them then."""
-        self._requeue_check_at = min(self._requeue_check_at, trio.current_time() + after)
+        due = trio.current_time() + after
+        self._requeue_check_at = min(self._requeue_check_at, due)
+        self._requeue_told_at = min(self._requeue_told_at, due)
+        self._requeues_later = True
         self._feed.wake()
 
     def stop(self, deadline: float) -> None:
@@ -350,6 +353,7 @@ class Consumer(Replay, Startup):
         self._feed.attach()
         # Dead letters requeued while it was away are handled once it is live.
         self._requeue_check_at = -math.inf
+        self._requeues_later = True
         head = runner.dispatcher.head
         if not task_status.done and cursor > head:
             logger.warning(

@@ -84,6 +84,12 @@ class ConsumerState:
     _resumed: trio.Event = attrs.Factory(trio.Event)
     #: When to look for requeued dead letters next (trio time).
     _requeue_check_at: float = -math.inf
+    #: Whether letters requeued to come due later may be waiting: it was told
+    #: of a requeue, it has just started, or it saw some. Else it only looks
+    #: for due ones, every `REQUEUE_POLL` seconds.
+    _requeues_later: bool = True
+    #: When the letters this flow requeued come due (trio time; inf: none).
+    _requeue_told_at: float = math.inf
     _in_requeues: bool = False
     #: The requeued dead letter being handled, if any: a transactional handler
     #: removes it in its own transaction.

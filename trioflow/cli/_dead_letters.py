@@ -10,6 +10,7 @@ import attrs
 import click
 from rich.table import Table
 
+from .._consumer._requeues import REQUEUE_POLL
 from .._dead_letters import DeadLetter
 from .._groups import partition_key
 from ..stores._base import Store
@@ -162,22 +163,21 @@ async def requeue(
 ) -> None:
     """Hand dead letters back to CONSUMER, to be handled again with its policy.
 
-    A flow running CONSUMER in another process handles them when the
-    consumer next starts there (said on stderr when one does); a flow's own
-    `flow.requeue` wakes it at once.
+    A flow running CONSUMER in another process finds them within a few
+    seconds (said on stderr when one runs it); a flow's own `flow.requeue`
+    wakes it at once.
     """
     by_key = await chosen_letters(store, consumer, seqs, every)
     for key, key_seqs in by_key.items():
         await store.requeue_dead_letters(key, key_seqs, after=after)
     click.echo(f"requeued {_count(by_key)} dead letter(s) of {consumer!r}")
-    # A flow learns of requeues made in its own process only: say so, or
-    # the operator waits for letters a running flow does not look for.
+    # A flow is told of requeues made in its own process only; others it
+    # finds when it next looks: say when, so the operator knows what to expect.
     holders = sorted({lease.holder for lease in await store.leases() if lease.key in by_key})
     if holders:
         click.echo(
-            f"note: {consumer!r} runs in a flow ({', '.join(holders)}), which may handle "
-            "them only when the consumer next starts there: restart that process to have "
-            "them handled now",
+            f"note: {consumer!r} runs in a flow ({', '.join(holders)}), which looks for "
+            f"requeued letters every {REQUEUE_POLL:g}s",
             err=True,
         )
 
