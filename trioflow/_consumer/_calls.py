@@ -92,14 +92,15 @@ class Calls(ConsumerState):
                 self.name, first.seq, first.type, timeout, trio.current_time() - started
             )
 
-    async def _call_events(self, events: Sequence[Event]) -> None:
-        """Call a handler that is not transactional once, with the timeout if any."""
+    async def _call_events(self, events: Sequence[Event], tx: Transaction | None = None) -> None:
+        """Call the handler once (a transactional one in ``tx``), with the timeout if any;
+        timed itself, not the transaction around it."""
         started = trio.current_time()
         try:
             if self.spec.policy.timeout is None:
-                await self._invoke(events)
+                await self._invoke(events, tx)
             else:
-                await self._call_timed(events)
+                await self._call_timed(events, tx)
         finally:
             self._handler_duration.observe(trio.current_time() - started)
 
@@ -110,18 +111,6 @@ class Calls(ConsumerState):
             await self._call_in_transaction(event)
         else:
             await self._call_events((event,))
-
-    async def _call_in(self, events: Sequence[Event], tx: Transaction) -> None:
-        """Call a transactional handler once in ``tx``, with the timeout if any;
-        timed itself, not the transaction around it."""
-        started = trio.current_time()
-        try:
-            if self.spec.policy.timeout is None:
-                await self._invoke(events, tx)
-            else:
-                await self._call_timed(events, tx)
-        finally:
-            self._handler_duration.observe(trio.current_time() - started)
 
     async def _call_in_transaction(self, event: Event) -> None:
         """Call a transactional handler in a store transaction that also moves the
@@ -145,10 +134,10 @@ class Calls(ConsumerState):
             try:
                 if self.spec.batch is not None:
                     # One call for the whole chunk: it is the batch.
-                    await self._call_in(chunk, tx)
+                    await self._call_events(chunk, tx)
                 else:
                     for event in chunk:
-                        await self._call_in((event,), tx)
+                        await self._call_events((event,), tx)
             finally:
                 tx._close()
             published = await append_published(tx)
