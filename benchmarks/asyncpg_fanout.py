@@ -77,7 +77,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TypeAlias
 
 import asyncpg
@@ -220,78 +220,124 @@ async def hand_over_json_bytes(connection: Connection) -> None:
     )
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
-    """Set up, run once, check, drop the schema; return the figures."""
-    schema: str = args.schema
-    events: int = args.events
-    readers: int = args.readers
+def frozen_data(events: int) -> list[Data]:
+    """The data of ``events`` events (`make_data`), kept out of the collector's way.
+
+    As the harness does for its own cases: the inputs live through the run.
+    """
     data = make_data(events)
-    # As the harness does for its own cases: the inputs live through the run,
-    # keep them out of the collector's way.
     gc.collect()
     gc.freeze()
+    return data
+
+
+@contextlib.asynccontextmanager
+async def open_connections(
+    url: str,
+    schema: str,
+    *,
+    readers: int,
+    cursor_durability: str,
+    effect_tables: Sequence[str] = (),
+    setup: str = "",
+) -> AsyncIterator[tuple[Connection, Connection, list[Connection]]]:
+    """Create ``schema`` (and run ``setup``); yield the admin, writer and reader connections.
+
+    The readers' sessions commit asynchronously when ``cursor_durability`` is
+    ``async``; ``unlogged`` makes the cursor table UNLOGGED. On exit the
+    connections are closed and the schema is dropped.
+    """
     settings = {"application_name": "trioflow-bench-asyncpg"}
     reader_settings = dict(settings)
-    if args.cursor_durability == "async":
+    if cursor_durability == "async":
         reader_settings["synchronous_commit"] = "off"
-    tables = [effect_table(index, schema) for index in range(readers)] if args.effects else []
-    admin = await asyncpg.connect(args.url, server_settings=settings)
+    admin = await asyncpg.connect(url, server_settings=settings)
     try:
         await admin.execute(
-            _schema_sql(schema, unlogged=args.cursor_durability == "unlogged", effect_tables=tables)
+            _schema_sql(
+                schema, unlogged=cursor_durability == "unlogged", effect_tables=effect_tables
+            )
+            + setup
         )
-        writer = await asyncpg.connect(args.url, server_settings=settings)
+        writer = await asyncpg.connect(url, server_settings=settings)
         connections = [
-            await asyncpg.connect(args.url, server_settings=reader_settings) for _ in range(readers)
+            await asyncpg.connect(url, server_settings=reader_settings) for _ in range(readers)
         ]
-        if args.bytes_only:
-            for connection in connections:
-                await hand_over_json_bytes(connection)
         try:
-            tallies = [Tally() for _ in range(readers)]
-            wakeup = Wakeup()
-            collecting = GCTimer()
-            with collecting:
-                started = time.perf_counter()
-                published, *finished = await asyncio.gather(
-                    write(writer, schema, data, args.batch_size, wakeup),
-                    *(
-                        read(
-                            connection,
-                            schema,
-                            f"reader-{index}",
-                            tally,
-                            events=events,
-                            page_size=args.page_size,
-                            commit_every=args.commit_every,
-                            wakeup=wakeup,
-                            effects=tables[index] if tables else None,
-                            raw=args.bytes_only,
-                        )
-                        for index, (connection, tally) in enumerate(
-                            zip(connections, tallies, strict=True)
-                        )
-                    ),
-                )
-            # A writer alone (no readers) delivers nothing: only its publish figures.
-            delivered = max(finished, default=None)
+            yield admin, writer, connections
         finally:
             for connection in [writer, *connections]:
                 await connection.close()
-        rows = await admin.fetch(f'SELECT consumer, seq FROM "{schema}".cursors')
-        cursors: dict[str, int] = {row[0]: row[1] for row in rows}
-        counts = [await admin.fetchrow(count_sql(table)) for table in tables]
     finally:
         try:
             await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
             await admin.close()
-    problems = order_problems(tallies, events)
-    problems += [
+
+
+def cursor_problems(cursors: Mapping[str, int], readers: int, events: int) -> list[str]:
+    """What is wrong with the readers' committed cursors, unless each is at ``events``."""
+    return [
         f"reader {index}'s committed cursor is {cursors.get(f'reader-{index}')}, not {events:,}"
         for index in range(readers)
         if cursors.get(f"reader-{index}") != events
     ]
+
+
+async def read_cursors(admin: Connection, schema: str) -> dict[str, int]:
+    """The committed cursors, by reader name."""
+    rows = await admin.fetch(f'SELECT consumer, seq FROM "{schema}".cursors')
+    return {row[0]: row[1] for row in rows}
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    """Set up, run once, check, drop the schema; return the figures."""
+    schema: str = args.schema
+    events: int = args.events
+    readers: int = args.readers
+    data = frozen_data(events)
+    tables = [effect_table(index, schema) for index in range(readers)] if args.effects else []
+    async with open_connections(
+        args.url,
+        schema,
+        readers=readers,
+        cursor_durability=args.cursor_durability,
+        effect_tables=tables,
+    ) as (admin, writer, connections):
+        if args.bytes_only:
+            for connection in connections:
+                await hand_over_json_bytes(connection)
+        tallies = [Tally() for _ in range(readers)]
+        wakeup = Wakeup()
+        collecting = GCTimer()
+        with collecting:
+            started = time.perf_counter()
+            published, *finished = await asyncio.gather(
+                write(writer, schema, data, args.batch_size, wakeup),
+                *(
+                    read(
+                        connection,
+                        schema,
+                        f"reader-{index}",
+                        tally,
+                        events=events,
+                        page_size=args.page_size,
+                        commit_every=args.commit_every,
+                        wakeup=wakeup,
+                        effects=tables[index] if tables else None,
+                        raw=args.bytes_only,
+                    )
+                    for index, (connection, tally) in enumerate(
+                        zip(connections, tallies, strict=True)
+                    )
+                ),
+            )
+        # A writer alone (no readers) delivers nothing: only its publish figures.
+        delivered = max(finished, default=None)
+        cursors = await read_cursors(admin, schema)
+        counts = [await admin.fetchrow(count_sql(table)) for table in tables]
+    problems = order_problems(tallies, events)
+    problems += cursor_problems(cursors, readers, events)
     problems += effect_problems([dict(count) for count in counts if count is not None], events)
     return figures(
         events=events,
@@ -317,12 +363,9 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 _positive_int = _at_least(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m benchmarks.asyncpg_fanout``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.asyncpg_fanout",
-        description="The hand-written asyncpg fan-out program (one run; JSON on stdout).",
-    )
+def program_parser(program: str, description: str, *, events: int) -> argparse.ArgumentParser:
+    """The options of every hand-written PostgreSQL program: the server, the schema, N."""
+    parser = argparse.ArgumentParser(prog=f"python -m {program}", description=description)
     parser.add_argument(
         "--url",
         default=os.environ.get(URL_VARIABLE) or DEFAULT_URL,
@@ -331,7 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--schema", required=True, help="a schema name to create, use and drop (must not exist)"
     )
-    parser.add_argument("--events", type=_positive_int, default=100_000, metavar="N")
+    parser.add_argument("--events", type=_positive_int, default=events, metavar="N")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.asyncpg_fanout``."""
+    parser = program_parser(
+        "benchmarks.asyncpg_fanout",
+        "The hand-written asyncpg fan-out program (one run; JSON on stdout).",
+        events=100_000,
+    )
     parser.add_argument(
         "--readers",
         type=_at_least(0),

@@ -28,6 +28,21 @@ need them; ``@R`` is the target rate in events/s):
     once every consumer handled N events and writes each consumer's samples
     and its checks to a JSON file, which this process reads. A run that
     times out kills the child.
+``asyncpg@R`` (the PostgreSQL store kinds)
+    What the machine allows: the hand-written asyncio+asyncpg program
+    (`benchmarks.asyncpg_latency`, in a subprocess) paced at rate R. Its
+    writer group-commits on one connection as trioflow's dispatcher does
+    (what queued during a commit goes in the next one; an advisory lock, the
+    INSERT and ``pg_notify`` in one statement); its K readers, each on its
+    own connection and woken by one LISTEN connection, read the new rows,
+    decode them and note each event's latency. It writes its samples as the
+    cross-process child does, and this process ranks and checks them with
+    the same code. Its readers are on other connections than its writer:
+    it takes the way trioflow takes across processes (commit, notification,
+    read), less trioflow's read of the head; in process, trioflow's own
+    appends wake its consumers with no notification and no read, so the
+    program does one round trip more than trioflow needs there, and its
+    commit wait and commit (``--stages``) are the tighter floor.
 
 The publisher: one task paces the schedule by absolute deadlines
 (``trio.sleep_until(start + i / R)``), so pacing errors do not accumulate.
@@ -47,16 +62,22 @@ the first ``--warmup`` events of each consumer when asked); the achieved
 rate; ``late_max_ms``, the most the pacing task woke after a deadline; and
 ``p99_vs_raw``, the run's p99 over that of the ``raw`` run at the same rate
 just before it (1.0 for the raw runs): the table's ratio column shows its
-median. Every run checks that each consumer handled exactly sequence
-numbers 1..N, each once and in order, and that the committed cursors are at
-N; otherwise the benchmark fails.
+median. On PostgreSQL the trioflow cases' p99 and p99.9 are also divided by
+those of ``asyncpg@R`` on the same store kind, which runs just before them
+in every round (ratios of the medians over the runs: the ``p99 vs
+asyncpg`` and ``p99.9 vs asyncpg`` columns, ``comparisons`` in the JSON
+file). Every run checks that each consumer handled exactly sequence numbers
+1..N, each once and in order, and that the committed cursors are at N;
+otherwise the benchmark fails.
 
 With ``--stages``, the trioflow cases also split every delivery's latency
 into stages (`benchmarks._stages`): the wait for the group commit, the
 store's append, the fan-out and wake-up and, across processes, the
-notification and the read; the JSON file gets each stage's median and its
-mean in the slowest 1%, and how many of those slow deliveries overlapped a
-garbage collection.
+notification and the read; ``asyncpg@R`` the wait for the commit in flight,
+the commit, and the notification with the read and the decoding (named as
+trioflow's in-process stages: ``queue``, ``append``, ``deliver``). The JSON
+file gets each stage's median and its mean in the slowest 1%, and how many
+of those slow deliveries overlapped a garbage collection.
 """
 
 from __future__ import annotations
@@ -69,7 +90,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import partial
@@ -84,16 +104,25 @@ from trioflow.stores import Store, store_from_url
 
 from ._data import DATA_BYTES, EVENT_TYPE, Data, make_data
 from ._gc import GCTimer
-from ._harness import ROOT, BenchmarkFailed, Case, Options, Workload, positive_float
-from ._report import Metric
+from ._harness import (
+    ROOT,
+    BenchmarkFailed,
+    Case,
+    Options,
+    Workload,
+    positive_float,
+    run_program,
+)
+from ._report import Comparison, Metric
+from ._samples import STAMP as STAMP
+from ._samples import child_report as child_report
+from ._samples import now_ns as now_ns
 from ._stages import TimedStore, breakdown
-from ._stores import StoreKind, fresh_postgres_schema, with_options
+from ._stores import POSTGRES_URL_VARIABLE, StoreKind, fresh_postgres_schema, with_options
 from .fanout import Figures, Tally, _receive_each, _run_within, check_tallies, make_events
 
 #: The target rates, events/s, when no ``--rate`` is given.
 DEFAULT_RATES = (1000.0, 10000.0)
-#: The key of the publish timestamp (``monotonic_ns``) in every event's data.
-STAMP = "t_ns"
 #: The environment variable giving the cross-process child its store URL
 #: (not its command line, where a password in the URL would show).
 STORE_URL_VARIABLE = "TRIOFLOW_BENCH_LATENCY_STORE_URL"
@@ -101,10 +130,6 @@ STORE_URL_VARIABLE = "TRIOFLOW_BENCH_LATENCY_STORE_URL"
 READY = "ready"
 #: The store families whose stores several processes can open at once.
 SHARED_FAMILIES = ("sqlite", "postgres")
-
-#: The clock of both timestamps: CLOCK_MONOTONIC, system-wide on Linux, so a
-#: child process's readings can be compared with its parent's.
-now_ns = time.monotonic_ns
 
 _NS_PER_MS = 1_000_000
 T = TypeVar("T")
@@ -187,33 +212,6 @@ def check_cursors(cursors: Mapping[str, int], events: int, *, what: str) -> None
     wrong = {name: cursor for name, cursor in cursors.items() if cursor != events}
     if wrong:
         raise BenchmarkFailed(f"{what}: committed cursors {wrong}, expected {events:,} each")
-
-
-def child_report(
-    tallies: Sequence[LatencyTally],
-    cursors: Mapping[str, int],
-    stages: Mapping[str, object] | None = None,
-) -> str:
-    """What the cross-process child writes for its parent: JSON, one entry per consumer.
-
-    With ``--stages``, ``stages`` holds its store's reads and notifications
-    and its collector's pauses (`benchmarks._stages`).
-    """
-    return json.dumps(
-        {
-            "stages": stages,
-            "consumers": [
-                {
-                    "count": tally.count,
-                    "last": tally.last,
-                    "out_of_order": tally.out_of_order,
-                    "samples_ns": tally.samples,
-                }
-                for tally in tallies
-            ],
-            "cursors": dict(cursors),
-        }
-    )
 
 
 def read_child_report(
@@ -513,6 +511,51 @@ def _cross_process_run(
     return figures
 
 
+# --- the hand-written asyncpg program, on PostgreSQL --------------------------------
+
+
+def _asyncpg_run(
+    kind: StoreKind, plan: _Plan, *, consumers: int, timeout: float, warmup: int, what: str
+) -> Figures:
+    """The hand-written program (`benchmarks.asyncpg_latency`) at ``plan``'s rate, in a
+    subprocess; its samples ranked and checked as the trioflow cases' are."""
+    durability = kind.options.get("cursor_durability", "sync")
+    with fresh_postgres_schema() as (url, schema), tempfile.TemporaryDirectory() as directory:
+        out = Path(directory, "samples.json")
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.asyncpg_latency",
+            f"--schema={schema}",
+            f"--events={plan.events}",
+            f"--readers={consumers}",
+            f"--rate={plan.rate!r}",
+            f"--cursor-durability={durability}",
+            f"--out={out}",
+        ]
+        # Exit status 1: its own check failed, and its stderr says how.
+        ran = run_program(
+            command, what=what, timeout=timeout, env={POSTGRES_URL_VARIABLE: url}, check_status=1
+        )
+        tallies, cursors, stages = read_child_report(out.read_text(encoding="utf-8"))
+    if len(tallies) != consumers:
+        raise BenchmarkFailed(f"{what}: the program reported {len(tallies)} of {consumers} readers")
+    pacing = Pacing(
+        events=plan.events, rate=plan.rate, seconds=ran["publish_s"], late=ran["late_max_ms"] / 1000
+    )
+    figures = {"gc_s": ran["gc_s"], **summarize(tallies, pacing, warmup=warmup, what=what)}
+    check_cursors(cursors, plan.events, what=what)
+    if plan.stages and stages is not None:
+        figures |= breakdown(
+            stamps=dict(enumerate(stages["stamps"], start=1)),
+            samples=[tally.samples for tally in tallies],
+            warmup=warmup,
+            appends=[tuple(span) for span in stages["appends"]],
+            pauses=[tuple(pause) for pause in stages["pauses"]],
+        )
+    return figures
+
+
 # --- the cases --------------------------------------------------------------------------
 
 
@@ -644,6 +687,17 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
 
         return run
 
+    def asyncpg_run(kind: StoreKind, plan: _Plan) -> Callable[[], Figures]:
+        what = f"hand-written asyncpg program (asyncpg@{plan.rate:g}) on {kind.name}"
+
+        def run() -> Figures:
+            figures = _asyncpg_run(
+                kind, plan, consumers=k, timeout=timeout, warmup=warmup, what=what
+            )
+            return _versus_raw(figures, floors, plan.rate)
+
+        return run
+
     # Every raw case is a reference (the one at its rate), so each always runs;
     # the table's ratios divide by the first, whose p99_vs_raw is 1.0 like theirs.
     cases = [
@@ -665,6 +719,12 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
     for kind in options.stores:
         for rate, plan in plans.items():
             params = {**common, "rate": rate, "publish": args.publish}
+            compared: dict[str, str] = {}
+            if kind.family == "postgres":
+                # Just before the trioflow cases compared with it, so that all of
+                # them see the machine in the same state.
+                cases.append(_asyncpg_case(kind, plan, k, common, asyncpg_run(kind, plan)))
+                compared = {key: f"asyncpg@{rate:g}" for key in ("asyncpg", "asyncpg_p999")}
             cases.append(
                 Case(
                     id=f"in-process@{rate:g}",
@@ -677,6 +737,7 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
                     events=plan.events,
                     params={**params, "process": "same"},
                     run=in_process_run(kind, plan),
+                    compared=compared,
                 )
             )
             if kind.family in SHARED_FAMILIES:
@@ -693,16 +754,52 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
                         params={**params, "process": "child", "poll_interval": poll_interval},
                         run=cross_process_run(kind, plan),
                         baseline=f"in-process@{rate:g}",
+                        compared=compared,
                     )
                 )
     return cases
+
+
+def _asyncpg_case(
+    kind: StoreKind,
+    plan: _Plan,
+    k: int,
+    common: Mapping[str, object],
+    run: Callable[[], Figures],
+) -> Case:
+    """The hand-written program's case at ``plan``'s rate on ``kind``'s server."""
+    durability = kind.options.get("cursor_durability", "sync")
+    return Case(
+        id=f"asyncpg@{plan.rate:g}",
+        description=(
+            f"hand-written asyncio+asyncpg program in a subprocess: paced at {plan.rate:g} "
+            "events/s, one writer group-committing what queued during the previous commit "
+            "(advisory lock, INSERT, pg_notify in one statement); one LISTEN connection wakes "
+            f"{k} readers, each on its own connection paging by seq, json.loads and a no-op "
+            f"handler per event, cursor upsert every 100 (cursor_durability={durability})"
+        ),
+        store=kind.name,
+        consumers=k,
+        events=plan.events,
+        params={
+            **common,
+            "rate": plan.rate,
+            "program": "benchmarks.asyncpg_latency",
+            "publish": "group-commit",
+            "process": "child",
+            "readers": k,
+            "cursor_durability": durability,
+        },
+        run=run,
+    )
 
 
 WORKLOAD = Workload(
     name="latency",
     summary=(
         "publish-to-handled latency percentiles at fixed rates, consumers in the same "
-        "process or in another; compared with raw trio channels at the same rate"
+        "process or in another; compared with raw trio channels at the same rate and, on "
+        "PostgreSQL, a hand-written asyncpg program"
     ),
     metrics=(
         Metric(key="p50_ms", label="p50 ms", unit="ms", decimals=3),
@@ -714,6 +811,10 @@ WORKLOAD = Workload(
     ratio_metric="p99_vs_raw",
     ratio_label="p99 vs raw",
     baseline_label="vs in-process",
+    comparisons=(
+        Comparison(key="asyncpg", label="p99 vs asyncpg", metric="p99_ms"),
+        Comparison(key="asyncpg_p999", label="p99.9 vs asyncpg", metric="p999_ms"),
+    ),
     cases=_cases,
     add_arguments=_add_arguments,
 )

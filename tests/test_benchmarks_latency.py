@@ -6,6 +6,7 @@ No timing is asserted: these only guard the code path that
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,11 +18,11 @@ import attrs
 import pytest
 
 import trioflow
-from benchmarks import latency
+from benchmarks import asyncpg_latency, latency
 from benchmarks.__main__ import main
 from benchmarks._data import Data, make_data
 from benchmarks._harness import BenchmarkFailed
-from benchmarks._stores import STORES
+from benchmarks._stores import STORES, fresh_postgres_schema
 from benchmarks.fanout import make_events
 
 # The fixture, by its name: it points the benchmarks at the PostgreSQL test server.
@@ -40,11 +41,20 @@ def _run(
     return json.loads(out.read_text(encoding="utf-8")), captured.out
 
 
-def _check_layout(report: dict[str, Any], store: str, *, cross_process: bool, table: str) -> None:
+def _check_layout(
+    report: dict[str, Any],
+    store: str,
+    *,
+    cross_process: bool,
+    table: str,
+    hand_written: bool = False,
+) -> None:
     results = {(result["case"], result["store"]): result for result in report["results"]}
     expected = {("raw@200", None), ("in-process@200", store)}
     if cross_process:
         expected.add(("cross-process@200", store))
+    if hand_written:
+        expected.add(("asyncpg@200", store))
     assert set(results) == expected
     assert report["reference_case"] == "raw@200"
     for (case, _), result in results.items():
@@ -67,6 +77,23 @@ def _check_layout(report: dict[str, Any], store: str, *, cross_process: bool, ta
         assert cross["baseline_case"] == "in-process@200"
         assert cross["ratio_to_baseline"]["p99_vs_raw"] > 0
         assert "| vs in-process |" in table
+    for case in ["in-process@200", "cross-process@200"][: 2 if cross_process else 1]:
+        comparisons = results[case, store]["comparisons"]
+        if not hand_written:
+            assert comparisons == {}
+            continue
+        # trioflow's p99 and p99.9 over the hand-written program's, at the same rate.
+        assert comparisons["asyncpg"]["case"] == "asyncpg@200"
+        assert comparisons["asyncpg"]["metric"] == "p99_ms"
+        assert comparisons["asyncpg_p999"]["metric"] == "p999_ms"
+        ours, theirs = results[case, store]["median"], results["asyncpg@200", store]["median"]
+        assert comparisons["asyncpg"]["ratio"] == ours["p99_ms"] / theirs["p99_ms"]
+        assert comparisons["asyncpg_p999"]["ratio"] == ours["p999_ms"] / theirs["p999_ms"]
+    if hand_written:
+        assert results["asyncpg@200", store]["params"]["program"] == "benchmarks.asyncpg_latency"
+        assert "| p99 vs asyncpg | p99.9 vs asyncpg |" in table
+    else:
+        assert "vs asyncpg" not in table
 
 
 ARGV = ["run", "latency", "--events", "1000", "--consumers", "2", "--repeat", "1"]
@@ -88,7 +115,7 @@ def test_latency_runs_and_passes_its_checks(
 @pytest.mark.usefixtures("bench_postgres")
 def test_latency_runs_on_postgres(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report, table = _run([*ARGV, "--store", "postgres"], tmp_path / "latency.json", capsys)
-    _check_layout(report, "postgres", cross_process=True, table=table)
+    _check_layout(report, "postgres", cross_process=True, table=table, hand_written=True)
     assert report["machine"]["postgresql"]
 
 
@@ -224,6 +251,52 @@ def test_a_child_that_failed_is_reported_with_its_stderr() -> None:
 
 @pytest.mark.postgres
 @pytest.mark.usefixtures("bench_postgres")
+@pytest.mark.parametrize("skipped", [None, 3])
+def test_the_hand_written_program_fails_when_a_reader_skips_an_event(
+    skipped: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[asyncpg_latency.LatencyTally] = []
+
+    class Skipping(asyncpg_latency.LatencyTally):
+        """The second reader's handler is not called for seq ``skipped``."""
+
+        async def handle(self, order: int, data: object) -> None:
+            if order != skipped or self is not made[1]:
+                await super().handle(order, data)
+
+    def make() -> asyncpg_latency.LatencyTally:
+        made.append(Skipping())
+        return made[-1]
+
+    monkeypatch.setattr(asyncpg_latency, "LatencyTally", make)
+    out = tmp_path / "samples.json"
+    argv = ["--events", "10", "--readers", "2", "--rate", "500", f"--out={out}"]
+    with fresh_postgres_schema() as (url, schema):
+        args = asyncpg_latency.build_parser().parse_args(
+            [*argv, f"--url={url}", f"--schema={schema}"]
+        )
+        outcome = asyncio.run(asyncpg_latency.run(args))
+    # The program's own check (its exit status), then the harness's on its samples.
+    tallies, cursors, stages = latency.read_child_report(out.read_text(encoding="utf-8"))
+    seconds = outcome["publish_s"]
+    assert isinstance(seconds, float)
+    pacing = latency.Pacing(events=10, rate=500.0, seconds=seconds, late=0.0)
+    latency.check_cursors(cursors, 10, what="x")
+    assert stages is not None
+    assert len(stages["stamps"]) == 10
+    if skipped is None:
+        assert outcome["problems"] == []
+        assert latency.summarize(tallies, pacing, warmup=0, what="x")["samples"] == 20
+    else:
+        assert outcome["problems"] == [
+            "reader 1 handled 9 events ending at 10 with 1 out of order (expected 1..10 in order)"
+        ]
+        with pytest.raises(BenchmarkFailed, match=r"but consumer 1 handled 9 events"):
+            latency.summarize(tallies, pacing, warmup=0, what="x")
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("bench_postgres")
 def test_stages_split_the_latency_in_and_across_processes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -232,7 +305,9 @@ def test_stages_split_the_latency_in_and_across_processes(
     results = {result["case"]: result for result in report["results"]}
     in_process = {"queue", "append", "deliver"}
     across = {"queue", "append_notify", "poll", "read", "deliver"}
-    for case, stages in [("in-process@200", in_process), ("cross-process@200", across)]:
+    # The hand-written program's commit wait, commit, and notification with the read.
+    cases = [("in-process@200", in_process), ("cross-process@200", across)]
+    for case, stages in [*cases, ("asyncpg@200", in_process)]:
         figures = results[case]["median"]
         assert results[case]["params"]["stages"]
         for stage in stages:
