@@ -210,6 +210,55 @@ async def test_slow_consumer_does_not_hold_back_a_fast_one(
     assert slow == list(range(1, 21))
 
 
+@pytest.mark.parametrize("batch", [None, 2])
+async def test_handlers_that_never_wait_let_other_tasks_run_between_events(
+    autojump_clock: trio.testing.MockClock, batch: int | None
+) -> None:
+    # Each call spends 0.4 ms of (virtual) CPU time and never checkpoints.
+    # However many events one batch holds, the consumer lets the flow's
+    # other tasks (the lease keeper, the dispatcher, other consumers) run at
+    # least every TIME_SLICE of such handling: between two calls.
+    from trioflow._consumer._state import TIME_SLICE
+
+    app = make_app()
+    handled: list[int] = []
+
+    if batch is None:
+
+        @app.consumer("busy", commit_every=1000)
+        async def busy(event: trioflow.Event) -> None:
+            autojump_clock.jump(0.0004)
+            handled.append(event.seq)
+
+    else:
+
+        @app.consumer("busy", batch=batch, commit_every=1000)
+        async def busy_batches(events: Sequence[trioflow.Event]) -> None:
+            autojump_clock.jump(0.0004 * len(events))
+            handled.extend(event.seq for event in events)
+
+    seen_while_handling: list[int] = []
+    async with trioflow.open_flow(app) as flow:
+
+        async def watch() -> None:
+            while len(handled) < 100:
+                seen_while_handling.append(len(handled))
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await flow.publish_many([("a", i) for i in range(100)])
+        await flow.wait_idle()
+    assert handled == list(range(1, 101))
+    # The whole batch (40 ms of handling) was not handled in one step: the
+    # watcher saw it go by a slice (3 events) at a time. trio runs the tasks
+    # ready in each round in either order, so it may miss every other slice.
+    per_slice = math.ceil(TIME_SLICE / 0.0004) + (batch or 1) - 1
+    steps = sorted(set(seen_while_handling) - {0})
+    assert len(steps) >= 100 // (2 * per_slice)
+    assert all(b - a <= 2 * per_slice for a, b in itertools.pairwise([0, *steps, 100]))
+
+
 async def test_bounded_consumer_holds_at_most_its_buffer_and_misses_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

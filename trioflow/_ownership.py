@@ -94,6 +94,10 @@ class Ownership:
         """
         return self._held and trio.current_time() < self._valid_until
 
+    def owned_at(self, now: float) -> bool:
+        """`owned`, with ``now`` the trio time the caller has just read (a hot loop's)."""
+        return self._token is not None and not self._leaving and now < self._valid_until
+
     @property
     def _held(self) -> bool:
         """Whether this flow holds it as its owner, as the keeper last knew (maybe lapsed)."""

@@ -134,6 +134,7 @@ class Batches(Failures):
         attempts = 0
         first_failed_at = utcnow()
         while True:
+            await self._take_turns()
             if self._must_stop() or not self._ownership.owned:
                 # As for single events: no handler starts once the consumer is
                 # stopping or lost (the cancellation comes at the next checkpoint).
@@ -192,6 +193,7 @@ class Batches(Failures):
     async def _one_at_a_time(self, events: Sequence[Event]) -> bool:
         """Handle ``events`` as batches of one, each with the whole delivery policy."""
         for event in events:
+            await self._take_turns()
             if self._must_stop() or not self._ownership.owned:
                 return False
             await self._room_for_a_batch()

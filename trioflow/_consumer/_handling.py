@@ -17,6 +17,7 @@ from .._groups import partition_of
 from ._batches import Batches
 from ._calls import plain_handler
 from ._requeues import Requeues
+from ._state import TIME_SLICE
 
 
 class Handling(Batches, Requeues):
@@ -62,11 +63,22 @@ class Handling(Batches, Requeues):
                 # consumer's: batch); from a failed one on, one event per
                 # transaction, with the policy.
                 events = await self._handle_in_transactions(events)
+            ownership = self._ownership
+            yield_at = self._yield_at
             for event in events:
                 seq = event.seq
                 if seq <= self._position:
                     continue
-                if self._must_stop() or not self._ownership.owned:
+                started = clock()
+                if started >= yield_at:
+                    # Handlers that never wait would hold the thread for the
+                    # whole batch: let the flow's other tasks (the dispatcher
+                    # sending the next group commit, the other consumers, the
+                    # lease keeper) run between events.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    started = clock()
+                    yield_at = started + TIME_SLICE
+                if self._must_stop() or not ownership.owned_at(started):
                     # Lost, or its lease's time ran out: the cancellation
                     # reaches the incarnation at its next checkpoint (once the
                     # keeper has run); no handler starts meanwhile.
@@ -78,13 +90,16 @@ class Handling(Batches, Requeues):
                     if self._processed - cursor.committed_processed >= commit_every:
                         cursors.request(cursor, self._position, self._processed)
                         await cursors.wait_durable(cursor, self._position)
+                        started = clock()
+                        if self._must_stop() or not ownership.owned_at(started):
+                            finished = False
+                            break
                     try:
                         if transactional:
                             await self._call_in_transaction(event)
                         else:
                             # `_call_events` inlined: no tuple and no extra
                             # coroutine per event on the hot path.
-                            started = clock()
                             try:
                                 if timed:
                                     await self._call_timed((event,))
@@ -108,6 +123,7 @@ class Handling(Batches, Requeues):
                         cursors.request(cursor, seq, self._processed)
                 else:
                     self._position = seq
+            self._yield_at = yield_at
             if finished:
                 if upto > self._position:
                     self._position = upto

@@ -30,6 +30,13 @@ if TYPE_CHECKING:
     from ._runner import ConsumerRunner
 
 
+#: Seconds a consumer goes on handling events (or batches) whose handlers do
+#: not wait before it lets the flow's other tasks run: a checkpoint between
+#: two calls, so that the lease keeper, the dispatcher and the other
+#: consumers are never held up for a whole batch.
+TIME_SLICE = 0.001
+
+
 def describe(error: BaseException) -> str:
     return f"{type(error).__qualname__}: {error}"
 
@@ -60,6 +67,8 @@ class ConsumerState:
     _dead_lettered: int = 0
     #: Seconds per handler call.
     _handler_duration: Histogram = attrs.Factory(lambda: Histogram(SECONDS_BUCKETS))
+    #: When its handling has held the thread for `TIME_SLICE` (trio time).
+    _yield_at: float = -math.inf
     #: trio.current_time() of its last cursor commit request on a schedule.
     _requested_at: float = 0.0
     #: The shielded scope around its current handlers, while it has one.
@@ -100,6 +109,13 @@ class ConsumerState:
     def name(self) -> str:
         """The durable consumer name."""
         return self.spec.name
+
+    async def _take_turns(self) -> None:
+        """Let the flow's other tasks run if its handling has held the thread for a
+        `TIME_SLICE` (handlers that wait let them run anyway)."""
+        if trio.current_time() >= self._yield_at:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._yield_at = trio.current_time() + TIME_SLICE
 
     def _must_stop(self) -> bool:
         return self._stopping or self._runner.stopping
