@@ -31,7 +31,7 @@ from trioflow.stores import store_from_url
 from ._gc import GCTimer
 from ._harness import positive_float, positive_int
 from ._stages import TimedStore
-from .latency import READY, STORE_URL_VARIABLE, LatencyTally, child_report
+from .latency import READY, STORE_URL_VARIABLE, LatencyTally, child_report, frozen
 
 
 class _Counted(LatencyTally):
@@ -58,9 +58,11 @@ async def consume(
     events: int,
     poll_interval: float | None,
     timed: TimedStore | None = None,
+    gc_freeze: bool = False,
 ) -> tuple[list[LatencyTally], dict[str, int]]:
     """Run ``consumers`` consumers on ``url`` (or ``timed``, its store timed) until each
-    handled ``events`` events.
+    handled ``events`` events; with ``gc_freeze``, freeze the collector once the flow
+    has opened (`frozen`).
 
     Returns their tallies and their committed cursors.
     """
@@ -78,9 +80,10 @@ async def consume(
     for index, tally in enumerate(tallies):
         app.consumer(f"consumer-{index}")(tally.handle)
     async with trioflow.open_flow(app) as flow:
-        print(READY, flush=True)
-        await finished.wait()
-        await flow.wait_idle()
+        with frozen(gc_freeze):
+            print(READY, flush=True)
+            await finished.wait()
+            await flow.wait_idle()
         cursors = {name: c.cursor for name, c in flow.statistics().consumers.items()}
     return list(tallies), cursors
 
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time the store's reads and notifications and the collector's pauses",
     )
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() once the flow has opened"
+    )
     return parser
 
 
@@ -120,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 events=args.events,
                 poll_interval=args.poll_interval,
                 timed=timed,
+                gc_freeze=args.gc_freeze,
             )
 
     with GCTimer(keep_pauses=True) as collecting:

@@ -78,12 +78,20 @@ the commit, and the notification with the read and the decoding (named as
 trioflow's in-process stages: ``queue``, ``append``, ``deliver``). The JSON
 file gets each stage's median and its mean in the slowest 1%, and how many
 of those slow deliveries overlapped a garbage collection.
+
+With ``--gc-freeze``, each trioflow case gets a twin, ``in-process+gc-freeze@R``
+and ``cross-process+gc-freeze@R``, run right after it in every round: the
+same, with ``gc.freeze()`` called in each of its trioflow processes once the
+flow has opened (`frozen`), so that what start-up allocated leaves the
+collector's scans. Their p99 and p99.9 are also divided by their twin's (the
+``p99 vs unfrozen`` and ``p99.9 vs unfrozen`` columns).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -288,10 +296,31 @@ class _Plan:
     spawn: bool
     #: Whether the trioflow runs time their stages (`benchmarks._stages`).
     stages: bool = False
+    #: Whether the trioflow runs freeze the collector once their flow has opened (`frozen`).
+    gc_freeze: bool = False
 
     @property
     def events(self) -> int:
         return len(self.data)
+
+
+@contextlib.contextmanager
+def frozen(freeze: bool = True) -> Iterator[None]:
+    """With ``freeze``, move every object the collector tracks to its permanent generation
+    (`gc.freeze`) for the block, and back into the oldest generation after.
+
+    Entered once the flow has opened: what start-up imported and allocated
+    (modules, functions, classes, the store's connections) is then never
+    scanned again, so each full collection scans only what the run allocated.
+    """
+    if not freeze:
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # --- the raw-channel reference ---------------------------------------------------------
@@ -332,10 +361,11 @@ async def _in_process_run(
     stamps: dict[int, int] = {}
     with GCTimer(keep_pauses=True) as collecting:
         async with trioflow.open_flow(app) as flow:
-            pacing = await pace(
-                plan.rate, plan.data, _stamped_publish(flow, stamps), spawn=plan.spawn
-            )
-            await flow.wait_idle()
+            with frozen(plan.gc_freeze):
+                pacing = await pace(
+                    plan.rate, plan.data, _stamped_publish(flow, stamps), spawn=plan.spawn
+                )
+                await flow.wait_idle()
             statistics = flow.statistics()
     figures = summarize(tallies, pacing, warmup=warmup, what=what)
     if statistics.published != plan.events:
@@ -444,9 +474,10 @@ async def _publish_to_child(
         # The child prints nothing else: its pipe can close now.
         await child.stdout.aclose()
         if record.said == READY.encode():
-            record.pacing = await pace(
-                plan.rate, plan.data, _stamped_publish(flow, record.stamps), spawn=plan.spawn
-            )
+            with frozen(plan.gc_freeze):
+                record.pacing = await pace(
+                    plan.rate, plan.data, _stamped_publish(flow, record.stamps), spawn=plan.spawn
+                )
         elif record.said:
             nursery.cancel_scope.cancel()
         # Otherwise the child ended before it was ready: let it exit, for its stderr.
@@ -484,6 +515,8 @@ def _cross_process_run(
             command.append(f"--poll-interval={poll_interval}")
         if plan.stages:
             command.append("--stages")
+        if plan.gc_freeze:
+            command.append("--gc-freeze")
         with GCTimer(keep_pauses=True) as collecting:
             timed_out = trio.run(main)
         if timed_out:
@@ -604,6 +637,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time each delivery's stages (group commit wait, append, notification, "
         "read, fan-out and wake-up) and the garbage collector's pauses; in the JSON file",
     )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="also run each trioflow case with gc.freeze() called in its processes once the "
+        "flow has opened (cases in-process+gc-freeze@R, cross-process+gc-freeze@R), each "
+        "right after its twin, and compare their p99 and p99.9 with the twin's",
+    )
 
 
 def _versus_raw(figures: Figures, floors: Mapping[float, float], rate: float) -> Figures:
@@ -654,7 +694,7 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
         return run
 
     def in_process_run(kind: StoreKind, plan: _Plan) -> Callable[[], Figures]:
-        what = f"trioflow in-process@{plan.rate:g} on {kind.name}"
+        what = f"trioflow {_case_id('in-process', plan)} on {kind.name}"
 
         def run() -> Figures:
             tallies = [LatencyTally() for _ in range(k)]
@@ -671,7 +711,7 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
         return run
 
     def cross_process_run(kind: StoreKind, plan: _Plan) -> Callable[[], Figures]:
-        what = f"trioflow cross-process@{plan.rate:g} on {kind.name}"
+        what = f"trioflow {_case_id('cross-process', plan)} on {kind.name}"
 
         def run() -> Figures:
             figures = _cross_process_run(
@@ -725,39 +765,67 @@ def _cases(options: Options, args: argparse.Namespace) -> list[Case]:
                 # them see the machine in the same state.
                 cases.append(_asyncpg_case(kind, plan, k, common, asyncpg_run(kind, plan)))
                 compared = {key: f"asyncpg@{rate:g}" for key in ("asyncpg", "asyncpg_p999")}
-            cases.append(
-                Case(
-                    id=f"in-process@{rate:g}",
-                    description=(
-                        f"trioflow: publish at {rate:g} events/s ({args.publish}) to {k} no-op "
-                        "consumers in the same process"
-                    ),
-                    store=kind.name,
-                    consumers=k,
-                    events=plan.events,
-                    params={**params, "process": "same"},
-                    run=in_process_run(kind, plan),
-                    compared=compared,
-                )
-            )
-            if kind.family in SHARED_FAMILIES:
+            twins = [plan, attrs.evolve(plan, gc_freeze=True)] if args.gc_freeze else [plan]
+            for twin in twins:
+                freeze = {"gc_freeze": True} if twin.gc_freeze else {}
                 cases.append(
                     Case(
-                        id=f"cross-process@{rate:g}",
+                        id=_case_id("in-process", twin),
                         description=(
-                            f"trioflow: publish at {rate:g} events/s ({args.publish}); {k} no-op "
-                            "consumers in a child process on the same store"
+                            f"trioflow: publish at {rate:g} events/s ({args.publish}) to {k} no-op "
+                            "consumers in the same process"
+                            + (", gc.freeze() once the flow opened" if twin.gc_freeze else "")
                         ),
                         store=kind.name,
                         consumers=k,
                         events=plan.events,
-                        params={**params, "process": "child", "poll_interval": poll_interval},
-                        run=cross_process_run(kind, plan),
-                        baseline=f"in-process@{rate:g}",
-                        compared=compared,
+                        params={**params, **freeze, "process": "same"},
+                        run=in_process_run(kind, twin),
+                        compared=_versus(compared, "in-process", twin),
                     )
                 )
+                if kind.family in SHARED_FAMILIES:
+                    cases.append(
+                        Case(
+                            id=_case_id("cross-process", twin),
+                            description=(
+                                f"trioflow: publish at {rate:g} events/s ({args.publish}); {k} "
+                                "no-op consumers in a child process on the same store"
+                                + (
+                                    ", gc.freeze() in both processes once their flows opened"
+                                    if twin.gc_freeze
+                                    else ""
+                                )
+                            ),
+                            store=kind.name,
+                            consumers=k,
+                            events=plan.events,
+                            params={
+                                **params,
+                                **freeze,
+                                "process": "child",
+                                "poll_interval": poll_interval,
+                            },
+                            run=cross_process_run(kind, twin),
+                            baseline=_case_id("in-process", twin),
+                            compared=_versus(compared, "cross-process", twin),
+                        )
+                    )
     return cases
+
+
+def _case_id(trioflow_case: str, plan: _Plan, *, gc_freeze: bool | None = None) -> str:
+    """``in-process@R``, or its twin ``in-process+gc-freeze@R`` (likewise ``cross-process``)."""
+    freeze = plan.gc_freeze if gc_freeze is None else gc_freeze
+    return f"{trioflow_case}{'+gc-freeze' if freeze else ''}@{plan.rate:g}"
+
+
+def _versus(compared: Mapping[str, str], trioflow_case: str, plan: _Plan) -> dict[str, str]:
+    """The cases a trioflow case is compared with: a frozen one with its unfrozen twin too."""
+    if not plan.gc_freeze:
+        return dict(compared)
+    unfrozen = _case_id(trioflow_case, plan, gc_freeze=False)
+    return {**compared, "unfrozen": unfrozen, "unfrozen_p999": unfrozen}
 
 
 def _asyncpg_case(
@@ -814,6 +882,8 @@ WORKLOAD = Workload(
     comparisons=(
         Comparison(key="asyncpg", label="p99 vs asyncpg", metric="p99_ms"),
         Comparison(key="asyncpg_p999", label="p99.9 vs asyncpg", metric="p999_ms"),
+        Comparison(key="unfrozen", label="p99 vs unfrozen", metric="p99_ms"),
+        Comparison(key="unfrozen_p999", label="p99.9 vs unfrozen", metric="p999_ms"),
     ),
     cases=_cases,
     add_arguments=_add_arguments,

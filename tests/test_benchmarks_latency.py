@@ -7,6 +7,7 @@ No timing is asserted: these only guard the code path that
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -131,6 +132,25 @@ def test_await_mode_and_poll_interval_are_recorded(
     assert set(results) == {"raw@200", "in-process@200", "cross-process@200"}
     assert results["cross-process@200"]["params"]["publish"] == "await"
     assert results["cross-process@200"]["params"]["poll_interval"] == 0.02
+
+
+def test_gc_freeze_runs_twins_compared_with_the_unfrozen_cases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("trioflow.stores.sqlite")
+    argv = [*ARGV, "--store", "sqlite", "--gc-freeze", "--case", "cross-process+gc-freeze@200"]
+    report, table = _run(argv, tmp_path / "latency.json", capsys)
+    results = {result["case"]: result for result in report["results"]}
+    assert {"raw@200", "in-process+gc-freeze@200", "cross-process@200"} <= set(results)
+    frozen = results["cross-process+gc-freeze@200"]
+    assert frozen["params"]["gc_freeze"]
+    assert "gc_freeze" not in results["cross-process@200"]["params"]
+    assert frozen["baseline_case"] == "in-process+gc-freeze@200"
+    assert frozen["comparisons"]["unfrozen"]["case"] == "cross-process@200"
+    assert frozen["comparisons"]["unfrozen_p999"]["metric"] == "p999_ms"
+    assert "| p99 vs unfrozen | p99.9 vs unfrozen |" in table
+    # The in-process twin froze this process for its run only.
+    assert gc.get_freeze_count() == 0
 
 
 def test_a_warmup_as_long_as_a_run_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

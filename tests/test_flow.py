@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+import pathlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import pytest
 import trio
 import trio.testing
 
 import trioflow
-from trioflow.stores import Store
+from trioflow.stores import Store, store_from_url
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing._faults import FaultyStore
 from trioflow.testing._store_contract import nested
@@ -353,6 +355,74 @@ async def test_idle_bounded_consumer_catches_up_after_a_batch_larger_than_its_bu
         with trio.fail_after(60):
             await flow.wait_idle()
     assert seen == [1, 2, 3, 4, 5]
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """The garbage collector stopped: what is alive then is held, or left in cycles."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("collector_off")
+async def test_handled_events_are_freed_at_once_not_kept_or_left_in_cycles(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A store that keeps no Event objects itself (the memory store does).
+    app = make_app(store_from_url(f"sqlite:///{tmp_path}/events.db"))
+    decoded = 0
+    for index in range(4):
+
+        @app.consumer(f"c{index}")
+        async def handle(event: trioflow.Event) -> None:
+            nonlocal decoded
+            decoded += len(event.data["items"])
+
+    def alive() -> int:
+        return sum(isinstance(o, trioflow.Event) for o in gc.get_objects())
+
+    async with trioflow.open_flow(app) as flow:
+        async with trio.open_nursery() as nursery:
+            for n in range(299):
+                # Concurrent publishes: group commits fan out batches of several.
+                nursery.start_soon(flow.publish, "t", {"n": n, "items": [{"sku": n}]})
+                if n % 10 == 9:
+                    await trio.lowlevel.checkpoint()
+        # Last, one event alone: the batch each consumer's loop may still refer to.
+        await flow.publish("t", {"n": 299, "items": [{"sku": 299}]})
+        await flow.wait_idle()
+        assert decoded == 4 * 300
+        # Every other event was freed by reference counting as soon as every
+        # consumer had handled it: neither held by the flow nor left in
+        # reference cycles for the collector.
+        assert alive() <= 1
+
+
+async def test_the_memory_store_keeps_only_the_latest_events_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It keeps every event the flow fans out, the same objects: past the
+    # latest few, their JSON text and not the data a consumer decoded.
+    monkeypatch.setattr("trioflow.stores.memory.DECODED_KEPT", 10)
+    store = MemoryStore()
+    app = make_app(store)
+
+    @app.consumer("reads")
+    async def handle(event: trioflow.Event) -> None:
+        assert event.data["n"] == event.seq
+
+    async with trioflow.open_flow(app) as flow:
+        for n in range(1, 31):
+            await flow.publish("t", {"n": n})
+        await flow.wait_idle()
+    stored = await store.read(0, 30)
+    # A kept value is the same object every time; a forgotten one is decoded anew.
+    assert [event.data is event.data for event in stored] == [False] * 20 + [True] * 10
+    assert [event.data for event in stored] == [{"n": n} for n in range(1, 31)]
 
 
 async def test_concurrent_publishes_are_group_committed() -> None:

@@ -52,7 +52,7 @@ class Batch:
     after: int
     upto: int
     events: Sequence[Event]
-    #: The events' total `Event.size`, for bounded consumers (else 0).
+    #: The events' total `Event.size`.
     size: int = 0
 
 
@@ -99,7 +99,7 @@ class Subscription:
 
     @property
     def buffered_bytes(self) -> int:
-        """Their total `Event.size` (counted for bounded consumers only)."""
+        """Their total `Event.size`."""
         return self._buffered_bytes
 
     def take_nowait(self) -> Batch:
@@ -143,23 +143,27 @@ class Subscription:
             self._room.unpark_all()
         return batch
 
-    def _offer(self, after: int, upto: int, events: Sequence[Event]) -> None:
+    @property
+    def lagging(self) -> bool:
+        """Whether it holds more than `DECODED_KEPT` events or `DECODED_KEPT_BYTES` bytes."""
+        return self._buffered > DECODED_KEPT or self._buffered_bytes > DECODED_KEPT_BYTES
+
+    def _offer(self, after: int, upto: int, events: Sequence[Event], size: int) -> None:
         """Send it the events it takes of ``after < seq <= upto``, or detach it.
 
         ``events`` are the batch's, or for a partition of a group the batch's
-        events of that partition (the dispatcher splits a batch once).
+        events of that partition (the dispatcher splits a batch once), and
+        ``size`` is their total `Event.size`.
         """
         if not self._attached:
             return
         types = self.types
-        selected = events if types is None else [e for e in events if e.type in types]
-        size = 0
-        limit_bytes = self.buffer_bytes
-        if limit_bytes is not None:
-            size = sum(event.size for event in selected)
-        limit = self.buffer
+        if types is not None:
+            events = [e for e in events if e.type in types]
+            size = sum(event.size for event in events)
+        limit, limit_bytes = self.buffer, self.buffer_bytes
         if self.overflow == "catch-up" and (
-            (limit is not None and self._buffered + len(selected) > limit)
+            (limit is not None and self._buffered + len(events) > limit)
             or (limit_bytes is not None and self._buffered_bytes + size > limit_bytes)
         ):
             # Too far behind: stop buffering; it catches up from the store.
@@ -175,9 +179,9 @@ class Subscription:
                 self._buffered_bytes,
             )
             return
-        self._buffered += len(selected)
+        self._buffered += len(events)
         self._buffered_bytes += size
-        self._send.send_nowait(Batch(after, upto, selected, size))
+        self._send.send_nowait(Batch(after, upto, events, size))
 
 
 #: The feed of the consumer whose handler (or a task it started) runs here, if any.
@@ -228,8 +232,9 @@ class Dispatcher:
     #: Seconds from submit to committed, per publish request; events per group commit.
     _publish_latency: Histogram = attrs.Factory(lambda: Histogram(SECONDS_BUCKETS))
     _batch_size: Histogram = attrs.Factory(lambda: Histogram(BATCH_BUCKETS))
-    #: The events fanned out last, oldest first, and their total size: past
-    #: `DECODED_KEPT` (or `DECODED_KEPT_BYTES`) their decoded data is dropped.
+    #: While a consumer lags, the events fanned out last, oldest first, and
+    #: their total size: past `DECODED_KEPT` (or `DECODED_KEPT_BYTES`) their
+    #: decoded data is dropped.
     _recent: collections.deque[Event] = attrs.Factory(collections.deque)
     _recent_bytes: int = 0
 
@@ -493,33 +498,54 @@ class Dispatcher:
 
     def _fan_out(self, after: int, events: Sequence[Event]) -> None:
         upto = events[-1].seq
-        #: The batch split by partition, per partition count: once per group,
-        #: not once per partition.
-        split: dict[int, list[list[Event]]] = {}
+        size = sum(event.size for event in events)
+        #: The batch split by partition, with each part's size, per partition
+        #: count: once per group, not once per partition.
+        split: dict[int, tuple[list[list[Event]], list[int]]] = {}
+        lagging = False
         for subscription in self._subscriptions:
             part = subscription.partition
             if part is None:
-                subscription._offer(after, upto, events)
-                continue
-            mine, partitions = part
-            buckets = split.get(partitions)
-            if buckets is None:
-                buckets = split[partitions] = [[] for _ in range(partitions)]
-                for event in events:
-                    buckets[partition_of(event.key, event.seq, partitions)].append(event)
-            subscription._offer(after, upto, buckets[mine])
+                subscription._offer(after, upto, events, size)
+            else:
+                mine, partitions = part
+                parts = split.get(partitions)
+                if parts is None:
+                    buckets: list[list[Event]] = [[] for _ in range(partitions)]
+                    for event in events:
+                        buckets[partition_of(event.key, event.seq, partitions)].append(event)
+                    parts = split[partitions] = (
+                        buckets,
+                        [sum(event.size for event in bucket) for bucket in buckets],
+                    )
+                subscription._offer(after, upto, parts[0][mine], parts[1][mine])
+            lagging = lagging or subscription.lagging
         self._head = upto
-        self._forget_old_data(events)
+        self._forget_old_data(events, size, lagging=lagging)
 
-    def _forget_old_data(self, events: Sequence[Event]) -> None:
-        """Drop the decoded data of events now far behind the head (`Event.forget_data`).
+    def _forget_old_data(self, events: Sequence[Event], size: int, *, lagging: bool) -> None:
+        """While a consumer lags, drop the decoded data of events now far behind the
+        head (`Event.forget_data`).
 
         Consumers that keep up have handled them; one that lags keeps their
-        JSON text only, not a decoded copy several times its size.
+        JSON text only, not a decoded copy several times its size. It may hold
+        up to `DECODED_KEPT` events decoded before it counts as lagging, and
+        as many of the latest after.
+
+        While no consumer lags, nothing is kept here: an event every consumer
+        has handled is freed at once (by reference counting). Keeping the last
+        few thousand for nothing would keep each one's objects alive long
+        enough for the garbage collector to move them to its oldest
+        generation, whose full collections then come often and scan them all.
         """
         recent = self._recent
+        if not lagging:
+            if recent:
+                recent.clear()
+                self._recent_bytes = 0
+            return
         recent.extend(events)
-        self._recent_bytes += sum(event.size for event in events)
+        self._recent_bytes += size
         while len(recent) > DECODED_KEPT or (
             self._recent_bytes > DECODED_KEPT_BYTES and len(recent) > 1
         ):

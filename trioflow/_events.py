@@ -31,8 +31,10 @@ MAX_DEPTH = 128
 MAX_DATA_BYTES = 64 * 1024 * 1024
 
 
-#: Live events whose decoded data the dispatcher keeps (those fanned out last),
-#: at most, and at most this much of their JSON text (bytes).
+#: A consumer that holds more live events than this in memory, or more bytes
+#: of their JSON text than `DECODED_KEPT_BYTES`, lags. While one does, the
+#: dispatcher keeps the events it fanned out last, at most this many and that
+#: much, and drops the decoded data of older ones (`Event.forget_data`).
 DECODED_KEPT = 4096
 DECODED_KEPT_BYTES = 4 * 1024 * 1024
 
@@ -59,10 +61,10 @@ class Event:
             Treat it as read-only. An event fanned out live keeps its JSON
             text and decodes it when ``data`` is first asked for; consumers
             that keep up share that one decoded object. Once the event is
-            far behind the head of the stream (`DECODED_KEPT`) the decoded
-            value is dropped, so a consumer that lags holds a few hundred
-            bytes per event, and its handler gets an equal value decoded
-            anew.
+            far behind the head of the stream (`DECODED_KEPT`) while a
+            consumer lags, the decoded value is dropped, so a consumer that
+            lags holds a few hundred bytes per event, and its handler gets an
+            equal value decoded anew.
         key: An optional key (for example a customer id), or None.
         created_at: When the event was committed, an aware UTC datetime.
         size: The size of ``data`` as the store keeps it: its JSON text, in

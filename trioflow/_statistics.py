@@ -40,8 +40,7 @@ class ConsumerStatistics:
         head: The last sequence number the flow has fanned out.
         lag: ``head - position``: events it has yet to handle.
         buffered: Events waiting in its memory channel.
-        buffered_bytes: Their total size (`Event.size`), counted for consumers
-            with a ``buffer`` or ``buffer_bytes`` bound (0 for the others).
+        buffered_bytes: Their total size (`Event.size`).
         attached: False while it catches up from the store (bounded mode).
         processed: Events its handler finished, since the flow started.
         failures: Times its handler (or the store under it) failed.

@@ -103,7 +103,7 @@ _CONSUMER_GAUGES: Sequence[tuple[str, str, Callable[[ConsumerStatistics], float]
     ),
     (
         "trioflow_consumer_buffered_bytes",
-        "Bytes of event data in the consumer's memory channel (bounded consumers only).",
+        "Bytes of event data in the consumer's memory channel.",
         lambda c: c.buffered_bytes,
     ),
     (

@@ -12,7 +12,7 @@ import trio
 
 from .._dead_letters import DeadLetter
 from .._errors import LeaseLostError
-from .._events import Event, NewEvent
+from .._events import DECODED_KEPT, Event, NewEvent
 from .._leases import Lease
 from ._base import (
     Appended,
@@ -32,6 +32,10 @@ class MemoryStore(Store):
     others' events, as processes sharing a database would). It is also the
     reference implementation of the store contract: sequence numbers start
     at 1 and have no holes until the log is pruned.
+
+    It keeps the very `Event` objects it hands to the flows that append, so
+    once an event is `DECODED_KEPT` events behind the head it keeps only its
+    JSON text, not the data a consumer decoded (`Event.forget_data`).
     """
 
     def __init__(self) -> None:
@@ -61,7 +65,10 @@ class MemoryStore(Store):
         # events age with virtual time (retention tests rely on it).
         now = self._now()
         batch = [new.persisted(seq, now) for seq, new in enumerate(events, start=after + 1)]
-        self._events.extend(batch)
+        stored = self._events
+        stored.extend(batch)
+        for event in stored[-DECODED_KEPT - len(batch) : -DECODED_KEPT]:
+            event.forget_data()
         self._head += len(batch)
         if events:
             self._appended.set()
