@@ -568,6 +568,40 @@ async def test_two_flows_sharing_a_store_see_each_others_events() -> None:
     assert seen == list(range(1, 56))
 
 
+class ReadCountingStore(MemoryStore):
+    """Counts its reads, and those that found nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = self.empty_reads = 0
+
+    async def read(
+        self, after: int, limit: int, *, max_bytes: int | None = None
+    ) -> Sequence[trioflow.Event]:
+        page = await super().read(after, limit, max_bytes=max_bytes)
+        self.reads += 1
+        self.empty_reads += not page
+        return page
+
+
+async def test_events_from_another_flow_cost_one_read_per_wake_up() -> None:
+    # The watcher asks the dispatcher to read up to the head the store named:
+    # the new events, and no read after them that finds nothing.
+    store = ReadCountingStore()
+    publisher, reader = make_app(store), make_app(store)
+    seen = recorder(reader, "c")
+    async with trioflow.open_flow(reader) as reading, trioflow.open_flow(publisher) as writing:
+        await trio.testing.wait_all_tasks_blocked()
+        before = store.reads
+        for i in range(10):
+            await writing.publish_many([("a", 0)] * (i + 1))
+            await trio.testing.wait_all_tasks_blocked()
+        reads = store.reads - before
+        await reading.wait_idle()
+    assert seen == list(range(1, 56))
+    assert (reads, store.empty_reads) == (10, 0)
+
+
 async def test_events_from_elsewhere_interleave_in_order() -> None:
     store = MemoryStore()
     a, b = make_app(store), make_app(store)

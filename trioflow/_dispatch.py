@@ -225,6 +225,9 @@ class Dispatcher:
     _pending: collections.deque[_Publish] = attrs.Factory(collections.deque)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _poll_requested: bool = False
+    #: How far the requested poll reads: the highest head asked for (inf: to
+    #: the end of the log, which costs a final read that finds nothing).
+    _poll_until: float = -math.inf
     _polled: trio.Event = attrs.Factory(trio.Event)
     _poll_ok: bool = True
     _committing: bool = False
@@ -334,9 +337,11 @@ class Dispatcher:
             raise request.error
         return request.seqs
 
-    def request_poll(self) -> None:
-        """Ask the dispatcher to read the store for events others appended."""
+    def request_poll(self, until: float = math.inf) -> None:
+        """Ask the dispatcher to read the store for events others appended, up to
+        ``until`` (a head the store named), else to the end of the log."""
         self._poll_requested = True
+        self._poll_until = max(self._poll_until, until)
         self._wakeup.set()
 
     async def wait_polled(self) -> bool:
@@ -386,7 +391,8 @@ class Dispatcher:
                         self._committing = False
                 if self._poll_requested:
                     self._poll_requested = False
-                    self._poll_ok = await self._fan_out_from_store(until=math.inf)
+                    until, self._poll_until = self._poll_until, -math.inf
+                    self._poll_ok = await self._fan_out_from_store(until=until)
                     self._polled.set()
                     self._polled = trio.Event()
         finally:

@@ -658,7 +658,10 @@ class Flow:
                 await trio.sleep(delay)
                 continue
             if behind:
-                dispatcher.request_poll()
+                # Up to the head the store named, not to the end of the log:
+                # no read that finds nothing after the new events. Events
+                # committed since wake the store's waiters again.
+                dispatcher.request_poll(head)
                 if not await dispatcher.wait_polled():
                     # The read failed (the dispatcher logged it): back off
                     # instead of polling again at once.
