@@ -392,7 +392,9 @@ class Dispatcher:
                 if self._poll_requested:
                     self._poll_requested = False
                     until, self._poll_until = self._poll_until, -math.inf
-                    self._poll_ok = await self._fan_out_from_store(until=until)
+                    # Events committed since the head was named come along
+                    # if the read finds them: no wait for the next wake-up.
+                    self._poll_ok = await self._fan_out_from_store(until=until, past=True)
                     self._polled.set()
                     self._polled = trio.Event()
         finally:
@@ -486,8 +488,9 @@ class Dispatcher:
         # tells every consumer to read them from the store itself.
         self._fan_out(appended.after, persisted)
 
-    async def _fan_out_from_store(self, *, until: float) -> bool:
-        """Fan out events others appended, up to ``until``; False if a read failed."""
+    async def _fan_out_from_store(self, *, until: float, past: bool = False) -> bool:
+        """Fan out events others appended, reading until the head is at ``until``; the
+        events of the last page past ``until`` too if ``past``. False if a read failed."""
         while self._head < until:
             try:
                 page = await self.store.read(self._head, self.page_size, max_bytes=self.page_bytes)
@@ -496,7 +499,8 @@ class Dispatcher:
                 # say where they start); the next poll tries again.
                 logger.warning("reading new events from the store failed: %s", exc)
                 return False
-            page = [event for event in page if event.seq <= until]
+            if not past:
+                page = [event for event in page if event.seq <= until]
             if not page:
                 return True
             self._fan_out(self._head, page)
