@@ -199,11 +199,13 @@ async def test_statement_timeout_is_a_store_error(pg_url: str, tag: str) -> None
 async def test_listen_wakes_on_notify(pg_url: str, admin: Driver) -> None:
     channel = f"tf_test_{uuid.uuid4().hex[:12]}"
     got: list[int] = []
+    payloads: list[str] = []
     notified = trio.Event()
     listening = trio.Event()
 
-    def on_notify(pid: int) -> None:
+    def on_notify(pid: int, payload: str) -> None:
         got.append(pid)
+        payloads.append(payload)
         notified.set()
 
     async with (
@@ -216,7 +218,7 @@ async def test_listen_wakes_on_notify(pg_url: str, admin: Driver) -> None:
             )
         )
         await listening.wait()
-        await admin.execute("SELECT pg_notify($1, '')", channel)
+        await admin.execute("SELECT pg_notify($1, '17')", channel)
         with trio.fail_after(5):
             await notified.wait()
         # Pings keep going without disturbing anything.
@@ -224,6 +226,7 @@ async def test_listen_wakes_on_notify(pg_url: str, admin: Driver) -> None:
         nursery.cancel_scope.cancel()
         # The sender's backend is told apart: admin's pool, not the listener's.
         assert len(got) == 1
+        assert payloads == ["17"]
         assert admin.is_pool_backend(got[0])
         assert not driver.is_pool_backend(got[0])
 
@@ -244,7 +247,7 @@ async def test_listen_reports_a_lost_connection(pg_url: str, admin: Driver) -> N
         nursery.start_soon(kill_listener)
         with pytest.raises(StoreUnavailableError, match="LISTEN"), trio.fail_after(10):
             await driver.listen(
-                "tf_unused", lambda pid: None, on_listening=listening.set, ping_interval=5
+                "tf_unused", lambda pid, payload: None, on_listening=listening.set, ping_interval=5
             )
 
 

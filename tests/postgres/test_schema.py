@@ -117,6 +117,53 @@ async def make_version_3_schema(url: str, monkeypatch: pytest.MonkeyPatch) -> No
             await store.claim_leases("h1", ["billing"], 3600.0)
 
 
+async def test_a_version_4_schema_is_upgraded_to_notify_the_last_seq(
+    store_url: str, schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payloads: list[str] = []
+    listening, three = trio.Event(), trio.Event()
+
+    def on_notify(_pid: int, payload: str) -> None:
+        payloads.append(payload)
+        if len(payloads) == 3:
+            three.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: admin.listen(
+                f"{schema}_appended",
+                on_notify,
+                on_listening=listening.set,
+                ping_interval=5,
+            )
+        )
+        await listening.wait()
+        # A process of the previous version, open before the upgrade and
+        # still appending after it.
+        old = PostgresStore.from_url(store_url)
+        monkeypatch.setattr(_schema, "SCHEMA_VERSION", 4)
+        async with old.open():
+            monkeypatch.undo()
+            await old.append(make_events(3))
+            ((version, _),) = await version_rows(admin, schema)
+            assert version == 4
+            new = PostgresStore.from_url(store_url)
+            async with new.open():
+                await old.append(make_events(2))
+                await new.append(make_events(1))
+                # Each sees the other's events, and the upgraded function numbers on.
+                assert [event.seq for event in await old.read(0, 10)] == [1, 2, 3, 4, 5, 6]
+                assert await new.head() == 6
+        with trio.fail_after(5):
+            await three.wait()
+        nursery.cancel_scope.cancel()
+    # Version 4's function notified with an empty payload; version 5's with
+    # the batch's last seq, whichever process called it.
+    assert payloads == ["", "5", "6"]
+    ((version, _),) = await version_rows(admin, schema)
+    assert version == SCHEMA_VERSION == 5
+
+
 async def test_a_version_3_schema_is_upgraded_in_place_and_can_be_pruned(
     store_url: str, schema: str, admin: Driver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,7 +186,7 @@ async def test_a_version_3_schema_is_upgraded_in_place_and_can_be_pruned(
         appended = await store.append(make_events(1))
         assert (appended.after, list(appended.seqs)) == (5, [6])
     ((version, _),) = await version_rows(admin, schema)
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
     assert await admin.fetch(f'SELECT * FROM "{schema}".leases ORDER BY 1') == leases
 
 
@@ -163,7 +210,7 @@ async def test_a_version_2_schema_is_upgraded_in_place(
         assert await store.commit_cursors({"billing": 6}, fences={"billing": 1}) == set()
         assert await store.commit_cursors({"billing": 7}, fences={"billing": 2}) == {"billing"}
     ((version, migrated_at),) = await version_rows(admin, schema)
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
     before = old[1]
     assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
     assert migrated_at > before
@@ -191,7 +238,7 @@ async def test_a_version_1_schema_is_upgraded_in_place(
         await check_a_first_dead_letter(store, "audit", 3)
         assert list((await store.append(make_events(1))).seqs) == [6]
     ((version, migrated_at),) = await version_rows(admin, schema)
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
     before = old[1]
     assert isinstance(before, datetime.datetime) and isinstance(migrated_at, datetime.datetime)
     assert migrated_at > before

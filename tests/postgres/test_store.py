@@ -77,6 +77,43 @@ async def test_own_appends_are_known_without_reading_the_head(
     assert (heads, woke) == (1, [])
 
 
+async def test_another_process_s_notification_names_the_head(
+    make_url: Callable[..., str], schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = make_url(schema=schema, poll_interval=NO_POLLING)
+    waiter, writer = PostgresStore.from_url(url), PostgresStore.from_url(url)
+    async with waiter.open(), writer.open():
+        # Learn of the log as it is (a first wait reads the head), then
+        # count the head reads.
+        with trio.move_on_after(0.3):
+            await waiter.wait_for_append(0)
+        heads = 0
+        read_head = waiter.head
+
+        async def counted_head() -> int:
+            nonlocal heads
+            heads += 1
+            return await read_head()
+
+        monkeypatch.setattr(waiter, "head", counted_head)
+        after = 0
+        with trio.fail_after(NO_POLLING):
+            for size in (1, 3, 2):
+                woke: list[int] = []
+                async with trio.open_nursery() as nursery:
+
+                    async def wait(after: int = after, woke: list[int] = woke) -> None:
+                        woke.append(await waiter.wait_for_append(after))
+
+                    nursery.start_soon(wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    appended = await writer.append(make_events(size))
+                # The notification's payload is the head: no read needed.
+                assert woke == [appended.seqs[-1]]
+                after = appended.seqs[-1]
+    assert heads == 0
+
+
 async def test_notify_wakes_a_waiter_in_another_store(
     make_url: Callable[..., str], schema: str
 ) -> None:
@@ -99,12 +136,12 @@ async def test_notify_wakes_a_waiter_in_another_store(
 
 
 async def test_one_notification_per_batch(store: PostgresStore, admin: Driver) -> None:
-    got: list[int] = []
+    got: list[str] = []
     three = trio.Event()
     listening = trio.Event()
 
-    def on_notify(pid: int) -> None:
-        got.append(1)
+    def on_notify(pid: int, payload: str) -> None:
+        got.append(payload)
         # Sent by the appending store's pool, not by the listener's.
         assert store._driver is not None and store._driver.is_pool_backend(pid)
         assert not admin.is_pool_backend(pid)
@@ -123,14 +160,14 @@ async def test_one_notification_per_batch(store: PostgresStore, admin: Driver) -
 
         nursery.start_soon(listen)
         await listening.wait()
-        for size in (1, 500, 7):
-            await store.append(make_events(size))
+        last = [(await store.append(make_events(size))).seqs[-1] for size in (1, 500, 7)]
         await store.append([])
         with trio.fail_after(5):
             await three.wait()
         await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
-    assert got == [1, 1, 1]
+    # Each names its batch's last seq.
+    assert got == [str(seq) for seq in last]
 
 
 async def test_listen_reconnects_after_losing_its_connection(

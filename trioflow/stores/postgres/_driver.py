@@ -605,7 +605,7 @@ class Driver(QueryInterface):
     async def listen(
         self,
         channel: str,
-        on_notify: Callable[[int], None],
+        on_notify: Callable[[int, str], None],
         *,
         on_listening: Callable[[], None],
         ping_interval: float,
@@ -613,10 +613,10 @@ class Driver(QueryInterface):
         """LISTEN on ``channel`` on a dedicated connection until it fails.
 
         Calls ``on_listening()`` once the LISTEN is in place and
-        ``on_notify(pid)`` for every notification, with the process id of the
-        server backend that sent it (both synchronously, in the trio thread). Sends a
-        ping every ``ping_interval`` seconds so that a silently dead connection
-        is noticed. Never returns normally.
+        ``on_notify(pid, payload)`` for every notification, with the process id
+        of the server backend that sent it and its payload (both synchronously,
+        in the trio thread). Sends a ping every ``ping_interval`` seconds so
+        that a silently dead connection is noticed. Never returns normally.
 
         Raises:
             StoreUnavailableError: The connection was lost or could not be made.
@@ -628,8 +628,9 @@ class Driver(QueryInterface):
         def on_termination(_connection: object) -> None:
             lost.set()
 
-        def on_notification(_connection: object, pid: int, _channel: str, _payload: object) -> None:
-            on_notify(pid)
+        def on_notification(_connection: object, pid: int, _channel: str, payload: object) -> None:
+            # asyncpg hands over the payload as text ("" when there is none).
+            on_notify(pid, payload if isinstance(payload, str) else "")
 
         try:
             connection.add_termination_listener(on_termination)

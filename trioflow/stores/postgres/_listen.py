@@ -1,8 +1,9 @@
 """LISTEN for appends: one connection kept up for as long as the store is open.
 
 Every append notifies the schema's channel in its transaction, so the
-notification arrives once the batch is visible. The store wakes its waiters
-on each one (`PostgresStore.wait_for_append`); while the connection is down
+notification arrives once the batch is visible; its payload is the batch's
+last seq (empty from a schema older than version 5). The store wakes its
+waiters on each one (`PostgresStore.wait_for_append`); while the connection is down
 they fall back to polling, and once it is back they re-read the head, since
 notifications sent meanwhile are lost.
 """
@@ -31,15 +32,15 @@ async def listen_forever(
     driver: Driver,
     channel: str,
     *,
-    on_notify: Callable[[int], None],
+    on_notify: Callable[[int, str], None],
     on_listening: Callable[[], None],
     poll_interval: float | None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Keep a LISTEN connection on ``channel`` up, reconnecting with backoff.
 
-    Calls ``on_notify(pid)`` for every notification (``pid``: the server
-    process that sent it) and ``on_listening()`` every time the LISTEN is in
+    Calls ``on_notify(pid, payload)`` for every notification (``pid``: the
+    server process that sent it) and ``on_listening()`` every time the LISTEN is in
     place, the first time and after each reconnection. Started with
     ``nursery.start``: fails if the first connection fails, then only logs
     (``poll_interval``: how often the store polls meanwhile, for the log).

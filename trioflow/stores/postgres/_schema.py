@@ -20,7 +20,7 @@ from ._sql import LOCK_CLASS_APPEND, LOCK_CLASS_MIGRATE, Queries
 logger = logging.getLogger("trioflow.stores.postgres")
 
 #: The schema version this trioflow writes and understands.
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 DEFAULT_SCHEMA: Final = "trioflow"
 
@@ -75,7 +75,7 @@ CREATE UNLOGGED TABLE {q}.cursors_unlogged (
     seq bigint NOT NULL,
     updated_at timestamptz NOT NULL
 );
-{_append_function(sql, replace=False)}""",
+{_append_function(sql, version=1)}""",
         # Dead letters, one row per consumer and seq. consumer sorts by
         # code point ("C"), as the store contract lists letters. The
         # partial index holds the requeued letters only: looking for due
@@ -151,19 +151,27 @@ CREATE TABLE {q}.log_state (
 );
 INSERT INTO {q}.log_state (pruned_through) VALUES (0);
 CREATE INDEX dead_letters_seq ON {q}.dead_letters (seq);
-{_append_function(sql, replace=True)}""",
+{_append_function(sql, version=4)}""",
+        # The notification carries the batch's last seq. The advisory lock
+        # orders appends until commit, and a notification is delivered only
+        # once its transaction committed: every batch below that seq has
+        # committed or rolled back by then, so listeners may take it as a
+        # committed head without reading max(seq). They still read the head
+        # on an empty payload (sent by version 4's function, say).
+        5: _append_function(sql, version=5),
     }
 
 
-def _append_function(sql: Queries, *, replace: bool) -> str:
-    """The schema's ``append`` function: version 1's, or (``replace``) version 4's.
+def _append_function(sql: Queries, *, version: int) -> str:
+    """The schema's ``append`` function as schema ``version`` (1, 4 or 5) created it.
 
     Version 4 takes the head before the batch as at least ``pruned_through``:
-    with every event pruned, max(seq) alone would go back to 0. The text of
-    version 1's is exactly what it was when released.
+    with every event pruned, max(seq) alone would go back to 0. Version 5
+    notifies with the batch's last seq instead of an empty payload. The texts
+    of versions 1 and 4 are exactly what they were when released.
     """
     q = sql.q
-    if replace:
+    if version >= 4:
         create = "CREATE OR REPLACE FUNCTION"
         after = f"""    -- One statement, one snapshot: a prune that committed deleted its events
     -- and raised pruned_through together.
@@ -175,6 +183,7 @@ def _append_function(sql: Queries, *, replace: bool) -> str:
     else:
         create = "CREATE FUNCTION"
         after = f"    SELECT coalesce(max(seq), 0) INTO o_after FROM {q}.events;\n"
+    payload = "(o_first + cardinality(p_ids) - 1)::text" if version >= 5 else "''"
     return f"""{create} {q}.append(
     p_ids uuid[], p_types text[], p_keys text[], p_data json[],
     OUT o_after bigint, OUT o_first bigint, OUT o_created_at timestamptz
@@ -190,7 +199,7 @@ BEGIN
     INSERT INTO {q}.events (seq, id, type, key, data, created_at)
     SELECT o_first + u.ord - 1, u.id, u.type, u.key, u.data, o_created_at
     FROM unnest(p_ids, p_types, p_keys, p_data) WITH ORDINALITY AS u(id, type, key, data, ord);
-    PERFORM pg_notify('{sql.channel}', '');
+    PERFORM pg_notify('{sql.channel}', {payload});
 END
 $append$;
 """

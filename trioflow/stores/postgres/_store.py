@@ -192,7 +192,8 @@ class PostgresStore(Store):
         self._opened = False
         self._appended = trio.Event()
         #: The highest sequence number known to be committed: from this
-        #: instance's own appends and head reads.
+        #: instance's own appends, other processes' notifications and head
+        #: reads.
         self._known_head = 0
         #: Whether another process may have appended since the head was last
         #: read (a notification from a backend not in our pool, a lost LISTEN
@@ -870,12 +871,23 @@ class PostgresStore(Store):
         self._appended.set()
         self._appended = trio.Event()
 
-    def _on_notify(self, pid: int) -> None:
-        """A notification: an append committed, by us (ignored) or another process."""
+    def _on_notify(self, pid: int, payload: str) -> None:
+        """A notification: an append committed, by us (ignored) or another process.
+
+        Its payload is the batch's last seq (schema version 5): appends hold
+        the append lock until they commit, so every batch below it had
+        committed (or rolled back) first, and it is a committed head; no
+        query needed. An empty or unreadable payload (from an older schema's
+        function, or a NOTIFY sent by hand) makes waiters read the head.
+        """
         driver = self._driver
         if driver is not None and driver.is_pool_backend(pid):
             return
-        self._stale = True
+        # A bigint has at most 19 digits: no int() of a huge string.
+        if payload.isascii() and payload.isdecimal() and len(payload) <= 19:
+            self._known_head = max(self._known_head, int(payload))
+        else:
+            self._stale = True
         self._wake()
 
     def _on_listening(self) -> None:
