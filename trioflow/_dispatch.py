@@ -224,9 +224,9 @@ class Dispatcher:
     _blocking: bool = True
     _pending: collections.deque[_Publish] = attrs.Factory(collections.deque)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
-    _poll_requested: bool = False
     #: How far the requested poll reads: the highest head asked for (inf: to
-    #: the end of the log, which costs a final read that finds nothing).
+    #: the end of the log, which costs a final read that finds nothing;
+    #: -inf: no poll requested).
     _poll_until: float = -math.inf
     _polled: trio.Event = attrs.Factory(trio.Event)
     _poll_ok: bool = True
@@ -340,7 +340,6 @@ class Dispatcher:
     def request_poll(self, until: float = math.inf) -> None:
         """Ask the dispatcher to read the store for events others appended, up to
         ``until`` (a head the store named), else to the end of the log."""
-        self._poll_requested = True
         self._poll_until = max(self._poll_until, until)
         self._wakeup.set()
 
@@ -377,7 +376,7 @@ class Dispatcher:
         task_status.started()
         try:
             while True:
-                if not self._pending and not self._poll_requested:
+                if not self._pending and self._poll_until == -math.inf:
                     self._settled.unpark_all()
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
@@ -389,8 +388,7 @@ class Dispatcher:
                             await self._commit_pending()
                     finally:
                         self._committing = False
-                if self._poll_requested:
-                    self._poll_requested = False
+                if self._poll_until > -math.inf:
                     until, self._poll_until = self._poll_until, -math.inf
                     # Events committed since the head was named come along
                     # if the read finds them: no wait for the next wake-up.

@@ -92,11 +92,11 @@ class Ownership:
         pause) wakes up with that time long gone, and its consumers must not
         start another call in the moment before the keeper runs.
         """
-        return self._held and trio.current_time() < self._valid_until
+        return self.owned_at(trio.current_time())
 
     def owned_at(self, now: float) -> bool:
         """`owned`, with ``now`` the trio time the caller has just read (a hot loop's)."""
-        return self._token is not None and not self._leaving and now < self._valid_until
+        return self._held and now < self._valid_until
 
     @property
     def _held(self) -> bool:

@@ -17,7 +17,6 @@ from .._groups import partition_of
 from ._batches import Batches
 from ._calls import plain_handler
 from ._requeues import Requeues
-from ._state import TIME_SLICE
 
 
 class Handling(Batches, Requeues):
@@ -64,20 +63,19 @@ class Handling(Batches, Requeues):
                 # transaction, with the policy.
                 events = await self._handle_in_transactions(events)
             ownership = self._ownership
-            yield_at = self._yield_at
             for event in events:
                 seq = event.seq
                 if seq <= self._position:
                     continue
                 started = clock()
-                if started >= yield_at:
+                if started >= self._yield_at:
                     # Handlers that never wait would hold the thread for the
                     # whole batch: let the flow's other tasks (the dispatcher
                     # sending the next group commit, the other consumers, the
-                    # lease keeper) run between events.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    # lease keeper) run between events. Asked here with the
+                    # clock reading the loop takes anyway, not per event.
+                    await self._take_turns()
                     started = clock()
-                    yield_at = started + TIME_SLICE
                 if self._must_stop() or not ownership.owned_at(started):
                     # Lost, or its lease's time ran out: the cancellation
                     # reaches the incarnation at its next checkpoint (once the
@@ -123,7 +121,6 @@ class Handling(Batches, Requeues):
                         cursors.request(cursor, seq, self._processed)
                 else:
                     self._position = seq
-            self._yield_at = yield_at
             if finished:
                 if upto > self._position:
                     self._position = upto
