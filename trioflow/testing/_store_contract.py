@@ -1682,7 +1682,10 @@ class StoreContract:
                         appended += await read_all(store, after=highest)
                         highest = appended[-1].seq
                     case _Commit(consumer=consumer, seq=seq):
-                        seq = min(seq, highest)
+                        # Flows never write a cursor below the pruned log: a
+                        # consumer starts at or after it (or stops with
+                        # PrunedLogError), and prunes stop at every cursor.
+                        seq = max(min(seq, highest), pruned_through)
                         await store.commit_cursors({consumer: seq})
                         cursors[consumer] = max(seq, cursors.get(consumer, -1))
                     case _Reset(consumer=consumer, seq=seq):
@@ -1700,7 +1703,8 @@ class StoreContract:
                         present = {event.seq for event in await read_all(store)}
                         if letter.seq not in present:
                             continue
-                        cursor = None if cursor is None else min(cursor, highest)
+                        if cursor is not None:
+                            cursor = max(min(cursor, highest), pruned_through)
                         await store.record_dead_letter(letter, cursor=cursor)
                         letters.add((letter.consumer, letter.seq))
                         if cursor is not None:
