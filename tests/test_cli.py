@@ -21,8 +21,11 @@ import trioflow
 from tests._procs import sqlite_url
 from trioflow.cli import ExitCode, cli
 from trioflow.cli._run import METRICS_MISSING
+from trioflow.cli._watch import read_status
 from trioflow.stores import store_from_url
+from trioflow.stores.memory import MemoryStore
 from trioflow.stores.sqlite._schema import MIGRATIONS, SCHEMA_VERSION
+from trioflow.testing._store_contract import make_letter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -404,6 +407,22 @@ def test_status_shows_one_row_per_consumer_and_partition(url: str) -> None:
         "LETTERS",
     ]
     assert re.fullmatch(r" *mailer +20 +0 +\S+ \S+Z \(\d+s ago\) +- +1 *", table[-1]), table
+
+
+class _NoLetterReads(MemoryStore):
+    """A store whose letters must not be read, only counted."""
+
+    async def dead_letters(self, consumer: str | None = None) -> list[trioflow.DeadLetter]:
+        raise AssertionError("status read every dead letter to count them")
+
+
+async def test_status_counts_dead_letters_without_reading_them() -> None:
+    store = _NoLetterReads()
+    async with store.open():
+        for consumer, seq in [("mailer", 1), ("mailer", 2), ("audit", 2)]:
+            await store.record_dead_letter(make_letter(consumer, seq), cursor=None)
+        rows = await read_status(store)
+    assert {row.consumer: row.dead_letters for row in rows} == {"audit": 1, "mailer": 2}
 
 
 def test_status_names_the_holder_of_a_lease(url: str) -> None:

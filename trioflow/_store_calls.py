@@ -51,6 +51,7 @@ OPERATIONS = (
     "release_leases",
     "leases",
     "dead_letters",
+    "dead_letter_counts",
     "requeue_dead_letters",
     "due_dead_letters",
     "discard_dead_letters",
@@ -266,6 +267,9 @@ class WatchedStore(StoreWrapper):
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self._call("dead_letters", None, lambda: self.inner.dead_letters(consumer))
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        return await self._call("dead_letter_counts", None, self.inner.dead_letter_counts)
 
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0

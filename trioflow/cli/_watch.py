@@ -67,9 +67,7 @@ async def read_status(store: Store) -> list[ConsumerRow]:
     cursors = {info.consumer: info for info in await store.cursors()}
     # Keys with '#' are a group's members and partition count, not consumers.
     owners = {lease.key: lease.holder for lease in await store.leases() if "#" not in lease.key}
-    letters: dict[str, int] = {}
-    for letter in await store.dead_letters():
-        letters[letter.consumer] = letters.get(letter.consumer, 0) + 1
+    letters = await store.dead_letter_counts()
     rows = []
     for name in sorted({*cursors, *owners, *letters}, key=_by_partition):
         info = cursors.get(name)

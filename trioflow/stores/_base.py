@@ -303,6 +303,18 @@ class Store(abc.ABC):
         `str`), whatever the database's collation.
         """
 
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters each consumer has; consumers with none are left out.
+
+        What `trioflow status` shows on every refresh: no letter is read. This
+        default counts `dead_letters`; the stores that come with trioflow
+        count in the database instead.
+        """
+        counts: dict[str, int] = {}
+        for letter in await self.dead_letters():
+            counts[letter.consumer] = counts.get(letter.consumer, 0) + 1
+        return counts
+
     @abc.abstractmethod
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
@@ -453,6 +465,9 @@ class StoreWrapper(Store):
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self.inner.dead_letters(consumer)
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        return await self.inner.dead_letter_counts()
 
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0

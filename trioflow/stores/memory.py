@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import datetime
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -141,6 +142,10 @@ class MemoryStore(Store):
             for key, letter in sorted(self._dead.items())
             if consumer is None or key[0] == consumer
         ]
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        return dict(collections.Counter(consumer for consumer, _ in self._dead))
 
     def _now(self) -> datetime.datetime:
         """The clock of commit times, dead letters' due times and leases: the wall clock,

@@ -254,6 +254,9 @@ class FaultyStore(StoreWrapper):
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self._call("dead_letters", lambda: self.inner.dead_letters(consumer))
 
+    async def dead_letter_counts(self) -> dict[str, int]:
+        return await self._call("dead_letter_counts", self.inner.dead_letter_counts)
+
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
     ) -> list[int]:

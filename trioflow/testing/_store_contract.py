@@ -707,6 +707,32 @@ class StoreContract:
             assert await store.dead_letters("nobody") == []
             assert await store.dead_letters("") == []
 
+    async def test_dead_letter_counts_agree_with_the_letters(self) -> None:
+        """Per consumer, as many as it has letters, as they are recorded, requeued,
+        recorded again and discarded; consumers with none are left out."""
+        names = ["b", "B", "a", "é", "a b", "🎉"]
+        async with self.open_store() as store:
+            assert await store.dead_letter_counts() == {}
+            rng = random.Random(11)
+            for step in range(60):
+                name = rng.choice(names)
+                seq = rng.randint(1, 12)
+                action = rng.random()
+                if action < 0.6:
+                    await store.record_dead_letter(make_letter(name, seq), cursor=None)
+                elif action < 0.8:
+                    await store.requeue_dead_letters(name, [seq])
+                else:
+                    await store.discard_dead_letters(name, [seq])
+                expected: dict[str, int] = {}
+                for letter in await store.dead_letters():
+                    expected[letter.consumer] = expected.get(letter.consumer, 0) + 1
+                counts = await store.dead_letter_counts()
+                assert counts == expected, f"after step {step}"
+                # The default, for stores that do not count in their database.
+                assert await Store.dead_letter_counts(store) == expected
+            assert sum(counts.values()) > 0
+
     async def test_dead_letter_recorded_again_replaces_the_first(self) -> None:
         """One letter per consumer and seq: the last recorded, parked unless it says otherwise."""
         first = make_letter("a", 5)

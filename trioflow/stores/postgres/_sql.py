@@ -280,6 +280,10 @@ class Queries:
         )
 
     @property
+    def dead_letter_counts(self) -> str:
+        return f"SELECT consumer, count(*) FROM {self.q}.dead_letters GROUP BY consumer"
+
+    @property
     def due_dead_letters(self) -> str:
         # The database's clock, as requeue's: the host's plays no part.
         return (

@@ -672,6 +672,14 @@ class PostgresStore(Store):
             )
         return [_letter(row) for row in rows]
 
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters each consumer has, counted by PostgreSQL."""
+        driver = self._require_open()
+        rows = await driver.fetch(
+            self._sql.dead_letter_counts, operation="counting the dead letters"
+        )
+        return {row[0]: row[1] for row in rows}
+
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
     ) -> list[int]:

@@ -97,6 +97,7 @@ DEAD_LETTERS = f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters ORDER 
 DEAD_LETTERS_OF = (
     f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters WHERE consumer = ? ORDER BY seq"
 )
+DEAD_LETTER_COUNTS = "SELECT consumer, count(*) FROM trioflow_dead_letters GROUP BY consumer"
 DUE_DEAD_LETTERS = (
     f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters"
     " WHERE consumer = ? AND due_at <= ? ORDER BY seq"
@@ -395,6 +396,11 @@ def live_leases(reader: sqlite3.Connection, shown: str) -> list[Lease]:
                 "than trioflow: delete that row of trioflow_leases while no process uses it"
             ) from exc
     return leases
+
+
+def dead_letter_counts(reader: sqlite3.Connection) -> dict[str, int]:
+    """How many dead letters each consumer has (in a worker thread)."""
+    return dict(reader.execute(DEAD_LETTER_COUNTS).fetchall())
 
 
 def _lease(row: tuple[Any, ...]) -> Lease:

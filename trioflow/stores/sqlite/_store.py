@@ -420,6 +420,14 @@ class SQLiteStore(Store):
             f"listing the dead letters of consumer {consumer!r}", _sql.DEAD_LETTERS_OF, consumer
         )
 
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters each consumer has, counted by SQLite."""
+        reader = self._connection(self._reader)
+        with self._errors("counting the dead letters"):
+            return await trio.to_thread.run_sync(
+                _sql.dead_letter_counts, reader, limiter=self._read_limiter
+            )
+
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
     ) -> list[int]:
