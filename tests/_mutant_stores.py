@@ -14,6 +14,7 @@ instance again, so the tests of what survives reopening run too.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 from collections.abc import AsyncIterator, Sequence
@@ -169,6 +170,32 @@ class Unfiltered(MemoryStore):
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await super().dead_letters()
+
+
+# -- dead_letter_counts -------------------------------------------------------------
+
+
+class CountsParkedOnly(MemoryStore):
+    """Counts only the letters that are parked, not those requeued."""
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        counts = collections.Counter(
+            consumer for (consumer, _), letter in self._dead.items() if letter.due_at is None
+        )
+        await trio.lowlevel.checkpoint()
+        return dict(counts)
+
+
+class CountsFolded(MemoryStore):
+    """Counts consumers whose names differ only in case as one, as a collation might."""
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        counts = await super().dead_letter_counts()
+        folded: dict[str, int] = {}
+        for consumer, count in counts.items():
+            name = next((n for n in folded if n.lower() == consumer.lower()), consumer)
+            folded[name] = folded.get(name, 0) + count
+        return folded
 
 
 # -- requeue_dead_letters -------------------------------------------------------------
@@ -502,6 +529,8 @@ MUTANTS: dict[type[MemoryStore], str] = {
     SeqsAsText: "test_dead_letters_are_listed_by_consumer_then_seq",
     CaseInsensitive: "test_dead_letters_are_listed_by_consumer_then_seq",
     Unfiltered: "test_dead_letters_are_listed_by_consumer_then_seq",
+    CountsParkedOnly: "test_dead_letter_counts_agree_with_the_letters",
+    CountsFolded: "test_dead_letter_counts_agree_with_the_letters",
     RequeueReturnsAsked: "test_requeue_dead_letters_returns_the_consumers_letters_it_found",
     RequeueReturnsRepeats: "test_requeue_dead_letters_returns_the_consumers_letters_it_found",
     RequeueAnyConsumer: "test_requeue_dead_letters_returns_the_consumers_letters_it_found",

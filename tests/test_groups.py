@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import trioflow
 from trioflow._groups import assign, partition_of
+from trioflow._ownership import FORGET_EVERY
 from trioflow.stores import Store
 from trioflow.stores.memory import MemoryStore
 from trioflow.testing import FaultyStore
@@ -288,6 +289,34 @@ async def test_a_member_that_leaves_or_dies_hands_its_partitions_to_the_others(
         await f2.wait_idle()
         assert sorted(len(owned_partitions(f)) for f in (f0, f2)) == [4, 4]
     check_per_key_order(log, 60)
+
+
+async def test_the_memberships_of_departed_flows_are_forgotten(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    log: list[tuple[str, int, str | None, int]] = []
+    departed: list[tuple[str, str]] = []
+    async with trioflow.open_flow(group_app(store, log, 0)):
+        async with trioflow.open_flow(group_app(store, log, 1)):
+            await trio.sleep(3 * LEASE)
+            members = [(x.key, x.holder) for x in await store.leases() if "#member:" in x.key]
+            assert len(members) == 2
+        # The second flow stopped: its membership lapsed, and stays lapsed
+        # until the first flow's next look (`FORGET_EVERY`).
+        await trio.sleep(3 * LEASE)
+        live = {x.key for x in await store.leases()}
+        departed = [(key, holder) for key, holder in members if key not in live]
+        assert len(departed) == 1
+        await trio.sleep(FORGET_EVERY)
+    # Forgotten: claimed again, the key starts over at token 1 (else 2).
+    ((key, holder),) = departed
+    (claimed,) = await store.claim_leases(holder, [key], LEASE)
+    assert claimed.token == 1
+    # The first flow stopped too, and was the last to look: its own is kept.
+    (kept,) = [(k, h) for k, h in members if k != key]
+    (again,) = await store.claim_leases(kept[1], [kept[0]], LEASE)
+    assert again.token == 2
 
 
 async def test_a_group_keeps_the_partition_count_it_started_with(

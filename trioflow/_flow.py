@@ -583,6 +583,7 @@ class Flow:
         tasks.append(("cursors", self._cursors.run, False, "cursor writer"))
         # Before the consumers: each one starts knowing whether this flow owns it.
         tasks.append(("leases", self._leases.run, True, "lease keeper"))
+        tasks.append(("members", self._leases.forget_departed, False, "departed members"))
         for spec in list(self._groups.values()):
             await self._expand(spec)
         for key, run, reports_started, name in tasks:
@@ -680,10 +681,12 @@ class Flow:
 
     async def _stop_in_order(self) -> None:
         grace = self._app.shutdown_grace
-        retention = self._scopes.pop("retention", None)
-        if retention is not None:
-            # Nothing to finish: a batch cut short is rolled back whole.
-            retention.cancel()
+        for key in ("retention", "members"):
+            # Nothing to finish: a prune cut short is rolled back whole, and
+            # memberships not forgotten now are forgotten another time.
+            scope = self._scopes.pop(key, None)
+            if scope is not None:
+                scope.cancel()
         # Handlers may still publish (the next step of a chain, say) until
         # they return; nobody else may.
         self._accepting = "handlers"

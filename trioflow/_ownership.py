@@ -43,6 +43,9 @@ SAFETY = 0.9
 #: Seconds a group's partition count holds: for good.
 FOREVER = 100 * 365 * 24 * 3600.0
 
+#: Seconds between two looks for the memberships of flows gone from a group.
+FORGET_EVERY = 60.0
+
 
 def count_key(name: str) -> str:
     """The lease key that records group ``name``'s partition count."""
@@ -333,6 +336,38 @@ class LeaseKeeper:
                 delay = self.renew_every
             with trio.move_on_at(min(trio.current_time() + delay, self._deadline())):
                 await self._wakeup.wait()
+
+    async def forget_departed(self) -> None:
+        """Delete the membership leases of flows gone from this flow's groups, until cancelled.
+
+        Every flow that joins a group claims a membership lease of its own (its
+        holder id is new each time), and leaves it lapsed in the store when it
+        stops or dies. Those lapsed for a lease's time are forgotten now and
+        every `FORGET_EVERY` seconds, so that they do not pile up over years of
+        restarts. Failures are logged and tried again the next time.
+        """
+        while True:
+            for name in list(self._groups):
+                try:
+                    forgotten = await self.store.forget_lapsed_leases(
+                        member_key(name, ""), lapsed_for=self.ttl
+                    )
+                except StoreError as exc:
+                    logger.info(
+                        "consumer group %r: could not forget the memberships of flows gone "
+                        "from it (%s); trying again in %.0fs",
+                        name,
+                        exc,
+                        FORGET_EVERY,
+                    )
+                else:
+                    if forgotten:
+                        logger.debug(
+                            "consumer group %r: forgot the memberships of %d flow(s) gone from it",
+                            name,
+                            forgotten,
+                        )
+            await trio.sleep(FORGET_EVERY)
 
     def _deadline(self) -> float:
         """When the first lease this flow owns must be given up without a renewal."""

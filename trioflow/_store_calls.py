@@ -50,6 +50,7 @@ OPERATIONS = (
     "claim_leases",
     "release_leases",
     "leases",
+    "forget_lapsed_leases",
     "dead_letters",
     "dead_letter_counts",
     "requeue_dead_letters",
@@ -267,6 +268,13 @@ class WatchedStore(StoreWrapper):
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self._call("dead_letters", None, lambda: self.inner.dead_letters(consumer))
+
+    async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
+        return await self._call(
+            "forget_lapsed_leases",
+            None,
+            lambda: self.inner.forget_lapsed_leases(prefix, lapsed_for=lapsed_for),
+        )
 
     async def dead_letter_counts(self) -> dict[str, int]:
         return await self._call("dead_letter_counts", None, self.inner.dead_letter_counts)

@@ -295,6 +295,21 @@ class Store(abc.ABC):
     async def leases(self) -> list[Lease]:
         """Every lease that has not lapsed, by key."""
 
+    async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
+        """Delete the leases on keys starting with ``prefix`` that lapsed at least
+        ``lapsed_for`` seconds ago (by the store's clock); return how many.
+
+        Only for keys whose tokens fence nothing: a group's memberships, one
+        key per flow that ever joined, which would otherwise pile up. A key
+        forgotten and claimed again starts over at token 1. A lease claimed
+        or renewed meanwhile is kept.
+
+        This default forgets nothing (the rows stay, as they did); the stores
+        that come with trioflow delete them.
+        """
+        await trio.lowlevel.checkpoint()
+        return 0
+
     @abc.abstractmethod
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         """Return the dead letters of ``consumer`` (or of all), by consumer then seq.
@@ -468,6 +483,9 @@ class StoreWrapper(Store):
 
     async def dead_letter_counts(self) -> dict[str, int]:
         return await self.inner.dead_letter_counts()
+
+    async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
+        return await self.inner.forget_lapsed_leases(prefix, lapsed_for=lapsed_for)
 
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0

@@ -224,6 +224,18 @@ class MemoryStore(Store):
         now = self._now()
         return [lease for _, lease in sorted(self._leases.items()) if lease.expires_at > now]
 
+    async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
+        await trio.lowlevel.checkpoint()
+        before = self._now() - datetime.timedelta(seconds=lapsed_for)
+        doomed = [
+            key
+            for key, lease in self._leases.items()
+            if key.startswith(prefix) and lease.expires_at <= before
+        ]
+        for key in doomed:
+            del self._leases[key]
+        return len(doomed)
+
     async def cursors(self) -> list[CursorInfo]:
         await trio.lowlevel.checkpoint()
         return [

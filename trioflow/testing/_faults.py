@@ -254,6 +254,12 @@ class FaultyStore(StoreWrapper):
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self._call("dead_letters", lambda: self.inner.dead_letters(consumer))
 
+    async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
+        return await self._call(
+            "forget_lapsed_leases",
+            lambda: self.inner.forget_lapsed_leases(prefix, lapsed_for=lapsed_for),
+        )
+
     async def dead_letter_counts(self) -> dict[str, int]:
         return await self._call("dead_letter_counts", self.inner.dead_letter_counts)
 

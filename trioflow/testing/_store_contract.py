@@ -1059,6 +1059,37 @@ class StoreContract:
             assert (taken.holder, taken.token) == ("h2", held.token + 1)
             await store.release_leases("h1", [])
 
+    async def test_forget_lapsed_leases_deletes_only_those_lapsed_long_enough(self) -> None:
+        """Lapsed leases under the prefix, lapsed for at least the time given, are
+        deleted (a new claim of one starts again at token 1); live ones, others'
+        and keys merely alike are kept."""
+        async with self.open_store() as store, self.open_peer(store) as peer:
+            keys = ["g#member:a", "g#member:b", "g#member:c", "g#partitions", "h#member:a"]
+            for key in keys:
+                await store.claim_leases("h1", [key], 3600.0)
+                await store.release_leases("h1", [key])
+                await store.claim_leases("h1", [key], 3600.0)
+            # Prefixes are text, not patterns: "_" and "%" match only themselves.
+            await store.claim_leases("h1", ["g_#member:x", "g%#member:y"], 0.01)
+            await store.release_leases("h1", ["g#member:a", "g#member:b", "g#partitions"])
+            await store.release_leases("h1", ["h#member:a"])
+            assert await peer.forget_lapsed_leases("g#member:", lapsed_for=3600.0) == 0
+            await trio.sleep(0.3)
+            assert await peer.forget_lapsed_leases("g#member:", lapsed_for=0.1) == 2
+            assert await peer.forget_lapsed_leases("g#member:", lapsed_for=0.1) == 0
+            assert await store.forget_lapsed_leases("g_", lapsed_for=0.0) == 1
+            assert await store.forget_lapsed_leases("nothing", lapsed_for=0.0) == 0
+            assert [x.key for x in await store.leases()] == ["g#member:c"]
+            got = await peer.claim_leases("h2", [*keys, "g%#member:y"], 3600.0)
+            assert [(x.key, x.holder, x.token) for x in got] == [
+                ("g#member:a", "h2", 1),
+                ("g#member:b", "h2", 1),
+                ("g#member:c", "h1", 2),
+                ("g#partitions", "h2", 3),
+                ("g%#member:y", "h2", 2),
+                ("h#member:a", "h2", 3),
+            ]
+
     async def test_concurrent_claims_give_each_key_one_holder(self) -> None:
         """Holders racing for the same keys through their own handles: one wins each key."""
         async with (
@@ -1897,6 +1928,7 @@ class StoreContract:
                 ("record_dead_letter(None)", lambda: store.record_dead_letter(letter, cursor=None)),
                 ("dead_letters", lambda: store.dead_letters()),
                 ("dead_letters(consumer)", lambda: store.dead_letters("a")),
+                ("dead_letter_counts", lambda: store.dead_letter_counts()),
                 ("requeue_dead_letters", lambda: store.requeue_dead_letters("a", [1])),
                 ("requeue_dead_letters([])", lambda: store.requeue_dead_letters("a", [])),
                 ("due_dead_letters", lambda: store.due_dead_letters("a")),
@@ -1906,6 +1938,10 @@ class StoreContract:
                 ("claim_leases", lambda: store.claim_leases("h", ["a"], 60.0)),
                 ("claim_leases([])", lambda: store.claim_leases("h", [], 60.0)),
                 ("leases", lambda: store.leases()),
+                (
+                    "forget_lapsed_leases",
+                    lambda: store.forget_lapsed_leases("x#member:", lapsed_for=0.0),
+                ),
                 (
                     "commit_cursors(fences)",
                     lambda: store.commit_cursors({"a": 1}, fences={"a": 1}),

@@ -386,6 +386,20 @@ class Queries:
         )
 
     @property
+    def forget_lapsed_leases(self) -> str:
+        # The database's clock, as the claims'. Rows another transaction has
+        # locked (a claim renewing one) are skipped, not waited for: no
+        # deadlock with claims or with another flow forgetting the same rows.
+        return (
+            f"WITH doomed AS (SELECT key FROM {self.q}.leases "
+            "WHERE left(key, length($1)) = $1 "
+            "AND expires_at <= now() - $2::float8 * interval '1 second' "
+            "ORDER BY key FOR UPDATE SKIP LOCKED) "
+            f"DELETE FROM {self.q}.leases AS l USING doomed WHERE l.key = doomed.key "
+            "RETURNING l.key"
+        )
+
+    @property
     def leases(self) -> str:
         # key is COLLATE "C": code-point order, whatever the database's.
         return (

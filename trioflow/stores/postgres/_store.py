@@ -659,6 +659,18 @@ class PostgresStore(Store):
         rows = await driver.fetch(self._sql.leases, operation="listing the leases")
         return [_lease(row) for row in rows]
 
+    async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
+        """Delete the leases on keys starting with ``prefix`` that lapsed ``lapsed_for``
+        seconds ago or more by the database's clock, in one statement."""
+        driver = self._require_open()
+        rows = await driver.fetch(
+            self._sql.forget_lapsed_leases,
+            prefix,
+            lapsed_for,
+            operation=f"forgetting the lapsed leases of {prefix!r}...",
+        )
+        return len(rows)
+
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
         driver = self._require_open()

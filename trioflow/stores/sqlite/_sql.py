@@ -119,6 +119,9 @@ _CLAIM_LEASE = (
 _RELEASE_LEASE = (
     "UPDATE trioflow_leases SET expires_at = ?1 WHERE key = ?2 AND holder = ?3 AND expires_at > ?1"
 )
+_FORGET_LAPSED_LEASES = (
+    "DELETE FROM trioflow_leases WHERE substr(key, 1, length(?1)) = ?1 AND expires_at <= ?2"
+)
 # Keys in BINARY collation: by code point, as Python sorts str.
 _LIVE_LEASES = (
     "SELECT key, holder, token, expires_at FROM trioflow_leases WHERE expires_at > ? ORDER BY key"
@@ -380,6 +383,14 @@ def release_leases(writer: sqlite3.Connection, argument: tuple[str, list[str]]) 
     holder, keys = argument
     now = _micros(datetime.datetime.now(datetime.UTC))
     writer.executemany(_RELEASE_LEASE, [(now, key, holder) for key in keys])
+
+
+def forget_lapsed_leases(writer: sqlite3.Connection, argument: tuple[str, float]) -> int:
+    """Delete the leases on keys starting with the prefix that lapsed at least the
+    given seconds ago by this machine's clock, in a write transaction."""
+    prefix, lapsed_for = argument
+    before = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=lapsed_for)
+    return writer.execute(_FORGET_LAPSED_LEASES, (prefix, _micros(before))).rowcount
 
 
 def live_leases(reader: sqlite3.Connection, shown: str) -> list[Lease]:

@@ -412,6 +412,19 @@ class SQLiteStore(Store):
                 _sql.live_leases, reader, self._path, limiter=self._read_limiter
             )
 
+    async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
+        """Delete the leases on keys starting with ``prefix`` that lapsed ``lapsed_for``
+        seconds ago or more by this machine's clock, in one write transaction."""
+        writer = self._writable("forget_lapsed_leases")
+        with self._errors(f"forgetting the lapsed leases of {prefix!r}..."):
+            return await trio.to_thread.run_sync(
+                self._write,
+                _sql.forget_lapsed_leases,
+                writer,
+                (prefix, lapsed_for),
+                limiter=self._write_limiter,
+            )
+
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
         if consumer is None:
