@@ -198,6 +198,32 @@ class CountsFolded(MemoryStore):
         return folded
 
 
+# -- earliest_due_at ----------------------------------------------------------------
+
+
+class EarliestOfAll(MemoryStore):
+    """Answers with the earliest due time of every consumer's letters."""
+
+    async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
+        times = [letter.due_at for letter in self._dead.values() if letter.due_at is not None]
+        await trio.lowlevel.checkpoint()
+        return min(times, default=None)
+
+
+class EarliestNotYetDue(MemoryStore):
+    """Leaves out the letters that have come due already."""
+
+    async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
+        now = self._now()
+        times = [
+            letter.due_at
+            for (name, _), letter in self._dead.items()
+            if name == consumer and letter.due_at is not None and letter.due_at > now
+        ]
+        await trio.lowlevel.checkpoint()
+        return min(times, default=None)
+
+
 # -- requeue_dead_letters -------------------------------------------------------------
 
 
@@ -531,6 +557,8 @@ MUTANTS: dict[type[MemoryStore], str] = {
     Unfiltered: "test_dead_letters_are_listed_by_consumer_then_seq",
     CountsParkedOnly: "test_dead_letter_counts_agree_with_the_letters",
     CountsFolded: "test_dead_letter_counts_agree_with_the_letters",
+    EarliestOfAll: "test_earliest_due_at_of_requeued_dead_letters_is_the_least",
+    EarliestNotYetDue: "test_earliest_due_at_of_requeued_dead_letters_is_the_least",
     RequeueReturnsAsked: "test_requeue_dead_letters_returns_the_consumers_letters_it_found",
     RequeueReturnsRepeats: "test_requeue_dead_letters_returns_the_consumers_letters_it_found",
     RequeueAnyConsumer: "test_requeue_dead_letters_returns_the_consumers_letters_it_found",

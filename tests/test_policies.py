@@ -367,6 +367,43 @@ async def test_requeued_dead_letters_are_handled_again_and_removed(
     assert [seq for seq, what in log if what == "ok"] == [1, 4, 3, 2, 5]
 
 
+class _LetterReadsCounted(MemoryStore):
+    """Counts how many letters the flow read through `dead_letters`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.letters_read = 0
+
+    async def dead_letters(self, consumer: str | None = None) -> list[trioflow.DeadLetter]:
+        letters = await super().dead_letters(consumer)
+        self.letters_read += len(letters)
+        return letters
+
+
+async def test_waiting_for_a_requeued_letter_reads_none_of_the_parked_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = _LetterReadsCounted()
+    app = trioflow.App(store)
+    broken = set(range(1, 201))
+
+    def poison(event: trioflow.Event, attempt: int) -> Exception | None:
+        return RuntimeError("down") if event.seq in broken else None
+
+    log = failing_on(app, "c", poison, retry=trioflow.Retry(attempts=1), on_exhausted="dead-letter")
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", i) for i in range(200)])
+        await flow.wait_idle()
+        broken.clear()
+        # Counted from here: 200 parked letters, one requeued for later.
+        await flow.requeue("c", [7], after=60)
+        store.letters_read = 0
+        await trio.sleep(61)
+        await flow.wait_idle()
+        assert store.letters_read == 0
+    assert [seq for seq, what in log if what == "ok"] == [7]
+
+
 async def test_letters_requeued_by_another_process_are_handled_without_a_restart(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

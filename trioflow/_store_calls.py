@@ -53,6 +53,7 @@ OPERATIONS = (
     "forget_lapsed_leases",
     "dead_letters",
     "dead_letter_counts",
+    "earliest_due_at",
     "requeue_dead_letters",
     "due_dead_letters",
     "discard_dead_letters",
@@ -278,6 +279,11 @@ class WatchedStore(StoreWrapper):
 
     async def dead_letter_counts(self) -> dict[str, int]:
         return await self._call("dead_letter_counts", None, self.inner.dead_letter_counts)
+
+    async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
+        return await self._call(
+            "earliest_due_at", None, lambda: self.inner.earliest_due_at(consumer)
+        )
 
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0

@@ -88,24 +88,15 @@ class Requeues(Failures):
             self._handler_scope = None
             if outcome == "stopped" or self._must_stop():
                 return
-        # Letters requeued to come due later: look again then. Listing them
-        # reads every letter of the consumer, so it is done only when some
-        # may be waiting; a look that found nothing due and knew of none
-        # lists nothing.
-        later = (
-            [
-                letter.due_at
-                for letter in await store.dead_letters(self.name)
-                if letter.due_at is not None
-            ]
-            if due or self._requeues_later
-            else []
-        )
-        self._requeues_later = bool(later)
-        if later:
+        # Letters requeued to come due later: look again then. Asked only
+        # when some may be waiting: a look that found nothing due and knew
+        # of none asks nothing.
+        later = await store.earliest_due_at(self.name) if due or self._requeues_later else None
+        self._requeues_later = later is not None
+        if later is not None:
             # By this host's clock, which may differ from the store's: look
             # again at least every few seconds.
-            wait = (min(later) - utcnow()).total_seconds()
+            wait = (later - utcnow()).total_seconds()
             self._requeue_check_at = trio.current_time() + min(max(wait, 0.0), REQUEUE_RECHECK)
         else:
             # Letters requeued elsewhere (another process, the command) are

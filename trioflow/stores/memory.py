@@ -143,6 +143,17 @@ class MemoryStore(Store):
             if consumer is None or key[0] == consumer
         ]
 
+    async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
+        await trio.lowlevel.checkpoint()
+        return min(
+            (
+                letter.due_at
+                for (name, _), letter in self._dead.items()
+                if name == consumer and letter.due_at is not None
+            ),
+            default=None,
+        )
+
     async def dead_letter_counts(self) -> dict[str, int]:
         await trio.lowlevel.checkpoint()
         return dict(collections.Counter(consumer for consumer, _ in self._dead))

@@ -263,6 +263,9 @@ class FaultyStore(StoreWrapper):
     async def dead_letter_counts(self) -> dict[str, int]:
         return await self._call("dead_letter_counts", self.inner.dead_letter_counts)
 
+    async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
+        return await self._call("earliest_due_at", lambda: self.inner.earliest_due_at(consumer))
+
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
     ) -> list[int]:

@@ -900,6 +900,39 @@ class StoreContract:
             await store.record_dead_letter(make_letter("a", 5), cursor=None)
             assert await store.due_dead_letters("a") == []
 
+    async def test_earliest_due_at_of_requeued_dead_letters_is_the_least(self) -> None:
+        """The least ``due_at`` of the consumer's letters that have one, come due or
+        not; None while none is requeued; as its letters say, read exactly."""
+        async with self.open_store() as store:
+            assert await store.earliest_due_at("a") is None
+            for seq in range(1, 7):
+                await store.record_dead_letter(make_letter("a", seq), cursor=seq)
+            await store.record_dead_letter(make_letter("b", 2), cursor=2)
+            assert await store.earliest_due_at("a") is None
+            await store.requeue_dead_letters("b", [2])
+            assert await store.earliest_due_at("a") is None
+            await store.requeue_dead_letters("a", [4], after=3600)
+            await store.requeue_dead_letters("a", [2], after=60)
+
+            async def expected(consumer: str) -> datetime.datetime | None:
+                times = [got.due_at for got in await store.dead_letters(consumer)]
+                return min((time for time in times if time is not None), default=None)
+
+            due = await expected("a")
+            assert due is not None
+            assert await store.earliest_due_at("a") == due
+            assert due.utcoffset() == datetime.timedelta(0)
+            assert await store.earliest_due_at("b") == await expected("b")
+            assert await store.earliest_due_at("nobody") is None
+            # One come due already counts too.
+            await store.requeue_dead_letters("a", [5], after=0)
+            assert await store.earliest_due_at("a") == await expected("a") != due
+            assert await store.discard_dead_letters("a", [5, 2]) == [2, 5]
+            assert await store.earliest_due_at("a") == await expected("a")
+            # Recorded again, a letter is parked again.
+            await store.record_dead_letter(make_letter("a", 4), cursor=None)
+            assert await store.earliest_due_at("a") is None
+
     async def test_discard_dead_letters_deletes_the_consumers_letters_it_found(self) -> None:
         """The seqs that existed, ascending and once; other consumers' letters stay."""
         async with self.open_store() as store:
@@ -1929,6 +1962,7 @@ class StoreContract:
                 ("dead_letters", lambda: store.dead_letters()),
                 ("dead_letters(consumer)", lambda: store.dead_letters("a")),
                 ("dead_letter_counts", lambda: store.dead_letter_counts()),
+                ("earliest_due_at", lambda: store.earliest_due_at("a")),
                 ("requeue_dead_letters", lambda: store.requeue_dead_letters("a", [1])),
                 ("requeue_dead_letters([])", lambda: store.requeue_dead_letters("a", [])),
                 ("due_dead_letters", lambda: store.due_dead_letters("a")),

@@ -280,6 +280,14 @@ class Queries:
         )
 
     @property
+    def earliest_due_at(self) -> str:
+        # From the index of requeued letters (consumer, due_at).
+        return (
+            f"SELECT min(due_at) FROM {self.q}.dead_letters "
+            "WHERE consumer = $1 AND due_at IS NOT NULL"
+        )
+
+    @property
     def dead_letter_counts(self) -> str:
         return f"SELECT consumer, count(*) FROM {self.q}.dead_letters GROUP BY consumer"
 

@@ -684,6 +684,16 @@ class PostgresStore(Store):
             )
         return [_letter(row) for row in rows]
 
+    async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
+        """The earliest due time of ``consumer``'s requeued letters, asked of PostgreSQL."""
+        driver = self._require_open()
+        due_at: datetime.datetime | None = await driver.fetchval(
+            self._sql.earliest_due_at,
+            consumer,
+            operation=f"looking for requeued dead letters of consumer {consumer!r}",
+        )
+        return due_at
+
     async def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters each consumer has, counted by PostgreSQL."""
         driver = self._require_open()

@@ -97,6 +97,9 @@ DEAD_LETTERS = f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters ORDER 
 DEAD_LETTERS_OF = (
     f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters WHERE consumer = ? ORDER BY seq"
 )
+_EARLIEST_DUE_AT = (
+    "SELECT min(due_at) FROM trioflow_dead_letters WHERE consumer = ? AND due_at IS NOT NULL"
+)
 DEAD_LETTER_COUNTS = "SELECT consumer, count(*) FROM trioflow_dead_letters GROUP BY consumer"
 DUE_DEAD_LETTERS = (
     f"SELECT {_DEAD_LETTER_COLUMNS} FROM trioflow_dead_letters"
@@ -407,6 +410,12 @@ def live_leases(reader: sqlite3.Connection, shown: str) -> list[Lease]:
                 "than trioflow: delete that row of trioflow_leases while no process uses it"
             ) from exc
     return leases
+
+
+def earliest_due_at(reader: sqlite3.Connection, consumer: str) -> datetime.datetime | None:
+    """The earliest due time of the consumer's requeued letters (in a worker thread)."""
+    (micros,) = reader.execute(_EARLIEST_DUE_AT, (consumer,)).fetchone()
+    return None if micros is None else _time(micros)
 
 
 def dead_letter_counts(reader: sqlite3.Connection) -> dict[str, int]:

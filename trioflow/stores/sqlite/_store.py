@@ -433,6 +433,14 @@ class SQLiteStore(Store):
             f"listing the dead letters of consumer {consumer!r}", _sql.DEAD_LETTERS_OF, consumer
         )
 
+    async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
+        """The earliest due time of ``consumer``'s requeued letters, asked of SQLite."""
+        reader = self._connection(self._reader)
+        with self._errors(f"looking for requeued dead letters of consumer {consumer!r}"):
+            return await trio.to_thread.run_sync(
+                _sql.earliest_due_at, reader, consumer, limiter=self._read_limiter
+            )
+
     async def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters each consumer has, counted by SQLite."""
         reader = self._connection(self._reader)
