@@ -31,7 +31,7 @@ from trioflow.stores import store_from_url
 from ._gc import GCTimer
 from ._harness import positive_float, positive_int
 from ._stages import TimedStore
-from .latency import READY, STORE_URL_VARIABLE, LatencyTally, child_report, frozen
+from .latency import READY, STORE_URL_VARIABLE, LatencyTally, child_report, steady
 
 
 class _Counted(LatencyTally):
@@ -62,7 +62,7 @@ async def consume(
 ) -> tuple[list[LatencyTally], dict[str, int]]:
     """Run ``consumers`` consumers on ``url`` (or ``timed``, its store timed) until each
     handled ``events`` events; with ``gc_freeze``, freeze the collector once the flow
-    has opened (`frozen`).
+    has opened (`steady`, which collects garbage once first).
 
     Returns their tallies and their committed cursors.
     """
@@ -80,7 +80,7 @@ async def consume(
     for index, tally in enumerate(tallies):
         app.consumer(f"consumer-{index}")(tally.handle)
     async with trioflow.open_flow(app) as flow:
-        with frozen(gc_freeze):
+        with steady(gc_freeze):
             print(READY, flush=True)
             await finished.wait()
             await flow.wait_idle()

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import uuid
@@ -208,6 +209,9 @@ async def run(args: argparse.Namespace) -> Outcome:
         wakeup = Wakeup()
         await listener.add_listener(schema, lambda *_: wakeup.set())
         writer = Writer(connection, schema, events)
+        # As trioflow's processes do once their flows have opened (`steady`):
+        # this process's first full collection, before the measurement.
+        gc.collect()
         with GCTimer(keep_pauses=True) as collecting:
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(pace(args.rate, data, writer))

@@ -82,7 +82,7 @@ of those slow deliveries overlapped a garbage collection.
 With ``--gc-freeze``, each trioflow case gets a twin, ``in-process+gc-freeze@R``
 and ``cross-process+gc-freeze@R``, run right after it in every round: the
 same, with ``gc.freeze()`` called in each of its trioflow processes once the
-flow has opened (`frozen`), so that what start-up allocated leaves the
+flow has opened (`steady`), so that what start-up allocated leaves the
 collector's scans. Their p99 and p99.9 are also divided by their twin's (the
 ``p99 vs unfrozen`` and ``p99.9 vs unfrozen`` columns).
 """
@@ -296,7 +296,7 @@ class _Plan:
     spawn: bool
     #: Whether the trioflow runs time their stages (`benchmarks._stages`).
     stages: bool = False
-    #: Whether the trioflow runs freeze the collector once their flow has opened (`frozen`).
+    #: Whether the trioflow runs freeze the collector once their flow has opened (`steady`).
     gc_freeze: bool = False
 
     @property
@@ -305,14 +305,21 @@ class _Plan:
 
 
 @contextlib.contextmanager
-def frozen(freeze: bool = True) -> Iterator[None]:
-    """With ``freeze``, move every object the collector tracks to its permanent generation
-    (`gc.freeze`) for the block, and back into the oldest generation after.
+def steady(freeze: bool = False) -> Iterator[None]:
+    """Collect garbage once; with ``freeze``, also move every object the collector
+    tracks to its permanent generation (`gc.freeze`) for the block, and back into
+    the oldest generation after.
 
-    Entered once the flow has opened: what start-up imported and allocated
-    (modules, functions, classes, the store's connections) is then never
-    scanned again, so each full collection scans only what the run allocated.
+    Entered once the flow has opened. The collection is the one a fresh
+    process makes on its own about a hundred young collections in: its
+    first full one, over everything start-up imported and allocated (12 to 14 ms
+    in the consumers' process), which would otherwise land inside the
+    measurement, as the harness's own `gc.collect()` before each run keeps the
+    previous run's out of it. With ``freeze`` what start-up allocated (modules,
+    functions, classes, the store's connections) is then never scanned again,
+    so each full collection scans only what the run allocated.
     """
+    gc.collect()
     if not freeze:
         yield
         return
@@ -361,7 +368,7 @@ async def _in_process_run(
     stamps: dict[int, int] = {}
     with GCTimer(keep_pauses=True) as collecting:
         async with trioflow.open_flow(app) as flow:
-            with frozen(plan.gc_freeze):
+            with steady(plan.gc_freeze):
                 pacing = await pace(
                     plan.rate, plan.data, _stamped_publish(flow, stamps), spawn=plan.spawn
                 )
@@ -474,7 +481,7 @@ async def _publish_to_child(
         # The child prints nothing else: its pipe can close now.
         await child.stdout.aclose()
         if record.said == READY.encode():
-            with frozen(plan.gc_freeze):
+            with steady(plan.gc_freeze):
                 record.pacing = await pace(
                     plan.rate, plan.data, _stamped_publish(flow, record.stamps), spawn=plan.spawn
                 )
