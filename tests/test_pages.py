@@ -88,6 +88,26 @@ async def test_only_keep_events_are_kept(autojump_clock: trio.testing.MockClock)
         assert store.reads == [(0, 10), (10, 10), (20, 10), (30, 10), (5, 3)]
 
 
+async def test_splits_by_partition_hold_no_event_of_a_page_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await filled(SlowReads(), 50)
+    pages = PageReader(store, keep=25, keep_bytes=UNBOUNDED)
+    async with store.open():
+        for after in (0, 10, 20, 30, 40):
+            page = await pages.read(after, 10, max_bytes=UNBOUNDED)
+            buckets = pages.split(page, 4)
+            assert sorted(seqs([e for bucket in buckets for e in bucket])) == seqs(page)
+            assert pages.split(page, 4) is buckets
+            # The two pages kept (20 events), and nothing else.
+            assert pages.held() == min(after + 10, 20)
+        # A page read again once dropped is kept in place of the oldest, and its split.
+        page = await pages.read(0, 10, max_bytes=UNBOUNDED)
+        assert pages.held() == 20
+        assert sum(map(len, pages.split(page, 4))) == 10
+        assert pages.held() == 20
+
+
 async def test_a_failed_read_fails_its_reader_and_the_others_read_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -44,7 +44,9 @@ class PageReader:
 
     Keeps the most recent pages, at most ``keep`` events and ``keep_bytes``
     of event data in all (the flow keeps two full pages: consumers replaying
-    together are rarely further apart), besides the reads under way.
+    together are rarely further apart), besides the reads under way; and the
+    split by partition of at most `SPLITS_KEPT` stretches of the pages it
+    keeps, none of a page it dropped.
     """
 
     store: Store
@@ -93,11 +95,24 @@ class PageReader:
             self._pages[after] = ([event.seq for event in page], page)
             self._kept += len(page)
             self._kept_bytes += sum(event.size for event in page)
+            dropped_any = False
             while self._kept > self.keep or self._kept_bytes > self.keep_bytes:
                 _, (_, dropped) = self._pages.popitem(last=False)
                 self._kept -= len(dropped)
                 self._kept_bytes -= sum(event.size for event in dropped)
+                dropped_any = True
+            if dropped_any:
+                # A split would keep a dropped page's events alive.
+                for key in [key for key in self._splits if not self._covers(key[0], key[1])]:
+                    del self._splits[key]
         return page
+
+    def held(self) -> int:
+        """How many events it holds, in the pages it keeps and their splits."""
+        ids = {id(event) for _, page in self._pages.values() for event in page}
+        for buckets in self._splits.values():
+            ids.update(id(event) for bucket in buckets for event in bucket)
+        return len(ids)
 
     def split(self, page: Sequence[Event], partitions: int) -> list[list[Event]]:
         """``page``'s events by partition (`partition_of`), computed once for every
@@ -108,10 +123,15 @@ class PageReader:
             buckets = [[] for _ in range(partitions)]
             for event in page:
                 buckets[partition_of(event.key, event.seq, partitions)].append(event)
-            self._splits[key] = buckets
-            if len(self._splits) > SPLITS_KEPT:
-                self._splits.popitem(last=False)
+            if self._covers(key[0], key[1]):
+                self._splits[key] = buckets
+                if len(self._splits) > SPLITS_KEPT:
+                    self._splits.popitem(last=False)
         return buckets
+
+    def _covers(self, first: int, last: int) -> bool:
+        """Whether a page it keeps holds every event from ``first`` through ``last``."""
+        return any(seqs[0] <= first and last <= seqs[-1] for seqs, _ in self._pages.values())
 
     def _cached(self, after: int, limit: int, max_bytes: int) -> Sequence[Event]:
         for start, (seqs, page) in self._pages.items():
