@@ -108,6 +108,25 @@ async def test_splits_by_partition_hold_no_event_of_a_page_dropped(
         assert pages.held() == 20
 
 
+async def test_kept_pages_are_let_go_once_no_replay_is_under_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await filled(SlowReads(), 50)
+    pages = PageReader(store, keep=100, keep_bytes=UNBOUNDED)
+    async with store.open():
+        with pages.replaying():
+            with pages.replaying():
+                pages.split(await pages.read(0, 10, max_bytes=UNBOUNDED), 4)
+            # Another replay is still under way: the page is kept for it.
+            assert pages.held() == 10
+            assert seqs(await pages.read(5, 3, max_bytes=UNBOUNDED)) == [6, 7, 8]
+            assert len(store.reads) == 1
+        assert pages.held() == 0
+        with pages.replaying():
+            assert seqs(await pages.read(5, 3, max_bytes=UNBOUNDED)) == [6, 7, 8]
+        assert len(store.reads) == 2
+
+
 async def test_a_failed_read_fails_its_reader_and_the_others_read_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

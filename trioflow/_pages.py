@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import bisect
 import collections
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import attrs
 import trio
@@ -46,7 +47,8 @@ class PageReader:
     of event data in all (the flow keeps two full pages: consumers replaying
     together are rarely further apart), besides the reads under way; and the
     split by partition of at most `SPLITS_KEPT` stretches of the pages it
-    keeps, none of a page it dropped.
+    keeps, none of a page it dropped. Once no replay is under way
+    (`replaying`) it lets go of them all.
     """
 
     store: Store
@@ -64,6 +66,8 @@ class PageReader:
     )
     _kept: int = 0
     _kept_bytes: int = 0
+    #: Replays under way (`replaying`).
+    _replaying: int = 0
     #: Reads answered without going to the store (for statistics and tests).
     shared: int = 0
 
@@ -106,6 +110,21 @@ class PageReader:
                 for key in [key for key in self._splits if not self._covers(key[0], key[1])]:
                     del self._splits[key]
         return page
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Mark a replay under way for the block: when the last one ends, the pages
+        kept for consumers replaying together are let go (they would otherwise
+        stay, up to twice ``keep_bytes`` of events, until the next replay)."""
+        self._replaying += 1
+        try:
+            yield
+        finally:
+            self._replaying -= 1
+            if not self._replaying:
+                self._pages.clear()
+                self._splits.clear()
+                self._kept = self._kept_bytes = 0
 
     def held(self) -> int:
         """How many events it holds, in the pages it keeps and their splits."""
