@@ -35,11 +35,16 @@ Contract, for every implementation:
   again replaces it). Recording one and moving its consumer's cursor past it
   happen in one transaction: after a crash the event is either still to be
   delivered or its dead letter is recorded, never neither.
+  ``dead_letter_counts`` and ``earliest_due_at`` answer from the letters
+  without listing them (the base class's defaults list them; a store on a
+  database asks it instead).
 * Leases (`trioflow.Lease`): ``claim_leases`` takes a key that is free, lapsed
   or already the claimant's, and renews the claimant's own, in one
   transaction, with the expiry by the store's clock. A key's fencing token
   grows every time its lease passes to another holder or is taken again after
-  it lapsed, and never repeats (lease rows are never deleted).
+  it lapsed, and never repeats: lease rows are never deleted, but by
+  ``forget_lapsed_leases``, which the runtime calls only for keys whose
+  tokens fence nothing (a group's memberships, one per flow that joined).
 * Fenced writes: a cursor commit or dead letter carrying a fence (a token) for
   its consumer lands only while that token is still the key's, and atomically
   with that check: once a claim has given the key a new token, no write with
