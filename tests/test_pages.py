@@ -181,6 +181,42 @@ async def test_consumers_replaying_together_read_each_event_once(
     assert replay_reads == sorted(set(replay_reads))
 
 
+class SlowStarts(SlowReads):
+    """Each consumer's start (its cursor load) takes longer than the last one's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+
+    async def load_cursors(self) -> dict[str, int]:
+        self.loads += 1
+        await trio.sleep(0.05 * self.loads)
+        return await super().load_cursors()
+
+
+async def test_consumers_starting_one_after_another_still_replay_together(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = SlowStarts()
+    async with store.open():
+        await store.append(make_events(500))
+    app = trioflow.App(store, page_size=50)
+    seen: dict[str, list[int]] = {f"c{index}": [] for index in range(4)}
+    for name, log in seen.items():
+
+        @app.consumer(name)
+        async def handle(event: trioflow.Event, log: list[int] = log) -> None:
+            log.append(event.seq)
+
+    async with trioflow.open_flow(app) as flow:
+        await flow.wait_idle()
+    assert all(log == list(range(1, 501)) for log in seen.values())
+    # The first consumer started 0.5 s before the last: time for it to
+    # replay every page alone, had it not waited for the others.
+    replay_reads = [after for after, _ in store.reads if after < 500]
+    assert replay_reads == sorted(set(replay_reads))
+
+
 async def test_several_waiters_on_a_failed_read_read_once_more_together(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -593,6 +593,7 @@ class Flow:
             await nursery.start(
                 self._guarded, consumer, consumer.run, True, name=consumer_task_name(consumer.name)
             )
+        self._runner.all_started()
         if self._consumers:
             await self._start_watcher()
         retention = self._app.retention

@@ -68,6 +68,8 @@ class ConsumerRunner:
     _consumers: list[Consumer] = attrs.Factory(list)
     _stopping: bool = False
     _stop_deadline: float = float("inf")
+    #: Set once the flow has started the consumers it opened with.
+    _all_started: trio.Event = attrs.Factory(trio.Event)
     #: Replay pages, shared by the consumers replaying the same events.
     pages: PageReader = attrs.field(init=False)
 
@@ -88,6 +90,17 @@ class ConsumerRunner:
     def stop_deadline(self) -> float:
         """When handlers in flight are cancelled, once stopping (trio time)."""
         return self._stop_deadline
+
+    def all_started(self) -> None:
+        """The flow has started every consumer it opened with: they may replay now."""
+        self._all_started.set()
+
+    async def wait_all_started(self) -> None:
+        """Wait until `all_started`: consumers that open with the flow start their
+        replays together, so that they read each page once between them. (One
+        that started first would otherwise be pages ahead by the time the last
+        one starts, past the pages kept for it, and every page be read twice.)"""
+        await self._all_started.wait()
 
     def add(self, spec: ConsumerSpec) -> Consumer:
         """A new consumer of this flow, fed by the dispatcher from now on."""
@@ -367,6 +380,7 @@ class Consumer(Replay, Startup):
                 cursor,
             )
         task_status.started()
+        await runner.wait_all_started()
         await self._catch_up()
         feed = self._feed
         while True:
