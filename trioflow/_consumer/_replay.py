@@ -44,18 +44,16 @@ class Replay(Handling):
 
     async def _replay(self, *, until: int, progress: bool = False) -> None:
         """Handle events from the store after the position, up to ``until``."""
+        with self._runner.pages.replaying():
+            await self._replay_pages(until, progress=progress)
+
+    async def _replay_pages(self, until: int, *, progress: bool) -> None:
         runner = self._runner
         # Start small and double: a consumer restarted after a failure may
         # fail again a few events later, and a full page of large events read
         # for nothing is what made such restarts slow; a long replay reaches
         # full pages after a few reads.
         limit = min(FIRST_PAGE, runner.page_size)
-        with runner.pages.replaying():
-            await self._replay_pages(until, limit, progress=progress)
-
-    async def _replay_pages(self, until: int, limit: int, *, progress: bool) -> None:
-        """`_replay`'s pages, the first of ``limit`` events."""
-        runner = self._runner
         started = trio.current_time()
         reported = started
         first = self._position
