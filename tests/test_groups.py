@@ -319,6 +319,35 @@ async def test_the_memberships_of_departed_flows_are_forgotten(
     assert again.token == 2
 
 
+async def test_a_failing_forget_of_departed_memberships_delays_it_and_nothing_else(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    faulty = FaultyStore(store)
+    log: list[tuple[str, int, str | None, int]] = []
+    async with trioflow.open_flow(group_app(faulty, log, 0)) as flow:
+        async with trioflow.open_flow(group_app(store, log, 1)):
+            await trio.sleep(3 * LEASE)
+            members = {x.key for x in await store.leases() if "#member:" in x.key}
+        await trio.sleep(3 * LEASE)
+        (departed,) = members - {x.key for x in await store.leases()}
+        faulty.fail_next("forget_lapsed_leases", times=2)
+        await trio.sleep(FORGET_EVERY)
+        assert [method for method, _ in faulty.injected] == ["forget_lapsed_leases"]
+        # The store failed the forget: the flow goes on handling events.
+        await flow.publish_many([("x", i, f"k{i}") for i in range(20)])
+        await flow.wait_idle()
+        holder = departed.partition("#member:")[2]
+        (kept,) = await store.claim_leases(holder, [departed], LEASE)
+        assert kept.token == 2
+        await store.release_leases(holder, [departed])
+        await trio.sleep(2 * FORGET_EVERY)
+    # Tried again once the store answers: forgotten.
+    (claimed,) = await store.claim_leases(holder, [departed], LEASE)
+    assert claimed.token == 1
+    check_per_key_order(log, 20)
+
+
 async def test_a_group_keeps_the_partition_count_it_started_with(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -404,6 +404,30 @@ async def test_waiting_for_a_requeued_letter_reads_none_of_the_parked_ones(
     assert [seq for seq, what in log if what == "ok"] == [7]
 
 
+async def test_a_requeued_letter_is_handled_though_looking_up_when_it_is_due_fails(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FaultyStore(MemoryStore())
+    app = trioflow.App(store)
+    broken = {2}
+
+    def poison(event: trioflow.Event, attempt: int) -> Exception | None:
+        return RuntimeError("down") if event.seq in broken else None
+
+    log = failing_on(app, "c", poison, retry=trioflow.Retry(attempts=1), on_exhausted="dead-letter")
+    async with trioflow.open_flow(app) as flow:
+        await flow.publish_many([("a", i) for i in range(3)])
+        await flow.wait_idle()
+        broken.clear()
+        store.fail_next("earliest_due_at", times=3)
+        await flow.requeue("c", [2], after=30)
+        await trio.sleep(60)
+        await flow.wait_idle()
+        assert await flow.dead_letters("c") == []
+    assert [method for method, _ in store.injected] == ["earliest_due_at"] * 3
+    assert [seq for seq, what in log if what == "ok"] == [1, 3, 2]
+
+
 async def test_letters_requeued_by_another_process_are_handled_without_a_restart(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
