@@ -8,7 +8,7 @@ import math
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, TypeVarTuple
 
 import trio
 
@@ -27,6 +27,7 @@ from ._url import parse_url
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+_Ts = TypeVarTuple("_Ts")
 
 _DEFAULT_POLL_INTERVAL = 0.1
 #: Seconds before `SQLiteStore.wait_for_append` first polls; it doubles up to `poll_interval`.
@@ -234,11 +235,9 @@ class SQLiteStore(Store):
                 seqs=range(after + 1, after + 1),
                 created_at=datetime.datetime.now(datetime.UTC),
             )
-        writer = self._writable("append")
-        with self._errors(f"appending {len(batch)} events"):
-            after, first, created_at = await trio.to_thread.run_sync(
-                self._write, _sql.append, writer, batch, limiter=self._write_limiter
-            )
+        after, first, created_at = await self._write_in_thread(
+            "append", f"appending {len(batch)} events", _sql.append, batch
+        )
         self._known_head = max(self._known_head, first + len(batch) - 1)
         self._fresh = True
         self._wake_waiters()
@@ -262,17 +261,14 @@ class SQLiteStore(Store):
             # SQLite reads LIMIT -1 as "no limit"; the contract means none.
             await trio.lowlevel.checkpoint()
             return []
-        reader = self._connection(self._reader)
-        with self._errors("reading events"):
-            return await trio.to_thread.run_sync(
-                _sql.read_events,
-                reader,
-                self._path,
-                min(max(after, -1), _sql.MAX_INT64),
-                min(limit, _sql.MAX_INT64),
-                max_bytes,
-                limiter=self._read_limiter,
-            )
+        return await self._read_in_thread(
+            "reading events",
+            _sql.read_events,
+            self._path,
+            min(max(after, -1), _sql.MAX_INT64),
+            min(limit, _sql.MAX_INT64),
+            max_bytes,
+        )
 
     async def head(self) -> int:
         """Return the highest committed sequence number (0 if the log is empty).
@@ -280,19 +276,13 @@ class SQLiteStore(Store):
         Raises:
             StoreError: The path no longer names the file that was opened.
         """
-        reader = self._connection(self._reader)
-        with self._errors("reading the head"):
-            head = await trio.to_thread.run_sync(self._head, reader, limiter=self._read_limiter)
+        head = await self._read_in_thread("reading the head", self._head)
         self._known_head = max(self._known_head, head)
         return head
 
     async def load_cursors(self) -> dict[str, int]:
         """Return every consumer's committed cursor, by consumer name."""
-        reader = self._connection(self._reader)
-        with self._errors("loading cursors"):
-            return await trio.to_thread.run_sync(
-                _sql.load_cursors, reader, limiter=self._read_limiter
-            )
+        return await self._read_in_thread("loading cursors", _sql.load_cursors)
 
     async def commit_cursors(
         self, cursors: Mapping[str, int], *, fences: Mapping[str, int] | None = None
@@ -315,15 +305,12 @@ class SQLiteStore(Store):
         if not items:
             await trio.lowlevel.checkpoint()
             return frozenset()
-        writer = self._writable("commit_cursors")
-        with self._errors(f"committing {len(items)} cursors"):
-            return await trio.to_thread.run_sync(
-                self._write,
-                _sql.commit_cursors,
-                writer,
-                (items, fences),
-                limiter=self._write_limiter,
-            )
+        return await self._write_in_thread(
+            "commit_cursors",
+            f"committing {len(items)} cursors",
+            _sql.commit_cursors,
+            (items, fences),
+        )
 
     async def record_dead_letter(
         self, letter: DeadLetter, *, cursor: int | None, fence: int | None = None
@@ -342,17 +329,12 @@ class SQLiteStore(Store):
             StoreError: The path no longer names the file that was opened, or
                 a number does not fit SQLite's 64-bit integers.
         """
-        writer = self._writable("record_dead_letter")
-        with self._errors(
-            f"recording the dead letter of consumer {letter.consumer!r} at seq {letter.seq}"
-        ):
-            await trio.to_thread.run_sync(
-                self._write,
-                _sql.record_dead_letter,
-                writer,
-                (letter, cursor, fence),
-                limiter=self._write_limiter,
-            )
+        await self._write_in_thread(
+            "record_dead_letter",
+            f"recording the dead letter of consumer {letter.consumer!r} at seq {letter.seq}",
+            _sql.record_dead_letter,
+            (letter, cursor, fence),
+        )
 
     async def claim_leases(self, holder: str, keys: Sequence[str], ttl: float) -> list[Lease]:
         """Take or renew ``holder``'s leases on ``keys`` for ``ttl`` seconds, in one write
@@ -375,15 +357,12 @@ class SQLiteStore(Store):
         if not wanted:
             await trio.lowlevel.checkpoint()
             return []
-        writer = self._writable("claim_leases")
-        with self._errors(f"claiming {len(wanted)} leases for {holder!r}"):
-            return await trio.to_thread.run_sync(
-                self._write,
-                _sql.claim_leases,
-                writer,
-                (holder, wanted, ttl),
-                limiter=self._write_limiter,
-            )
+        return await self._write_in_thread(
+            "claim_leases",
+            f"claiming {len(wanted)} leases for {holder!r}",
+            _sql.claim_leases,
+            (holder, wanted, ttl),
+        )
 
     async def release_leases(self, holder: str, keys: Sequence[str]) -> None:
         """Make ``holder``'s leases on ``keys`` lapse now, in one write transaction.
@@ -394,36 +373,26 @@ class SQLiteStore(Store):
         if not wanted:
             await trio.lowlevel.checkpoint()
             return
-        writer = self._writable("release_leases")
-        with self._errors(f"releasing {len(wanted)} leases of {holder!r}"):
-            await trio.to_thread.run_sync(
-                self._write,
-                _sql.release_leases,
-                writer,
-                (holder, wanted),
-                limiter=self._write_limiter,
-            )
+        await self._write_in_thread(
+            "release_leases",
+            f"releasing {len(wanted)} leases of {holder!r}",
+            _sql.release_leases,
+            (holder, wanted),
+        )
 
     async def leases(self) -> list[Lease]:
         """Every lease that has not lapsed by this machine's clock, by key."""
-        reader = self._connection(self._reader)
-        with self._errors("listing the leases"):
-            return await trio.to_thread.run_sync(
-                _sql.live_leases, reader, self._path, limiter=self._read_limiter
-            )
+        return await self._read_in_thread("listing the leases", _sql.live_leases, self._path)
 
     async def forget_lapsed_leases(self, prefix: str, *, lapsed_for: float) -> int:
         """Delete the leases on keys starting with ``prefix`` that lapsed ``lapsed_for``
         seconds ago or more by this machine's clock, in one write transaction."""
-        writer = self._writable("forget_lapsed_leases")
-        with self._errors(f"forgetting the lapsed leases of {prefix!r}..."):
-            return await trio.to_thread.run_sync(
-                self._write,
-                _sql.forget_lapsed_leases,
-                writer,
-                (prefix, lapsed_for),
-                limiter=self._write_limiter,
-            )
+        return await self._write_in_thread(
+            "forget_lapsed_leases",
+            f"forgetting the lapsed leases of {prefix!r}...",
+            _sql.forget_lapsed_leases,
+            (prefix, lapsed_for),
+        )
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         """Return the dead letters of ``consumer`` (or of all), by consumer then seq."""
@@ -435,19 +404,15 @@ class SQLiteStore(Store):
 
     async def earliest_due_at(self, consumer: str) -> datetime.datetime | None:
         """The earliest due time of ``consumer``'s requeued letters, asked of SQLite."""
-        reader = self._connection(self._reader)
-        with self._errors(f"looking for requeued dead letters of consumer {consumer!r}"):
-            return await trio.to_thread.run_sync(
-                _sql.earliest_due_at, reader, consumer, limiter=self._read_limiter
-            )
+        return await self._read_in_thread(
+            f"looking for requeued dead letters of consumer {consumer!r}",
+            _sql.earliest_due_at,
+            consumer,
+        )
 
     async def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters each consumer has, counted by SQLite."""
-        reader = self._connection(self._reader)
-        with self._errors("counting the dead letters"):
-            return await trio.to_thread.run_sync(
-                _sql.dead_letter_counts, reader, limiter=self._read_limiter
-            )
+        return await self._read_in_thread("counting the dead letters", _sql.dead_letter_counts)
 
     async def requeue_dead_letters(
         self, consumer: str, seqs: Sequence[int], *, after: float = 0.0
@@ -485,17 +450,13 @@ class SQLiteStore(Store):
 
     async def forget_consumer(self, consumer: str) -> None:
         """Delete ``consumer``'s cursor and dead letters, in one write transaction."""
-        writer = self._writable("forget_consumer")
-        with self._errors(f"forgetting consumer {consumer!r}"):
-            await trio.to_thread.run_sync(
-                self._write, _sql.forget_consumer, writer, consumer, limiter=self._write_limiter
-            )
+        await self._write_in_thread(
+            "forget_consumer", f"forgetting consumer {consumer!r}", _sql.forget_consumer, consumer
+        )
 
     async def cursors(self) -> list[CursorInfo]:
         """Every stored cursor, by consumer name (in code-point order)."""
-        reader = self._connection(self._reader)
-        with self._errors("listing the cursors"):
-            return await trio.to_thread.run_sync(_sql.cursors, reader, limiter=self._read_limiter)
+        return await self._read_in_thread("listing the cursors", _sql.cursors)
 
     async def set_cursor(self, consumer: str, seq: int) -> int | None:
         """Set ``consumer``'s cursor to ``seq``, backwards too; see `Store.set_cursor`.
@@ -503,28 +464,23 @@ class SQLiteStore(Store):
         The bounds are checked in the write transaction that sets it: no prune
         slips between.
         """
-        writer = self._writable("set_cursor")
-        with self._errors(f"setting the cursor of consumer {consumer!r}"):
-            return await trio.to_thread.run_sync(
-                self._write, _sql.set_cursor, writer, (consumer, seq), limiter=self._write_limiter
-            )
+        return await self._write_in_thread(
+            "set_cursor",
+            f"setting the cursor of consumer {consumer!r}",
+            _sql.set_cursor,
+            (consumer, seq),
+        )
 
     async def log_bounds(self) -> LogBounds:
         """The first stored sequence number, the head and ``pruned_through``."""
-        reader = self._connection(self._reader)
-        with self._errors("reading the bounds of the log"):
-            return await trio.to_thread.run_sync(
-                _sql.log_bounds, reader, limiter=self._read_limiter
-            )
+        return await self._read_in_thread("reading the bounds of the log", _sql.log_bounds)
 
     async def seq_before(self, time: datetime.datetime) -> int:
         """The highest seq of a stored event committed before ``time``: a binary search on
         seq (the rowid), about log2(head) lookups; publishing pays nothing for it."""
-        reader = self._connection(self._reader)
-        with self._errors("looking for the last event before a time"):
-            return await trio.to_thread.run_sync(
-                _sql.seq_before, reader, time, limiter=self._read_limiter
-            )
+        return await self._read_in_thread(
+            "looking for the last event before a time", _sql.seq_before, time
+        )
 
     async def prune(self, through: int, *, limit: int) -> int:
         """Delete up to ``limit`` of the oldest events no cursor or letter needs; see
@@ -639,17 +595,9 @@ class SQLiteStore(Store):
     async def _read_letters(
         self, action: str, query: str, *parameters: object, due: bool = False
     ) -> list[DeadLetter]:
-        reader = self._connection(self._reader)
-        with self._errors(action):
-            return await trio.to_thread.run_sync(
-                _sql.fetch_letters,
-                reader,
-                self._path,
-                query,
-                parameters,
-                due,
-                limiter=self._read_limiter,
-            )
+        return await self._read_in_thread(
+            action, _sql.fetch_letters, self._path, query, parameters, due
+        )
 
     async def _change_letters(
         self,
@@ -665,11 +613,7 @@ class SQLiteStore(Store):
         if not wanted:
             await trio.lowlevel.checkpoint()
             return []
-        writer = self._writable(action)
-        with self._errors(action):
-            return await trio.to_thread.run_sync(
-                self._write, work, writer, (consumer, wanted, after), limiter=self._write_limiter
-            )
+        return await self._write_in_thread(action, action, work, (consumer, wanted, after))
 
     def _wake_waiters(self) -> None:
         """End every `wait_for_append` of this instance: events were committed."""
@@ -749,6 +693,32 @@ class SQLiteStore(Store):
             writer.close()
             raise
         return writer, reader
+
+    async def _write_in_thread(
+        self,
+        method: str,
+        action: str,
+        work: Callable[[sqlite3.Connection, _T], _R],
+        argument: _T,
+    ) -> _R:
+        """``work(writer, argument)`` in a write transaction, in a worker thread: the
+        way of every write. ``method`` names the call should the calling task
+        hold a transaction of this store (`_writable` refuses it), ``action``
+        says what it does, for errors."""
+        writer = self._writable(method)
+        with self._errors(action):
+            return await trio.to_thread.run_sync(
+                self._write, work, writer, argument, limiter=self._write_limiter
+            )
+
+    async def _read_in_thread(
+        self, action: str, work: Callable[[sqlite3.Connection, *_Ts], _R], *args: *_Ts
+    ) -> _R:
+        """``work(reader, *args)`` on the reading connection, in a worker thread: the
+        way of every read. ``action`` is what it does, for errors."""
+        reader = self._connection(self._reader)
+        with self._errors(action):
+            return await trio.to_thread.run_sync(work, reader, *args, limiter=self._read_limiter)
 
     def _write(
         self,
